@@ -1,0 +1,3 @@
+from fusedqk.cli import main
+
+raise SystemExit(main())

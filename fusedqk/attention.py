@@ -1,0 +1,201 @@
+"""Attention dispatch for Qwen3 / Qwen3-MoE decode: the graph path, or the fused path.
+
+``graph`` is mlx-lm's attention module as shipped. ``fused`` wraps it: on a decode step (one
+token per sequence) with affine-quantized q/k/v it replaces q_proj, k_proj, v_proj, the reshapes,
+q_norm, k_norm, the transposes and RoPE with one call over a QKV weight concatenated once at
+install time. The call is either
+
+- ``composite``: the same MLX ops as the graph path under one ``mx.compile`` (fewer Python → C++
+  crossings, the same GPU work), on every backend; or
+- ``kernel``: one custom GPU kernel per layer (``fusedqk.kernels.qkv_norm_rope``).
+
+Both round where the graph path rounds (projection, norm and RoPE outputs in the activation dtype).
+Everything after RoPE (KV cache, SDPA, o_proj) is mlx-lm's own code path, unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import scaled_dot_product_attention
+
+from fusedqk.errors import UserError
+from fusedqk.kernels import qkv_norm_rope
+
+log = logging.getLogger("fusedqk")
+
+PATHS = ("graph", "composite", "kernel")
+
+
+@dataclass(frozen=True)
+class QKVLayout:
+    """Everything about one attention layer that the fused call needs besides its arrays."""
+
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    eps: float
+    bits: int
+    group_size: int
+    rope_base: float
+
+    @property
+    def rows(self) -> int:
+        return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+
+
+def fusion_blocker(attn: nn.Module) -> str | None:
+    """Why this attention layer must stay on the graph path, or None when it can be fused."""
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    if not all(isinstance(p, nn.QuantizedLinear) for p in projs):
+        return "q/k/v projections are not quantized (the fused path is for quantized weights)"
+    if any(p.mode != "affine" for p in projs):
+        return "q/k/v quantization mode is not affine"
+    if len({(p.bits, p.group_size) for p in projs}) != 1:
+        return "q/k/v projections use different bits or group sizes"
+    if any("bias" in p for p in projs):
+        return "q/k/v projections have a bias"
+    rope = attn.rope
+    if type(rope) is not nn.RoPE or rope.traditional or rope.scale != 1.0:
+        return f"RoPE variant {type(rope).__name__} (scaling or traditional) is not fused"
+    if rope.dims != attn.q_norm.weight.shape[0]:
+        return "partial RoPE (dims != head_dim) is not fused"
+    return None
+
+
+@functools.cache
+def _composite(layout: QKVLayout):
+    """The graph path's ops over the concatenated weight, compiled once per layout."""
+    h, kv, d = layout.n_heads, layout.n_kv_heads, layout.head_dim
+
+    def qkv_norm_rope_composite(x, w, scales, biases, q_norm, k_norm, offset):
+        b = x.shape[0]
+        qkv = mx.quantized_matmul(x, w, scales, biases, transpose=True,
+                                  group_size=layout.group_size, bits=layout.bits)
+        q, k, v = mx.split(qkv, [h * d, (h + kv) * d], axis=-1)
+        q = mx.fast.rms_norm(q.reshape(b, 1, h, d), q_norm, layout.eps).transpose(0, 2, 1, 3)
+        k = mx.fast.rms_norm(k.reshape(b, 1, kv, d), k_norm, layout.eps).transpose(0, 2, 1, 3)
+        v = v.reshape(b, 1, kv, d).transpose(0, 2, 1, 3)
+        rope = functools.partial(mx.fast.rope, dims=d, traditional=False,
+                                 base=layout.rope_base, scale=1.0, offset=offset)
+        return rope(q), rope(k), v
+
+    return mx.compile(qkv_norm_rope_composite)
+
+
+def x_dims(proj: nn.QuantizedLinear) -> int:
+    """Input features of a quantized linear layer (its packed weight is (out, in * bits / 32))."""
+    return proj.weight.shape[1] * 32 // proj.bits
+
+
+@functools.lru_cache(maxsize=16)
+def _position_array(offset: int, batch: int | None) -> mx.array:
+    """The step's position as an array (a scalar, or one per sequence for the kernel). Cached so
+    every layer of a step shares one small host-to-device array."""
+    shape = () if batch is None else (batch,)
+    return mx.full(shape, offset, dtype=mx.int32)
+
+
+class FusedQKNormAttention(nn.Module):
+    """mlx-lm's attention with the decode-step q/k/v + norm + RoPE block replaced by one call."""
+
+    def __init__(self, graph_attn: nn.Module, impl: str):
+        super().__init__()
+        self.graph_attn = graph_attn
+        q, k, v = graph_attn.q_proj, graph_attn.k_proj, graph_attn.v_proj
+        self.qkv_weight = mx.concatenate([q.weight, k.weight, v.weight], axis=0)
+        self.qkv_scales = mx.concatenate([q.scales, k.scales, v.scales], axis=0)
+        self.qkv_biases = mx.concatenate([q.biases, k.biases, v.biases], axis=0)
+        self.layout = QKVLayout(
+            hidden=x_dims(q), n_heads=graph_attn.n_heads, n_kv_heads=graph_attn.n_kv_heads,
+            head_dim=graph_attn.q_norm.weight.shape[0], eps=graph_attn.q_norm.eps,
+            bits=q.bits, group_size=q.group_size, rope_base=float(graph_attn.rope.base),
+        )
+        self.impl = impl
+
+    def qkv(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """q (B, H, 1, D), k and v (B, KV, 1, D) for one decode step at position ``offset``."""
+        a = self.graph_attn
+        weights = (self.qkv_weight, self.qkv_scales, self.qkv_biases,
+                   a.q_norm.weight, a.k_norm.weight)
+        if self.impl == "kernel":
+            batch = x.shape[0]
+            if isinstance(offset, int):
+                positions = _position_array(offset, batch)
+            else:
+                positions = mx.broadcast_to(offset.reshape(-1), (batch,)).astype(mx.int32)
+            return qkv_norm_rope.qkv_norm_rope(x, *weights, positions, layout=self.layout)
+        if isinstance(offset, int):
+            offset = _position_array(offset, None)
+        return _composite(self.layout)(x, *weights, offset)
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        if L != 1:
+            # Prefill (L > 1) always takes the graph path: the fused call is a decode mat-vec.
+            return self.graph_attn(x, mask, cache)
+        a = self.graph_attn
+        queries, keys, values = self.qkv(x, cache.offset if cache is not None else 0)
+        if cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)
+        output = scaled_dot_product_attention(
+            queries, keys, values, cache=cache, scale=a.scale, mask=mask
+        )
+        return a.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+@dataclass
+class InstallReport:
+    fused_layers: int
+    graph_layers: int
+    blockers: list[str]
+    kernel_fallback: str | None  # why "kernel" runs as "composite" here, if it does
+
+
+class DecodePaths:
+    """Graph and fused attention installed side by side in one model; ``use`` switches them.
+
+    The fused modules (and their concatenated weights) are built once; switching only swaps each
+    layer's ``self_attn`` between mlx-lm's module and its fused wrapper.
+    """
+
+    def __init__(self, model: nn.Module, backend: str):
+        self.backend = backend
+        self.layers = list(model.layers)
+        self.graph = [layer.self_attn for layer in self.layers]
+        blockers = [fusion_blocker(a) for a in self.graph]
+        self.fused = [a if why else FusedQKNormAttention(a, "composite")
+                      for a, why in zip(self.graph, blockers, strict=True)]
+        fused = [m for m in self.fused if isinstance(m, FusedQKNormAttention)]
+        kernel_fallback = None
+        if fused:
+            dtype = self.graph[0].q_norm.weight.dtype
+            kernel_fallback = qkv_norm_rope.kernel_blocker(backend, fused[0].layout, dtype)
+        self.report = InstallReport(len(fused), len(self.layers) - len(fused),
+                                    sorted({b for b in blockers if b}), kernel_fallback)
+        for why in self.report.blockers:
+            log.info("graph path kept for some layers: %s", why)
+        self.current = "graph"
+
+    def use(self, path: str) -> None:
+        """Switch every layer to ``path``: graph, composite or kernel."""
+        if path not in PATHS:
+            raise UserError(f"path {path!r} is not accepted; use one of {', '.join(PATHS)}")
+        if path == "kernel" and not qkv_norm_rope.has_kernel(self.backend):
+            raise UserError(f"the kernel implementation has no {self.backend} version (kernels "
+                            "exist for cuda and metal); use --impl composite on this backend")
+        impl = path
+        if path == "kernel" and self.report.kernel_fallback:
+            log.warning("kernel unavailable, using composite: %s", self.report.kernel_fallback)
+            impl = "composite"
+        modules = self.graph if path == "graph" else self.fused
+        for layer, attn in zip(self.layers, modules, strict=True):
+            layer.self_attn = attn
+            if isinstance(attn, FusedQKNormAttention):
+                attn.impl = impl
+        self.current = path

@@ -1,0 +1,126 @@
+"""Which MLX backend this process runs on, what the device is, and how much memory it has free."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+
+import mlx.core as mx
+
+from fusedqk.errors import UserError
+
+BACKENDS = ("cpu", "cuda", "metal")
+
+
+def available_backends() -> list[str]:
+    """Backends this machine's MLX build can run, GPU first."""
+    found = []
+    if mx.cuda.is_available():
+        found.append("cuda")
+    if mx.metal.is_available():
+        found.append("metal")
+    found.append("cpu")
+    return found
+
+
+def current_backend() -> str:
+    """The backend MLX's default device runs on."""
+    if mx.default_device() == mx.cpu:
+        return "cpu"
+    return "cuda" if mx.cuda.is_available() else "metal"
+
+
+def select_backend(name: str) -> str:
+    """Make ``name`` (cpu, cuda, metal or auto) MLX's default device, or fail naming what exists."""
+    if name == "auto":
+        name = available_backends()[0]
+    if name not in BACKENDS:
+        raise UserError(f"--backend {name!r} is not a backend; accepted: auto, {', '.join(BACKENDS)}")
+    have = available_backends()
+    if name not in have:
+        raise UserError(
+            f"backend {name!r} is not available on this machine (MLX {mx.__version__} here has: "
+            f"{', '.join(have)})"
+        )
+    mx.set_default_device(mx.cpu if name == "cpu" else mx.gpu)
+    return name
+
+
+@dataclass
+class DeviceInfo:
+    backend: str
+    device_name: str
+    memory_total_bytes: int | None
+    memory_free_bytes: int | None
+    driver_version: str | None
+    cuda_version: str | None
+
+
+def _meminfo(field: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _nvidia_smi(query: str) -> str | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0].strip() if out else None
+
+
+def _cuda_runtime_version() -> str | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    marker = "CUDA Version:"
+    if marker in out:
+        return out.split(marker, 1)[1].split()[0]
+    return None
+
+
+def device_info() -> DeviceInfo:
+    """Describe the current backend's device; memory figures are what a model build may use."""
+    backend = current_backend()
+    info = mx.device_info()
+    if backend == "cpu":
+        name = info.get("device_name") or platform.processor() or platform.machine()
+        total, free = _meminfo("MemTotal"), _meminfo("MemAvailable")
+        driver = cuda = None
+    else:
+        name = str(info.get("device_name", backend))
+        total = info.get("memory_size")
+        total = int(total) if total else None
+        free = total - mx.get_active_memory() if total else None
+        driver = _nvidia_smi("driver_version") if backend == "cuda" else None
+        cuda = _cuda_runtime_version() if backend == "cuda" else None
+    return DeviceInfo(backend, name, total, free, driver, cuda)
+
+
+def device_slug(info: DeviceInfo) -> str:
+    """A filesystem-safe device name for archive paths, e.g. ``cuda-nvidia-h100-80gb-hbm3``."""
+    raw = f"{info.backend}-{info.device_name}".lower()
+    slug = "".join(c if c.isalnum() else "-" for c in raw)
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return slug.strip("-")
+
+
+def as_dict(info: DeviceInfo) -> dict:
+    return asdict(info)

@@ -1,0 +1,362 @@
+"""The ``fusedqk`` command line: one subcommand per job, each a thin layer over one module.
+
+    fusedqk env | models | generate | bench | identity | decide | blockbench
+            | aggregate | report | verify
+
+Every user error exits 2 with one line on stderr naming the input and what is accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fusedqk import __version__
+from fusedqk.errors import UserError
+
+log = logging.getLogger("fusedqk")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (no usage dump), like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
+    return n
+
+
+def _non_negative_float(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if f < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be >= 0")
+    return f
+
+
+def _model_flags(p: argparse.ArgumentParser, default_model: str = "qwen3-tiny") -> None:
+    p.add_argument("-m", "--model", default=default_model,
+                   help="registry name (see `fusedqk models`) or a local MLX checkpoint directory")
+    p.add_argument("--backend", default="auto", help="auto, cpu, cuda or metal (default: auto)")
+    p.add_argument("--bits", type=int, default=4, choices=(4, 8), help="weight bits (default 4)")
+    p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128),
+                   help="quantization group size (default 64)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"),
+                   help="activation dtype (default bfloat16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and prompts (default 0)")
+
+
+@dataclass
+class Prepared:
+    backend: str
+    loaded: object  # fusedqk.models.LoadedModel
+    paths: object  # fusedqk.attention.DecodePaths
+    quant: object  # fusedqk.models.Quantization
+
+
+def prepare(args: argparse.Namespace) -> Prepared:
+    """Select the backend, build or load the model, and install both decode paths."""
+    from fusedqk.attention import DecodePaths
+    from fusedqk.backend import select_backend
+    from fusedqk.models import Quantization, load_model
+
+    backend = select_backend(args.backend)
+    quant = Quantization(args.bits, args.group_size, args.dtype)
+    loaded = load_model(args.model, quant, args.seed)
+    return Prepared(backend, loaded, DecodePaths(loaded.model, backend), quant)
+
+
+def resolved_path(backend: str, path: str | None, impl: str | None) -> str:
+    """graph/composite/kernel from --path/--impl, falling back to the environment and defaults."""
+    from fusedqk.kernels.qkv_norm_rope import has_kernel
+    from fusedqk.toggle import parse_impl, resolve
+
+    resolution = resolve(backend, has_kernel(backend))
+    if path is None:
+        path = resolution.path
+    if path == "graph":
+        return "graph"
+    if impl is None or impl == "auto":
+        impl = resolution.impl if impl is None else ("kernel" if has_kernel(backend) else "composite")
+    return parse_impl(impl, "--impl")
+
+
+# --- subcommands -------------------------------------------------------------------------------
+
+def cmd_env(args: argparse.Namespace) -> int:
+    import mlx.core as mx
+    import mlx_lm
+
+    from fusedqk.backend import as_dict, available_backends, device_info, select_backend
+    from fusedqk.kernels.qkv_norm_rope import has_kernel
+    from fusedqk.toggle import resolve
+
+    backend = select_backend(args.backend)
+    info = device_info()
+    res = resolve(backend, has_kernel(backend))
+    report = {
+        "fusedqk": __version__, "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
+        "backends_available": available_backends(), **as_dict(info),
+        "fused_qk_norm": res.path == "fused", "impl": res.impl,
+        "path_source": res.path_source, "impl_source": res.impl_source,
+        "kernel_available": has_kernel(backend),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    gib = lambda b: f"{b / 2**30:.1f} GiB" if b else "unknown"  # noqa: E731
+    print(f"fusedqk {__version__}  mlx {mx.__version__}  mlx-lm {mlx_lm.__version__}")
+    print(f"backend      {backend} (available: {', '.join(report['backends_available'])})")
+    print(f"device       {info.device_name}  memory {gib(info.memory_total_bytes)} total, "
+          f"{gib(info.memory_free_bytes)} free")
+    if info.driver_version:
+        print(f"driver       {info.driver_version}  CUDA {info.cuda_version}")
+    print(f"fused path   {'on' if res.path == 'fused' else 'off'}  ({res.path_source})")
+    print(f"impl         {res.impl}  ({res.impl_source})")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from fusedqk.models import REGISTRY, Quantization
+
+    quant = Quantization(4, 64, "bfloat16")
+    rows = []
+    for spec in REGISTRY.values():
+        params, nbytes = spec.sizes(quant)
+        c = spec.config
+        rows.append({
+            "model": spec.name, "type": c["model_type"], "layers": c["num_hidden_layers"],
+            "hidden": c["hidden_size"], "heads": c["num_attention_heads"],
+            "kv_heads": c["num_key_value_heads"], "head_dim": c["head_dim"],
+            "experts": c.get("num_experts", 0), "active": c.get("num_experts_per_tok", 0),
+            "params": params, "q4_bytes": nbytes,
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'model':<17} {'type':<10} {'layers':>6} {'hidden':>6} {'heads':>5} {'kv':>3} "
+          f"{'experts':>9} {'params':>9} {'4-bit g64':>10}")
+    for r in rows:
+        experts = f"{r['active']}/{r['experts']}" if r["experts"] else "-"
+        print(f"{r['model']:<17} {r['type']:<10} {r['layers']:>6} {r['hidden']:>6} {r['heads']:>5} "
+              f"{r['kv_heads']:>3} {experts:>9} {r['params'] / 1e9:>8.2f}B "
+              f"{r['q4_bytes'] / 2**30:>7.2f} GiB")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fusedqk.decode import generate, make_sampler, random_prompt
+
+    prep = prepare(args)
+    path = resolved_path(prep.backend, args.path, args.impl)
+    prep.paths.use(path)
+    prompt = random_prompt(prep.loaded.config["vocab_size"], args.prompt_tokens, args.seed)
+    result = generate(prep.loaded.model, prompt, args.max_tokens,
+                      make_sampler(args.temp, args.seed))
+    if args.json:
+        decode_s = result.decode_s
+        print(json.dumps({
+            "model": prep.loaded.name, "backend": prep.backend, "path": path,
+            "tokens": result.tokens, "prefill_s": result.prefill_s, "decode_s": decode_s,
+            "decode_tok_s": (len(result.tokens) - 1) / decode_s if decode_s else None,
+        }))
+    else:
+        print(" ".join(map(str, result.tokens)))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fusedqk import bench
+
+    prep = prepare(args)
+    paths = bench.expand_paths(args.paths, prep.backend, args.impl)
+    settings = bench.BenchSettings(args.prompt_tokens, args.generation_tokens, args.rounds,
+                                   args.warmup, args.seed)
+    run = bench.run(prep, paths, settings, argv=sys.argv)
+    if args.out_dir:
+        bench.write(run, Path(args.out_dir))
+    print(bench.render(run, args.output))
+    return 0
+
+
+def cmd_identity(args: argparse.Namespace) -> int:
+    from fusedqk import identity
+
+    if args.trace_only:
+        prep = prepare(args)
+        trace = identity.trace(prep, args.trace_only, identity.settings_from(args))
+        print(json.dumps(asdict(trace)))
+        return 0
+    result = identity.run(args)
+    if args.out:
+        from fusedqk.atomic import write_json
+        write_json(args.out, result)
+    print(identity.render(result))
+    return 0
+
+
+def cmd_decide(args: argparse.Namespace) -> int:
+    from fusedqk import decide
+
+    rule = decide.Rule(min_gain=args.min_gain, identity_policy=args.identity_policy)
+    decisions = decide.decide(Path(args.run_dir), rule)
+    from fusedqk.atomic import write_json
+    write_json(args.out or Path(args.run_dir) / "decisions.json", decisions)
+    print(decide.render(decisions))
+    return 0
+
+
+def cmd_blockbench(args: argparse.Namespace) -> int:
+    from fusedqk import blockbench
+
+    prep = prepare(args)
+    result = blockbench.run(prep, blockbench.Settings(args.batch, args.reps, args.warmup,
+                                                      args.bandwidth))
+    if args.out_dir:
+        blockbench.write(result, Path(args.out_dir))
+    print(blockbench.render(result, args.output))
+    return 0
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from fusedqk import archive
+
+    archive.aggregate(Path(args.run_dir))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fusedqk import report
+
+    out = report.render_run(Path(args.from_dir), Path(args.out) if args.out else None)
+    print(f"wrote {', '.join(str(p) for p in out)}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from fusedqk import archive
+
+    if args.write:
+        n = archive.write_manifest(Path(args.run_dir))
+        print(f"wrote MANIFEST.sha256 ({n} files)")
+        return 0
+    problems = archive.verify(Path(args.run_dir))
+    if problems:
+        for p in problems:
+            print(p, file=sys.stderr)
+        raise UserError(f"{args.run_dir}: manifest check failed ({len(problems)} problems)")
+    print(f"{args.run_dir}: manifest OK")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="fusedqk", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"fusedqk {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log fallbacks and progress")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    p = sub.add_parser("env", help="backend, device, versions and the resolved fused-path default")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_env)
+
+    p = sub.add_parser("models", help="the model registry with sizes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("generate", help="decode and print token ids")
+    _model_flags(p)
+    p.add_argument("--path", choices=("graph", "fused"), help="default: from the environment")
+    p.add_argument("--impl", choices=("auto", "kernel", "composite"))
+    p.add_argument("-p", "--prompt-tokens", type=_positive, default=16)
+    p.add_argument("-n", "--max-tokens", type=_positive, default=64)
+    p.add_argument("--temp", type=_non_negative_float, default=0.0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="decode throughput, fused vs graph, interleaved rounds")
+    _model_flags(p)
+    p.add_argument("-p", "--prompt-tokens", type=_positive, default=64)
+    p.add_argument("-g", "--generation-tokens", type=_positive, default=128)
+    p.add_argument("-r", "--rounds", type=_positive, default=15)
+    p.add_argument("-w", "--warmup", type=int, default=2, help="warm-up trials per path")
+    p.add_argument("--paths", default="graph,fused",
+                   help="comma list of graph, fused, composite, kernel (default graph,fused)")
+    p.add_argument("--impl", default="auto", choices=("auto", "kernel", "composite"),
+                   help="what `fused` in --paths means (default auto)")
+    p.add_argument("-o", "--output", default="md", choices=("md", "csv", "json"))
+    p.add_argument("--out-dir", help="write trials.csv, tokens.csv and bench.json here")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("identity", help="are fused and graph outputs bitwise the same?")
+    _model_flags(p)
+    p.add_argument("--impl", default="auto", choices=("auto", "kernel", "composite"))
+    p.add_argument("-p", "--prompt-tokens", type=_positive, default=32)
+    p.add_argument("-n", "--tokens", type=_positive, default=256)
+    p.add_argument("-k", "--prompts", type=_positive, default=3)
+    p.add_argument("--no-controls", action="store_true", help="skip the fresh-process controls")
+    p.add_argument("--out", help="write the verdict JSON here")
+    p.add_argument("--trace-only", choices=("graph", "composite", "kernel"),
+                   help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_identity)
+
+    p = sub.add_parser("decide", help="apply the decision rule to a run directory")
+    p.add_argument("run_dir")
+    p.add_argument("--min-gain", type=_non_negative_float, default=0.01,
+                   help="speedup CI lower bound must reach 1 + this (default 0.01)")
+    p.add_argument("--identity-policy", default="exact", choices=("exact", "greedy-tokens"))
+    p.add_argument("--out", help="default: RUN_DIR/decisions.json")
+    p.set_defaults(func=cmd_decide)
+
+    p = sub.add_parser("blockbench", help="time the QKV+norm+RoPE block of all layers, per path")
+    _model_flags(p)
+    p.add_argument("-b", "--batch", type=_positive, default=1)
+    p.add_argument("--reps", type=_positive, default=50)
+    p.add_argument("-w", "--warmup", type=int, default=5)
+    p.add_argument("--bandwidth", default="measure",
+                   help="memory bandwidth in GB/s for the floor, or `measure` (default)")
+    p.add_argument("-o", "--output", default="md", choices=("md", "csv", "json"))
+    p.add_argument("--out-dir", help="write blockbench.csv and blockbench.json here")
+    p.set_defaults(func=cmd_blockbench)
+
+    p = sub.add_parser("aggregate", help="tidy tables of every trial and summary in a run")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_aggregate)
+
+    p = sub.add_parser("report", help="render report.md and report.html from a run's raw data")
+    p.add_argument("--from", dest="from_dir", required=True, help="the run directory")
+    p.add_argument("--out", help="output directory (default: the run directory)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("verify", help="check (or --write) a run directory's MANIFEST.sha256")
+    p.add_argument("run_dir")
+    p.add_argument("--write", action="store_true")
+    p.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="fusedqk: %(message)s", stream=sys.stderr)
+        return args.func(args)
+    except UserError as e:
+        print(f"fusedqk: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,1 @@
+"""Custom GPU kernels, one fused kernel per file."""

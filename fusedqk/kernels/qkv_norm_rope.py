@@ -1,0 +1,414 @@
+"""One-launch decode kernel: QKV projection + per-head RMSNorm of q and k + RoPE (NeoX pairing).
+
+What is fused, for one decode step (one token per sequence, batch B):
+
+    qkv = x @ dequant(W_qkv)^T            # affine-quantized, bits 4 or 8, group 32/64/128
+    q, k, v = split(qkv)                   # (B, H*D), (B, KV*D), (B, KV*D)
+    q = rope(rms_norm(q per head, q_norm)) # written as (B, H, 1, D)
+    k = rope(rms_norm(k per head, k_norm)) # written as (B, KV, 1, D)
+    v = v                                  # written as (B, KV, 1, D)
+
+Design (CUDA): blocks of 8 warps; each warp computes ``RPW`` output rows, each row with MLX's
+own quantized mat-vec lane layout and accumulation order (lane t of step r takes the E contiguous
+elements at t*E + r*32*E; partial sums in the activation dtype for 4-bit, fp32 for 8-bit; lanes
+summed in fp32 by ``cg::reduce``), so the projection is bitwise the graph path's. All loads of a
+row are issued before the first multiply, for memory-level parallelism. A head spans several
+blocks: v rows are written straight out; q/k rows go to a scratch output, and the last block to
+finish a head (a per-layer atomic counter, reset by that block) applies RMSNorm and RoPE to the
+head, again in MLX's order. One launch per layer per step; positions are an input array, so a new
+position never recompiles and the launch fits MLX's CUDA graphs.
+
+The Metal twin has the same contract and rounding points; it gives each head one threadgroup
+(Metal has no portable device-scope fence for a last-threadgroup pattern). It has not been run
+on a Mac yet: see docs/kernels.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+import numpy as np
+
+if TYPE_CHECKING:
+    from fusedqk.attention import QKVLayout
+
+WARPS = 8
+MAX_BATCH = 8
+HEAD_DIMS = (64, 128, 256)
+MAX_HIDDEN = 16384  # x is staged in shared memory (2 bytes each)
+
+CUDA_HEADER = r"""
+#include <cooperative_groups.h>
+#include <cooperative_groups/reduce.h>
+namespace cg = cooperative_groups;
+
+__device__ __forceinline__ float f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float f32(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half from_f32(float v) { return __float2half(v); }
+template <bool C, typename A, typename B> struct pick { using type = A; };
+template <typename A, typename B> struct pick<false, A, B> { using type = B; };
+"""
+
+# Template constants: T, K (hidden), H, KV, D, BITS, GS, RPW (rows per warp), NQK (q+k rows).
+# Inputs: x (B,K), w (N, K*BITS/32) uint32, scales/biases (N, K/GS), q_norm/k_norm (D),
+# positions (B,) int32, counters (MAX_BATCH * (H+KV)) uint32, persistent, zero.
+CUDA_SOURCE = r"""
+  constexpr int E = (BITS <= 4) ? 16 : 8;          // elements per lane per step (MLX qmv)
+  constexpr int PER_WARP = 32 * E;
+  constexpr int STEPS = K / PER_WARP;
+  constexpr int REST = K % PER_WARP;
+  constexpr int WORDS_PER_ROW = K * BITS / 32;
+  constexpr int GROUPS = K / GS;
+  constexpr int ROWS_PER_BLOCK = 8 * RPW;
+  constexpr int BLOCKS_PER_HEAD = D / ROWS_PER_BLOCK;
+  constexpr int HALF = D / 2;
+  constexpr bool WIDE_ACC = BITS >= 8;               // MLX accumulates 8-bit in fp32
+
+  __shared__ __align__(16) T xs[K];
+  __shared__ T head[D];
+  __shared__ float shared_norm;
+  __shared__ bool last_block;
+
+  auto block = cg::this_thread_block();
+  auto warp = cg::tiled_partition<32>(block);
+  const int b = blockIdx.y;
+  const int lane = warp.thread_rank();
+  const int row0 = blockIdx.x * ROWS_PER_BLOCK;
+
+  // Stage this sequence's x in shared memory with 16-byte loads.
+  {
+    const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)b * K);
+    uint4* dst = reinterpret_cast<uint4*>(xs);
+    for (int i = threadIdx.x; i < K * (int)sizeof(T) / 16; i += blockDim.x) dst[i] = src[i];
+  }
+  block.sync();
+
+  // Issue every weight, scale and bias load of this warp's rows before any arithmetic.
+  constexpr int NSTEP = STEPS + (REST ? 1 : 0);
+  uint2 wv[RPW][NSTEP];
+  T sc[RPW][NSTEP], bi[RPW][NSTEP];
+  #pragma unroll
+  for (int r = 0; r < RPW; ++r) {
+    const int row = row0 + warp.meta_group_rank() * RPW + r;
+    const uint2* wrow = reinterpret_cast<const uint2*>(w + (size_t)row * WORDS_PER_ROW);
+    #pragma unroll
+    for (int s = 0; s < NSTEP; ++s) {
+      int idx = (s < STEPS) ? lane * E + s * PER_WARP : lane * E + K - REST;
+      bool live = (s < STEPS) || (idx < K);
+      if (live) {
+        wv[r][s] = wrow[idx * BITS / 64];
+        sc[r][s] = scales[(size_t)row * GROUPS + idx / GS];
+        bi[r][s] = biases[(size_t)row * GROUPS + idx / GS];
+      }
+    }
+  }
+
+  #pragma unroll
+  for (int r = 0; r < RPW; ++r) {
+    const int row = row0 + warp.meta_group_rank() * RPW + r;
+    using Acc = typename pick<WIDE_ACC, float, T>::type;
+    Acc sums[E];
+    #pragma unroll
+    for (int i = 0; i < E; ++i) sums[i] = Acc(0.0f);
+    #pragma unroll
+    for (int s = 0; s < NSTEP; ++s) {
+      int idx = (s < STEPS) ? lane * E + s * PER_WARP : lane * E + K - REST;
+      if ((s < STEPS) || (idx < K)) {
+        const unsigned int words[2] = {wv[r][s].x, wv[r][s].y};
+        const T scale = sc[r][s], bias = bi[r][s];
+        #pragma unroll
+        for (int i = 0; i < E; ++i) {
+          const unsigned int q = (words[(i * BITS) / 32] >> ((i * BITS) % 32)) & ((1u << BITS) - 1u);
+          // Dequantize in the activation dtype: round(round(q * scale) + bias).
+          const T wdq = __hadd(__hmul(from_f32<T>((float)q), scale), bias);
+          const T xv = xs[idx + i];
+          if constexpr (WIDE_ACC) {
+            sums[i] = fmaf(f32(xv), f32(wdq), sums[i]);
+          } else {
+            sums[i] = __hfma(xv, wdq, sums[i]);
+          }
+        }
+      }
+    }
+    float sum = 0.0f;
+    #pragma unroll
+    for (int i = 0; i < E; ++i) sum += (float)sums[i];
+    sum = cg::reduce(warp, sum, cg::plus<float>());
+    if (lane == 0) {
+      const T val = from_f32<T>(sum);
+      if (row >= NQK) {
+        const int vrow = row - NQK;
+        v_out[(size_t)b * KV * D + vrow] = val;
+      } else {
+        proj[(size_t)b * NQK + row] = val;
+      }
+    }
+  }
+  if (row0 >= NQK) return;  // v heads need no norm: done
+
+  // The last block to finish a q/k head normalises and rotates it.
+  const int head_id = row0 / D;
+  unsigned int* counter = const_cast<unsigned int*>(counters) + b * (H + KV) + head_id;
+  block.sync();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    unsigned int done = atomicAdd(counter, 1u);
+    last_block = (done == BLOCKS_PER_HEAD - 1);
+  }
+  block.sync();
+  if (!last_block) return;
+  __threadfence();
+
+  const T* src = proj + (size_t)b * NQK + (size_t)head_id * D;
+  for (int i = threadIdx.x; i < D; i += blockDim.x) head[i] = __ldcg(src + i);
+  block.sync();
+
+  // RMSNorm as MLX's rms_norm_small: thread t sums the squares of 8 contiguous elements
+  // (16 bytes) in fp32, then one cooperative-groups reduce (the other warps hold zeros).
+  if (warp.meta_group_rank() == 0) {
+    constexpr int NR = 16 / sizeof(T);
+    float part = 0.0f;
+    if (lane * NR < D) {
+      #pragma unroll
+      for (int j = 0; j < NR; ++j) {
+        float t = f32(head[lane * NR + j]);
+        part += t * t;
+      }
+    }
+    part = cg::reduce(warp, part, cg::plus<float>());
+    if (lane == 0) shared_norm = rsqrt(part / (float)D + EPS);
+  }
+  block.sync();
+
+  const bool is_q = head_id < H;
+  const T* gamma = is_q ? q_norm : k_norm;
+  const int pos = positions[b];
+  for (int i = threadIdx.x; i < HALF; i += blockDim.x) {
+    const float normalizer = shared_norm;
+    const T n1 = __hmul(gamma[i], from_f32<T>(f32(head[i]) * normalizer));
+    const T n2 = __hmul(gamma[i + HALF], from_f32<T>(f32(head[i + HALF]) * normalizer));
+    // RoPE as MLX's rope kernel: inv_freq = exp2(-d * log2(base)), theta in fp32.
+    const float d = static_cast<float>(i) / static_cast<float>(HALF);
+    const float inv_freq = exp2f(-d * LOG2_BASE);
+    const float L = 1.0f * static_cast<float>(pos);
+    const float theta = L * inv_freq;
+    const float c = cosf(theta);
+    const float s = sinf(theta);
+    const float x1 = f32(n1);
+    const float x2 = f32(n2);
+    const float rx1 = x1 * c - x2 * s;
+    const float rx2 = x1 * s + x2 * c;
+    T* dst = is_q ? q_out + ((size_t)b * H + head_id) * D
+                  : k_out + ((size_t)b * KV + (head_id - H)) * D;
+    dst[i] = from_f32<T>(rx1);
+    dst[i + HALF] = from_f32<T>(rx2);
+  }
+  if (threadIdx.x == 0) *counter = 0u;  // ready for the next launch
+"""
+
+METAL_SOURCE = r"""
+  // One threadgroup per (head, sequence); simdgroup g computes rows g, g+NSG, ... of the head.
+  constexpr int E = (BITS <= 4) ? 16 : 8;
+  constexpr int PER_SIMD = 32 * E;
+  constexpr int WORDS_PER_ROW = K * BITS / 32;
+  constexpr int GROUPS = K / GS;
+  constexpr int HALF = D / 2;
+  constexpr int NSG = 8;
+
+  threadgroup T head[D];
+  threadgroup float partial[NSG];
+
+  const uint b = threadgroup_position_in_grid.y;
+  const uint head_id = threadgroup_position_in_grid.x;
+  const uint lane = thread_index_in_simdgroup;
+  const uint sg = simdgroup_index_in_threadgroup;
+  const device T* xb = x + b * K;
+
+  for (uint r = sg; r < D; r += NSG) {
+    const uint row = head_id * D + r;
+    const device uint8_t* wrow = (const device uint8_t*)(w + row * WORDS_PER_ROW);
+    float sum = 0.0f;
+    for (uint idx = lane * E; idx < K; idx += PER_SIMD) {
+      const T scale = scales[row * GROUPS + idx / GS];
+      const T bias = biases[row * GROUPS + idx / GS];
+      for (uint i = 0; i < E; ++i) {
+        const uint bit = (idx + i) * BITS;
+        const uint q = (wrow[bit / 8] >> (bit % 8)) & ((1u << BITS) - 1u);
+        const T wdq = T(q) * scale + bias;
+        sum += float(xb[idx + i]) * float(wdq);
+      }
+    }
+    sum = simd_sum(sum);
+    if (lane == 0) {
+      const T val = T(sum);
+      if (row >= NQK) {
+        v_out[b * KV * D + (row - NQK)] = val;
+      } else {
+        head[r] = val;
+      }
+    }
+  }
+  if (head_id * D >= NQK) return;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+
+  float part = 0.0f;
+  for (uint i = thread_index_in_threadgroup; i < D; i += NSG * 32) {
+    const float t = float(head[i]);
+    part += t * t;
+  }
+  part = simd_sum(part);
+  if (lane == 0) partial[sg] = part;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  float total = 0.0f;
+  for (uint g = 0; g < NSG; ++g) total += partial[g];
+  const float normalizer = metal::precise::rsqrt(total / float(D) + EPS);
+
+  const bool is_q = head_id < H;
+  const device T* gamma = is_q ? q_norm : k_norm;
+  const int pos = positions[b];
+  for (uint i = thread_index_in_threadgroup; i < HALF; i += NSG * 32) {
+    const T n1 = gamma[i] * T(float(head[i]) * normalizer);
+    const T n2 = gamma[i + HALF] * T(float(head[i + HALF]) * normalizer);
+    const float d = float(i) / float(HALF);
+    const float theta = float(pos) * metal::exp2(-d * LOG2_BASE);
+    const float c = metal::precise::cos(theta);
+    const float s = metal::precise::sin(theta);
+    const float x1 = float(n1), x2 = float(n2);
+    device T* dst = is_q ? q_out + (b * H + head_id) * D : k_out + (b * KV + head_id - H) * D;
+    dst[i] = T(x1 * c - x2 * s);
+    dst[i + HALF] = T(x1 * s + x2 * c);
+  }
+"""
+
+
+def has_kernel(backend: str) -> bool:
+    return backend in ("cuda", "metal")
+
+
+def rows_per_warp(layout: QKVLayout) -> int:
+    """More rows per warp when a row has few loads, so each lane keeps ~8-16 loads in flight."""
+    steps = max(1, layout.hidden // (32 * (16 if layout.bits <= 4 else 8)))
+    rpw = 4 if steps <= 4 else 2
+    while layout.head_dim % (WARPS * rpw):
+        rpw //= 2
+    return rpw
+
+
+def kernel_blocker(backend: str, layout: QKVLayout, dtype: mx.Dtype) -> str | None:
+    """Why the kernel cannot run this layer here (then ``composite`` runs), or None."""
+    if not has_kernel(backend):
+        return f"no fused kernel for backend {backend} (kernels exist for cuda and metal)"
+    if dtype not in (mx.bfloat16, mx.float16):
+        return f"activation dtype {dtype} (the kernel takes bfloat16 or float16)"
+    if layout.head_dim not in HEAD_DIMS:
+        return f"head_dim {layout.head_dim} (the kernel takes {HEAD_DIMS})"
+    if layout.bits not in (4, 8) or layout.group_size not in (32, 64, 128):
+        return f"{layout.bits}-bit group {layout.group_size} (the kernel takes 4/8-bit, 32/64/128)"
+    if layout.hidden % 16 or layout.hidden > MAX_HIDDEN:
+        return f"hidden size {layout.hidden} (a multiple of 16 up to {MAX_HIDDEN})"
+    return None
+
+
+def _float_literal(value: float) -> str:
+    """The float32 nearest ``value`` as an exact C++ hex literal."""
+    return float(np.float32(value)).hex() + "f"
+
+
+@functools.cache
+def _cuda_kernel(eps: float, log2_base: float):
+    header = CUDA_HEADER + (f"constexpr float EPS = {_float_literal(eps)};\n"
+                            f"constexpr float LOG2_BASE = {_float_literal(log2_base)};\n")
+    name = f"fusedqk_qkv_norm_rope_{abs(hash((eps, log2_base))):x}"
+    return mx.fast.cuda_kernel(
+        name=name,
+        input_names=["x", "w", "scales", "biases", "q_norm", "k_norm", "positions", "counters"],
+        output_names=["q_out", "k_out", "v_out", "proj"],
+        source=CUDA_SOURCE,
+        header=header,
+    )
+
+
+@functools.cache
+def _metal_kernel(eps: float, log2_base: float):
+    header = (f"constant constexpr float EPS = {_float_literal(eps)};\n"
+              f"constant constexpr float LOG2_BASE = {_float_literal(log2_base)};\n")
+    name = f"fusedqk_qkv_norm_rope_{abs(hash((eps, log2_base))):x}"
+    return mx.fast.metal_kernel(
+        name=name,
+        input_names=["x", "w", "scales", "biases", "q_norm", "k_norm", "positions"],
+        output_names=["q_out", "k_out", "v_out"],
+        source=METAL_SOURCE,
+        header=header,
+    )
+
+
+_COUNTERS: dict[tuple[int, int], mx.array] = {}
+
+
+def _counters(layout: QKVLayout) -> mx.array:
+    """Per-layout head counters. Each launch leaves them at zero again; layers run in stream
+    order, so layers of one layout can share them."""
+    key = (layout.n_heads + layout.n_kv_heads, id(mx.default_stream(mx.default_device())))
+    if key not in _COUNTERS:
+        _COUNTERS[key] = mx.zeros((MAX_BATCH * key[0],), dtype=mx.uint32)
+        mx.eval(_COUNTERS[key])
+    return _COUNTERS[key]
+
+
+def qkv_norm_rope(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    q_norm: mx.array,
+    k_norm: mx.array,
+    positions: mx.array,
+    *,
+    layout: QKVLayout,
+    poison: bool = False,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """q (B, H, 1, D), k and v (B, KV, 1, D) for x (B, 1, K) at ``positions`` (B,) int32.
+
+    ``poison`` fills the outputs with NaN before the launch (tests use it to catch unwritten
+    elements).
+    """
+    b, _, k = x.shape
+    if b > MAX_BATCH:
+        raise ValueError(f"the fused kernel takes batch <= {MAX_BATCH}, got {b}")
+    h, kv, d = layout.n_heads, layout.n_kv_heads, layout.head_dim
+    dtype = x.dtype
+    template = [("T", dtype), ("K", k), ("H", h), ("KV", kv), ("D", d), ("BITS", layout.bits),
+                ("GS", layout.group_size), ("NQK", (h + kv) * d)]
+    out_shapes = [(b, h, 1, d), (b, kv, 1, d), (b, kv, 1, d)]
+    init = float("nan") if poison else None
+    log2_base = math.log2(layout.rope_base)
+    x2 = x.reshape(b, k)
+    if mx.default_device() == mx.gpu and mx.cuda.is_available():
+        rpw = rows_per_warp(layout)
+        blocks = layout.rows // (WARPS * rpw)
+        outs = _cuda_kernel(layout.eps, log2_base)(
+            inputs=[x2, w, scales, biases, q_norm, k_norm, positions, _counters(layout)],
+            template=[*template, ("RPW", rpw)],
+            grid=(blocks * WARPS * 32, b, 1),
+            threadgroup=(WARPS * 32, 1, 1),
+            output_shapes=[*out_shapes, (b, (h + kv) * d)],
+            output_dtypes=[dtype] * 4,
+            init_value=init,
+        )
+    else:
+        heads = h + 2 * kv
+        outs = _metal_kernel(layout.eps, log2_base)(
+            inputs=[x2, w, scales, biases, q_norm, k_norm, positions],
+            template=template,
+            grid=(heads * 256, b, 1),
+            threadgroup=(256, 1, 1),
+            output_shapes=out_shapes,
+            output_dtypes=[dtype] * 3,
+            init_value=init,
+        )
+    return outs[0], outs[1], outs[2]

@@ -1,0 +1,240 @@
+"""The model registry and model construction: synthetic quantized weights, or a local checkpoint.
+
+The architectures are mlx-lm's own ``qwen3`` and ``qwen3_moe`` classes; this module only chooses
+their numbers (``data/models.json``) and fills their parameters. Synthetic weights are made
+directly in MLX's affine quantized format, one layer at a time, so no bf16 copy of a large model
+ever exists, and they are deterministic in (spec, quantization, seed).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models import qwen3, qwen3_moe
+
+from fusedqk.backend import device_info
+from fusedqk.errors import UserError
+
+ARCHITECTURES = {"qwen3": qwen3, "qwen3_moe": qwen3_moe}
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16}
+BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+
+# Standard deviation of the dequantized weights, times sqrt(fan-in), per parameter role, and of
+# the embedding (0.02, as real checkpoints are initialised). The
+# residual branches (o_proj, down_proj) are given a large gain so that the residual stream is
+# dominated by what the layers computed rather than by the current token's embedding: with a tied
+# embedding the latter makes greedy decoding repeat the input token forever.
+GAIN_BRANCH_OUT = 3.0
+GAIN_DEFAULT = 1.0
+EMBEDDING_STD = 0.02
+# Memory a build must leave free beyond the weights: activations, KV cache, MLX's buffers.
+HEADROOM_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Quantization:
+    bits: int = 4
+    group_size: int = 64
+    dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise UserError(f"--bits {self.bits} is not supported; accepted: 4, 8")
+        if self.group_size not in GROUP_SIZES:
+            raise UserError(f"--group-size {self.group_size} is not supported; accepted: 32, 64, 128")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype!r} is not supported; accepted: bfloat16, float16")
+
+    @property
+    def mx_dtype(self) -> mx.Dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    config: dict
+
+    @property
+    def is_moe(self) -> bool:
+        return self.config["model_type"] == "qwen3_moe"
+
+    def skeleton(self, quant: Quantization | None = None) -> nn.Module:
+        """The mlx-lm model, lazily initialised (nothing is allocated until evaluated)."""
+        arch = ARCHITECTURES[self.config["model_type"]]
+        model = arch.Model(arch.ModelArgs.from_dict(self.config))
+        if quant is not None:
+            quantize_like_mlx_lm(model, quant)
+        return model
+
+    def sizes(self, quant: Quantization) -> tuple[int, int]:
+        """(parameter count, bytes of the quantized weights) from lazy shapes alone."""
+        params = sum(v.size for _, v in tree_flatten(self.skeleton().parameters()))
+        itemsize = quant.mx_dtype.size
+        # Packed codes are uint32; scales, biases and norms take the activation dtype.
+        nbytes = sum(v.size * (4 if v.dtype == mx.uint32 else itemsize)
+                     for _, v in tree_flatten(self.skeleton(quant).parameters()))
+        return params, nbytes
+
+
+def quantize_like_mlx_lm(model: nn.Module, quant: Quantization) -> None:
+    """Quantize every layer that mlx-lm's converter would, honouring a model's own predicate."""
+    own = getattr(model, "quant_predicate", None)
+
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        if not hasattr(module, "to_quantized"):
+            return False
+        return own(path, module) if own is not None else True
+
+    nn.quantize(model, group_size=quant.group_size, bits=quant.bits, class_predicate=predicate)
+
+
+def _load_registry() -> dict[str, ModelSpec]:
+    text = resources.files("fusedqk").joinpath("data/models.json").read_text()
+    return {name: ModelSpec(name, cfg) for name, cfg in json.loads(text)["models"].items()}
+
+
+REGISTRY = _load_registry()
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in REGISTRY:
+        raise UserError(f"--model {name!r} is not a known model; accepted: {', '.join(REGISTRY)}, "
+                        "or the path of a local MLX checkpoint directory")
+    return REGISTRY[name]
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    name: str
+    source: str  # "synthetic(seed=…)" or the checkpoint path
+    config: dict
+
+
+def load_model(model: str, quant: Quantization, seed: int = 0) -> LoadedModel:
+    """A registry name gives synthetic weights; an existing directory is a local checkpoint."""
+    path = Path(model)
+    if model in REGISTRY:
+        spec = REGISTRY[model]
+        return LoadedModel(build_synthetic(spec, quant, seed), model,
+                           f"synthetic(seed={seed})", spec.config)
+    if path.is_dir():
+        return load_checkpoint(path)
+    if "/" in model and not path.exists() and not model.startswith((".", "/")):
+        raise UserError(f"--model {model!r} looks like a hub id; fusedqk works offline and loads only "
+                        "local MLX checkpoint directories (config.json + *.safetensors) or the "
+                        f"registry names: {', '.join(REGISTRY)}")
+    raise UserError(f"--model {model!r} is neither a registry name ({', '.join(REGISTRY)}) nor an "
+                    "existing checkpoint directory")
+
+
+def load_checkpoint(path: Path) -> LoadedModel:
+    """Load a local MLX-format checkpoint through mlx-lm, never touching the network."""
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"--model {str(path)!r}: no config.json there; a checkpoint directory holds "
+                        "config.json and model*.safetensors")
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") not in ARCHITECTURES:
+        raise UserError(f"--model {str(path)!r}: model_type {config.get('model_type')!r} is not "
+                        f"supported; accepted: {', '.join(ARCHITECTURES)}")
+    if not list(path.glob("model*.safetensors")):
+        raise UserError(f"--model {str(path)!r}: no model*.safetensors files there")
+    model, config = mlx_lm_load_model(path)
+    model.eval()
+    return LoadedModel(model, path.name, str(path), config)
+
+
+def save_checkpoint(loaded: LoadedModel, path: Path, quant: Quantization) -> None:
+    """Write ``loaded`` as an MLX-format checkpoint that mlx-lm (and ``load_checkpoint``) reads."""
+    from mlx_lm.utils import save_config, save_model
+
+    path.mkdir(parents=True, exist_ok=True)
+    save_model(path, loaded.model)
+    config = dict(loaded.config)
+    config["quantization"] = {"group_size": quant.group_size, "bits": quant.bits, "mode": "affine"}
+    config["torch_dtype"] = quant.dtype
+    save_config(config, config_path=path / "config.json")
+
+
+def check_fits(name: str, need_bytes: int) -> None:
+    """Fail before allocating when the weights cannot fit the current device's free memory."""
+    info = device_info()
+    free = info.memory_free_bytes
+    if free is not None and need_bytes + HEADROOM_BYTES > free:
+        raise UserError(
+            f"--model {name}: needs {need_bytes / 2**30:.1f} GiB of weights (+{HEADROOM_BYTES >> 30} "
+            f"GiB headroom) but {info.backend} device {info.device_name!r} has "
+            f"{free / 2**30:.1f} GiB free"
+        )
+
+
+def _key(seed: int, name: str) -> mx.array:
+    return mx.random.key((seed << 32) ^ zlib.crc32(name.encode()))
+
+
+def _gain(path: str) -> float:
+    return GAIN_BRANCH_OUT if path.endswith(("o_proj", "down_proj")) else GAIN_DEFAULT
+
+
+def _synthetic_quantized(path: str, module: nn.Module, dtype: mx.Dtype, seed: int) -> dict:
+    """weight/scales/biases for one quantized module: uniform codes, zero-mean dequantized values."""
+    bits, group = module.bits, module.group_size
+    w_shape, s_shape = module.weight.shape, module.scales.shape
+    fan_in = s_shape[-1] * group
+    levels = (1 << bits) - 1
+    code_std = ((levels + 1) ** 2 - 1) ** 0.5 / 12**0.5
+    std = EMBEDDING_STD if path.endswith("embed_tokens") else _gain(path) / fan_in**0.5
+    k_hi, k_lo, k_s = mx.random.split(_key(seed, path), 3)
+    # Every packed word is 32 uniform random bits, i.e. uniform codes at any bit width.
+    hi = mx.random.randint(0, 1 << 16, w_shape, dtype=mx.uint32, key=k_hi)
+    lo = mx.random.randint(0, 1 << 16, w_shape, dtype=mx.uint32, key=k_lo)
+    weight = (hi << 16) | lo
+    jitter = mx.random.uniform(0.75, 1.25, s_shape, key=k_s)
+    scales = (jitter * (std / code_std)).astype(dtype)
+    biases = (-scales.astype(mx.float32) * (levels / 2)).astype(dtype)
+    return {"weight": weight, "scales": scales, "biases": biases}
+
+
+def _synthetic_norm(path: str, shape: tuple[int, ...], dtype: mx.Dtype, seed: int) -> mx.array:
+    # Per-channel gains around 1, so a kernel that ignores or misplaces the norm weight fails.
+    return mx.random.uniform(0.5, 1.5, shape, key=_key(seed, path)).astype(dtype)
+
+
+def build_synthetic(spec: ModelSpec, quant: Quantization, seed: int = 0) -> nn.Module:
+    """Build ``spec`` with deterministic synthetic weights, materialising one layer at a time."""
+    model = spec.skeleton(quant)
+    _, need = spec.sizes(quant)
+    check_fits(spec.name, need)
+    dtype = quant.mx_dtype
+    quantized = {p: m for p, m in model.named_modules() if isinstance(
+        m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) or type(m).__name__ == "QuantizedSwitchLinear"}
+    groups: dict[str, list[tuple[str, mx.array]]] = {}
+    for name, value in tree_flatten(model.parameters()):
+        owner, leaf = name.rsplit(".", 1)
+        if owner in quantized:
+            if leaf != "weight":
+                continue
+            arrays = _synthetic_quantized(owner, quantized[owner], dtype, seed)
+            new = [(f"{owner}.{k}", v) for k, v in arrays.items()]
+        else:
+            new = [(name, _synthetic_norm(owner, value.shape, dtype, seed))]
+        parts = name.split(".")
+        layer = ".".join(parts[:3]) if parts[:2] == ["model", "layers"] else owner
+        groups.setdefault(layer, []).extend(new)
+    for items in groups.values():
+        model.update(tree_unflatten(items))
+        mx.eval([v for _, v in items])
+    model.eval()
+    return model

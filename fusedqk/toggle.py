@@ -1,0 +1,128 @@
+"""The fused-path toggle: environment variables, the per-backend defaults table, and resolution.
+
+Every variable read here is documented in docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from fusedqk.errors import UserError
+
+ENV_TOGGLE = "FUSEDQK_FUSED_QK_NORM"
+ENV_IMPL = "FUSEDQK_FUSED_IMPL"
+ENV_DEFAULTS = "FUSEDQK_DEFAULTS"
+
+TRUE_WORDS = ("1", "true", "on", "yes")
+FALSE_WORDS = ("0", "false", "off", "no")
+IMPLS = ("auto", "kernel", "composite")
+DEFAULTS_SCHEMA = "fusedqk-defaults/1"
+SHIPPED = "fusedqk/data/defaults.json"
+
+
+def parse_toggle(value: str, name: str = ENV_TOGGLE) -> bool:
+    """``1/true/on/yes`` → True, ``0/false/off/no`` → False (trimmed, any case); else an error."""
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise UserError(f"{name}={value!r} is not accepted; use one of {'/'.join(TRUE_WORDS)} to enable "
+                    f"or {'/'.join(FALSE_WORDS)} to disable, or leave it unset for the default")
+
+
+def parse_impl(value: str, name: str = ENV_IMPL) -> str:
+    word = value.strip().lower()
+    if word not in IMPLS:
+        raise UserError(f"{name}={value!r} is not accepted; use one of {', '.join(IMPLS)}")
+    return word
+
+
+@dataclass(frozen=True)
+class BackendDefault:
+    fused_qk_norm: bool
+    impl: str
+    reason: str
+    evidence: str
+
+
+@dataclass(frozen=True)
+class DefaultsTable:
+    source: str
+    backends: dict[str, BackendDefault]
+
+
+def load_defaults(path: str | None = None) -> DefaultsTable:
+    """The shipped table, or the decisions file ``path`` (a pipeline ``decisions.json``)."""
+    if path is None:
+        text, source = resources.files("fusedqk").joinpath("data/defaults.json").read_text(), SHIPPED
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise UserError(f"{ENV_DEFAULTS}={path!r}: no such file; give the path of a defaults "
+                            "table or of a pipeline decisions.json")
+        text, source = file.read_text(), str(file)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{ENV_DEFAULTS}={source!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict) or data.get("schema") != DEFAULTS_SCHEMA:
+        raise UserError(f"{ENV_DEFAULTS}={source!r}: expected a JSON object with "
+                        f"\"schema\": \"{DEFAULTS_SCHEMA}\" and a \"backends\" object")
+    backends = data.get("backends")
+    if not isinstance(backends, dict):
+        raise UserError(f"{ENV_DEFAULTS}={source!r}: \"backends\" must be an object of backend → entry")
+    table = {}
+    for backend, entry in backends.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("fused_qk_norm"), bool):
+            raise UserError(f"{ENV_DEFAULTS}={source!r}: backends.{backend}.fused_qk_norm must be "
+                            "true or false")
+        impl = entry.get("impl", "auto")
+        if impl not in IMPLS:
+            raise UserError(f"{ENV_DEFAULTS}={source!r}: backends.{backend}.impl={impl!r}; accepted: "
+                            f"{', '.join(IMPLS)}")
+        table[backend] = BackendDefault(entry["fused_qk_norm"], impl, str(entry.get("reason", "")),
+                                        str(entry.get("evidence", "")))
+    return DefaultsTable(source, table)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What path a process runs on a backend, and why."""
+
+    backend: str
+    path: str  # "graph" or "fused"
+    impl: str  # "kernel" or "composite" (meaningful when path is "fused")
+    path_source: str
+    impl_source: str
+
+
+def resolve(backend: str, has_kernel: bool, env: Mapping[str, str] | None = None) -> Resolution:
+    """Resolve the path and implementation from the environment, else the defaults table."""
+    env = os.environ if env is None else env
+    table = load_defaults(env.get(ENV_DEFAULTS) or None)
+    entry = table.backends.get(backend)
+    if ENV_TOGGLE in env:
+        enabled = parse_toggle(env[ENV_TOGGLE])
+        path_source = f"{ENV_TOGGLE}={env[ENV_TOGGLE]}"
+    elif entry is not None:
+        enabled = entry.fused_qk_norm
+        path_source = f"default for {backend} from {table.source}: {entry.reason} [{entry.evidence}]"
+    else:
+        enabled = False
+        path_source = f"{table.source} has no entry for {backend}; off"
+    if ENV_IMPL in env:
+        impl, impl_source = parse_impl(env[ENV_IMPL]), f"{ENV_IMPL}={env[ENV_IMPL]}"
+    elif entry is not None:
+        impl, impl_source = entry.impl, f"default for {backend} from {table.source}"
+    else:
+        impl, impl_source = "auto", "no default; auto"
+    if impl == "auto":
+        impl = "kernel" if has_kernel else "composite"
+        impl_source += f" (auto: {'this backend has a kernel' if has_kernel else 'no kernel here'})"
+    return Resolution(backend, "fused" if enabled else "graph", impl, path_source, impl_source)
