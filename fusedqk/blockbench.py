@@ -1,0 +1,152 @@
+"""Block benchmark: the QKV projection + q/k RMSNorm + RoPE block of every layer, for one token.
+
+For each path (graph, composite, kernel where the backend has one) it times the block of all
+layers evaluated together (what a decode step pays), and the block of one layer launched many
+times back to back in one evaluation (the device time per layer with the fewest launch gaps).
+Both are compared with the weight-read floor: the QKV weight, scale and bias bytes over the
+memory bandwidth, measured here with a large copy unless given.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import pandas as pd
+
+from fusedqk.atomic import write_json, write_text
+from fusedqk.attention import FusedQKNormAttention
+from fusedqk.envinfo import environment
+from fusedqk.errors import UserError
+from fusedqk.kernels.qkv_norm_rope import has_kernel
+
+BACK_TO_BACK = 64  # launches of one layer's block per evaluation
+
+
+@dataclass
+class Settings:
+    batch: int = 1
+    reps: int = 50
+    warmup: int = 5
+    bandwidth: str = "measure"
+
+
+def measure_bandwidth_gbs(nbytes: int | None = None) -> float:
+    """Device memory bandwidth from an elementwise copy (bytes read + bytes written)."""
+    if nbytes is None:
+        nbytes = (1 << 30) if mx.default_device() == mx.gpu else (256 << 20)
+    x = mx.random.uniform(shape=(nbytes // 4,))
+    mx.eval(x)
+    times = []
+    for _ in range(12):
+        t = time.perf_counter()
+        mx.eval(x + 1.0)
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / statistics.median(times[2:]) / 1e9
+
+
+def _graph_block(attn, x: mx.array, offset: int):
+    """mlx-lm's own ops for the block, as its Attention.__call__ runs them on decode."""
+    b = x.shape[0]
+    q = attn.q_norm(attn.q_proj(x).reshape(b, 1, attn.n_heads, -1)).transpose(0, 2, 1, 3)
+    k = attn.k_norm(attn.k_proj(x).reshape(b, 1, attn.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+    v = attn.v_proj(x).reshape(b, 1, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    return attn.rope(q, offset=offset), attn.rope(k, offset=offset), v
+
+
+def _median_us(fn, reps: int, warmup: int) -> tuple[float, float, float]:
+    for _ in range(warmup):
+        mx.eval(fn())
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        mx.eval(fn())
+        times.append((time.perf_counter() - t) * 1e6)
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    return statistics.median(times), q[0], q[-1]
+
+
+def run(prep, settings: Settings) -> dict:
+    """Time every path's block; returns rows (one per path) plus the environment."""
+    paths = prep.paths
+    fused = [m for m in paths.fused if isinstance(m, FusedQKNormAttention)]
+    if not fused:
+        raise UserError(f"--model {prep.loaded.name}: no layer can take the fused path "
+                        f"({'; '.join(paths.report.blockers)})")
+    hidden = fused[0].layout.hidden
+    dtype = fused[0].graph_attn.q_norm.weight.dtype
+    x = mx.random.normal((settings.batch, 1, hidden), key=mx.random.key(7)).astype(dtype)
+    offset = 100
+    mx.eval(x)
+    layer_bytes = [m.qkv_weight.nbytes + m.qkv_scales.nbytes + m.qkv_biases.nbytes for m in fused]
+    bw = (measure_bandwidth_gbs() if settings.bandwidth == "measure"
+          else _parse_bandwidth(settings.bandwidth))
+    names = ["graph", "composite"] + (["kernel"] if has_kernel(prep.backend) else [])
+    rows = []
+    for name in names:
+        paths.use(name)
+        if name == "graph":
+            def block(a=paths.graph):
+                return [_graph_block(m, x, offset) for m in a]
+
+            def one(m=paths.graph[0]):
+                return [_graph_block(m, x, offset) for _ in range(BACK_TO_BACK)]
+        else:
+            def block(a=fused):
+                return [m.qkv(x, offset) for m in a]
+
+            def one(m=fused[0]):
+                return [m.qkv(x, offset) for _ in range(BACK_TO_BACK)]
+        med, p10, p90 = _median_us(block, settings.reps, settings.warmup)
+        b2b, _, _ = _median_us(one, max(5, settings.reps // 5), 2)
+        per_launch = b2b / BACK_TO_BACK
+        total_bytes = sum(layer_bytes)
+        floor_us = total_bytes / (bw * 1e9) * 1e6
+        rows.append({
+            "model": prep.loaded.name, "backend": prep.backend, "path": name,
+            "batch": settings.batch, "layers": len(fused),
+            "weight_bytes_per_layer": layer_bytes[0], "token_us": med, "token_us_p10": p10,
+            "token_us_p90": p90, "layer_us": med / len(fused), "layer_b2b_us": per_launch,
+            "token_gbs": total_bytes / (med * 1e-6) / 1e9,
+            "b2b_gbs": layer_bytes[0] / (per_launch * 1e-6) / 1e9,
+            "floor_token_us": floor_us, "token_over_floor": med / floor_us,
+            "b2b_over_floor": per_launch / (floor_us / len(fused)),
+            "bandwidth_gbs": bw, "reps": settings.reps,
+        })
+    paths.use("graph")
+    graph_us = rows[0]["token_us"]
+    for r in rows:
+        r["speedup_vs_graph"] = graph_us / r["token_us"]
+    return {"rows": rows, "settings": asdict(settings), "environment": environment(prep)}
+
+
+def _parse_bandwidth(value: str) -> float:
+    try:
+        gbs = float(value)
+    except ValueError:
+        gbs = -1.0
+    if gbs <= 0:
+        raise UserError(f"--bandwidth {value!r}: give GB/s as a positive number, or `measure`")
+    return gbs
+
+
+def write(result: dict, out_dir: Path) -> None:
+    write_text(out_dir / "blockbench.csv", pd.DataFrame(result["rows"]).to_csv(index=False))
+    write_json(out_dir / "blockbench.json", result)
+
+
+def render(result: dict, fmt: str) -> str:
+    df = pd.DataFrame(result["rows"])
+    if fmt == "csv":
+        return df.to_csv(index=False)
+    if fmt == "json":
+        return json.dumps(result, indent=2, default=str)
+    cols = {"model": "model", "path": "path", "token_us": "µs/token", "layer_us": "µs/layer",
+            "layer_b2b_us": "µs/layer b2b", "token_gbs": "GB/s", "floor_token_us": "floor µs",
+            "token_over_floor": "×floor", "b2b_over_floor": "b2b ×floor",
+            "speedup_vs_graph": "vs graph"}
+    return df[list(cols)].rename(columns=cols).to_markdown(index=False, floatfmt=".2f")

@@ -1,0 +1,57 @@
+"""The environment a measurement ran in, recorded beside every result file."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from datetime import UTC, datetime
+
+import mlx.core as mx
+import mlx_lm
+
+from fusedqk import __version__
+from fusedqk.backend import as_dict, device_info
+
+ENV_IMAGE_ID = "FUSEDQK_IMAGE_ID"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_state() -> dict:
+    commit = _git("rev-parse", "HEAD")
+    dirty = None if commit is None else bool(_git("status", "--porcelain", "--untracked-files=no"))
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
+def now_utc() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def environment(prep=None) -> dict:
+    """Backend, device, driver/CUDA, versions, git state, Python, host, container image."""
+    env = {
+        **as_dict(device_info()),
+        "fusedqk": __version__, "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
+        **git_state(),
+        "python": sys.version.split()[0], "platform": platform.platform(),
+        "hostname": platform.node(), "container_image_id": os.environ.get(ENV_IMAGE_ID),
+        "recorded_at": now_utc(),
+    }
+    if prep is not None:
+        env.update({
+            "model": prep.loaded.name, "model_source": prep.loaded.source,
+            "bits": prep.quant.bits, "group_size": prep.quant.group_size, "dtype": prep.quant.dtype,
+            "fused_layers": prep.paths.report.fused_layers,
+            "graph_only_layers": prep.paths.report.graph_layers,
+            "kernel_fallback": prep.paths.report.kernel_fallback,
+        })
+    return env

@@ -1,0 +1,125 @@
+"""The fused kernel against the graph path's own ops, bitwise, on fresh random inputs.
+
+Runs where MLX has a GPU backend with a kernel (CUDA, Metal); skipped elsewhere with the reason.
+Outputs are poisoned with NaN before each launch, so an element the kernel never writes fails.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from fusedqk.attention import QKVLayout
+from fusedqk.kernels import qkv_norm_rope
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (mx.cuda.is_available() or mx.metal.is_available()),
+                       reason="needs MLX's CUDA or Metal backend; this machine has only the CPU"),
+]
+
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16}
+
+# (hidden, heads, kv_heads, head_dim): the three seed models, and shapes that are none of them
+# (odd GQA ratios, head_dim 64/256, a hidden size that leaves a partial last step).
+SHAPES = {
+    "qwen3-0.6b": (1024, 16, 8, 128),
+    "qwen3-8b": (4096, 32, 8, 128),
+    "qwen3-30b-a3b": (2048, 32, 4, 128),
+    "gqa6-d64": (768, 12, 2, 64),
+    "mha-d256": (1536, 4, 4, 256),
+    "residue-k640": (640, 5, 1, 128),
+}
+
+
+def graph_block(x, ws, norms, layout: QKVLayout, offset: int):
+    """The graph path: three quantized mat-vecs, two fast.rms_norm, two fast.rope (as mlx-lm)."""
+    b = x.shape[0]
+    outs = []
+    for (w, s, bias), heads in zip(ws, (layout.n_heads, layout.n_kv_heads, layout.n_kv_heads),
+                                   strict=True):
+        y = mx.quantized_matmul(x, w, s, bias, transpose=True, group_size=layout.group_size,
+                                bits=layout.bits)
+        outs.append(y.reshape(b, 1, heads, layout.head_dim))
+    q, k, v = outs
+    q = mx.fast.rms_norm(q, norms[0], layout.eps).transpose(0, 2, 1, 3)
+    k = mx.fast.rms_norm(k, norms[1], layout.eps).transpose(0, 2, 1, 3)
+    rope = dict(dims=layout.head_dim, traditional=False, base=layout.rope_base, scale=1.0,
+                offset=offset)
+    return mx.fast.rope(q, **rope), mx.fast.rope(k, **rope), v.transpose(0, 2, 1, 3)
+
+
+def make_case(shape, bits, group_size, dtype, batch, seed):
+    hidden, h, kv, d = shape
+    layout = QKVLayout(hidden=hidden, n_heads=h, n_kv_heads=kv, head_dim=d, eps=1e-6,
+                       bits=bits, group_size=group_size, rope_base=1_000_000.0)
+    keys = mx.random.split(mx.random.key(seed), 6)
+    ws = []
+    for i, rows in enumerate((h * d, kv * d, kv * d)):
+        w = mx.random.normal((rows, hidden), key=keys[i]) * (1 / math.sqrt(hidden))
+        ws.append(tuple(a.astype(dtype) if a.dtype != mx.uint32 else a
+                        for a in mx.quantize(w, group_size=group_size, bits=bits)))
+    norms = [mx.random.uniform(0.5, 1.5, (d,), key=keys[3 + i]).astype(dtype) for i in range(2)]
+    x = mx.random.normal((batch, 1, hidden), key=keys[5]).astype(dtype)
+    return layout, x, ws, norms
+
+
+def ulp_stats(a: mx.array, b: mx.array) -> tuple[float, int]:
+    """(fraction of bitwise-equal elements, max distance in units of the last place)."""
+    ia = np.array(a.view(mx.int16)).astype(np.int32).ravel()
+    ib = np.array(b.view(mx.int16)).astype(np.int32).ravel()
+    # Map sign-magnitude to a monotone integer line, so the difference counts ulps.
+    ia = np.where(ia < 0, -32768 - ia, ia)
+    ib = np.where(ib < 0, -32768 - ib, ib)
+    return float(np.mean(ia == ib)), int(np.max(np.abs(ia - ib)))
+
+
+def check(shape, bits, group_size, dtype_name, batch, seed=0, offset=None):
+    dtype = DTYPES[dtype_name]
+    layout, x, ws, norms = make_case(shape, bits, group_size, dtype, batch, seed)
+    offset = offset if offset is not None else 17 + 131 * seed
+    want = graph_block(x, ws, norms, layout, offset)
+    w = mx.concatenate([t[0] for t in ws])
+    s = mx.concatenate([t[1] for t in ws])
+    bias = mx.concatenate([t[2] for t in ws])
+    got = qkv_norm_rope.qkv_norm_rope(x, w, s, bias, norms[0], norms[1],
+                                      mx.full((batch,), offset, dtype=mx.int32),
+                                      layout=layout, poison=True)
+    mx.eval(want, got)
+    for name, g, r in zip("qkv", got, want, strict=True):
+        assert g.shape == r.shape, (name, g.shape, r.shape)
+        assert not mx.any(mx.isnan(g)).item(), f"{name}: unwritten (NaN-poisoned) elements remain"
+        equal, max_ulp = ulp_stats(g, r)
+        assert equal == 1.0, f"{name}: {equal:.4%} bitwise equal, max {max_ulp} ulp"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bits_groups_dtypes(bits, group_size, dtype):
+    check(SHAPES["qwen3-0.6b"], bits, group_size, dtype, batch=1, seed=bits * group_size)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_model_and_odd_shapes(shape):
+    check(SHAPES[shape], 4, 64, "bfloat16", batch=1, seed=3)
+
+
+@pytest.mark.parametrize("batch", [2, 8])
+def test_batch(batch):
+    check(SHAPES["qwen3-30b-a3b"], 4, 64, "bfloat16", batch=batch, seed=batch)
+
+
+def test_positions_are_inputs_not_constants():
+    """A new position must reuse the compiled kernel and stay bitwise right (no baked offset)."""
+    for offset in (0, 1, 4095, 40000):
+        check(SHAPES["qwen3-0.6b"], 4, 64, "bfloat16", batch=1, seed=11, offset=offset)
+
+
+def test_counters_reset_between_launches():
+    """The last-block counters must return to zero, or the second launch would skip a head."""
+    for seed in range(3):
+        check(SHAPES["qwen3-8b"], 4, 64, "bfloat16", batch=2, seed=seed)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Everything one device call does, in one script: check, benchmark, print a short table last.
+# Full outputs go under $OUT (set by the device tool; defaults to ./.work/device-out here).
+#
+#   tools/device.sh kernel     numerics probe, GPU tests, blockbench of the three seed models
+#   tools/device.sh pipeline   the Snakemake pipeline, cuda backend, natively; archive packed
+#
+# Expects MLX's CUDA build importable (PYTHONPATH=/tmp/site after ../shared/device/README.md's
+# two-call staging).
+set -uo pipefail
+stage="${1:?usage: tools/device.sh kernel|pipeline}"
+OUT="${OUT:-$PWD/.work/device-out}"
+mkdir -p "$OUT"
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 MLX_PTX_CACHE_DIR=/tmp/ptx-cache
+py=python3
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
+$py -m fusedqk env | tee "$OUT/env.txt"
+
+case "$stage" in
+kernel)
+  $py tools/probe_cuda_numerics.py 2>&1 | tee "$OUT/probe.md"
+  $py -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests 2>&1 \
+    | tee "$OUT/gpu-tests.txt" | tail -40
+  : > "$OUT/blockbench.md"
+  for m in qwen3-0.6b qwen3-8b qwen3-30b-a3b; do
+    $py -m fusedqk blockbench -m "$m" --out-dir "$OUT/blockbench-$m" >> "$OUT/blockbench.md" 2>&1
+  done
+  cat "$OUT/gpu.txt" "$OUT/blockbench.md"
+  ;;
+pipeline)
+  $py -m snakemake --cores all --profile workflow/profiles/default \
+    --config backends=cuda container_engine=none 2>&1 | tee "$OUT/snakemake.log" | tail -30
+  run_dir=$(ls -d results/cuda-*/*/ 2>/dev/null | tail -1)
+  tar -C "$(dirname "$run_dir")" -czf "$OUT/run.tar.gz" "$(basename "$run_dir")"
+  cat "$run_dir/report.md" | head -60
+  ;;
+*) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
