@@ -117,6 +117,8 @@ class FusedQKNormAttention(nn.Module):
             bits=q.bits, group_size=q.group_size, rope_base=float(graph_attn.rope.base),
         )
         self.impl = impl
+        # Underscore: kernel state, not a parameter (nn.Module skips such names).
+        self._counters = qkv_norm_rope.new_counters(self.layout)
 
     def qkv(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """q (B, H, 1, D), k and v (B, KV, 1, D) for one decode step at position ``offset``."""
@@ -129,7 +131,8 @@ class FusedQKNormAttention(nn.Module):
                 positions = _position_array(offset, batch)
             else:
                 positions = mx.broadcast_to(offset.reshape(-1), (batch,)).astype(mx.int32)
-            return qkv_norm_rope.qkv_norm_rope(x, *weights, positions, layout=self.layout)
+            return qkv_norm_rope.qkv_norm_rope(x, *weights, positions, self._counters,
+                                               layout=self.layout)
         if isinstance(offset, int):
             offset = _position_array(offset, None)
         return _composite(self.layout)(x, *weights, offset)

@@ -224,8 +224,12 @@ def cmd_blockbench(args: argparse.Namespace) -> int:
     from fusedqk import blockbench
 
     prep = prepare(args)
+    names = tuple(p.strip() for p in args.paths.split(",") if p.strip())
+    bad = [n for n in names if n not in ("graph", "composite", "kernel")]
+    if bad or not names:
+        raise UserError(f"--paths {args.paths!r}: accepted names are graph, composite, kernel")
     result = blockbench.run(prep, blockbench.Settings(args.batch, args.reps, args.warmup,
-                                                      args.bandwidth))
+                                                      args.bandwidth, names))
     if args.out_dir:
         blockbench.write(result, Path(args.out_dir))
     print(blockbench.render(result, args.output))
@@ -329,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-w", "--warmup", type=int, default=5)
     p.add_argument("--bandwidth", default="measure",
                    help="memory bandwidth in GB/s for the floor, or `measure` (default)")
+    p.add_argument("--paths", default="graph,composite,kernel",
+                   help="comma list of graph, composite, kernel (kernel only where one exists)")
     p.add_argument("-o", "--output", default="md", choices=("md", "csv", "json"))
     p.add_argument("--out-dir", help="write blockbench.csv and blockbench.json here")
     p.set_defaults(func=cmd_blockbench)

@@ -347,17 +347,13 @@ def _metal_kernel(eps: float, log2_base: float):
     )
 
 
-_COUNTERS: dict[tuple[int, int], mx.array] = {}
-
-
-def _counters(layout: QKVLayout) -> mx.array:
-    """Per-layout head counters. Each launch leaves them at zero again; layers run in stream
-    order, so layers of one layout can share them."""
-    key = (layout.n_heads + layout.n_kv_heads, id(mx.default_stream(mx.default_device())))
-    if key not in _COUNTERS:
-        _COUNTERS[key] = mx.zeros((MAX_BATCH * key[0],), dtype=mx.uint32)
-        mx.eval(_COUNTERS[key])
-    return _COUNTERS[key]
+def new_counters(layout: QKVLayout) -> mx.array:
+    """Zeroed per-head counters for the last-block pattern. Each launch leaves them at zero, so
+    one array serves every step of one layer; two launches that may run concurrently (MLX's CUDA
+    graphs run independent nodes side by side) must not share one, hence one array per layer."""
+    counters = mx.zeros((MAX_BATCH * (layout.n_heads + layout.n_kv_heads),), dtype=mx.uint32)
+    mx.eval(counters)
+    return counters
 
 
 def qkv_norm_rope(
@@ -368,13 +364,15 @@ def qkv_norm_rope(
     q_norm: mx.array,
     k_norm: mx.array,
     positions: mx.array,
+    counters: mx.array,
     *,
     layout: QKVLayout,
     poison: bool = False,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """q (B, H, 1, D), k and v (B, KV, 1, D) for x (B, 1, K) at ``positions`` (B,) int32.
 
-    ``poison`` fills the outputs with NaN before the launch (tests use it to catch unwritten
+    ``counters`` comes from ``new_counters`` (unused by the Metal version). ``poison`` fills the
+    outputs with NaN before the launch (tests use it to catch unwritten
     elements).
     """
     b, _, k = x.shape
@@ -392,7 +390,7 @@ def qkv_norm_rope(
         rpw = rows_per_warp(layout)
         blocks = layout.rows // (WARPS * rpw)
         outs = _cuda_kernel(layout.eps, log2_base)(
-            inputs=[x2, w, scales, biases, q_norm, k_norm, positions, _counters(layout)],
+            inputs=[x2, w, scales, biases, q_norm, k_norm, positions, counters],
             template=[*template, ("RPW", rpw)],
             grid=(blocks * WARPS * 32, b, 1),
             threadgroup=(WARPS * 32, 1, 1),
