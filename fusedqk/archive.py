@@ -1,0 +1,142 @@
+"""A run directory: its layout, loading it back, tidy tables across models, and its manifest.
+
+    <run>/config.yaml                      the pipeline configuration used
+    <run>/environment.json                 where it ran (fusedqk env --json)
+    <run>/<model>/bench/{trials,tokens}.csv, bench.json
+    <run>/<model>/identity-<impl>.json
+    <run>/<model>/blockbench/blockbench.{csv,json}
+    <run>/<model>/FAILED                   a model whose jobs failed: the error, one line
+    <run>/trials.csv, summaries.csv        aggregate: every trial / every summary of the run
+    <run>/decisions.json                   fusedqk decide
+    <run>/report.md, report.html           fusedqk report
+    <run>/MANIFEST.sha256                  sha256 of every other file
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from fusedqk.atomic import write_text
+from fusedqk.errors import UserError
+
+MANIFEST = "MANIFEST.sha256"
+
+
+@dataclass
+class ModelResults:
+    name: str
+    bench: dict | None = None
+    trials: pd.DataFrame | None = None
+    tokens: pd.DataFrame | None = None
+    identity: dict[str, dict] = field(default_factory=dict)  # impl -> identity result
+    blockbench: dict | None = None
+    failed: str | None = None
+
+
+@dataclass
+class RunData:
+    path: Path
+    environment: dict
+    config: str
+    models: dict[str, ModelResults]
+
+    @property
+    def backend(self) -> str:
+        return self.environment.get("backend", "unknown")
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_run(run_dir: Path) -> RunData:
+    """Everything a run directory holds, for decide and report (nothing is recomputed)."""
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    models = {}
+    for d in sorted(p for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        m = ModelResults(d.name)
+        m.bench = _json(d / "bench" / "bench.json")
+        if (d / "bench" / "trials.csv").is_file():
+            m.trials = pd.read_csv(d / "bench" / "trials.csv")
+            m.tokens = pd.read_csv(d / "bench" / "tokens.csv")
+        for f in sorted(d.glob("identity-*.json")):
+            m.identity[f.stem.removeprefix("identity-")] = _json(f)
+        m.blockbench = _json(d / "blockbench" / "blockbench.json")
+        if (d / "FAILED").is_file():
+            m.failed = (d / "FAILED").read_text().strip() or "failed"
+        if m.bench or m.identity or m.blockbench or m.failed:
+            models[d.name] = m
+    if not models:
+        raise UserError(f"{run_dir}: holds no model results (expected <model>/bench/bench.json)")
+    env = _json(run_dir / "environment.json") or {}
+    if not env:
+        env = next((m.bench["meta"]["environment"] for m in models.values() if m.bench), {})
+    config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
+    return RunData(run_dir, env, config, models)
+
+
+def aggregate(run_dir: Path) -> None:
+    """trials.csv and summaries.csv: one tidy table each for the whole run."""
+    run = load_run(run_dir)
+    trials = [m.trials for m in run.models.values() if m.trials is not None]
+    rows = []
+    for m in run.models.values():
+        if not m.bench:
+            continue
+        speed = {s["path"]: s for s in m.bench["speedups"]}
+        for s in m.bench["summary"]:
+            sp = speed.get(s["path"], {})
+            rows.append({**s, "speedup": sp.get("point"), "speedup_lo": sp.get("lo"),
+                         "speedup_hi": sp.get("hi"), "p_value": sp.get("p_value"),
+                         "identity": (m.identity.get(s["path"]) or {}).get("verdict")})
+    write_text(run_dir / "trials.csv",
+               pd.concat(trials).to_csv(index=False) if trials else "")
+    write_text(run_dir / "summaries.csv", pd.DataFrame(rows).to_csv(index=False))
+
+
+def _files(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != MANIFEST
+                  and not p.name.startswith("."))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(run_dir: Path) -> int:
+    files = _files(run_dir)
+    lines = [f"{_sha256(p)}  {p.relative_to(run_dir).as_posix()}" for p in files]
+    write_text(run_dir / MANIFEST, "\n".join(lines) + "\n")
+    return len(files)
+
+
+def verify(run_dir: Path) -> list[str]:
+    """Problems with the manifest: missing, changed or unlisted files (empty when all is well)."""
+    manifest = run_dir / MANIFEST
+    if not manifest.is_file():
+        raise UserError(f"{run_dir}: no {MANIFEST} (write one with `fusedqk verify --write DIR`)")
+    listed = {}
+    for line in manifest.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        listed[name] = digest
+    problems = []
+    for name, digest in listed.items():
+        p = run_dir / name
+        if not p.is_file():
+            problems.append(f"missing: {name}")
+        elif _sha256(p) != digest:
+            problems.append(f"changed: {name}")
+    for p in _files(run_dir):
+        if p.relative_to(run_dir).as_posix() not in listed:
+            problems.append(f"not in manifest: {p.relative_to(run_dir).as_posix()}")
+    return problems

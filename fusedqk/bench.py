@@ -1,0 +1,171 @@
+"""Decode throughput, fused vs graph: interleaved rounds in one process, raw samples kept.
+
+One model build; every path warmed up; then R rounds, each running every path once in an order
+drawn from a seeded shuffle, so drift and thermal state fall on all paths alike. A trial is
+mlx_lm.benchmark's / llama-bench's tg test: a P-token random prompt, then G greedy decode steps
+with EOS ignored. Decode tok/s = G / (time from the first token to the last).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+
+import mlx.core as mx
+import numpy as np
+import pandas as pd
+
+from fusedqk import stats
+from fusedqk.atomic import write_json, write_text
+from fusedqk.decode import generate, make_sampler, random_prompt
+from fusedqk.envinfo import environment, now_utc
+from fusedqk.errors import UserError
+from fusedqk.kernels.qkv_norm_rope import has_kernel
+
+FUSED_PATHS = ("composite", "kernel")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    prompt_tokens: int = 64
+    generation_tokens: int = 128
+    rounds: int = 15
+    warmup: int = 2
+    seed: int = 0
+
+
+@dataclass
+class BenchRun:
+    settings: BenchSettings
+    paths: list[str]
+    trials: list[dict] = field(default_factory=list)
+    tokens: list[dict] = field(default_factory=list)
+    summary: list[dict] = field(default_factory=list)
+    speedups: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+
+def expand_paths(spec: str, backend: str, impl: str) -> list[str]:
+    """``graph,fused`` → concrete path names; ``fused`` means --impl (auto: kernel if any)."""
+    out = []
+    for name in (p.strip() for p in spec.split(",") if p.strip()):
+        if name == "fused":
+            name = impl if impl != "auto" else ("kernel" if has_kernel(backend) else "composite")
+        if name not in ("graph", *FUSED_PATHS):
+            raise UserError(f"--paths: {name!r} is not a path; accepted: graph, fused, composite, kernel")
+        if name == "kernel" and not has_kernel(backend):
+            raise UserError(f"--paths: no kernel on backend {backend}; use composite")
+        if name not in out:
+            out.append(name)
+    if "graph" not in out or len(out) < 2:
+        raise UserError(f"--paths {spec!r}: give graph and at least one fused path (e.g. graph,fused)")
+    return out
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm comes with mlx-lm; be quiet without it
+        return None
+    return tqdm(total=total, desc=desc, disable=not sys.stderr.isatty(), leave=False)
+
+
+def run(prep, paths: list[str], settings: BenchSettings, argv: list[str] | None = None) -> BenchRun:
+    model = prep.loaded.model
+    vocab = prep.loaded.config["vocab_size"]
+    prompt = random_prompt(vocab, settings.prompt_tokens, settings.seed)
+    greedy = make_sampler(0.0, settings.seed)
+    g = settings.generation_tokens
+    result = BenchRun(settings, paths)
+    result.meta = {"started_at": now_utc(), "argv": argv or []}
+    bar = _progress(len(paths) * (settings.warmup + settings.rounds), prep.loaded.name)
+    for path in paths:
+        prep.paths.use(path)
+        for _ in range(settings.warmup):
+            generate(model, prompt, g + 1, greedy)
+            if bar:
+                bar.update()
+    order_rng = np.random.default_rng(settings.seed)
+    for rnd in range(settings.rounds):
+        order = [paths[i] for i in order_rng.permutation(len(paths))]
+        for slot, path in enumerate(order):
+            prep.paths.use(path)
+            mx.reset_peak_memory()
+            res = generate(model, prompt, g + 1, greedy)
+            result.trials.append({
+                "model": prep.loaded.name, "backend": prep.backend, "path": path, "round": rnd,
+                "slot": slot, "prompt_tokens": settings.prompt_tokens, "generation_tokens": g,
+                "prefill_s": res.prefill_s, "decode_s": res.decode_s,
+                "prefill_tok_s": settings.prompt_tokens / res.prefill_s,
+                "decode_tok_s": g / res.decode_s, "peak_memory_bytes": mx.get_peak_memory(),
+                "distinct_tokens": len(set(res.tokens)),
+            })
+            result.tokens.extend(
+                {"model": prep.loaded.name, "path": path, "round": rnd, "step": i + 1,
+                 "latency_s": lat} for i, lat in enumerate(res.latencies_s))
+            if bar:
+                bar.update()
+    if bar:
+        bar.close()
+    prep.paths.use("graph")
+    result.meta.update({"finished_at": now_utc(), "environment": environment(prep)})
+    summarize(result)
+    return result
+
+
+def summarize(result: BenchRun) -> None:
+    """Per-path summary, fused-vs-graph speedups with CIs, and stability warnings."""
+    df = pd.DataFrame(result.trials)
+    by_round = df.pivot(index="round", columns="path", values="decode_tok_s")
+    for path in result.paths:
+        sub = df[df.path == path]
+        tok = sub.decode_tok_s.to_numpy()
+        result.summary.append({
+            "model": sub.model.iloc[0], "backend": sub.backend.iloc[0], "path": path,
+            "rounds": len(sub), "decode_tok_s_mean": float(tok.mean()),
+            "decode_tok_s_sd": float(tok.std(ddof=1)) if len(tok) > 1 else 0.0,
+            "decode_tok_s_median": float(np.median(tok)), "cv": stats.cv(tok),
+            "prefill_tok_s_median": float(sub.prefill_tok_s.median()),
+            "peak_memory_bytes": int(sub.peak_memory_bytes.max()),
+        })
+        result.warnings += stats.stability_warnings(path, tok, len(sub), float(sub.decode_s.median()))
+    for path in result.paths:
+        if path == "graph":
+            continue
+        s = stats.speedup_ci(by_round["graph"].tolist(), by_round[path].tolist(),
+                             seed=result.settings.seed)
+        result.speedups.append({"model": df.model.iloc[0], "backend": df.backend.iloc[0],
+                                "path": path, **s.as_dict()})
+
+
+def write(result: BenchRun, out_dir) -> None:
+    """trials.csv (one row per trial), tokens.csv (per-token latencies), bench.json (the rest)."""
+    write_text(out_dir / "trials.csv", pd.DataFrame(result.trials).to_csv(index=False))
+    write_text(out_dir / "tokens.csv", pd.DataFrame(result.tokens).to_csv(index=False))
+    doc = {k: v for k, v in asdict(result).items() if k not in ("trials", "tokens")}
+    write_json(out_dir / "bench.json", doc)
+
+
+def render(result: BenchRun, fmt: str) -> str:
+    df = pd.DataFrame(result.summary)
+    sp = {r["path"]: r for r in result.speedups}
+    df["speedup"] = [
+        "1 (baseline)" if p == "graph" else
+        f"{sp[p]['point']:.3f} [{sp[p]['lo']:.3f}, {sp[p]['hi']:.3f}]" for p in df.path]
+    if fmt == "csv":
+        return df.to_csv(index=False)
+    if fmt == "json":
+        return json.dumps({"summary": result.summary, "speedups": result.speedups,
+                           "warnings": result.warnings}, indent=2)
+    table = pd.DataFrame({
+        "model": df.model, "backend": df.backend, "path": df.path,
+        "test": f"pp{result.settings.prompt_tokens}+tg{result.settings.generation_tokens}",
+        "t/s (mean ± sd)": [f"{m:.2f} ± {s:.2f}" for m, s in
+                            zip(df.decode_tok_s_mean, df.decode_tok_s_sd, strict=True)],
+        "median t/s": df.decode_tok_s_median.round(2), "cv": (df.cv * 100).round(1).astype(str) + "%",
+        "speedup vs graph [95% CI]": df.speedup,
+    }).to_markdown(index=False)
+    notes = "".join(f"\nwarning: {w}" for w in result.warnings)
+    return table + notes

@@ -1,0 +1,199 @@
+"""Is the fused path's output the graph path's, byte for byte? With controls that say whether the
+question can be answered at all.
+
+- teacher-forced: one token sequence fed to both paths; every step's logits compared bit for bit;
+- free-running: greedy decoding of N tokens from K seeded prompts, and seeded sampling at
+  temperature 1, compared token for token;
+- controls: each path run again in a fresh process; a path that does not reproduce itself makes
+  a difference between paths uninterpretable.
+
+Verdict: EQUAL (comparisons identical, both controls deterministic), DIFFERS (fused differs while
+the graph path reproduces itself), INCONCLUSIVE (a control is not deterministic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from fusedqk.decode import generate, make_sampler, random_prompt, teacher_forced_logits
+from fusedqk.envinfo import environment, now_utc
+from fusedqk.errors import UserError
+
+
+@dataclass(frozen=True)
+class IdentitySettings:
+    prompt_tokens: int = 32
+    tokens: int = 256
+    prompts: int = 3
+    seed: int = 0
+
+
+def settings_from(args: argparse.Namespace) -> IdentitySettings:
+    return IdentitySettings(args.prompt_tokens, args.tokens, args.prompts, args.seed)
+
+
+@dataclass
+class Trace:
+    """What one path produced, small enough to pass between processes."""
+
+    path: str
+    logit_digests: list[str]  # sha256 of each teacher-forced step's logits bytes
+    greedy: list[list[int]]
+    sampled: list[int]
+
+
+def _teacher_sequence(vocab: int, s: IdentitySettings) -> mx.array:
+    return random_prompt(vocab, s.prompt_tokens + s.tokens, s.seed + 1000)
+
+
+def _logits(prep, path: str, s: IdentitySettings) -> list[np.ndarray]:
+    prep.paths.use(path)
+    seq = _teacher_sequence(prep.loaded.config["vocab_size"], s)
+    # float32 holds every bf16/fp16 value exactly and one-to-one, so bitwise comparisons in float32
+    # are bitwise comparisons of the logits themselves (numpy has no bfloat16).
+    steps = teacher_forced_logits(prep.loaded.model, seq, s.prompt_tokens)
+    return [np.array(step.astype(mx.float32)) for step in steps]
+
+
+def trace(prep, path: str, s: IdentitySettings, logits: list[np.ndarray] | None = None) -> Trace:
+    """Run ``path`` through every comparison; ``logits`` reuses teacher-forced steps already run."""
+    if logits is None:
+        logits = _logits(prep, path, s)
+    prep.paths.use(path)
+    vocab = prep.loaded.config["vocab_size"]
+    model = prep.loaded.model
+    greedy = [generate(model, random_prompt(vocab, s.prompt_tokens, s.seed + k), s.tokens,
+                       make_sampler(0.0, s.seed)).tokens for k in range(s.prompts)]
+    sampled = generate(model, random_prompt(vocab, s.prompt_tokens, s.seed), s.tokens,
+                       make_sampler(1.0, s.seed)).tokens
+    digests = [hashlib.sha256(step.tobytes()).hexdigest() for step in logits]
+    prep.paths.use("graph")
+    return Trace(path, digests, greedy, sampled)
+
+
+def compare_logits(a: list[np.ndarray], b: list[np.ndarray]) -> dict:
+    """Bitwise comparison of two paths' teacher-forced logits, step by step."""
+    equal = total = top1 = 0
+    first_diff = None
+    max_abs = 0.0
+    sq = 0.0
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        same = x.view(np.uint32) == y.view(np.uint32)
+        equal += int(same.sum())
+        total += same.size
+        if first_diff is None and not same.all():
+            first_diff = i
+        d = np.abs(x.astype(np.float64) - y.astype(np.float64))
+        max_abs = max(max_abs, float(d.max()))
+        sq += float((d**2).sum())
+        top1 += int(np.argmax(x) == np.argmax(y))
+    return {
+        "steps": len(a), "equal_fraction": equal / total if total else 1.0,
+        "bitwise_equal": equal == total, "max_abs_diff": max_abs,
+        "rms_diff": (sq / total) ** 0.5 if total else 0.0,
+        "top1_agreement": top1 / len(a) if a else 1.0, "first_differing_step": first_diff,
+    }
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def compare_traces(a: Trace, b: Trace) -> dict:
+    """Do two traces agree (digests, greedy and sampled tokens), and where do they part?"""
+    digest_diff = first_divergence(a.logit_digests, b.logit_digests)
+    greedy_diffs = [first_divergence(x, y) for x, y in zip(a.greedy, b.greedy, strict=True)]
+    sampled_diff = first_divergence(a.sampled, b.sampled)
+    same = digest_diff is None and all(d is None for d in greedy_diffs) and sampled_diff is None
+    return {"identical": same, "first_differing_logit_step": digest_diff,
+            "greedy_first_divergence": greedy_diffs, "sampled_first_divergence": sampled_diff}
+
+
+def verdict(comparison_equal: bool, graph_deterministic: bool | None,
+            fused_deterministic: bool | None) -> str:
+    if graph_deterministic is None or fused_deterministic is None:
+        return "INCONCLUSIVE"  # no controls: determinism unknown
+    if comparison_equal and graph_deterministic and fused_deterministic:
+        return "EQUAL"
+    if not comparison_equal and graph_deterministic:
+        return "DIFFERS"
+    return "INCONCLUSIVE"
+
+
+def _fresh_trace(args: argparse.Namespace, path: str) -> Trace:
+    """The same trace from a new process (the control)."""
+    cmd = [sys.executable, "-m", "fusedqk", "identity", "--trace-only", path,
+           "--model", args.model, "--backend", args.backend, "--bits", str(args.bits),
+           "--group-size", str(args.group_size), "--dtype", args.dtype, "--seed", str(args.seed),
+           "-p", str(args.prompt_tokens), "-n", str(args.tokens), "-k", str(args.prompts)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"control run of {path} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return Trace(**json.loads(proc.stdout))
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The full check for one model and fused implementation, controls included."""
+    from fusedqk.bench import expand_paths
+    from fusedqk.cli import prepare
+
+    start = time.perf_counter()
+    s = settings_from(args)
+    prep = prepare(args)
+    fused = expand_paths("graph,fused", prep.backend, args.impl)[1]
+    graph_logits = _logits(prep, "graph", s)
+    fused_logits = _logits(prep, fused, s)
+    logits_cmp = compare_logits(graph_logits, fused_logits)
+    graph_trace = trace(prep, "graph", s, graph_logits)
+    fused_trace = trace(prep, fused, s, fused_logits)
+    del graph_logits, fused_logits
+    free = compare_traces(graph_trace, fused_trace)
+    free.pop("first_differing_logit_step")
+    comparison_equal = logits_cmp["bitwise_equal"] and free["identical"]
+    controls: dict = {"run": not args.no_controls}
+    g_det = f_det = None
+    if not args.no_controls:
+        controls["graph"] = compare_traces(graph_trace, _fresh_trace(args, "graph"))
+        controls["fused"] = compare_traces(fused_trace, _fresh_trace(args, fused))
+        g_det, f_det = controls["graph"]["identical"], controls["fused"]["identical"]
+    distinct = sorted({len(set(seq)) for seq in graph_trace.greedy})
+    return {
+        "model": prep.loaded.name, "backend": prep.backend, "impl": fused,
+        "verdict": verdict(comparison_equal, g_det, f_det),
+        "teacher_forced": logits_cmp, "free_running": free, "controls": controls,
+        "graph_distinct_greedy_tokens": distinct, "settings": asdict(s),
+        "wall_s": time.perf_counter() - start, "finished_at": now_utc(),
+        "environment": environment(prep),
+    }
+
+
+def render(result: dict) -> str:
+    tf, fr = result["teacher_forced"], result["free_running"]
+    lines = [
+        f"{result['model']} on {result['backend']}, graph vs {result['impl']}: {result['verdict']}",
+        f"  teacher-forced logits: {tf['equal_fraction']:.6%} bitwise equal over {tf['steps']} steps,"
+        f" max |diff| {tf['max_abs_diff']:.3g}, top-1 agreement {tf['top1_agreement']:.2%},"
+        f" first differing step {tf['first_differing_step']}",
+        f"  free-running: identical={fr['identical']} greedy divergence "
+        f"{fr['greedy_first_divergence']} sampled divergence {fr['sampled_first_divergence']}",
+    ]
+    c = result["controls"]
+    if c["run"]:
+        for path in ("graph", "fused"):
+            lines.append(f"  control {path} vs fresh process: identical={c[path]['identical']}"
+                         f" (first logit step differing: {c[path]['first_differing_logit_step']})")
+    else:
+        lines.append("  controls not run: determinism unknown")
+    return "\n".join(lines)
