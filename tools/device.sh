@@ -10,7 +10,12 @@
 set -uo pipefail
 stage="${1:?usage: tools/device.sh kernel|pipeline}"
 OUT="${OUT:-$PWD/.work/device-out}"
+final="$OUT"
+OUT="$final/raw"   # everything lands here, then travels back packed as one file
 mkdir -p "$OUT"
+pack() { tar -C "$final" -czf "$final/$stage-outputs.tar.gz" raw && rm -rf "$OUT"; }
+trap pack EXIT
+export PATH="$PATH:/usr/local/cuda/bin:$(ls -d /opt/nvidia/nsight-compute/*/ 2>/dev/null | tail -1)"
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 MLX_PTX_CACHE_DIR=/tmp/ptx-cache
 py=python3

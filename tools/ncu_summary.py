@@ -1,6 +1,6 @@
 """Summarise Nsight Compute CSVs from tools/device.sh: device time per kernel name and per token.
 
-Each CSV profiles one `fusedqk blockbench --paths P --reps 1 --warmup 0` run (3 blocks of all
+Each CSV profiles one `fusedqk blockbench --paths P --reps 1 --warmup 0` run (one block of all
 layers). Prints a markdown table.
 """
 
