@@ -97,14 +97,14 @@ def x_dims(proj: nn.QuantizedLinear) -> int:
 def _position_array(offset: int, batch: int | None) -> mx.array:
     """The step's position as an array (a scalar, or one per sequence for the kernel). Cached so
     every layer of a step shares one small host-to-device array."""
-    shape = () if batch is None else (batch,)
-    return mx.full(shape, offset, dtype=mx.int32)
+    # Built from host values: no device kernel runs to make it.
+    return mx.array(offset if batch is None else [offset] * batch, dtype=mx.int32)
 
 
 class FusedQKNormAttention(nn.Module):
     """mlx-lm's attention with the decode-step q/k/v + norm + RoPE block replaced by one call."""
 
-    def __init__(self, graph_attn: nn.Module, impl: str):
+    def __init__(self, graph_attn: nn.Module, impl: str, backend: str):
         super().__init__()
         self.graph_attn = graph_attn
         q, k, v = graph_attn.q_proj, graph_attn.k_proj, graph_attn.v_proj
@@ -117,8 +117,11 @@ class FusedQKNormAttention(nn.Module):
             bits=q.bits, group_size=q.group_size, rope_base=float(graph_attn.rope.base),
         )
         self.impl = impl
-        # Underscore: kernel state, not a parameter (nn.Module skips such names).
-        self._counters = qkv_norm_rope.new_counters(self.layout)
+        # Underscores: kernel state, not parameters (nn.Module skips such names).
+        self._kernel = None
+        if qkv_norm_rope.kernel_blocker(backend, self.layout, q.scales.dtype) is None:
+            self._kernel = qkv_norm_rope.QKVNormRope(self.layout, q.scales.dtype, backend)
+            self._counters = qkv_norm_rope.new_counters(self.layout)
 
     def qkv(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """q (B, H, 1, D), k and v (B, KV, 1, D) for one decode step at position ``offset``."""
@@ -131,8 +134,7 @@ class FusedQKNormAttention(nn.Module):
                 positions = _position_array(offset, batch)
             else:
                 positions = mx.broadcast_to(offset.reshape(-1), (batch,)).astype(mx.int32)
-            return qkv_norm_rope.qkv_norm_rope(x, *weights, positions, self._counters,
-                                               layout=self.layout)
+            return self._kernel(x, *weights, positions, self._counters)
         if isinstance(offset, int):
             offset = _position_array(offset, None)
         return _composite(self.layout)(x, *weights, offset)
@@ -172,7 +174,7 @@ class DecodePaths:
         self.layers = list(model.layers)
         self.graph = [layer.self_attn for layer in self.layers]
         blockers = [fusion_blocker(a) for a in self.graph]
-        self.fused = [a if why else FusedQKNormAttention(a, "composite")
+        self.fused = [a if why else FusedQKNormAttention(a, "composite", backend)
                       for a, why in zip(self.graph, blockers, strict=True)]
         fused = [m for m in self.fused if isinstance(m, FusedQKNormAttention)]
         kernel_fallback = None

@@ -1,7 +1,8 @@
 """Block benchmark: the QKV projection + q/k RMSNorm + RoPE block of every layer, for one token.
 
 For each path (graph, composite, kernel where the backend has one) it times the block of all
-layers built and evaluated together, as a decode step pays for it (host work included), and
+layers built and evaluated together, as a decode step pays for it (host work included; the
+graph-building part alone is reported too), and
 compares it with the weight-read floor: the QKV weight, scale and bias bytes over the memory
 bandwidth, measured here with a large copy unless given. The device time of the kernels alone
 comes from a profiler (tools/device.sh runs Nsight Compute over this command).
@@ -69,6 +70,14 @@ def _median_us(fn, reps: int, warmup: int) -> tuple[float, float, float]:
     return statistics.median(times), q[0], q[-1]
 
 
+def _build_us(fn, reps: int = 20) -> float:
+    """Host time to build the block's graph (Python and MLX's graph construction), no eval."""
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps * 1e6
+
+
 def run(prep, settings: Settings) -> dict:
     """Time every path's block; returns rows (one per path) plus the environment."""
     paths = prep.paths
@@ -97,11 +106,12 @@ def run(prep, settings: Settings) -> dict:
             def block(a=fused):
                 return [m.qkv(x, offset) for m in a]
         med, p10, p90 = _median_us(block, settings.reps, settings.warmup)
+        build_us = _build_us(block)
         rows.append({
             "model": prep.loaded.name, "backend": prep.backend, "path": name,
             "batch": settings.batch, "layers": len(fused),
             "weight_bytes_per_layer": layer_bytes[0], "token_us": med, "token_us_p10": p10,
-            "token_us_p90": p90, "layer_us": med / len(fused),
+            "token_us_p90": p90, "layer_us": med / len(fused), "build_us": build_us,
             "token_gbs": total_bytes / (med * 1e-6) / 1e9,
             "floor_token_us": floor_us, "token_over_floor": med / floor_us,
             "bandwidth_gbs": bw, "reps": settings.reps,
@@ -134,7 +144,8 @@ def render(result: dict, fmt: str) -> str:
         return df.to_csv(index=False)
     if fmt == "json":
         return json.dumps(result, indent=2, default=str)
-    cols = {"model": "model", "path": "path", "token_us": "µs/token", "layer_us": "µs/layer",
+    cols = {"model": "model", "path": "path", "token_us": "µs/token", "build_us": "build µs",
+            "layer_us": "µs/layer",
             "token_gbs": "GB/s", "floor_token_us": "floor µs", "token_over_floor": "×floor",
             "speedup_vs_graph": "vs graph"}
     return df[list(cols)].rename(columns=cols).to_markdown(index=False, floatfmt=".2f")

@@ -87,9 +87,10 @@ def run_both(shape, bits, group_size, dtype_name, batch, seed=0, offset=None, co
     bias = mx.concatenate([t[2] for t in ws])
     if counters is None:
         counters = qkv_norm_rope.new_counters(layout)
-    got = qkv_norm_rope.qkv_norm_rope(x, w, s, bias, norms[0], norms[1],
-                                      mx.full((batch,), offset, dtype=mx.int32), counters,
-                                      layout=layout, poison=True)
+    backend = "cuda" if mx.cuda.is_available() else "metal"
+    kernel = qkv_norm_rope.QKVNormRope(layout, dtype, backend)
+    got = kernel(x, w, s, bias, norms[0], norms[1], mx.full((batch,), offset, dtype=mx.int32),
+                 counters, poison=True)
     mx.eval(want, got)
     return got, want
 

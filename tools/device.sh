@@ -34,20 +34,15 @@ kernel)
   # Device time of the kernels alone (no launch gaps): Nsight Compute, clocks left as they are.
   if command -v ncu >/dev/null; then
     for m in qwen3-0.6b qwen3-8b qwen3-30b-a3b; do
-      for p in kernel graph; do
-        ncu --clock-control none --csv --metrics gpu__time_duration.sum -c 600 \
-          -k "regex:qmv|rms|rope|fusedqk|copy|gather" \
-          $py -m fusedqk blockbench -m "$m" --paths "$p" --reps 1 --warmup 0 --bandwidth 3350 \
-          > "$OUT/ncu-$m-$p.csv" 2>/dev/null
-      done
+      ncu --clock-control none --csv --metrics gpu__time_duration.sum -c 60 \
+        -k "regex:fusedqk|qmv|rms_norm|rope" $py tools/kernel_time.py "$m" \
+        > "$OUT/ncu-$m.csv" 2>"$OUT/ncu-$m.err"
     done
-    $py tools/ncu_summary.py "$OUT"/ncu-*.csv | tee "$OUT/ncu.md"
+    $py tools/ncu_summary.py "$OUT"/ncu-*.csv > "$OUT/ncu.md"
   else
-    echo "ncu not found: no kernel-only device times" | tee "$OUT/ncu.md"
+    echo "ncu not found: no kernel-only device times" > "$OUT/ncu.md"
   fi
-  $py -m fusedqk bench -m qwen3-0.6b --paths graph,composite,kernel --out-dir "$OUT/bench-0.6b" \
-    > "$OUT/bench.md" 2>&1
-  cat "$OUT/gpu.txt" "$OUT/blockbench.md" "$OUT/ncu.md" "$OUT/bench.md"
+  cat "$OUT/gpu.txt" "$OUT/blockbench.md" "$OUT/ncu.md"
   ;;
 pipeline)
   $py -m snakemake --cores all --profile workflow/profiles/default \

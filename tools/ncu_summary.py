@@ -1,7 +1,5 @@
-"""Summarise Nsight Compute CSVs from tools/device.sh: device time per kernel name and per token.
-
-Each CSV profiles one `fusedqk blockbench --paths P --reps 1 --warmup 0` run (one block of all
-layers). Prints a markdown table.
+"""Summarise Nsight Compute CSVs from tools/device.sh (one per model, tools/kernel_time.py under
+ncu): the device time of one layer's block per path, and of each kernel in it.
 """
 
 from __future__ import annotations
@@ -9,11 +7,12 @@ from __future__ import annotations
 import csv
 import io
 import re
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-BLOCKS = 1  # evaluations of the whole block that ncu saw (reps=1, warmup=0)
+from tools.kernel_time import LAUNCHES
 
 
 def read(path: Path) -> list[dict]:
@@ -22,25 +21,30 @@ def read(path: Path) -> list[dict]:
     return list(csv.DictReader(io.StringIO(text[start:]))) if start >= 0 else []
 
 
+def to_us(value: str, unit: str) -> float:
+    v = float(value.replace(",", ""))
+    return {"nsecond": v / 1e3, "ns": v / 1e3, "usecond": v, "us": v, "msecond": v * 1e3}.get(unit, v)
+
+
 def main(paths: list[str]) -> None:
-    print("| model | path | kernel | launches | median µs | total µs per block |")
+    print("| model | path | kernel | launches per block | median µs each | µs per layer block |")
     print("|---|---|---|---|---|---|")
     for p in map(Path, paths):
-        m = re.match(r"ncu-(.+)-(kernel|graph)\.csv", p.name)
-        if not m:
-            continue
-        times = defaultdict(list)
+        m = re.match(r"ncu-(.+)\.csv", p.name)
+        times: dict[str, list[float]] = defaultdict(list)
         for row in read(p):
             if row.get("Metric Name") == "gpu__time_duration.sum":
-                value = float(row["Metric Value"].replace(",", ""))
-                unit = row.get("Metric Unit", "nsecond")
-                us = value / 1000 if unit.startswith("n") else value if unit.startswith("u") else value * 1000
-                name = row["Kernel Name"].split("(")[0][:48]
-                times[name].append(us)
-        for name, t in sorted(times.items(), key=lambda kv: -sum(kv[1])):
-            t.sort()
-            print(f"| {m[1]} | {m[2]} | {name} | {len(t)} | {t[len(t) // 2]:.2f} | "
-                  f"{sum(t) / BLOCKS:.1f} |")
+                times[row["Kernel Name"].split("(")[0].split("<")[0][-40:]].append(
+                    to_us(row["Metric Value"], row.get("Metric Unit", "ns")))
+        blocks = {"kernel": 0.0, "graph": 0.0}
+        for name, t in sorted(times.items()):
+            path = "kernel" if "fusedqk" in name else "graph"
+            per_block = len(t) // LAUNCHES
+            med = statistics.median(t)
+            blocks[path] += med * per_block
+            print(f"| {m[1]} | {path} | `{name.strip()}` | {per_block} | {med:.2f} | |")
+        for path, total in blocks.items():
+            print(f"| {m[1]} | {path} | **all** | | | **{total:.2f}** |")
 
 
 if __name__ == "__main__":

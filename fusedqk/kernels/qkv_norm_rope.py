@@ -55,7 +55,7 @@ template <typename A, typename B> struct pick<false, A, B> { using type = B; };
 """
 
 # Template constants: T, K (hidden), H, KV, D, BITS, GS, RPW (rows per warp), NQK (q+k rows).
-# Inputs: x (B,K), w (N, K*BITS/32) uint32, scales/biases (N, K/GS), q_norm/k_norm (D),
+# Inputs: x (B,1,K), w (N, K*BITS/32) uint32, scales/biases (N, K/GS), q_norm/k_norm (D),
 # positions (B,) int32, counters (MAX_BATCH * (H+KV)) uint32, persistent, zero.
 CUDA_SOURCE = r"""
   constexpr int E = (BITS <= 4) ? 16 : 8;          // elements per lane per step (MLX qmv)
@@ -80,7 +80,7 @@ CUDA_SOURCE = r"""
   const int lane = warp.thread_rank();
   const int row0 = blockIdx.x * ROWS_PER_BLOCK;
 
-  // Stage this sequence's x in shared memory with 16-byte loads.
+  // Stage this sequence's x (B, 1, K) in shared memory with 16-byte loads.
   {
     const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)b * K);
     uint4* dst = reinterpret_cast<uint4*>(xs);
@@ -356,57 +356,53 @@ def new_counters(layout: QKVLayout) -> mx.array:
     return counters
 
 
-def qkv_norm_rope(
-    x: mx.array,
-    w: mx.array,
-    scales: mx.array,
-    biases: mx.array,
-    q_norm: mx.array,
-    k_norm: mx.array,
-    positions: mx.array,
-    counters: mx.array,
-    *,
-    layout: QKVLayout,
-    poison: bool = False,
-) -> tuple[mx.array, mx.array, mx.array]:
-    """q (B, H, 1, D), k and v (B, KV, 1, D) for x (B, 1, K) at ``positions`` (B,) int32.
+class QKVNormRope:
+    """The kernel for one layer layout and activation dtype, with every per-call argument that
+    does not depend on the batch size computed once (a decode step calls it once per layer)."""
 
-    ``counters`` comes from ``new_counters`` (unused by the Metal version). ``poison`` fills the
-    outputs with NaN before the launch (tests use it to catch unwritten
-    elements).
-    """
-    b, _, k = x.shape
-    if b > MAX_BATCH:
-        raise ValueError(f"the fused kernel takes batch <= {MAX_BATCH}, got {b}")
-    h, kv, d = layout.n_heads, layout.n_kv_heads, layout.head_dim
-    dtype = x.dtype
-    template = [("T", dtype), ("K", k), ("H", h), ("KV", kv), ("D", d), ("BITS", layout.bits),
-                ("GS", layout.group_size), ("NQK", (h + kv) * d)]
-    out_shapes = [(b, h, 1, d), (b, kv, 1, d), (b, kv, 1, d)]
-    init = float("nan") if poison else None
-    log2_base = math.log2(layout.rope_base)
-    x2 = x.reshape(b, k)
-    if mx.default_device() == mx.gpu and mx.cuda.is_available():
-        rpw = rows_per_warp(layout)
-        blocks = layout.rows // (WARPS * rpw)
-        outs = _cuda_kernel(layout.eps, log2_base)(
-            inputs=[x2, w, scales, biases, q_norm, k_norm, positions, counters],
-            template=[*template, ("RPW", rpw)],
-            grid=(blocks * WARPS * 32, b, 1),
-            threadgroup=(WARPS * 32, 1, 1),
-            output_shapes=[*out_shapes, (b, (h + kv) * d)],
-            output_dtypes=[dtype] * 4,
-            init_value=init,
+    def __init__(self, layout: QKVLayout, dtype: mx.Dtype, backend: str):
+        h, kv, d = layout.n_heads, layout.n_kv_heads, layout.head_dim
+        self.layout, self.dtype, self.cuda = layout, dtype, backend == "cuda"
+        template = [("T", dtype), ("K", layout.hidden), ("H", h), ("KV", kv), ("D", d),
+                    ("BITS", layout.bits), ("GS", layout.group_size), ("NQK", (h + kv) * d)]
+        log2_base = math.log2(layout.rope_base)
+        if self.cuda:
+            rpw = rows_per_warp(layout)
+            self.kernel = _cuda_kernel(layout.eps, log2_base)
+            self.template = [*template, ("RPW", rpw)]
+            self.grid_x, self.threads = layout.rows // (WARPS * rpw) * WARPS * 32, WARPS * 32
+            self.n_outputs = 4
+        else:
+            self.kernel = _metal_kernel(layout.eps, log2_base)
+            self.template = template
+            self.grid_x, self.threads = (h + 2 * kv) * 256, 256
+            self.n_outputs = 3
+        self._shapes: dict[int, list[tuple[int, ...]]] = {}
+
+    def _out_shapes(self, b: int) -> list[tuple[int, ...]]:
+        if b not in self._shapes:
+            h, kv, d = self.layout.n_heads, self.layout.n_kv_heads, self.layout.head_dim
+            self._shapes[b] = [(b, h, 1, d), (b, kv, 1, d), (b, kv, 1, d), (b, (h + kv) * d)]
+        return self._shapes[b][: self.n_outputs]
+
+    def __call__(self, x: mx.array, w: mx.array, scales: mx.array, biases: mx.array,
+                 q_norm: mx.array, k_norm: mx.array, positions: mx.array, counters: mx.array,
+                 poison: bool = False) -> tuple[mx.array, mx.array, mx.array]:
+        """q (B, H, 1, D), k and v (B, KV, 1, D) for x (B, 1, K) at ``positions`` (B,) int32.
+
+        ``counters`` comes from ``new_counters`` (the Metal version needs none). ``poison`` fills
+        the outputs with NaN before the launch (tests use it to catch unwritten elements).
+        """
+        b = x.shape[0]
+        if b > MAX_BATCH:
+            raise ValueError(f"the fused kernel takes batch <= {MAX_BATCH}, got {b}")
+        inputs = [x, w, scales, biases, q_norm, k_norm, positions]
+        if self.cuda:
+            inputs.append(counters)
+        outs = self.kernel(
+            inputs=inputs, template=self.template, grid=(self.grid_x, b, 1),
+            threadgroup=(self.threads, 1, 1), output_shapes=self._out_shapes(b),
+            output_dtypes=[self.dtype] * self.n_outputs,
+            init_value=float("nan") if poison else None,
         )
-    else:
-        heads = h + 2 * kv
-        outs = _metal_kernel(layout.eps, log2_base)(
-            inputs=[x2, w, scales, biases, q_norm, k_norm, positions],
-            template=template,
-            grid=(heads * 256, b, 1),
-            threadgroup=(256, 1, 1),
-            output_shapes=out_shapes,
-            output_dtypes=[dtype] * 3,
-            init_value=init,
-        )
-    return outs[0], outs[1], outs[2]
+        return outs[0], outs[1], outs[2]
