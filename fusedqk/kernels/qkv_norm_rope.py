@@ -50,8 +50,25 @@ __device__ __forceinline__ float f32(__half v) { return __half2float(v); }
 template <typename T> __device__ __forceinline__ T from_f32(float v);
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half from_f32(float v) { return __float2half(v); }
-template <bool C, typename A, typename B> struct pick { using type = A; };
-template <typename A, typename B> struct pick<false, A, B> { using type = B; };
+template <typename T> struct pair_of;
+template <> struct pair_of<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+  static constexpr unsigned int MAGIC_BITS = 0x43004300u;  // (128.0, 128.0)
+  __device__ static type magic() { return __floats2bfloat162_rn(128.0f, 128.0f); }
+  __device__ static type zero() { return __floats2bfloat162_rn(0.0f, 0.0f); }
+  __device__ static type splat(__nv_bfloat16 v) { return __bfloat162bfloat162(v); }
+  __device__ static __nv_bfloat16 lo(type v) { return __low2bfloat16(v); }
+  __device__ static __nv_bfloat16 hi(type v) { return __high2bfloat16(v); }
+};
+template <> struct pair_of<__half> {
+  using type = __half2;
+  static constexpr unsigned int MAGIC_BITS = 0x64006400u;  // (1024.0, 1024.0)
+  __device__ static type magic() { return __floats2half2_rn(1024.0f, 1024.0f); }
+  __device__ static type zero() { return __floats2half2_rn(0.0f, 0.0f); }
+  __device__ static type splat(__half v) { return __half2half2(v); }
+  __device__ static __half lo(type v) { return __low2half(v); }
+  __device__ static __half hi(type v) { return __high2half(v); }
+};
 """
 
 # Template constants: T, K (hidden), H, KV, D, BITS, GS, RPW (rows per warp), NQK (q+k rows).
@@ -67,9 +84,7 @@ CUDA_SOURCE = r"""
   constexpr int ROWS_PER_BLOCK = 8 * RPW;
   constexpr int BLOCKS_PER_HEAD = D / ROWS_PER_BLOCK;
   constexpr int HALF = D / 2;
-  constexpr bool WIDE_ACC = BITS >= 8;               // MLX accumulates 8-bit in fp32
 
-  __shared__ __align__(16) T xs[K];
   __shared__ T head[D];
   __shared__ float shared_norm;
   __shared__ bool last_block;
@@ -80,13 +95,7 @@ CUDA_SOURCE = r"""
   const int lane = warp.thread_rank();
   const int row0 = blockIdx.x * ROWS_PER_BLOCK;
 
-  // Stage this sequence's x (B, 1, K) in shared memory with 16-byte loads.
-  {
-    const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)b * K);
-    uint4* dst = reinterpret_cast<uint4*>(xs);
-    for (int i = threadIdx.x; i < K * (int)sizeof(T) / 16; i += blockDim.x) dst[i] = src[i];
-  }
-  block.sync();
+  const T* xrow = x + (size_t)b * K;
 
   // Issue every weight, scale and bias load of this warp's rows before any arithmetic.
   constexpr int NSTEP = STEPS + (REST ? 1 : 0);
@@ -108,36 +117,70 @@ CUDA_SOURCE = r"""
     }
   }
 
+  // Per-lane partial sums, one per element slot as MLX keeps them: pairs of the activation
+  // dtype for 4-bit (each half rounds exactly as a scalar op would), fp32 for 8-bit.
+  using T2 = typename pair_of<T>::type;
+  T2 acc2[RPW][E / 2];
+  float accf[RPW][E];
   #pragma unroll
   for (int r = 0; r < RPW; ++r) {
-    const int row = row0 + warp.meta_group_rank() * RPW + r;
-    using Acc = typename pick<WIDE_ACC, float, T>::type;
-    Acc sums[E];
     #pragma unroll
-    for (int i = 0; i < E; ++i) sums[i] = Acc(0.0f);
+    for (int j = 0; j < E / 2; ++j) acc2[r][j] = pair_of<T>::zero();
     #pragma unroll
-    for (int s = 0; s < NSTEP; ++s) {
-      int idx = (s < STEPS) ? lane * E + s * PER_WARP : lane * E + K - REST;
-      if ((s < STEPS) || (idx < K)) {
+    for (int i = 0; i < E; ++i) accf[r][i] = 0.0f;
+  }
+  #pragma unroll
+  for (int s = 0; s < NSTEP; ++s) {
+    const int idx = (s < STEPS) ? lane * E + s * PER_WARP : lane * E + K - REST;
+    if ((s < STEPS) || (idx < K)) {
+      // This lane's E activations for the step: 16-byte loads, shared by all RPW rows.
+      uint4 xv[E * sizeof(T) / 16];
+      #pragma unroll
+      for (int v = 0; v < E * (int)sizeof(T) / 16; ++v) {
+        xv[v] = __ldg(reinterpret_cast<const uint4*>(xrow + idx) + v);
+      }
+      const T2* x2 = reinterpret_cast<const T2*>(xv);
+      #pragma unroll
+      for (int r = 0; r < RPW; ++r) {
         const unsigned int words[2] = {wv[r][s].x, wv[r][s].y};
-        const T scale = sc[r][s], bias = bi[r][s];
-        #pragma unroll
-        for (int i = 0; i < E; ++i) {
-          const unsigned int q = (words[(i * BITS) / 32] >> ((i * BITS) % 32)) & ((1u << BITS) - 1u);
-          // Dequantize in the activation dtype: round(round(q * scale) + bias).
-          const T wdq = __hadd(__hmul(from_f32<T>((float)q), scale), bias);
-          const T xv = xs[idx + i];
-          if constexpr (WIDE_ACC) {
-            sums[i] = fmaf(f32(xv), f32(wdq), sums[i]);
-          } else {
-            sums[i] = __hfma(xv, wdq, sums[i]);
+        if constexpr (BITS == 4) {
+          const T2 scale2 = pair_of<T>::splat(sc[r][s]), bias2 = pair_of<T>::splat(bi[r][s]);
+          #pragma unroll
+          for (int j = 0; j < E / 2; ++j) {
+            // Codes 2j, 2j+1 are the low and high nibble of byte j; OR-ing a code into the
+            // mantissa of MAGIC (128.0 bf16 / 1024.0 fp16) and subtracting MAGIC is exact.
+            const unsigned int byte = (words[j / 4] >> (8 * (j % 4))) & 0xFFu;
+            const unsigned int bits2 = pair_of<T>::MAGIC_BITS | (byte & 0xFu) | ((byte & 0xF0u) << 12);
+            const T2 code = __hsub2(*reinterpret_cast<const T2*>(&bits2), pair_of<T>::magic());
+            // Dequantize in the activation dtype: round(round(q * scale) + bias).
+            const T2 wdq = __hadd2(__hmul2(code, scale2), bias2);
+            acc2[r][j] = __hfma2(x2[j], wdq, acc2[r][j]);
+          }
+        } else {
+          const T* xs = reinterpret_cast<const T*>(xv);
+          #pragma unroll
+          for (int i = 0; i < E; ++i) {
+            const unsigned int q = (words[i / 4] >> (8 * (i % 4))) & 0xFFu;
+            const T wdq = __hadd(__hmul(from_f32<T>((float)q), sc[r][s]), bi[r][s]);
+            accf[r][i] = fmaf(f32(xs[i]), f32(wdq), accf[r][i]);
           }
         }
       }
     }
+  }
+
+  #pragma unroll
+  for (int r = 0; r < RPW; ++r) {
+    const int row = row0 + warp.meta_group_rank() * RPW + r;
+    // The lane's slots summed in fp32 in index order, then across lanes (MLX's order).
     float sum = 0.0f;
     #pragma unroll
-    for (int i = 0; i < E; ++i) sum += (float)sums[i];
+    for (int j = 0; j < E / 2 && BITS == 4; ++j) {
+      sum += f32(pair_of<T>::lo(acc2[r][j]));
+      sum += f32(pair_of<T>::hi(acc2[r][j]));
+    }
+    #pragma unroll
+    for (int i = 0; i < E && BITS != 4; ++i) sum += accf[r][i];
     sum = cg::reduce(warp, sum, cg::plus<float>());
     if (lane == 0) {
       const T val = from_f32<T>(sum);
