@@ -3,6 +3,7 @@
 # Full outputs go under $OUT (set by the device tool; defaults to ./.work/device-out here).
 #
 #   tools/device.sh kernel     numerics probe, GPU tests, blockbench of the three seed models
+#   tools/device.sh profile    Nsight Compute sections of one fused-kernel launch
 #   tools/device.sh pipeline   the Snakemake pipeline, cuda backend, natively; archive packed
 #
 # Expects MLX's CUDA build importable (PYTHONPATH=/tmp/site after ../shared/device/README.md's
@@ -43,6 +44,16 @@ kernel)
     echo "ncu not found: no kernel-only device times" > "$OUT/ncu.md"
   fi
   cat "$OUT/gpu.txt" "$OUT/blockbench.md" "$OUT/ncu.md"
+  ;;
+profile)
+  # Where the fused kernel's time goes: Nsight Compute's sections for one launch per model.
+  for m in qwen3-0.6b qwen3-8b; do
+    ncu --clock-control none -k regex:fusedqk -s 2 -c 1 --section SpeedOfLight \
+      --section LaunchStats --section Occupancy --section WarpStateStats \
+      --section MemoryWorkloadAnalysis --section SchedulerStats \
+      $py tools/kernel_time.py "$m" > "$OUT/profile-$m.txt" 2>&1
+    grep -vE "^==PROF==|^\s*$" "$OUT/profile-$m.txt" | head -120
+  done
   ;;
 pipeline)
   $py -m snakemake --cores all --profile workflow/profiles/default \

@@ -34,7 +34,7 @@ def main(paths: list[str]) -> None:
         times: dict[str, list[float]] = defaultdict(list)
         for row in read(p):
             if row.get("Metric Name") == "gpu__time_duration.sum":
-                times[row["Kernel Name"].split("(")[0].split("<")[0][-40:]].append(
+                times[row["Kernel Name"].split("(")[0][-60:]].append(
                     to_us(row["Metric Value"], row.get("Metric Unit", "ns")))
         blocks = {"kernel": 0.0, "graph": 0.0}
         for name, t in sorted(times.items()):
