@@ -34,7 +34,7 @@ def main(paths: list[str]) -> None:
         times: dict[str, list[float]] = defaultdict(list)
         for row in read(p):
             if row.get("Metric Name") == "gpu__time_duration.sum":
-                times[row["Kernel Name"].split("(")[0][-60:]].append(
+                times[row["Kernel Name"].split("(")[0]].append(
                     to_us(row["Metric Value"], row.get("Metric Unit", "ns")))
         blocks = {"kernel": 0.0, "graph": 0.0}
         for name, t in sorted(times.items()):
@@ -42,7 +42,8 @@ def main(paths: list[str]) -> None:
             per_block = len(t) // LAUNCHES
             med = statistics.median(t)
             blocks[path] += med * per_block
-            print(f"| {m[1]} | {path} | `{name.strip()}` | {per_block} | {med:.2f} | |")
+            short = "fusedqk_qkv_norm_rope" if path == "kernel" else name.split()[-1][:40]
+            print(f"| {m[1]} | {path} | `{short}` | {per_block} | {med:.2f} | |")
         for path, total in blocks.items():
             print(f"| {m[1]} | {path} | **all** | | | **{total:.2f}** |")
 

@@ -54,7 +54,9 @@ template <typename T> struct pair_of;
 template <> struct pair_of<__nv_bfloat16> {
   using type = __nv_bfloat162;
   static constexpr unsigned int MAGIC_BITS = 0x43004300u;  // (128.0, 128.0)
-  __device__ static type magic() { return __floats2bfloat162_rn(128.0f, 128.0f); }
+  __device__ static type neg_magic() { return __floats2bfloat162_rn(-128.0f, -128.0f); }
+  __device__ static type lows(type a, type b) { return __lows2bfloat162(a, b); }
+  __device__ static type highs(type a, type b) { return __highs2bfloat162(a, b); }
   __device__ static type zero() { return __floats2bfloat162_rn(0.0f, 0.0f); }
   __device__ static type splat(__nv_bfloat16 v) { return __bfloat162bfloat162(v); }
   __device__ static __nv_bfloat16 lo(type v) { return __low2bfloat16(v); }
@@ -63,7 +65,9 @@ template <> struct pair_of<__nv_bfloat16> {
 template <> struct pair_of<__half> {
   using type = __half2;
   static constexpr unsigned int MAGIC_BITS = 0x64006400u;  // (1024.0, 1024.0)
-  __device__ static type magic() { return __floats2half2_rn(1024.0f, 1024.0f); }
+  __device__ static type neg_magic() { return __floats2half2_rn(-1024.0f, -1024.0f); }
+  __device__ static type lows(type a, type b) { return __lows2half2(a, b); }
+  __device__ static type highs(type a, type b) { return __highs2half2(a, b); }
   __device__ static type zero() { return __floats2half2_rn(0.0f, 0.0f); }
   __device__ static type splat(__half v) { return __half2half2(v); }
   __device__ static __half lo(type v) { return __low2half(v); }
@@ -140,21 +144,33 @@ CUDA_SOURCE = r"""
         xv[v] = __ldg(reinterpret_cast<const uint4*>(xrow + idx) + v);
       }
       const T2* x2 = reinterpret_cast<const T2*>(xv);
+      // 4-bit: each 32-bit word holds elements 8k..8k+7 as nibbles; one LOP3 extracts nibbles m
+      // and m+4, so pair m of word k is elements (8k+m, 8k+m+4): arrange x the same way.
+      T2 xp[E / 2];
+      #pragma unroll
+      for (int k = 0; k < E / 8; ++k) {
+        xp[4 * k + 0] = pair_of<T>::lows(x2[4 * k], x2[4 * k + 2]);
+        xp[4 * k + 1] = pair_of<T>::highs(x2[4 * k], x2[4 * k + 2]);
+        xp[4 * k + 2] = pair_of<T>::lows(x2[4 * k + 1], x2[4 * k + 3]);
+        xp[4 * k + 3] = pair_of<T>::highs(x2[4 * k + 1], x2[4 * k + 3]);
+      }
       #pragma unroll
       for (int r = 0; r < RPW; ++r) {
         const unsigned int words[2] = {wv[r][s].x, wv[r][s].y};
         if constexpr (BITS == 4) {
           const T2 scale2 = pair_of<T>::splat(sc[r][s]), bias2 = pair_of<T>::splat(bi[r][s]);
+          // -MAGIC * scale is exact (a power-of-two multiple), so
+          // fma(MAGIC + q, scale, -MAGIC * scale) == round(q * scale): MLX's first rounding.
+          const T2 offset2 = __hmul2(scale2, pair_of<T>::neg_magic());
           #pragma unroll
-          for (int j = 0; j < E / 2; ++j) {
-            // Codes 2j, 2j+1 are the low and high nibble of byte j; OR-ing a code into the
-            // mantissa of MAGIC (128.0 bf16 / 1024.0 fp16) and subtracting MAGIC is exact.
-            const unsigned int byte = (words[j / 4] >> (8 * (j % 4))) & 0xFFu;
-            const unsigned int bits2 = pair_of<T>::MAGIC_BITS | (byte & 0xFu) | ((byte & 0xF0u) << 12);
-            const T2 code = __hsub2(*reinterpret_cast<const T2*>(&bits2), pair_of<T>::magic());
-            // Dequantize in the activation dtype: round(round(q * scale) + bias).
-            const T2 wdq = __hadd2(__hmul2(code, scale2), bias2);
-            acc2[r][j] = __hfma2(x2[j], wdq, acc2[r][j]);
+          for (int k = 0; k < E / 8; ++k) {
+            #pragma unroll
+            for (int m = 0; m < 4; ++m) {
+              const unsigned int bits2 = ((words[k] >> (4 * m)) & 0x000F000Fu) | pair_of<T>::MAGIC_BITS;
+              const T2 code = *reinterpret_cast<const T2*>(&bits2);
+              const T2 wdq = __hadd2(__hfma2(code, scale2, offset2), bias2);  // + bias: 2nd rounding
+              acc2[r][4 * k + m] = __hfma2(xp[4 * k + m], wdq, acc2[r][4 * k + m]);
+            }
           }
         } else {
           const T* xs = reinterpret_cast<const T*>(xv);
@@ -175,9 +191,9 @@ CUDA_SOURCE = r"""
     // The lane's slots summed in fp32 in index order, then across lanes (MLX's order).
     float sum = 0.0f;
     #pragma unroll
-    for (int j = 0; j < E / 2 && BITS == 4; ++j) {
-      sum += f32(pair_of<T>::lo(acc2[r][j]));
-      sum += f32(pair_of<T>::hi(acc2[r][j]));
+    for (int i = 0; i < E && BITS == 4; ++i) {  // element i sits in pair (i/8)*4 + i%4
+      const T2 p = acc2[r][(i / 8) * 4 + i % 4];
+      sum += f32((i % 8) < 4 ? pair_of<T>::lo(p) : pair_of<T>::hi(p));
     }
     #pragma unroll
     for (int i = 0; i < E && BITS != 4; ++i) sum += accf[r][i];
@@ -334,9 +350,10 @@ def has_kernel(backend: str) -> bool:
 
 
 def rows_per_warp(layout: QKVLayout) -> int:
-    """More rows per warp when a row has few loads, so each lane keeps ~8-16 loads in flight."""
+    """Rows per warp, so that a lane's pending loads (rows x steps) stay about 8: enough in flight,
+    few enough registers that the compiler issues them all before the first use."""
     steps = max(1, layout.hidden // (32 * (16 if layout.bits <= 4 else 8)))
-    rpw = 4 if steps <= 4 else 2
+    rpw = max(1, min(4, 8 // steps))
     while layout.head_dim % (WARPS * rpw):
         rpw //= 2
     return rpw
