@@ -5,7 +5,7 @@
     <run>/<model>/bench/{trials,tokens}.csv, bench.json
     <run>/<model>/identity-<impl>.json
     <run>/<model>/blockbench/blockbench.{csv,json}
-    <run>/<model>/FAILED                   a model whose jobs failed: the error, one line
+    <run>/<model>/status-<job>.json        how each job ended ({"ok": false, "error": ...})
     <run>/trials.csv, summaries.csv        aggregate: every trial / every summary of the run
     <run>/decisions.json                   fusedqk decide
     <run>/report.md, report.html           fusedqk report
@@ -68,8 +68,10 @@ def load_run(run_dir: Path) -> RunData:
         for f in sorted(d.glob("identity-*.json")):
             m.identity[f.stem.removeprefix("identity-")] = _json(f)
         m.blockbench = _json(d / "blockbench" / "blockbench.json")
-        if (d / "FAILED").is_file():
-            m.failed = (d / "FAILED").read_text().strip() or "failed"
+        errors = [f"{st.stem.removeprefix('status-')}: {doc['error']}"
+                  for st in sorted(d.glob("status-*.json")) if not (doc := _json(st))["ok"]]
+        if errors:
+            m.failed = "; ".join(errors)
         if m.bench or m.identity or m.blockbench or m.failed:
             models[d.name] = m
     if not models:

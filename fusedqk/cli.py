@@ -201,11 +201,12 @@ def cmd_identity(args: argparse.Namespace) -> int:
         trace = identity.trace(prep, args.trace_only, identity.settings_from(args))
         print(json.dumps(asdict(trace)))
         return 0
-    result = identity.run(args)
-    if args.out:
-        from fusedqk.atomic import write_json
-        write_json(args.out, result)
-    print(identity.render(result))
+    from fusedqk.atomic import write_json
+
+    for result in identity.run(args):
+        if args.out_dir:
+            write_json(Path(args.out_dir) / f"identity-{result['impl']}.json", result)
+        print(identity.render(result))
     return 0
 
 
@@ -304,18 +305,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what `fused` in --paths means (default auto)")
     p.add_argument("-o", "--output", default="md", choices=("md", "csv", "json"))
     p.add_argument("--out-dir", help="write trials.csv, tokens.csv and bench.json here")
+    p.add_argument("--status", help="record success or the error here and exit 0 (pipelines)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("identity", help="are fused and graph outputs bitwise the same?")
     _model_flags(p)
-    p.add_argument("--impl", default="auto", choices=("auto", "kernel", "composite"))
+    p.add_argument("--impls", default="fused",
+                   help="comma list of fused implementations to check: fused (auto), kernel, "
+                        "composite (default fused)")
     p.add_argument("-p", "--prompt-tokens", type=_positive, default=32)
     p.add_argument("-n", "--tokens", type=_positive, default=256)
     p.add_argument("-k", "--prompts", type=_positive, default=3)
     p.add_argument("--no-controls", action="store_true", help="skip the fresh-process controls")
-    p.add_argument("--out", help="write the verdict JSON here")
+    p.add_argument("--out-dir", help="write identity-<impl>.json here")
     p.add_argument("--trace-only", choices=("graph", "composite", "kernel"),
                    help=argparse.SUPPRESS)
+    p.add_argument("--status", help="record success or the error here and exit 0 (pipelines)")
     p.set_defaults(func=cmd_identity)
 
     p = sub.add_parser("decide", help="apply the decision rule to a run directory")
@@ -337,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of graph, composite, kernel (kernel only where one exists)")
     p.add_argument("-o", "--output", default="md", choices=("md", "csv", "json"))
     p.add_argument("--out-dir", help="write blockbench.csv and blockbench.json here")
+    p.add_argument("--status", help="record success or the error here and exit 0 (pipelines)")
     p.set_defaults(func=cmd_blockbench)
 
     p = sub.add_parser("aggregate", help="tidy tables of every trial and summary in a run")
@@ -355,11 +361,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _with_status(args: argparse.Namespace) -> int:
+    """Run a measurement and record how it ended in ``args.status`` instead of failing: one model
+    that runs out of memory or fails to compile must not stop a pipeline's other models."""
+    from fusedqk.atomic import write_json
+
+    try:
+        code = args.func(args)
+        write_json(args.status, {"ok": code == 0, "command": args.command, "error": None})
+    except Exception as e:  # recorded, reported, and the pipeline goes on
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"fusedqk: error: {message}", file=sys.stderr)
+        write_json(args.status, {"ok": False, "command": args.command, "error": message})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="fusedqk: %(message)s", stream=sys.stderr)
+        if getattr(args, "status", None):
+            return _with_status(args)
         return args.func(args)
     except UserError as e:
         print(f"fusedqk: error: {e}", file=sys.stderr)

@@ -15,6 +15,7 @@ from fusedqk import __version__
 from fusedqk.backend import as_dict, device_info
 
 ENV_IMAGE_ID = "FUSEDQK_IMAGE_ID"
+ENV_GIT_COMMIT = "FUSEDQK_GIT_COMMIT"  # where the source has no .git (images, copied trees)
 
 
 def _git(*args: str) -> str | None:
@@ -28,7 +29,9 @@ def _git(*args: str) -> str | None:
 
 def git_state() -> dict:
     commit = _git("rev-parse", "HEAD")
-    dirty = None if commit is None else bool(_git("status", "--porcelain", "--untracked-files=no"))
+    if commit is None:
+        return {"git_commit": os.environ.get(ENV_GIT_COMMIT), "git_dirty": None}
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     return {"git_commit": commit, "git_dirty": dirty}
 
 

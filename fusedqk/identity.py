@@ -144,39 +144,47 @@ def _fresh_trace(args: argparse.Namespace, path: str) -> Trace:
     return Trace(**json.loads(proc.stdout))
 
 
-def run(args: argparse.Namespace) -> dict:
-    """The full check for one model and fused implementation, controls included."""
+def run(args: argparse.Namespace) -> list[dict]:
+    """The full check of every fused implementation against graph for one model, controls
+    included; the graph path (and its control) runs once for all of them."""
     from fusedqk.bench import expand_paths
     from fusedqk.cli import prepare
 
     start = time.perf_counter()
     s = settings_from(args)
     prep = prepare(args)
-    fused = expand_paths("graph,fused", prep.backend, args.impl)[1]
+    fused_paths = expand_paths(f"graph,{args.impls}", prep.backend, "auto")[1:]
     graph_logits = _logits(prep, "graph", s)
-    fused_logits = _logits(prep, fused, s)
-    logits_cmp = compare_logits(graph_logits, fused_logits)
     graph_trace = trace(prep, "graph", s, graph_logits)
-    fused_trace = trace(prep, fused, s, fused_logits)
-    del graph_logits, fused_logits
-    free = compare_traces(graph_trace, fused_trace)
-    free.pop("first_differing_logit_step")
-    comparison_equal = logits_cmp["bitwise_equal"] and free["identical"]
-    controls: dict = {"run": not args.no_controls}
-    g_det = f_det = None
+    graph_det = None
+    graph_control: dict = {}
     if not args.no_controls:
-        controls["graph"] = compare_traces(graph_trace, _fresh_trace(args, "graph"))
-        controls["fused"] = compare_traces(fused_trace, _fresh_trace(args, fused))
-        g_det, f_det = controls["graph"]["identical"], controls["fused"]["identical"]
-    distinct = sorted({len(set(seq)) for seq in graph_trace.greedy})
-    return {
-        "model": prep.loaded.name, "backend": prep.backend, "impl": fused,
-        "verdict": verdict(comparison_equal, g_det, f_det),
-        "teacher_forced": logits_cmp, "free_running": free, "controls": controls,
-        "graph_distinct_greedy_tokens": distinct, "settings": asdict(s),
-        "wall_s": time.perf_counter() - start, "finished_at": now_utc(),
-        "environment": environment(prep),
-    }
+        graph_control = compare_traces(graph_trace, _fresh_trace(args, "graph"))
+        graph_det = graph_control["identical"]
+    results = []
+    for fused in fused_paths:
+        fused_logits = _logits(prep, fused, s)
+        logits_cmp = compare_logits(graph_logits, fused_logits)
+        fused_trace = trace(prep, fused, s, fused_logits)
+        del fused_logits
+        free = compare_traces(graph_trace, fused_trace)
+        free.pop("first_differing_logit_step")
+        controls: dict = {"run": not args.no_controls}
+        fused_det = None
+        if not args.no_controls:
+            controls["graph"] = graph_control
+            controls["fused"] = compare_traces(fused_trace, _fresh_trace(args, fused))
+            fused_det = controls["fused"]["identical"]
+        equal = logits_cmp["bitwise_equal"] and free["identical"]
+        results.append({
+            "model": prep.loaded.name, "backend": prep.backend, "impl": fused,
+            "verdict": verdict(equal, graph_det, fused_det),
+            "teacher_forced": logits_cmp, "free_running": free, "controls": controls,
+            "graph_distinct_greedy_tokens": sorted({len(set(q)) for q in graph_trace.greedy}),
+            "settings": asdict(s), "wall_s": time.perf_counter() - start,
+            "finished_at": now_utc(), "environment": environment(prep),
+        })
+    return results
 
 
 def render(result: dict) -> str:

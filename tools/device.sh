@@ -56,11 +56,16 @@ profile)
   done
   ;;
 pipeline)
-  $py -m snakemake --cores all --profile workflow/profiles/default \
-    --config backends=cuda container_engine=none 2>&1 | tee "$OUT/snakemake.log" | tail -30
-  run_dir=$(ls -d results/cuda-*/*/ 2>/dev/null | tail -1)
-  tar -C "$(dirname "$run_dir")" -czf "$OUT/run.tar.gz" "$(basename "$run_dir")"
-  cat "$run_dir/report.md" | head -60
+  # The pipeline itself, natively (no container engine here), into an ignored directory that
+  # survives between calls on a warm machine: a second call resumes what a first one began.
+  # RUN_NAME comes from the caller (this copy of the tree has no .git).
+  $py -m snakemake --cores all --config 'backends=[cuda]' results_dir=.work/results \
+    run_name="${RUN_NAME:?set RUN_NAME}" 2>&1 | tee "$OUT/snakemake.log" | grep -E "Finished|Error|steps" | tail -30
+  run_dir=$(ls -d .work/results/cuda-*/"$RUN_NAME" 2>/dev/null | head -1)
+  if [ -f "$run_dir/MANIFEST.sha256" ]; then
+    tar -C "$(dirname "$run_dir")/.." -czf "$final/run.tar.gz" "$(basename "$(dirname "$run_dir")")/$RUN_NAME"
+    sed -n '1,40p' "$run_dir/report.md"
+  fi
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -1,0 +1,152 @@
+# Configuration checks, backend selection, run directories and the command prefix per backend.
+import datetime
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+
+def _one_line_config_error(error):
+    """jsonschema's message, cut to the line that names the key and what is allowed."""
+    text = str(error).strip().splitlines()
+    cause = next((l for l in text if "Failed validating" in l or "is not" in l
+                  or "Additional properties" in l or "required" in l), text[-1])
+    where = next((l.split("On instance", 1)[1].strip(" :") for l in text if "On instance" in l), "")
+    place = f"(at {where})" if where else ""
+    return f"config error: {cause.strip()} {place}".strip()
+
+
+try:
+    validate(config, "../schemas/config.schema.yaml")
+except WorkflowError as e:
+    sys.stderr.write(_one_line_config_error(e.args[0] if e.args else e) + "\n")
+    sys.exit(1)
+
+
+def detect_backends():
+    """What this machine has, without importing MLX (a container may hold it instead)."""
+    if shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0:
+        return ["cuda"]
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        return ["metal"]
+    return ["cpu"]
+
+
+BACKENDS = detect_backends() if config["backends"] == "auto" else list(config["backends"])
+for _b in BACKENDS:
+    if _b not in config["backend_settings"]:
+        sys.stderr.write(f"config error: backends lists {_b!r} but backend_settings has no {_b!r} entry\n")
+        sys.exit(1)
+ENGINE = config["container"]["engine"]
+
+
+def _git_commit():
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "nogit"
+
+
+RUN_NAME = (config["run_name"] if config["run_name"] != "auto" else
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%d}-{_git_commit()}")
+
+
+def _device_label(backend):
+    if config["device_label"] != "auto":
+        return config["device_label"]
+    if backend == "cuda" and shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout.strip().splitlines()
+        name = out[0] if out else "gpu"
+    elif backend == "metal":
+        name = platform.machine() + "-" + (platform.mac_ver()[0] or "mac")
+    elif backend == "cpu":
+        name = platform.machine()
+    else:
+        name = "unknown-device"
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return slug
+
+
+def run_dir(backend):
+    return f"{config['results_dir']}/{backend}-{_device_label(backend)}/{RUN_NAME}"
+
+
+def settings(backend):
+    return config["backend_settings"][backend]
+
+
+def model_flags(backend):
+    q = settings(backend)["quantization"]
+    return f"--backend {backend} --bits {q['bits']} --group-size {q['group_size']} --dtype {q['dtype']}"
+
+
+def image_tag(backend):
+    return f"localhost/fusedqk-{backend}:{RUN_NAME}"
+
+
+def uses_container(backend):
+    # Metal cannot run in a container: it always runs natively on the macOS host.
+    return ENGINE != "none" and backend != "metal"
+
+
+# Native runs use the Python that runs Snakemake, so an unactivated virtual environment works.
+FUSEDQK_NATIVE = f"{shlex.quote(sys.executable)} -m fusedqk"
+
+
+def fusedqk(backend):
+    """The command that runs `fusedqk` for this backend: natively, or inside its image."""
+    if not uses_container(backend):
+        return FUSEDQK_NATIVE
+    c = config["container"]
+    args = [ENGINE, "run", "--rm", *c["run_args"]]
+    if backend == "cuda":
+        args += c["gpu_args"]
+    mount = c["workdir"]
+    args += ["-v", f"{os.path.abspath(config['results_dir'])}:{mount}/{config['results_dir']}",
+             "-w", mount, "-e", f"FUSEDQK_IMAGE_ID={image_tag(backend)}", image_tag(backend),
+             "fusedqk"]
+    return shlex.join(args)
+
+
+def image_stamp(backend):
+    """The image stamp a measurement waits for (nothing when running natively)."""
+    return [f"{run_dir(backend)}/image.json"] if uses_container(backend) else []
+
+
+if ENGINE != "none" and "metal" in BACKENDS:
+    sys.stderr.write("note: metal runs natively on the macOS host; no container image for it\n")
+
+
+RUNS = {run_dir(b): b for b in BACKENDS}
+
+
+wildcard_constraints:
+    run="|".join(re.escape(r) for r in RUNS) or "no-run",
+    model="[A-Za-z0-9._-]+",
+
+
+def backend_of(wildcards):
+    return RUNS[wildcards.run]
+
+
+def measurements(run):
+    """Every per-model status file of a run: the inputs of its aggregate step."""
+    b = RUNS[run]
+    s = settings(b)
+    out = []
+    for m in s["models"]:
+        out += [f"{run}/{m}/status-{job}.json" for job in ("bench", "identity", "blockbench")]
+    return out

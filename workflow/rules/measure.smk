@@ -1,0 +1,95 @@
+# Per backend: the environment; per model: decode benchmark, identity per fused implementation,
+# block benchmark. Measurements take the one `measure` slot (default profile), so they never
+# share a device; a model that fails is recorded in its status file and the others go on.
+
+
+rule environment:
+    input:
+        image_stamp=lambda w: image_stamp(backend_of(w)),
+    output:
+        env="{run}/environment.json",
+        config="{run}/config.yaml",
+    params:
+        cmd=lambda w: fusedqk(backend_of(w)),
+        backend=backend_of,
+    log:
+        "{run}/logs/environment.log",
+    run:
+        import yaml
+
+        with open(output.config, "w") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+        shell("{params.cmd} env --backend {params.backend} --json > {output.env}.tmp 2> {log}"
+              " && mv {output.env}.tmp {output.env} || (cat {log} >&2; rm -f {output.env}.tmp; exit 1)")
+
+
+rule bench:
+    conda:
+        "../envs/fusedqk.yaml"
+    input:
+        env="{run}/environment.json",
+    output:
+        status="{run}/{model}/status-bench.json",
+    params:
+        cmd=lambda w: fusedqk(backend_of(w)),
+        flags=lambda w: model_flags(backend_of(w)),
+        paths=lambda w: ",".join(["graph", *settings(backend_of(w))["impls"]]),
+        b=lambda w: settings(backend_of(w))["bench"],
+    resources:
+        measure=1,
+        gpu=lambda w: int(backend_of(w) == "cuda"),
+        runtime=60,
+    log:
+        "{run}/logs/{model}-bench.log",
+    shell:
+        "{params.cmd} bench -m {wildcards.model} {params.flags} --paths {params.paths}"
+        " -p {params.b[prompt_tokens]} -g {params.b[generation_tokens]} -r {params.b[rounds]}"
+        " -w {params.b[warmup]} --out-dir {wildcards.run}/{wildcards.model}/bench"
+        " --status {output.status} > {log} 2>&1"
+
+
+rule identity:
+    conda:
+        "../envs/fusedqk.yaml"
+    input:
+        env="{run}/environment.json",
+    output:
+        status="{run}/{model}/status-identity.json",
+    params:
+        cmd=lambda w: fusedqk(backend_of(w)),
+        flags=lambda w: model_flags(backend_of(w)),
+        impls=lambda w: ",".join(settings(backend_of(w))["impls"]),
+        i=lambda w: settings(backend_of(w))["identity"],
+    resources:
+        measure=1,
+        gpu=lambda w: int(backend_of(w) == "cuda"),
+        runtime=60,
+    log:
+        "{run}/logs/{model}-identity.log",
+    shell:
+        "{params.cmd} identity -m {wildcards.model} {params.flags} --impls {params.impls}"
+        " -p {params.i[prompt_tokens]} -n {params.i[tokens]} -k {params.i[prompts]}"
+        " --out-dir {wildcards.run}/{wildcards.model} --status {output.status} > {log} 2>&1"
+
+
+rule blockbench:
+    conda:
+        "../envs/fusedqk.yaml"
+    input:
+        env="{run}/environment.json",
+    output:
+        status="{run}/{model}/status-blockbench.json",
+    params:
+        cmd=lambda w: fusedqk(backend_of(w)),
+        flags=lambda w: model_flags(backend_of(w)),
+        reps=lambda w: settings(backend_of(w))["blockbench"]["reps"],
+    resources:
+        measure=1,
+        gpu=lambda w: int(backend_of(w) == "cuda"),
+        runtime=30,
+    log:
+        "{run}/logs/{model}-blockbench.log",
+    shell:
+        "{params.cmd} blockbench -m {wildcards.model} {params.flags} --reps {params.reps}"
+        " --out-dir {wildcards.run}/{wildcards.model}/blockbench"
+        " --status {output.status} > {log} 2>&1"

@@ -1,0 +1,62 @@
+# Per run: tidy tables, the decision, the report, and the manifest that seals the archive.
+# These read only the run's raw files, so `fusedqk report --from RUN` re-renders them anywhere.
+
+
+rule aggregate:
+    conda:
+        "../envs/fusedqk.yaml"
+    input:
+        lambda w: measurements(w.run),
+    output:
+        trials="{run}/trials.csv",
+        summaries="{run}/summaries.csv",
+    log:
+        "{run}/logs/aggregate.log",
+    shell:
+        "{FUSEDQK_NATIVE} aggregate {wildcards.run} > {log} 2>&1"
+
+
+rule decide:
+    conda:
+        "../envs/fusedqk.yaml"
+    input:
+        "{run}/summaries.csv",
+    output:
+        "{run}/decisions.json",
+    params:
+        d=config["decision"],
+    log:
+        "{run}/logs/decide.log",
+    shell:
+        "{FUSEDQK_NATIVE} decide {wildcards.run} --min-gain {params.d[min_gain]}"
+        " --identity-policy {params.d[identity_policy]} > {log} 2>&1"
+
+
+rule report:
+    conda:
+        "../envs/fusedqk.yaml"
+    input:
+        "{run}/decisions.json",
+        "{run}/environment.json",
+        "{run}/config.yaml",
+    output:
+        md=report("{run}/report.md", category="Decision", caption="../report/caption.rst"),
+        html=report("{run}/report.html", category="Decision", caption="../report/caption.rst"),
+    log:
+        "{run}/logs/report.log",
+    shell:
+        "{FUSEDQK_NATIVE} report --from {wildcards.run} > {log} 2>&1"
+
+
+rule manifest:
+    conda:
+        "../envs/fusedqk.yaml"
+    input:
+        "{run}/report.md",
+        "{run}/report.html",
+    output:
+        "{run}/MANIFEST.sha256",
+    log:
+        "{run}.manifest.log",  # beside the run: a log inside would change after it is sealed
+    shell:
+        "{FUSEDQK_NATIVE} verify --write {wildcards.run} > {log} 2>&1"
