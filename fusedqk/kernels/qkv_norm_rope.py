@@ -167,7 +167,8 @@ CUDA_SOURCE = r"""
             #pragma unroll
             for (int m = 0; m < 4; ++m) {
               const unsigned int bits2 = ((words[k] >> (4 * m)) & 0x000F000Fu) | pair_of<T>::MAGIC_BITS;
-              const T2 code = *reinterpret_cast<const T2*>(&bits2);
+              T2 code;
+              memcpy(&code, &bits2, sizeof(code));  // a bit cast (no aliasing through pointers)
               const T2 wdq = __hadd2(__hfma2(code, scale2, offset2), bias2);  // + bias: 2nd rounding
               acc2[r][4 * k + m] = __hfma2(xp[4 * k + m], wdq, acc2[r][4 * k + m]);
             }
