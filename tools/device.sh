@@ -26,6 +26,7 @@ $py -m fusedqk env | tee "$OUT/env.txt"
 case "$stage" in
 kernel)
   $py tools/probe_cuda_numerics.py 2>&1 | tee "$OUT/probe.md"
+  $py tools/probe_kernel_variants.py 2>&1 | tee "$OUT/variants.md"
   $py -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests 2>&1 \
     | tee "$OUT/gpu-tests.txt" | tail -40
   : > "$OUT/blockbench.md"
