@@ -14,6 +14,7 @@ the graph path reproduces itself), INCONCLUSIVE (a control is not deterministic)
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import subprocess
@@ -156,12 +157,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     fused_paths = expand_paths(f"graph,{args.impls}", prep.backend, "auto")[1:]
     graph_logits = _logits(prep, "graph", s)
     graph_trace = trace(prep, "graph", s, graph_logits)
-    graph_det = None
-    graph_control: dict = {}
-    if not args.no_controls:
-        graph_control = compare_traces(graph_trace, _fresh_trace(args, "graph"))
-        graph_det = graph_control["identical"]
-    results = []
+    compared = []
     for fused in fused_paths:
         fused_logits = _logits(prep, fused, s)
         logits_cmp = compare_logits(graph_logits, fused_logits)
@@ -169,20 +165,30 @@ def run(args: argparse.Namespace) -> list[dict]:
         del fused_logits
         free = compare_traces(graph_trace, fused_trace)
         free.pop("first_differing_logit_step")
+        compared.append((fused, logits_cmp, free, fused_trace))
+    env = environment(prep)
+    # The controls are fresh processes with a model of their own: free this one first, or two
+    # copies of a large model (and MLX's buffer cache) need not fit the device together.
+    del prep, graph_logits
+    gc.collect()
+    mx.clear_cache()
+    graph_control = compare_traces(graph_trace, _fresh_trace(args, "graph")) if not args.no_controls else {}
+    results = []
+    for fused, logits_cmp, free, fused_trace in compared:
         controls: dict = {"run": not args.no_controls}
-        fused_det = None
+        graph_det = fused_det = None
         if not args.no_controls:
             controls["graph"] = graph_control
             controls["fused"] = compare_traces(fused_trace, _fresh_trace(args, fused))
-            fused_det = controls["fused"]["identical"]
+            graph_det, fused_det = graph_control["identical"], controls["fused"]["identical"]
         equal = logits_cmp["bitwise_equal"] and free["identical"]
         results.append({
-            "model": prep.loaded.name, "backend": prep.backend, "impl": fused,
+            "model": env["model"], "backend": env["backend"], "impl": fused,
             "verdict": verdict(equal, graph_det, fused_det),
             "teacher_forced": logits_cmp, "free_running": free, "controls": controls,
             "graph_distinct_greedy_tokens": sorted({len(set(q)) for q in graph_trace.greedy}),
             "settings": asdict(s), "wall_s": time.perf_counter() - start,
-            "finished_at": now_utc(), "environment": environment(prep),
+            "finished_at": now_utc(), "environment": env,
         })
     return results
 

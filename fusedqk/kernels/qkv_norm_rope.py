@@ -159,9 +159,9 @@ CUDA_SOURCE = r"""
         const unsigned int words[2] = {wv[r][s].x, wv[r][s].y};
         if constexpr (BITS == 4) {
           const T2 scale2 = pair_of<T>::splat(sc[r][s]), bias2 = pair_of<T>::splat(bi[r][s]);
-          // -MAGIC * scale is exact (a power-of-two multiple), so
-          // fma(MAGIC + q, scale, -MAGIC * scale) == round(q * scale): MLX's first rounding.
-          const T2 offset2 = __hmul2(scale2, pair_of<T>::neg_magic());
+          // (Measured on an H100: fma(MAGIC + q, scale, -MAGIC * scale) is NOT bitwise
+          // round(q * scale), so the code is made exact first and then multiplied, as MLX does.)
+          const T2 magic2 = __hneg2(pair_of<T>::neg_magic());
           #pragma unroll
           for (int k = 0; k < E / 8; ++k) {
             #pragma unroll
@@ -169,7 +169,8 @@ CUDA_SOURCE = r"""
               const unsigned int bits2 = ((words[k] >> (4 * m)) & 0x000F000Fu) | pair_of<T>::MAGIC_BITS;
               T2 code;
               memcpy(&code, &bits2, sizeof(code));  // a bit cast (no aliasing through pointers)
-              const T2 wdq = __hadd2(__hfma2(code, scale2, offset2), bias2);  // + bias: 2nd rounding
+              // Dequantize in the activation dtype: round(round(q * scale) + bias).
+              const T2 wdq = __hadd2(__hmul2(__hsub2(code, magic2), scale2), bias2);
               acc2[r][4 * k + m] = __hfma2(xp[4 * k + m], wdq, acc2[r][4 * k + m]);
             }
           }

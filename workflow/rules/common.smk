@@ -45,6 +45,11 @@ for _b in BACKENDS:
         sys.exit(1)
 ENGINE = config["container"]["engine"]
 
+# Measurements must never share a device (or the CPU) with each other: one `measure` slot,
+# unless a profile or --resources grants more (the SLURM profile does: one GPU per job there).
+if "measure" not in workflow.global_resources:
+    workflow.register_resource("measure", 1)
+
 
 def _git_commit():
     try:
