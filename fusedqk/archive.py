@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from fusedqk.atomic import write_text
 from fusedqk.errors import UserError
@@ -80,6 +81,10 @@ def load_run(run_dir: Path) -> RunData:
     if not env:
         env = next((m.bench["meta"]["environment"] for m in models.values() if m.bench), {})
     config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
+    # A model the configuration asked for that left nothing is a result too: say so.
+    planned = (yaml.safe_load(config) or {}).get("backend_settings", {}).get(env.get("backend"), {})
+    for name in planned.get("models", []):
+        models.setdefault(name, ModelResults(name, failed="no results in this run"))
     return RunData(run_dir, env, config, models)
 
 
