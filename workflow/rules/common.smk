@@ -13,13 +13,14 @@ from snakemake.utils import validate
 
 
 def _one_line_config_error(error):
-    """jsonschema's message, cut to the line that names the key and what is allowed."""
-    text = str(error).strip().splitlines()
-    cause = next((l for l in text if "Failed validating" in l or "is not" in l
-                  or "Additional properties" in l or "required" in l), text[-1])
-    where = next((l.split("On instance", 1)[1].strip(" :") for l in text if "On instance" in l), "")
-    place = f"(at {where})" if where else ""
-    return f"config error: {cause.strip()} {place}".strip()
+    """jsonschema's message and the key it is about, on one line."""
+    text = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+    message = next((ln.split(":", 1)[1].strip() for ln in text if ln.startswith("ValidationError")),
+                   text[-1])
+    where = next((ln.split("On instance", 1)[1].strip(" :") for ln in text if "On instance" in ln),
+                 "")
+    key = ".".join(re.findall(r"\['([^']+)'\]", where)) or "config"
+    return f"config error: {key}: {message}"
 
 
 try:
@@ -119,9 +120,10 @@ def fusedqk(backend):
     args = [ENGINE, "run", "--rm", *c["run_args"]]
     if backend == "cuda":
         args += c["gpu_args"]
-    mount = c["workdir"]
-    args += ["-v", f"{os.path.abspath(config['results_dir'])}:{mount}/{config['results_dir']}",
-             "-w", mount, "-e", f"FUSEDQK_IMAGE_ID={image_tag(backend)}", image_tag(backend),
+    # Rules name result paths as given (relative to here, or absolute): mount them the same way.
+    results = config["results_dir"]
+    inside = results if os.path.isabs(results) else f"{c['workdir']}/{results}"
+    args += ["-v", f"{os.path.abspath(results)}:{inside}", "-w", c["workdir"], "-e", f"FUSEDQK_IMAGE_ID={image_tag(backend)}", image_tag(backend),
              "fusedqk"]
     return shlex.join(args)
 

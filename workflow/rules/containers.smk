@@ -14,12 +14,14 @@ rule image:
         tag=lambda w: image_tag(backend_of(w)),
         base=lambda w: config["container"]["base_images"].get(backend_of(w), ""),
         extra=lambda w: shlex.join(config["container"]["build_args"]),
+        commit=lambda w: RUN_NAME.split("-", 1)[-1],
         secret=lambda w: (f"--secret id=ca,src={config['container']['ca_bundle']}"
                           if config["container"]["ca_bundle"] else ""),
     log:
         "{run}/logs/image.log",
     shell:
         "{params.engine} build {params.extra} {params.secret} --build-arg BASE={params.base:q}"
-        " -t {params.tag} -f {input.dockerfile} . > {log} 2>&1"
+        " --build-arg FUSEDQK_GIT_COMMIT={params.commit} -t {params.tag} -f {input.dockerfile} ."
+        " > {log} 2>&1"
         " && {params.engine} image inspect --format"
         " '{{{{json .}}}}' {params.tag} > {output.stamp}.tmp && mv {output.stamp}.tmp {output.stamp}"

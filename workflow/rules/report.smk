@@ -10,10 +10,12 @@ rule aggregate:
     output:
         trials="{run}/trials.csv",
         summaries="{run}/summaries.csv",
+    params:
+        fusedqk=FUSEDQK_NATIVE,
     log:
         "{run}/logs/aggregate.log",
     shell:
-        "{FUSEDQK_NATIVE} aggregate {wildcards.run} > {log} 2>&1"
+        "{params.fusedqk} aggregate {wildcards.run} > {log} 2>&1"
 
 
 rule decide:
@@ -24,11 +26,12 @@ rule decide:
     output:
         "{run}/decisions.json",
     params:
+        fusedqk=FUSEDQK_NATIVE,
         d=config["decision"],
     log:
         "{run}/logs/decide.log",
     shell:
-        "{FUSEDQK_NATIVE} decide {wildcards.run} --min-gain {params.d[min_gain]}"
+        "{params.fusedqk} decide {wildcards.run} --min-gain {params.d[min_gain]}"
         " --identity-policy {params.d[identity_policy]} > {log} 2>&1"
 
 
@@ -42,10 +45,12 @@ rule report:
     output:
         md=report("{run}/report.md", category="Decision", caption="../report/caption.rst"),
         html=report("{run}/report.html", category="Decision", caption="../report/caption.rst"),
+    params:
+        fusedqk=FUSEDQK_NATIVE,
     log:
         "{run}/logs/report.log",
     shell:
-        "{FUSEDQK_NATIVE} report --from {wildcards.run} > {log} 2>&1"
+        "{params.fusedqk} report --from {wildcards.run} > {log} 2>&1"
 
 
 rule manifest:
@@ -56,7 +61,9 @@ rule manifest:
         "{run}/report.html",
     output:
         "{run}/MANIFEST.sha256",
+    params:
+        fusedqk=FUSEDQK_NATIVE,
     log:
         "{run}.manifest.log",  # beside the run: a log inside would change after it is sealed
     shell:
-        "{FUSEDQK_NATIVE} verify --write {wildcards.run} > {log} 2>&1"
+        "{params.fusedqk} verify --write {wildcards.run} > {log} 2>&1"

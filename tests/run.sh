@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# All set-up and every check, on a fresh Linux machine with Python 3.11 (the README's test
+# command; .ci/run calls it): a virtual environment with the package and its pins, the
+# container tools from Debian's packages where this runs as root, then ruff and pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[cpu,pipeline,dev]'
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v podman >/dev/null; then
+  # For the container test (podman builds the cpu image from a local Debian base).
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap) \
+    >/dev/null 2>&1 || echo "note: could not install podman/runc/debootstrap; the container test will skip"
+fi
+.venv/bin/ruff check .
+set +e
+.venv/bin/python -m pytest -ra "$@"
+status=$?
+set -e
+# pytest's 5 means no test ran: that is a failure here, never a pass.
+[ "$status" -eq 5 ] && echo "no tests ran" >&2
+exit "$status"

@@ -1,0 +1,69 @@
+"""The command line: outputs, and one clear line (no traceback) for every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def fusedqk(*args, env=None):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "fusedqk", *args], capture_output=True, text=True,
+                          env=full_env, timeout=600)
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fusedqk: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("model", ["qwen3-tiny", "qwen3-moe-tiny"])
+def test_generate_graph_and_composite_print_identical_varied_ids(model):
+    graph = fusedqk("generate", "-m", model, "--path", "graph", "--backend", "cpu")
+    fused = fusedqk("generate", "-m", model, "--path", "fused", "--impl", "composite",
+                    "--backend", "cpu")
+    assert graph.returncode == 0 and fused.returncode == 0, graph.stderr + fused.stderr
+    ids = graph.stdout.split()
+    assert len(ids) == 64 and len(set(ids)) >= 8
+    assert graph.stdout == fused.stdout
+
+
+def test_generate_json_and_env_and_models():
+    out = json.loads(fusedqk("generate", "-m", "qwen3-tiny", "-n", "8", "--json").stdout)
+    assert len(out["tokens"]) == 8 and out["path"] == "graph"
+    env = json.loads(fusedqk("env", "--json").stdout)
+    assert env["backend"] == "cpu" and env["fused_qk_norm"] is False and env["mlx"]
+    env = json.loads(fusedqk("env", "--json", env={"FUSEDQK_FUSED_QK_NORM": "on"}).stdout)
+    assert env["fused_qk_norm"] is True and env["impl"] == "composite"
+    models = json.loads(fusedqk("models", "--json").stdout)
+    assert {m["model"] for m in models} >= {"qwen3-0.6b", "qwen3-30b-a3b", "qwen3-tiny"}
+
+
+@pytest.mark.parametrize("args, env, needles", [
+    (["generate", "-m", "qwen3-9000"], None, ["--model", "qwen3-0.6b"]),
+    (["generate", "-m", "Qwen/Qwen3-8B"], None, ["hub id"]),
+    (["generate", "-m", "./no/such/dir"], None, ["neither a registry name"]),
+    (["generate", "--bits", "5"], None, ["--bits", "choose from"]),
+    (["generate", "--temp", "-1"], None, ["--temp"]),
+    (["generate", "--backend", "cuda"], None, ["backend 'cuda' is not available", "cpu"]),
+    (["generate", "--backend", "tpu"], None, ["accepted: auto, cpu, cuda, metal"]),
+    (["generate", "--path", "fused", "--impl", "kernel"], None, ["no cpu version"]),
+    (["env"], {"FUSEDQK_FUSED_QK_NORM": "perhaps"}, ["FUSEDQK_FUSED_QK_NORM", "1/true/on/yes"]),
+    (["env"], {"FUSEDQK_FUSED_IMPL": "fast"}, ["FUSEDQK_FUSED_IMPL"]),
+    (["env"], {"FUSEDQK_DEFAULTS": "/no/such.json"}, ["FUSEDQK_DEFAULTS", "no such file"]),
+    (["bench", "--paths", "graph"], None, ["--paths"]),
+    (["blockbench", "--paths", "warp"], None, ["--paths"]),
+    (["verify", "/no/such/run"], None, ["no MANIFEST.sha256"]),
+    (["report", "--from", "/no/such/run"], None, ["no such run directory"]),
+    (["frobnicate"], None, ["invalid choice"]),
+])
+def test_user_errors_are_one_line(args, env, needles):
+    assert_one_line_error(fusedqk(*args, env=env), *needles)

@@ -1,0 +1,106 @@
+"""The identity check catches a single-ULP change, and controls catch a nondeterministic path."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from fusedqk import identity
+
+
+def logits(seed, steps=5, vocab=64):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=vocab).astype(np.float32) for _ in range(steps)]
+
+
+def one_ulp_up(a: np.ndarray, index: int) -> np.ndarray:
+    b = a.copy()
+    b.view(np.uint32)[index] += 1
+    return b
+
+
+def test_bitwise_equal_logits():
+    a = logits(0)
+    cmp = identity.compare_logits(a, [x.copy() for x in a])
+    assert cmp["bitwise_equal"] and cmp["equal_fraction"] == 1.0 and cmp["first_differing_step"] is None
+
+
+def test_a_single_ulp_in_one_logit_is_caught():
+    a = logits(1)
+    b = [x.copy() for x in a]
+    b[3] = one_ulp_up(b[3], 17)
+    cmp = identity.compare_logits(a, b)
+    assert not cmp["bitwise_equal"]
+    assert cmp["first_differing_step"] == 3
+    assert cmp["equal_fraction"] == pytest.approx(1 - 1 / (5 * 64))
+    assert 0 < cmp["max_abs_diff"] < 1e-6 and cmp["top1_agreement"] == 1.0
+
+
+def test_verdicts():
+    assert identity.verdict(True, True, True) == "EQUAL"
+    assert identity.verdict(False, True, True) == "DIFFERS"
+    assert identity.verdict(False, True, False) == "DIFFERS"
+    assert identity.verdict(True, False, True) == "INCONCLUSIVE"
+    assert identity.verdict(False, False, True) == "INCONCLUSIVE"
+    assert identity.verdict(True, None, None) == "INCONCLUSIVE"
+
+
+def test_trace_comparison_reports_divergence():
+    a = identity.Trace("graph", ["x", "y", "z"], [[1, 2, 3]], [4, 5])
+    b = identity.Trace("graph", ["x", "y", "w"], [[1, 9, 3]], [4, 5])
+    cmp = identity.compare_traces(a, b)
+    assert not cmp["identical"] and cmp["first_differing_logit_step"] == 2
+    assert cmp["greedy_first_divergence"] == [1] and cmp["sampled_first_divergence"] is None
+
+
+def args(**kw):
+    base = dict(model="qwen3-tiny", backend="cpu", bits=4, group_size=64, dtype="bfloat16", seed=0,
+                prompt_tokens=8, tokens=12, prompts=1, impls="composite", no_controls=False)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+@pytest.mark.slow
+def test_tiny_model_is_equal_with_deterministic_controls():
+    (result,) = identity.run(args())
+    assert result["verdict"] == "EQUAL"
+    assert result["controls"]["graph"]["identical"] and result["controls"]["fused"]["identical"]
+
+
+NOISY_GRAPH = textwrap.dedent('''
+    import os
+    import mlx.core as mx
+    from mlx_lm.models import qwen3
+
+    _call = qwen3.Attention.__call__
+
+    def noisy(self, x, mask=None, cache=None):
+        # Test-only: a graph path that is not reproducible (fresh noise every process).
+        out = _call(self, x, mask, cache)
+        seed = int.from_bytes(os.urandom(4), "little")
+        return out + 1e-2 * mx.random.normal(out.shape, key=mx.random.key(seed)).astype(out.dtype)
+
+    qwen3.Attention.__call__ = noisy
+''')
+
+
+@pytest.mark.slow
+def test_controls_turn_a_nondeterministic_graph_path_into_inconclusive(tmp_path, monkeypatch):
+    (tmp_path / "sitecustomize.py").write_text(NOISY_GRAPH)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "fusedqk", "identity", "-m", "qwen3-tiny",
+                           "--backend", "cpu", "--impls", "composite", "-p", "8", "-n", "12",
+                           "-k", "1", "--out-dir", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "identity-composite.json").read_text())
+    assert result["verdict"] == "INCONCLUSIVE"
+    assert result["controls"]["graph"]["identical"] is False

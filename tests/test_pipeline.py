@@ -1,0 +1,116 @@
+"""The Snakemake pipeline: lint, the DAG per backend, config errors, and the embedded default."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fusedqk import archive
+
+ROOT = Path(__file__).resolve().parent.parent
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="the pipeline names runs by git commit")
+
+
+def snakemake(*args, cwd=ROOT, timeout=1800):
+    return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_lint_is_clean():
+    proc = snakemake("--lint")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Lints for" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("backend, models", [
+    ("cpu", ["qwen3-tiny", "qwen3-moe-tiny"]),
+    ("cuda", ["qwen3-0.6b", "qwen3-8b", "qwen3-30b-a3b"]),
+    ("metal", ["qwen3-0.6b", "qwen3-8b", "qwen3-30b-a3b"]),
+])
+def test_dry_run_shows_the_dag_even_where_the_backend_is_absent(backend, models, tmp_path):
+    proc = snakemake("-n", "--config", f"backends=[{backend}]", f"results_dir={tmp_path}",
+                     "device_label=test-device")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    for model in models:
+        for job in ("bench", "identity", "blockbench"):
+            assert f"{tmp_path}/{backend}-test-device/" in out and f"{model}/status-{job}.json" in out
+    for rule in ("environment", "aggregate", "decide", "report", "manifest"):
+        assert f"rule {rule}:" in out or f"localrule {rule}:" in out
+
+
+def test_dry_run_with_podman_adds_the_image_build(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    cfg["container"]["engine"] = "podman"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "--configfile", str(tmp_path / "c.yaml"), "--config",
+                     f"results_dir={tmp_path}", "backends=[cpu]")
+    assert proc.returncode == 0 and "image.json" in proc.stdout, proc.stdout + proc.stderr
+
+
+BROKEN = [
+    ("unknown top-level key", lambda c: c.update(colour="blue"), "colour"),
+    ("unknown backend", lambda c: c.update(backends=["tpu"]), "tpu"),
+    ("bad engine", lambda c: c["container"].update(engine="lxc"), "lxc"),
+    ("bad type", lambda c: c["backend_settings"]["cpu"]["bench"].update(rounds="many"), "many"),
+    ("value out of range", lambda c: c["backend_settings"]["cpu"]["bench"].update(rounds=1), "rounds"),
+    ("bad impl", lambda c: c["backend_settings"]["cpu"].update(impls=["turbo"]), "turbo"),
+    ("bad bits", lambda c: c["backend_settings"]["cpu"]["quantization"].update(bits=3), "3"),
+    ("bad policy", lambda c: c["decision"].update(identity_policy="close"), "close"),
+    ("bad run name", lambda c: c.update(run_name="a b"), "a b"),
+]
+
+
+@pytest.mark.parametrize("what, breaks, needle", BROKEN, ids=[b[0] for b in BROKEN])
+def test_a_broken_config_stops_before_any_job_with_one_line(what, breaks, needle, tmp_path):
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    breaks(cfg)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "--configfile", str(path))
+    assert proc.returncode != 0
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "config error" in ln]
+    assert len(lines) == 1, proc.stdout + proc.stderr
+    assert needle in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_a_missing_key_is_one_line(tmp_path):
+    """--configfile merges over config/config.yaml, so run where that file itself lacks a key."""
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    del cfg["decision"]
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "--snakefile", str(ROOT / "Snakefile"), cwd=tmp_path)
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "config error" in ln]
+    assert proc.returncode != 0 and len(lines) == 1 and "decision" in lines[0], proc.stderr
+
+
+def test_an_absent_backend_fails_with_a_clear_message(tmp_path):
+    proc = snakemake("--cores", "1", "--config", "backends=[cuda]", f"results_dir={tmp_path}",
+                     "device_label=absent")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "backend 'cuda' is not available on this machine" in out
+    assert not list(tmp_path.rglob("environment.json"))
+
+
+@pytest.mark.slow
+def test_embedded_default_runs_end_to_end_and_archives(tmp_path):
+    proc = snakemake("--cores", "all", "--config", f"results_dir={tmp_path}", timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run,) = list(tmp_path.glob("cpu-*/*"))
+    for name in ("config.yaml", "environment.json", "trials.csv", "summaries.csv",
+                 "decisions.json", "report.md", "report.html", "MANIFEST.sha256"):
+        assert (run / name).is_file(), name
+    assert archive.verify(run) == []
+    text = (run / "report.md").read_text()
+    assert "## Recommendation" in text and "qwen3-moe-tiny" in text and "EQUAL" in text
+    before = (run / "report.md").read_bytes()
+    subprocess.run([sys.executable, "-m", "fusedqk", "report", "--from", str(run)], check=True)
+    assert (run / "report.md").read_bytes() == before
+    assert archive.verify(run) == []

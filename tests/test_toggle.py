@@ -1,0 +1,87 @@
+"""FUSEDQK_FUSED_QK_NORM / FUSEDQK_FUSED_IMPL / FUSEDQK_DEFAULTS parsing and resolution."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fusedqk.errors import UserError
+from fusedqk.toggle import FALSE_WORDS, TRUE_WORDS, load_defaults, parse_impl, parse_toggle, resolve
+
+
+@pytest.mark.parametrize("word", [*TRUE_WORDS, " On ", "YES", "True\n"])
+def test_every_true_spelling(word):
+    assert parse_toggle(word) is True
+
+
+@pytest.mark.parametrize("word", [*FALSE_WORDS, " off", "NO", "False "])
+def test_every_false_spelling(word):
+    assert parse_toggle(word) is False
+
+
+@pytest.mark.parametrize("word", ["", "2", "enable", "maybe", "o n"])
+def test_invalid_values_name_the_variable_and_the_accepted_values(word):
+    with pytest.raises(UserError) as e:
+        parse_toggle(word)
+    msg = str(e.value)
+    assert "FUSEDQK_FUSED_QK_NORM" in msg and "1/true/on/yes" in msg and "\n" not in msg
+
+
+def test_impl_values():
+    assert parse_impl(" Kernel ") == "kernel"
+    with pytest.raises(UserError, match="auto, kernel, composite"):
+        parse_impl("fast")
+
+
+def test_shipped_table_is_off_everywhere_and_cites_evidence():
+    table = load_defaults()
+    assert set(table.backends) == {"cpu", "cuda", "metal"}
+    for entry in table.backends.values():
+        assert entry.fused_qk_norm is False and entry.reason and entry.evidence
+
+
+def test_unset_uses_table_default_with_its_reason():
+    res = resolve("metal", True, env={})
+    assert res.path == "graph" and "M1 Ultra" in res.path_source
+    assert res.impl == "composite"
+
+
+def test_env_overrides_default():
+    res = resolve("cuda", True, env={"FUSEDQK_FUSED_QK_NORM": "on"})
+    assert res.path == "fused" and res.impl == "kernel" and "FUSEDQK_FUSED_QK_NORM=on" in res.path_source
+
+
+def test_auto_impl_without_kernel_is_composite():
+    res = resolve("cpu", False, env={"FUSEDQK_FUSED_QK_NORM": "1", "FUSEDQK_FUSED_IMPL": "auto"})
+    assert res.impl == "composite"
+
+
+def test_decisions_file_overrides_table(tmp_path):
+    f = tmp_path / "decisions.json"
+    f.write_text(json.dumps({"schema": "fusedqk-defaults/1", "backends": {
+        "cuda": {"fused_qk_norm": True, "impl": "kernel", "reason": "measured", "evidence": "run X"}}}))
+    res = resolve("cuda", True, env={"FUSEDQK_DEFAULTS": str(f)})
+    assert res.path == "fused" and str(f) in res.path_source
+    # A backend the file does not list is off.
+    assert resolve("metal", True, env={"FUSEDQK_DEFAULTS": str(f)}).path == "graph"
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("{not json", "not valid JSON"),
+    ('{"schema": "other"}', "fusedqk-defaults/1"),
+    ('{"schema": "fusedqk-defaults/1", "backends": []}', "backends"),
+    ('{"schema": "fusedqk-defaults/1", "backends": {"cuda": {"fused_qk_norm": "yes"}}}', "true or false"),
+    ('{"schema": "fusedqk-defaults/1", "backends": {"cuda": {"fused_qk_norm": true, "impl": "x"}}}',
+     "impl"),
+])
+def test_malformed_decisions_file_is_one_clear_error(tmp_path, content, needle):
+    f = tmp_path / "d.json"
+    f.write_text(content)
+    with pytest.raises(UserError, match=needle):
+        load_defaults(str(f))
+
+
+def test_missing_decisions_file(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        load_defaults(str(tmp_path / "nope.json"))
