@@ -28,24 +28,21 @@ class OneLineParser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
-    return n
+def _number(cast: type, low: float, name: str):
+    """An argparse type: ``cast`` of the text, at least ``low``."""
+    def parse(value: str):
+        try:
+            n = cast(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not {name}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{value!r} must be at least {low}")
+        return n
+    return parse
 
 
-def _non_negative_float(value: str) -> float:
-    try:
-        f = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if f < 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be >= 0")
-    return f
+_positive = _number(int, 1, "a whole number")
+_non_negative_float = _number(float, 0.0, "a number")
 
 
 def _model_flags(p: argparse.ArgumentParser, default_model: str = "qwen3-tiny") -> None:
