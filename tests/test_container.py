@@ -58,7 +58,7 @@ def test_cpu_image_builds_and_runs_the_tiny_pipeline(tmp_path):
                            str(tmp_path / "c.yaml")], cwd=ROOT, capture_output=True, text=True,
                           timeout=3000)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    (run,) = list((tmp_path / "results").glob("cpu-*/*"))
+    (run,) = [p for p in (tmp_path / "results").glob("cpu-*/*") if p.is_dir()]
     image = json.loads((run / "image.json").read_text())
     env = json.loads((run / "environment.json").read_text())
     assert env["container_image_id"] and env["backend"] == "cpu"
