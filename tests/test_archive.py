@@ -17,11 +17,13 @@ def test_committed_archives_verify_and_re_render_identically(run, tmp_path):
     assert archive.verify(run) == []
     copy = tmp_path / run.name
     shutil.copytree(run, copy)
+    for name in ("report.md", "report.html"):
+        (copy / name).unlink()
     report.render_run(copy)
-    for name in ("report.md", "report.html", "plots/throughput.png"):
-        if (run / name).exists():
-            assert (copy / name).read_bytes() == (run / name).read_bytes(), name
-    assert archive.verify(copy) == []
+    # The text is rendered from the raw files alone: byte for byte the archived one. The HTML
+    # embeds PNGs, whose bytes depend on the matplotlib build, so it must only come back.
+    assert (copy / "report.md").read_bytes() == (run / "report.md").read_bytes()
+    assert (copy / "report.html").stat().st_size > 0
 
 
 def test_manifest_catches_changed_missing_and_extra_files(tmp_path):
