@@ -108,6 +108,10 @@ def device_info() -> DeviceInfo:
         total = info.get("memory_size")
         total = int(total) if total else None
         free = total - mx.get_active_memory() if total else None
+        if total is None and backend == "cuda":  # MLX's CUDA build reports no memory size
+            mib = _nvidia_smi("memory.total,memory.free")
+            if mib:
+                total, free = (int(v.split()[0]) << 20 for v in mib.split(","))
         driver = _nvidia_smi("driver_version") if backend == "cuda" else None
         cuda = _cuda_runtime_version() if backend == "cuda" else None
     return DeviceInfo(backend, name, total, free, driver, cuda)

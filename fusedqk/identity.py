@@ -141,7 +141,8 @@ def _fresh_trace(args: argparse.Namespace, path: str) -> Trace:
            "-p", str(args.prompt_tokens), "-n", str(args.tokens), "-k", str(args.prompts)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise UserError(f"control run of {path} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"control run of {path} failed: {last}")
     return Trace(**json.loads(proc.stdout))
 
 

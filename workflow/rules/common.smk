@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 
+import yaml
+
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
@@ -52,19 +54,23 @@ if "measure" not in workflow.global_resources:
     workflow.register_resource("measure", 1)
 
 
-def _git_commit():
+def _git(*args):
+    return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _auto_run_name():
+    """<commit date>-<commit>[-dirty]: the same in every process of a run (a cluster job parses
+    this file again), unlike the clock. Edits during a run would change it: do not."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
+        commit = _git("rev-parse", "--short=10", "HEAD")
+        day = _git("log", "-1", "--format=%cd", "--date=format:%Y%m%d")
+        dirty = "-dirty" if _git("status", "--porcelain", "--untracked-files=no") else ""
+        return f"{day}-{commit}{dirty}"
     except (OSError, subprocess.CalledProcessError):
-        return "nogit"
+        return f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%d}-nogit"
 
 
-RUN_NAME = (config["run_name"] if config["run_name"] != "auto" else
-            f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%d}-{_git_commit()}")
+RUN_NAME = config["run_name"] if config["run_name"] != "auto" else _auto_run_name()
 
 
 def _device_label(backend):

@@ -4,6 +4,8 @@
 
 
 rule environment:
+    conda:
+        "../envs/fusedqk.yaml"
     input:
         image_stamp=lambda w: image_stamp(backend_of(w)),
     output:
@@ -12,15 +14,13 @@ rule environment:
     params:
         cmd=lambda w: fusedqk(backend_of(w)),
         backend=backend_of,
+        config_yaml=lambda w: yaml.safe_dump(config, sort_keys=False),
     log:
         "{run}/logs/environment.log",
-    run:
-        import yaml
-
-        with open(output.config, "w") as f:
-            yaml.safe_dump(config, f, sort_keys=False)
-        shell("{params.cmd} env --backend {params.backend} --json > {output.env}.tmp 2> {log}"
-              " && mv {output.env}.tmp {output.env} || (cat {log} >&2; rm -f {output.env}.tmp; exit 1)")
+    shell:
+        "printf '%s' {params.config_yaml:q} > {output.config}"
+        " && {params.cmd} env --backend {params.backend} --json > {output.env} 2> {log}"
+        " || (cat {log} >&2; exit 1)"
 
 
 rule bench:
