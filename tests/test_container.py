@@ -46,7 +46,8 @@ def test_cpu_image_builds_and_runs_the_tiny_pipeline(tmp_path):
     cfg["results_dir"] = str(tmp_path / "results")
     cfg["container"].update(
         engine="podman", build_args=["--runtime", "runc", "--network", "host"],
-        run_args=["--runtime", "runc", "--network", "none", "--ulimit", "nofile=1024:1024",
+        # mlx-lm raises its open-file limit to (2048, 4096) at import: the hard limit must allow it.
+        run_args=["--runtime", "runc", "--network", "none", "--ulimit", "nofile=4096:4096",
                   "--ulimit", "nproc=4096:4096"],
         ca_bundle=CA_BUNDLE if Path(CA_BUNDLE).is_file() else None)
     tiny = cfg["backend_settings"]["cpu"]
