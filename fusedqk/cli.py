@@ -98,7 +98,8 @@ def cmd_env(args: argparse.Namespace) -> int:
     import mlx.core as mx
     import mlx_lm
 
-    from fusedqk.backend import as_dict, available_backends, device_info, select_backend
+    from fusedqk.backend import available_backends, device_info, select_backend
+    from fusedqk.envinfo import environment
     from fusedqk.kernels.qkv_norm_rope import has_kernel
     from fusedqk.toggle import resolve
 
@@ -106,8 +107,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     info = device_info()
     res = resolve(backend, has_kernel(backend))
     report = {
-        "fusedqk": __version__, "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
-        "backends_available": available_backends(), **as_dict(info),
+        "backends_available": available_backends(), **environment(),
         "fused_qk_norm": res.path == "fused", "impl": res.impl,
         "path_source": res.path_source, "impl_source": res.impl_source,
         "kernel_available": has_kernel(backend),
