@@ -117,14 +117,5 @@ def device_info() -> DeviceInfo:
     return DeviceInfo(backend, name, total, free, driver, cuda)
 
 
-def device_slug(info: DeviceInfo) -> str:
-    """A filesystem-safe device name for archive paths, e.g. ``cuda-nvidia-h100-80gb-hbm3``."""
-    raw = f"{info.backend}-{info.device_name}".lower()
-    slug = "".join(c if c.isalnum() else "-" for c in raw)
-    while "--" in slug:
-        slug = slug.replace("--", "-")
-    return slug.strip("-")
-
-
 def as_dict(info: DeviceInfo) -> dict:
     return asdict(info)
