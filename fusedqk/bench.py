@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
@@ -22,6 +23,9 @@ from fusedqk.decode import generate, make_sampler, random_prompt
 from fusedqk.envinfo import environment, now_utc
 from fusedqk.errors import UserError
 from fusedqk.kernels.qkv_norm_rope import has_kernel
+
+if TYPE_CHECKING:
+    from fusedqk.cli import Prepared
 
 FUSED_PATHS = ("composite", "kernel")
 
@@ -72,7 +76,7 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, disable=not sys.stderr.isatty(), leave=False)
 
 
-def run(prep, paths: list[str], settings: BenchSettings, argv: list[str] | None = None) -> BenchRun:
+def run(prep: Prepared, paths: list[str], settings: BenchSettings, argv: list[str] | None = None) -> BenchRun:
     model = prep.loaded.model
     vocab = prep.loaded.config["vocab_size"]
     prompt = random_prompt(vocab, settings.prompt_tokens, settings.seed)

@@ -15,6 +15,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import pandas as pd
@@ -24,6 +25,9 @@ from fusedqk.attention import FusedQKNormAttention
 from fusedqk.envinfo import environment
 from fusedqk.errors import UserError
 from fusedqk.kernels.qkv_norm_rope import has_kernel
+
+if TYPE_CHECKING:
+    from fusedqk.cli import Prepared
 
 
 @dataclass
@@ -78,7 +82,7 @@ def _build_us(fn, reps: int = 20) -> float:
     return (time.perf_counter() - t) / reps * 1e6
 
 
-def run(prep, settings: Settings) -> dict:
+def run(prep: Prepared, settings: Settings) -> dict:
     """Time every path's block; returns rows (one per path) plus the environment."""
     paths = prep.paths
     fused = [m for m in paths.fused if isinstance(m, FusedQKNormAttention)]

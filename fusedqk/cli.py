@@ -14,9 +14,14 @@ import logging
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fusedqk import __version__
 from fusedqk.errors import UserError
+
+if TYPE_CHECKING:  # the heavy modules load only in the subcommands that need them
+    from fusedqk.attention import DecodePaths
+    from fusedqk.models import LoadedModel, Quantization
 
 log = logging.getLogger("fusedqk")
 
@@ -60,9 +65,9 @@ def _model_flags(p: argparse.ArgumentParser, default_model: str = "qwen3-tiny") 
 @dataclass
 class Prepared:
     backend: str
-    loaded: object  # fusedqk.models.LoadedModel
-    paths: object  # fusedqk.attention.DecodePaths
-    quant: object  # fusedqk.models.Quantization
+    loaded: LoadedModel
+    paths: DecodePaths
+    quant: Quantization
 
 
 def prepare(args: argparse.Namespace) -> Prepared:

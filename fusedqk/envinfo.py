@@ -7,12 +7,16 @@ import platform
 import subprocess
 import sys
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx_lm
 
 from fusedqk import __version__
 from fusedqk.backend import as_dict, device_info
+
+if TYPE_CHECKING:
+    from fusedqk.cli import Prepared
 
 ENV_IMAGE_ID = "FUSEDQK_IMAGE_ID"
 ENV_GIT_COMMIT = "FUSEDQK_GIT_COMMIT"  # where the source has no .git (images, copied trees)
@@ -39,7 +43,7 @@ def now_utc() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def environment(prep=None) -> dict:
+def environment(prep: Prepared | None = None) -> dict:
     """Backend, device, driver/CUDA, versions, git state, Python, host, container image."""
     env = {
         **as_dict(device_info()),

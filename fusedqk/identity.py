@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
@@ -28,6 +29,9 @@ import numpy as np
 from fusedqk.decode import generate, make_sampler, random_prompt, teacher_forced_logits
 from fusedqk.envinfo import environment, now_utc
 from fusedqk.errors import UserError
+
+if TYPE_CHECKING:
+    from fusedqk.cli import Prepared
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ def _teacher_sequence(vocab: int, s: IdentitySettings) -> mx.array:
     return random_prompt(vocab, s.prompt_tokens + s.tokens, s.seed + 1000)
 
 
-def _logits(prep, path: str, s: IdentitySettings) -> list[np.ndarray]:
+def _logits(prep: Prepared, path: str, s: IdentitySettings) -> list[np.ndarray]:
     prep.paths.use(path)
     seq = _teacher_sequence(prep.loaded.config["vocab_size"], s)
     # float32 holds every bf16/fp16 value exactly and one-to-one, so bitwise comparisons in float32
@@ -65,7 +69,7 @@ def _logits(prep, path: str, s: IdentitySettings) -> list[np.ndarray]:
     return [np.array(step.astype(mx.float32)) for step in steps]
 
 
-def trace(prep, path: str, s: IdentitySettings, logits: list[np.ndarray] | None = None) -> Trace:
+def trace(prep: Prepared, path: str, s: IdentitySettings, logits: list[np.ndarray] | None = None) -> Trace:
     """Run ``path`` through every comparison; ``logits`` reuses teacher-forced steps already run."""
     if logits is None:
         logits = _logits(prep, path, s)
