@@ -100,16 +100,12 @@ def resolved_path(backend: str, path: str | None, impl: str | None) -> str:
 # --- subcommands -------------------------------------------------------------------------------
 
 def cmd_env(args: argparse.Namespace) -> int:
-    import mlx.core as mx
-    import mlx_lm
-
-    from fusedqk.backend import available_backends, device_info, select_backend
+    from fusedqk.backend import available_backends, select_backend
     from fusedqk.envinfo import environment
     from fusedqk.kernels.qkv_norm_rope import has_kernel
     from fusedqk.toggle import resolve
 
     backend = select_backend(args.backend)
-    info = device_info()
     res = resolve(backend, has_kernel(backend))
     report = {
         "backends_available": available_backends(), **environment(),
@@ -121,12 +117,12 @@ def cmd_env(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     gib = lambda b: f"{b / 2**30:.1f} GiB" if b else "unknown"  # noqa: E731
-    print(f"fusedqk {__version__}  mlx {mx.__version__}  mlx-lm {mlx_lm.__version__}")
+    print(f"fusedqk {report['fusedqk']}  mlx {report['mlx']}  mlx-lm {report['mlx_lm']}")
     print(f"backend      {backend} (available: {', '.join(report['backends_available'])})")
-    print(f"device       {info.device_name}  memory {gib(info.memory_total_bytes)} total, "
-          f"{gib(info.memory_free_bytes)} free")
-    if info.driver_version:
-        print(f"driver       {info.driver_version}  CUDA {info.cuda_version}")
+    print(f"device       {report['device_name']}  memory {gib(report['memory_total_bytes'])} total, "
+          f"{gib(report['memory_free_bytes'])} free")
+    if report["driver_version"]:
+        print(f"driver       {report['driver_version']}  CUDA {report['cuda_version']}")
     print(f"fused path   {'on' if res.path == 'fused' else 'off'}  ({res.path_source})")
     print(f"impl         {res.impl}  ({res.impl_source})")
     return 0
@@ -225,12 +221,12 @@ def cmd_decide(args: argparse.Namespace) -> int:
 
 def cmd_blockbench(args: argparse.Namespace) -> int:
     from fusedqk import blockbench
+    from fusedqk.attention import PATHS
 
-    prep = prepare(args)
     names = tuple(p.strip() for p in args.paths.split(",") if p.strip())
-    bad = [n for n in names if n not in ("graph", "composite", "kernel")]
-    if bad or not names:
-        raise UserError(f"--paths {args.paths!r}: accepted names are graph, composite, kernel")
+    if not names or any(n not in PATHS for n in names):
+        raise UserError(f"--paths {args.paths!r}: accepted names are {', '.join(PATHS)}")
+    prep = prepare(args)
     result = blockbench.run(prep, blockbench.Settings(args.batch, args.reps, args.warmup,
                                                       args.bandwidth, names))
     if args.out_dir:
