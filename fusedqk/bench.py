@@ -1,15 +1,20 @@
 """Decode throughput, fused vs graph: interleaved rounds in one process, raw samples kept.
 
-One model build; every path warmed up; then R rounds, each running every path once in an order
-drawn from a seeded shuffle, so drift and thermal state fall on all paths alike. A trial is
-mlx_lm.benchmark's / llama-bench's tg test: a P-token random prompt, then G greedy decode steps
-with EOS ignored. Decode tok/s = G / (time from the first token to the last).
+One model build; every path warmed up; then R rounds. A trial is mlx_lm.benchmark's /
+llama-bench's tg test: a P-token random prompt, then G greedy decode steps with EOS ignored.
+Within a round the paths take turns every C tokens (``chunk_tokens``), in an order drawn from a
+seeded shuffle: on a shared host the speed of decode drifts by tens of percent over a second or
+so (measured on the H100, docs/perf-log.md), and only turns much shorter than that put the same
+drift on every path. Each turn reads C + 1 tokens and times the C intervals after the first
+(the queued step is finished untimed before the next path's turn), so a turn pays only for its
+own path's steps. Decode tok/s = G / (sum of the timed intervals); C >= G is one turn per trial.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,7 +24,7 @@ import pandas as pd
 
 from fusedqk import stats
 from fusedqk.atomic import write_json, write_text
-from fusedqk.decode import generate, make_sampler, random_prompt
+from fusedqk.decode import Decoder, generate, make_sampler, random_prompt
 from fusedqk.envinfo import environment, now_utc
 from fusedqk.errors import UserError
 from fusedqk.kernels.qkv_norm_rope import has_kernel
@@ -36,6 +41,7 @@ class BenchSettings:
     generation_tokens: int = 128
     rounds: int = 15
     warmup: int = 2
+    chunk_tokens: int = 16
     seed: int = 0
 
 
@@ -85,32 +91,49 @@ def run(prep: Prepared, paths: list[str], settings: BenchSettings, argv: list[st
     result = BenchRun(settings, paths)
     result.meta = {"started_at": now_utc(), "argv": argv or []}
     bar = _progress(len(paths) * (settings.warmup + settings.rounds), prep.loaded.name)
+    peak_memory = {}
     for path in paths:
+        # Turns share the device's memory, so each path's peak comes from its own warm-up.
         prep.paths.use(path)
+        mx.reset_peak_memory()
         for _ in range(settings.warmup):
             generate(model, prompt, g + 1, greedy)
             if bar:
                 bar.update()
+        peak_memory[path] = mx.get_peak_memory()
     order_rng = np.random.default_rng(settings.seed)
+    turns = [min(settings.chunk_tokens, g - start) for start in range(0, g, settings.chunk_tokens)]
     for rnd in range(settings.rounds):
         order = [paths[i] for i in order_rng.permutation(len(paths))]
-        for slot, path in enumerate(order):
+        decoders, prefill_s, intervals = {}, {}, {path: [] for path in order}
+        for path in order:
             prep.paths.use(path)
-            mx.reset_peak_memory()
-            res = generate(model, prompt, g + 1, greedy)
+            start = time.perf_counter()
+            decoders[path] = Decoder(model, prompt, greedy)
+            prefill_s[path] = decoders[path].advance(1)[0] - start
+            decoders[path].drain()
+        for n in turns:
+            for path in order:
+                prep.paths.use(path)
+                arrivals = decoders[path].advance(n + 1)
+                decoders[path].drain()
+                intervals[path] += np.diff(arrivals).tolist()
+        for slot, path in enumerate(order):
+            decode_s = float(sum(intervals[path]))
             result.trials.append({
                 "model": prep.loaded.name, "backend": prep.backend, "path": path, "round": rnd,
                 "slot": slot, "prompt_tokens": settings.prompt_tokens, "generation_tokens": g,
-                "prefill_s": res.prefill_s, "decode_s": res.decode_s,
-                "prefill_tok_s": settings.prompt_tokens / res.prefill_s,
-                "decode_tok_s": g / res.decode_s, "peak_memory_bytes": mx.get_peak_memory(),
-                "distinct_tokens": len(set(res.tokens)),
+                "chunk_tokens": settings.chunk_tokens, "prefill_s": prefill_s[path],
+                "decode_s": decode_s, "prefill_tok_s": settings.prompt_tokens / prefill_s[path],
+                "decode_tok_s": g / decode_s, "peak_memory_bytes": peak_memory[path],
+                "distinct_tokens": len(set(decoders[path].tokens)),
             })
             result.tokens.extend(
                 {"model": prep.loaded.name, "path": path, "round": rnd, "step": i + 1,
-                 "latency_s": lat} for i, lat in enumerate(res.latencies_s))
+                 "latency_s": lat} for i, lat in enumerate(intervals[path]))
             if bar:
                 bar.update()
+        del decoders
     if bar:
         bar.close()
     prep.paths.use("graph")

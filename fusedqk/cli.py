@@ -183,7 +183,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     prep = prepare(args)
     paths = bench.expand_paths(args.paths, prep.backend, args.impl)
     settings = bench.BenchSettings(args.prompt_tokens, args.generation_tokens, args.rounds,
-                                   args.warmup, args.seed)
+                                   args.warmup, args.chunk_tokens, args.seed)
     run = bench.run(prep, paths, settings, argv=sys.argv)
     if args.out_dir:
         bench.write(run, Path(args.out_dir))
@@ -296,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--prompt-tokens", type=_positive, default=64)
     p.add_argument("-g", "--generation-tokens", type=_positive, default=128)
     p.add_argument("-r", "--rounds", type=_positive, default=15)
-    p.add_argument("-w", "--warmup", type=int, default=2, help="warm-up trials per path")
+    p.add_argument("-w", "--warmup", type=_positive, default=2, help="warm-up trials per path")
+    p.add_argument("-c", "--chunk-tokens", type=_positive, default=16,
+                   help="paths take turns every this many tokens within a round (default 16)")
     p.add_argument("--paths", default="graph,fused",
                    help="comma list of graph, fused, composite, kernel (default graph,fused)")
     p.add_argument("--impl", default="auto", choices=("auto", "kernel", "composite"),

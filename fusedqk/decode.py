@@ -2,7 +2,8 @@
 
 The loop pipelines like mlx-lm's ``generate_step``: step n+1 is queued (``mx.async_eval``) before
 step n's token is read back, so the GPU never waits on Python. Token arrival times are recorded
-as they are read back; the per-token latencies are their differences.
+as they are read back; the per-token latencies are their differences. ``Decoder`` is the loop in
+pieces, for benchmarks that let several paths take turns.
 """
 
 from __future__ import annotations
@@ -53,36 +54,51 @@ class DecodeResult:
         return self.token_times_s[-1] if self.token_times_s else 0.0
 
 
+class Decoder:
+    """One sequence on its own KV cache, decoded in pieces so that several can take turns.
+
+    Pipelined like mlx-lm's ``generate_step``: before a token is read back, its successor is
+    already queued. ``drain`` finishes the queued step untimed, so a piece timed after a pause
+    pays only for its own steps, never for another sequence's.
+    """
+
+    def __init__(self, model: nn.Module, prompt: mx.array, sampler: Sampler) -> None:
+        self._model, self._sampler = model, sampler
+        self._cache = make_prompt_cache(model)
+        self.tokens: list[int] = []
+        self._pending = self._step(prompt)
+        mx.async_eval(self._pending)
+
+    def _step(self, tokens: mx.array) -> mx.array:
+        logits = self._model(tokens[None], cache=self._cache)[:, -1, :]
+        return self._sampler(logits)
+
+    def advance(self, n: int) -> list[float]:
+        """Read the next ``n`` tokens; return each one's arrival time (``time.perf_counter``)."""
+        arrivals = []
+        for _ in range(n):
+            queued = self._step(self._pending)
+            mx.async_eval(queued)
+            self.tokens.append(self._pending.item())
+            arrivals.append(time.perf_counter())
+            self._pending = queued
+        return arrivals
+
+    def drain(self) -> None:
+        mx.eval(self._pending)
+
+
 def generate(model: nn.Module, prompt: mx.array, max_tokens: int, sampler: Sampler) -> DecodeResult:
     """Prefill ``prompt``, then decode until ``max_tokens`` tokens exist (EOS is not special).
 
     Token 1 comes from the prefill; tokens 2..max_tokens are decode steps, timed from the arrival
     of token 1.
     """
-    cache = make_prompt_cache(model)
-
-    def step(tokens: mx.array) -> mx.array:
-        logits = model(tokens[None], cache=cache)[:, -1, :]
-        return sampler(logits)
-
     start = time.perf_counter()
-    y = step(prompt)
-    mx.async_eval(y)
-    result = DecodeResult([], 0.0)
-    first = start
-    for n in range(max_tokens):
-        if n + 1 < max_tokens:
-            next_y = step(y)
-            mx.async_eval(next_y)
-        result.tokens.append(y.item())
-        now = time.perf_counter()
-        if n == 0:
-            first = now
-            result.prefill_s = now - start
-        else:
-            result.token_times_s.append(now - first)
-        y = next_y
-    return result
+    decoder = Decoder(model, prompt, sampler)
+    first = decoder.advance(1)[0]
+    rest = decoder.advance(max_tokens - 1)
+    return DecodeResult(decoder.tokens, first - start, [t - first for t in rest])
 
 
 def teacher_forced_logits(model: nn.Module, tokens: mx.array, prompt_len: int) -> list[mx.array]:

@@ -52,7 +52,7 @@ def test_cpu_image_builds_and_runs_the_tiny_pipeline(tmp_path):
         ca_bundle=CA_BUNDLE if Path(CA_BUNDLE).is_file() else None)
     tiny = cfg["backend_settings"]["cpu"]
     tiny.update(models=["qwen3-tiny"], bench=dict(prompt_tokens=8, generation_tokens=8, rounds=2,
-                                                  warmup=0),
+                                                  warmup=1, chunk_tokens=4),
                 identity=dict(prompt_tokens=8, tokens=8, prompts=1), blockbench=dict(reps=2))
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile",

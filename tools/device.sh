@@ -58,14 +58,22 @@ profile)
   ;;
 pipeline)
   # The pipeline itself, natively (no container engine here), into an ignored directory that
-  # survives between calls on a warm machine: a second call resumes what a first one began.
-  # RUN_NAME comes from the caller (this copy of the tree has no .git).
-  $py -m snakemake --cores all --config 'backends=[cuda]' results_dir=.work/results \
-    run_name="${RUN_NAME:?set RUN_NAME}" 2>&1 | tee "$OUT/snakemake.log" | grep -E "Finished|Error|steps" | tail -30
+  # survives between calls on a warm machine: a second call resumes what a first one began. A
+  # machine that went cold resumes from the partial run a previous call brought back, carried
+  # as .work/resume.tar.gz. RUN_NAME and FUSEDQK_GIT_COMMIT come from the caller (this copy of
+  # the tree has no .git). Snakemake stops cleanly before the device tool's 10-minute limit.
+  : "${RUN_NAME:?set RUN_NAME}" "${FUSEDQK_GIT_COMMIT:?set FUSEDQK_GIT_COMMIT}"
+  if ! ls -d .work/results/cuda-*/"$RUN_NAME" >/dev/null 2>&1 && [ -f .work/resume.tar.gz ]; then
+    mkdir -p .work/results && tar -C .work/results -xzf .work/resume.tar.gz
+  fi
+  timeout -s INT "${PIPELINE_TIMEOUT_S:-540}" $py -m snakemake --cores all --rerun-incomplete \
+    --config 'backends=[cuda]' results_dir=.work/results run_name="$RUN_NAME" 2>&1 \
+    | tee "$OUT/snakemake.log" | grep -E "Finished|Error|steps" | tail -30
   run_dir=$(ls -d .work/results/cuda-*/"$RUN_NAME" 2>/dev/null | head -1)
-  if [ -f "$run_dir/MANIFEST.sha256" ]; then
-    tar -C "$(dirname "$run_dir")/.." -czf "$final/run.tar.gz" "$(basename "$(dirname "$run_dir")")/$RUN_NAME"
-    sed -n '1,40p' "$run_dir/report.md"
+  if [ -n "$run_dir" ]; then  # complete or not, it comes back
+    tar -C .work/results -czf "$final/run.tar.gz" "$(basename "$(dirname "$run_dir")")/$RUN_NAME"
+    ls "$run_dir"/*/status-*.json 2>/dev/null
+    [ -f "$run_dir/report.md" ] && sed -n '1,40p' "$run_dir/report.md"
   fi
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;

@@ -44,7 +44,7 @@ rule bench:
     shell:
         "{params.cmd} bench -m {wildcards.model} {params.flags} --paths {params.paths}"
         " -p {params.b[prompt_tokens]} -g {params.b[generation_tokens]} -r {params.b[rounds]}"
-        " -w {params.b[warmup]} --out-dir {wildcards.run}/{wildcards.model}/bench"
+        " -w {params.b[warmup]} -c {params.b[chunk_tokens]} --out-dir {wildcards.run}/{wildcards.model}/bench"
         " --status {output.status} > {log} 2>&1"
 
 
