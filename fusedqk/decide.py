@@ -63,10 +63,16 @@ def decide_model(speedup: dict | None, ident: dict | None, rule: Rule) -> dict:
         return {"recommendation": "off", "why": f"regresses: {ci} (upper bound < 1)"}
     if ok and s.lo >= 1 + rule.min_gain:
         return {"recommendation": "on", "why": f"identity {verdict}; {ci} >= {1 + rule.min_gain:.3f}"}
+    if ok is None and s.lo >= 1 + rule.min_gain:
+        # More rounds cannot help here: only deterministic controls (or a tolerance policy) can.
+        return {"recommendation": "inconclusive", "rounds_needed": None,
+                "why": f"identity {verdict}; the speed alone would say on ({ci} >= "
+                       f"{1 + rule.min_gain:.3f}), more rounds do not change the identity result"}
     need = rounds_to_decide(s, rule.min_gain)
     more = ("the gain sits below the min-gain threshold; more rounds would not make it `on`"
-            if need is None else f"about {need} rounds (now {s.rounds}) would likely decide it")
-    why = f"identity {verdict}" if not ok else f"{ci} straddles the thresholds"
+            if need is None else
+            f"about {need} rounds (now {s.rounds}) would likely decide the speed")
+    why = f"identity {verdict}; {ci}" if not ok else f"{ci} straddles the thresholds"
     return {"recommendation": "inconclusive", "why": f"{why}; {more}", "rounds_needed": need}
 
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from fusedqk.cli import Prepared
 
 ENV_IMAGE_ID = "FUSEDQK_IMAGE_ID"
-ENV_GIT_COMMIT = "FUSEDQK_GIT_COMMIT"  # where the source has no .git (images, copied trees)
+ENV_GIT_COMMIT = "FUSEDQK_GIT_COMMIT"  # images and copied trees, whose .git is absent or stale
 
 
 def _git(*args: str) -> str | None:
@@ -32,9 +32,13 @@ def _git(*args: str) -> str | None:
 
 
 def git_state() -> dict:
+    """The commit the caller names (FUSEDQK_GIT_COMMIT) wins: a copied tree may carry a .git
+    that is not the source it holds (seen on the device machine)."""
+    if os.environ.get(ENV_GIT_COMMIT):
+        return {"git_commit": os.environ[ENV_GIT_COMMIT], "git_dirty": None}
     commit = _git("rev-parse", "HEAD")
     if commit is None:
-        return {"git_commit": os.environ.get(ENV_GIT_COMMIT), "git_dirty": None}
+        return {"git_commit": None, "git_dirty": None}
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     return {"git_commit": commit, "git_dirty": dirty}
 

@@ -67,3 +67,14 @@ def test_generate_json_and_env_and_models():
 ])
 def test_user_errors_are_one_line(args, env, needles):
     assert_one_line_error(fusedqk(*args, env=env), *needles)
+
+
+def test_a_named_git_commit_wins_over_the_trees_git(monkeypatch):
+    from fusedqk.envinfo import ENV_GIT_COMMIT, git_state
+
+    monkeypatch.delenv(ENV_GIT_COMMIT, raising=False)
+    asked = git_state()["git_commit"]
+    assert asked is None or len(asked) == 40
+    monkeypatch.setenv(ENV_GIT_COMMIT, "4176a4f29fa59b75379188f7fe6c771f6759342e")
+    assert git_state() == {"git_commit": "4176a4f29fa59b75379188f7fe6c771f6759342e",
+                           "git_dirty": None}

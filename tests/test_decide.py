@@ -58,9 +58,12 @@ def test_inconclusive_when_ci_straddles_with_rounds_estimate(tmp_path):
     assert d["recommendation"] == "inconclusive" and m["rounds_needed"] > 15
 
 
-def test_inconclusive_identity_blocks_on(tmp_path):
+def test_inconclusive_identity_blocks_on_and_no_round_count_is_promised(tmp_path):
     write_model(tmp_path, "a", 1.20, 1.10, 1.30, verdict="INCONCLUSIVE")
-    assert rec(tmp_path)["recommendation"] == "inconclusive"
+    d = rec(tmp_path)
+    m = d["per_impl"]["kernel"]["models"]["a"]
+    assert d["recommendation"] == "inconclusive" and m["rounds_needed"] is None
+    assert "speed alone would say on" in m["why"]
 
 
 def test_failed_model_makes_it_inconclusive_and_is_named(tmp_path):

@@ -5,6 +5,8 @@
 #   tools/device.sh kernel     numerics probe, GPU tests, blockbench of the three seed models
 #   tools/device.sh profile    Nsight Compute sections of one fused-kernel launch
 #   tools/device.sh pipeline   the Snakemake pipeline, cuda backend, natively; archive packed
+#   tools/device.sh determinism [models]   where the graph path stops reproducing itself, and
+#                              identity with the context kept below that point (-n 200)
 #
 # Expects MLX's CUDA build importable (PYTHONPATH=/tmp/site after ../shared/device/README.md's
 # two-call staging).
@@ -75,6 +77,13 @@ pipeline)
     ls "$run_dir"/*/status-*.json 2>/dev/null
     [ -f "$run_dir/report.md" ] && sed -n '1,40p' "$run_dir/report.md"
   fi
+  ;;
+determinism)
+  for m in ${2:-qwen3-0.6b qwen3-8b qwen3-30b-a3b}; do
+    $py tools/probe_determinism.py "$m" 128,256,4096 2>&1 | tee "$OUT/determinism-$m.md"
+    $py -m fusedqk identity -m "$m" --impls kernel,composite -p 32 -n 200 -k 3 \
+      --out-dir "$OUT/identity-n200-$m" 2>&1 | tee "$OUT/identity-n200-$m.txt" | grep -E "cuda|control"
+  done
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
