@@ -5,6 +5,7 @@
 #   tools/device.sh kernel     numerics probe, GPU tests, blockbench of the three seed models
 #   tools/device.sh profile    Nsight Compute sections of one fused-kernel launch
 #   tools/device.sh pipeline   the Snakemake pipeline, cuda backend, natively; archive packed
+#   tools/device.sh hostcost   host cost of one fused-kernel call, plain and under mx.compile
 #   tools/device.sh determinism [models]   where the graph path stops reproducing itself, and
 #                              identity with the context kept below that point (-n 200)
 #
@@ -77,6 +78,9 @@ pipeline)
     ls "$run_dir"/*/status-*.json 2>/dev/null
     [ -f "$run_dir/report.md" ] && sed -n '1,40p' "$run_dir/report.md"
   fi
+  ;;
+hostcost)
+  $py tools/probe_kernel_host_cost.py 2>&1 | tee "$OUT/hostcost.md"
   ;;
 determinism)
   for m in ${2:-qwen3-0.6b qwen3-8b qwen3-30b-a3b}; do
