@@ -120,7 +120,11 @@ class FusedQKNormAttention(nn.Module):
         # Underscores: kernel state, not parameters (nn.Module skips such names).
         self._kernel = None
         if qkv_norm_rope.kernel_blocker(backend, self.layout, q.scales.dtype) is None:
-            self._kernel = qkv_norm_rope.QKVNormRope(self.layout, q.scales.dtype, backend)
+            # Under mx.compile a call replays its traced graph instead of building the custom
+            # kernel's primitive again: 7-15% off the kernel block on the H100, same bits
+            # (tools/probe_kernel_host_cost.py, docs/perf-log.md).
+            self._kernel = mx.compile(
+                qkv_norm_rope.QKVNormRope(self.layout, q.scales.dtype, backend).__call__)
             self._counters = qkv_norm_rope.new_counters(self.layout)
 
     def qkv(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
