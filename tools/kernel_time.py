@@ -11,6 +11,7 @@ model's real shapes (no model is built, so no other kernel runs).
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import mlx.core as mx
 
@@ -21,7 +22,20 @@ from fusedqk.models import get_spec
 LAUNCHES = 5
 
 
-def main(model: str) -> None:
+@dataclass
+class LayerCase:
+    """One attention layer's QKV block inputs in a seed model's real shapes (4-bit, g64, bf16)."""
+
+    layout: QKVLayout
+    x: mx.array
+    w: mx.array
+    scales: mx.array
+    biases: mx.array
+    norm: mx.array  # q_norm and k_norm weights (ones)
+    parts: list[tuple[mx.array, mx.array, mx.array]]  # the q, k, v rows of (w, scales, biases)
+
+
+def layer_case(model: str) -> LayerCase:
     c = get_spec(model).config
     layout = QKVLayout(hidden=c["hidden_size"], n_heads=c["num_attention_heads"],
                        n_kv_heads=c["num_key_value_heads"], head_dim=c["head_dim"],
@@ -29,21 +43,35 @@ def main(model: str) -> None:
     dt = mx.bfloat16
     w, s, b = mx.quantize(mx.random.normal((layout.rows, layout.hidden)) * 0.02, 64, 4)
     s, b = s.astype(dt), b.astype(dt)
-    qn = mx.ones((layout.head_dim,), dt)
-    x = mx.random.normal((1, 1, layout.hidden)).astype(dt)
-    pos = mx.array([5], mx.int32)
-    kernel, counters = QKVNormRope(layout, dt, "cuda"), new_counters(layout)
     nq, nk = layout.n_heads * layout.head_dim, layout.n_kv_heads * layout.head_dim
     parts = [(w[a:z], s[a:z], b[a:z]) for a, z in ((0, nq), (nq, nq + nk), (nq + nk, layout.rows))]
-    mx.eval(w, s, b, x, parts)
+    case = LayerCase(layout, mx.random.normal((1, 1, layout.hidden)).astype(dt), w, s, b,
+                     mx.ones((layout.head_dim,), dt), parts)
+    mx.eval(case.x, case.w, case.scales, case.biases, case.norm, case.parts)
+    return case
+
+
+def graph_block(case: LayerCase, offset: int | mx.array):
+    """The graph path's seven ops: three mat-vecs, two RMSNorms, two RoPEs."""
+    lay, n = case.layout, case.norm
+    q, k, v = (mx.quantized_matmul(case.x, *p, transpose=True, group_size=64, bits=4)
+               for p in case.parts)
+    q = mx.fast.rms_norm(q.reshape(1, 1, lay.n_heads, -1), n, lay.eps).transpose(0, 2, 1, 3)
+    k = mx.fast.rms_norm(k.reshape(1, 1, lay.n_kv_heads, -1), n, lay.eps).transpose(0, 2, 1, 3)
+    v = v.reshape(1, 1, lay.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    rope = dict(dims=lay.head_dim, traditional=False, base=lay.rope_base, scale=1.0, offset=offset)
+    return mx.fast.rope(q, **rope), mx.fast.rope(k, **rope), v
+
+
+def main(model: str) -> None:
+    case = layer_case(model)
+    kernel, counters = QKVNormRope(case.layout, mx.bfloat16, "cuda"), new_counters(case.layout)
+    pos = mx.array([5], mx.int32)
+    args = (case.x, case.w, case.scales, case.biases, case.norm, case.norm)
     for _ in range(LAUNCHES):
-        mx.eval(kernel(x, w, s, b, qn, qn, pos, counters))
+        mx.eval(kernel(*args, pos, counters))
     for _ in range(LAUNCHES):
-        q, k, v = (mx.quantized_matmul(x, *p, transpose=True, group_size=64, bits=4) for p in parts)
-        q = mx.fast.rms_norm(q.reshape(1, 1, layout.n_heads, -1), qn, 1e-6).transpose(0, 2, 1, 3)
-        k = mx.fast.rms_norm(k.reshape(1, 1, layout.n_kv_heads, -1), qn, 1e-6).transpose(0, 2, 1, 3)
-        rope = dict(dims=layout.head_dim, traditional=False, base=layout.rope_base, scale=1.0, offset=5)
-        mx.eval(mx.fast.rope(q, **rope), mx.fast.rope(k, **rope), v)
+        mx.eval(graph_block(case, 5))
 
 
 if __name__ == "__main__":

@@ -18,10 +18,10 @@ import time
 
 import mlx.core as mx
 import numpy as np
+from kernel_time import graph_block, layer_case  # tools/, beside this script
 
-from fusedqk.attention import QKVLayout, _composite
+from fusedqk.attention import _composite
 from fusedqk.kernels.qkv_norm_rope import QKVNormRope, new_counters
-from fusedqk.models import get_spec
 
 LAYERS, REPS = 28, 50
 
@@ -36,41 +36,20 @@ def _median_us(fn, reps: int = REPS) -> float:
 
 
 def main(model: str) -> None:
-    c = get_spec(model).config
-    layout = QKVLayout(hidden=c["hidden_size"], n_heads=c["num_attention_heads"],
-                       n_kv_heads=c["num_key_value_heads"], head_dim=c["head_dim"],
-                       eps=c["rms_norm_eps"], bits=4, group_size=64, rope_base=c["rope_theta"])
-    dt = mx.bfloat16
-    w, s, b = mx.quantize(mx.random.normal((layout.rows, layout.hidden)) * 0.02, 64, 4)
-    s, b = s.astype(dt), b.astype(dt)
-    qn = mx.ones((layout.head_dim,), dt)
-    x = mx.random.normal((1, 1, layout.hidden)).astype(dt)
-    pos, offset = mx.array([100], mx.int32), mx.array(100, mx.int32)
-    kernel = QKVNormRope(layout, dt, "cuda")
+    case = layer_case(model)
+    layout = case.layout
+    kernel = QKVNormRope(layout, mx.bfloat16, "cuda")
     counters = [new_counters(layout) for _ in range(LAYERS)]
+    mx.eval(counters)
     compiled = mx.compile(kernel.__call__)
     composite = _composite(layout)
-    h, kv, d = layout.n_heads, layout.n_kv_heads, layout.head_dim
-    nq, nk = h * d, kv * d
-    parts = [(w[a:z], s[a:z], b[a:z]) for a, z in ((0, nq), (nq, nq + nk), (nq + nk, layout.rows))]
-    mx.eval(w, s, b, x, qn, pos, offset, counters, parts)
-
-    def graph_call(i: int):
-        (wq, sq, bq), (wk, sk, bk), (wv, sv, bv) = parts
-        mm = lambda w_, s_, b_: mx.quantized_matmul(  # noqa: E731
-            x, w_, scales=s_, biases=b_, transpose=True, group_size=64, bits=4)
-        q = mx.fast.rms_norm(mm(wq, sq, bq).reshape(1, 1, h, d), qn, layout.eps)
-        k = mx.fast.rms_norm(mm(wk, sk, bk).reshape(1, 1, kv, d), qn, layout.eps)
-        v = mm(wv, sv, bv).reshape(1, 1, kv, d).transpose(0, 2, 1, 3)
-        rope = lambda t: mx.fast.rope(t.transpose(0, 2, 1, 3), d, traditional=False,  # noqa: E731
-                                      base=layout.rope_base, scale=1.0, offset=offset)
-        return rope(q), rope(k), v
-
+    pos, offset = mx.array([100], mx.int32), mx.array(100, mx.int32)
+    args = (case.x, case.w, case.scales, case.biases, case.norm, case.norm)
     calls = {
-        "graph (7 ops)": graph_call,
-        "composite (mx.compile)": lambda i: composite(x, w, s, b, qn, qn, offset),
-        "kernel (as fusedqk calls it)": lambda i: kernel(x, w, s, b, qn, qn, pos, counters[i]),
-        "kernel under mx.compile": lambda i: compiled(x, w, s, b, qn, qn, pos, counters[i]),
+        "graph (7 ops)": lambda i: graph_block(case, offset),
+        "composite (mx.compile)": lambda i: composite(*args, offset),
+        "kernel (as fusedqk calls it)": lambda i: kernel(*args, pos, counters[i]),
+        "kernel under mx.compile": lambda i: compiled(*args, pos, counters[i]),
     }
     plain, comp = calls["kernel (as fusedqk calls it)"](0), calls["kernel under mx.compile"](1)
     mx.eval(plain, comp)
