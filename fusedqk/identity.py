@@ -4,8 +4,8 @@ question can be answered at all.
 - teacher-forced: one token sequence fed to both paths; every step's logits compared bit for bit;
 - free-running: greedy decoding of N tokens from K seeded prompts, and seeded sampling at
   temperature 1, compared token for token;
-- controls: each path run again in a fresh process; a path that does not reproduce itself makes
-  a difference between paths uninterpretable.
+- controls: every path run again in one fresh process (one more model build, not one per path); a
+  path that does not reproduce itself makes a difference between paths uninterpretable.
 
 Verdict: EQUAL (comparisons identical, both controls deterministic), DIFFERS (fused differs while
 the graph path reproduces itself), INCONCLUSIVE (a control is not deterministic).
@@ -137,17 +137,17 @@ def verdict(comparison_equal: bool, graph_deterministic: bool | None,
     return "INCONCLUSIVE"
 
 
-def _fresh_trace(args: argparse.Namespace, path: str) -> Trace:
-    """The same trace from a new process (the control)."""
-    cmd = [sys.executable, "-m", "fusedqk", "identity", "--trace-only", path,
+def _fresh_traces(args: argparse.Namespace, paths: list[str]) -> dict[str, Trace]:
+    """The same traces from one new process (the controls), one model build for all paths."""
+    cmd = [sys.executable, "-m", "fusedqk", "identity", "--trace-only", ",".join(paths),
            "--model", args.model, "--backend", args.backend, "--bits", str(args.bits),
            "--group-size", str(args.group_size), "--dtype", args.dtype, "--seed", str(args.seed),
            "-p", str(args.prompt_tokens), "-n", str(args.tokens), "-k", str(args.prompts)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"control run of {path} failed: {last}")
-    return Trace(**json.loads(proc.stdout))
+        raise UserError(f"control run of {', '.join(paths)} failed: {last}")
+    return {t["path"]: Trace(**t) for t in json.loads(proc.stdout)}
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -177,14 +177,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     del prep, graph_logits
     gc.collect()
     mx.clear_cache()
-    graph_control = compare_traces(graph_trace, _fresh_trace(args, "graph")) if not args.no_controls else {}
+    fresh = {} if args.no_controls else _fresh_traces(args, ["graph", *fused_paths])
+    graph_control = compare_traces(graph_trace, fresh["graph"]) if fresh else {}
     results = []
     for fused, logits_cmp, free, fused_trace in compared:
         controls: dict = {"run": not args.no_controls}
         graph_det = fused_det = None
         if not args.no_controls:
             controls["graph"] = graph_control
-            controls["fused"] = compare_traces(fused_trace, _fresh_trace(args, fused))
+            controls["fused"] = compare_traces(fused_trace, fresh[fused])
             graph_det, fused_det = graph_control["identical"], controls["fused"]["identical"]
         equal = logits_cmp["bitwise_equal"] and free["identical"]
         results.append({
