@@ -133,7 +133,6 @@ def run(prep: Prepared, paths: list[str], settings: BenchSettings, argv: list[st
                  "latency_s": lat} for i, lat in enumerate(intervals[path]))
             if bar:
                 bar.update()
-        del decoders
     if bar:
         bar.close()
     prep.paths.use("graph")

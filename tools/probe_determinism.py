@@ -17,6 +17,8 @@ import json
 import subprocess
 import sys
 
+from fusedqk.identity import first_divergence
+
 PROMPT, TOKENS = 32, 288
 
 
@@ -35,10 +37,6 @@ def child(model: str, cache_step: int) -> None:
     print(json.dumps([hashlib.sha256(np.array(s.astype(mx.float32)).tobytes()).hexdigest() for s in steps]))
 
 
-def first_difference(a: list[str], b: list[str]) -> int | None:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
-
-
 def main() -> None:
     model = sys.argv[1] if len(sys.argv) > 1 else "qwen3-0.6b"
     steps = [int(s) for s in (sys.argv[2] if len(sys.argv) > 2 else "128,256,4096").split(",")]
@@ -48,7 +46,7 @@ def main() -> None:
         runs = [json.loads(subprocess.run(
             [sys.executable, __file__, "--child", model, str(step)], capture_output=True,
             text=True, check=True).stdout) for _ in range(2)]
-        first = first_difference(*runs)
+        first = first_divergence(*runs)
         where = "none" if first is None else str(PROMPT + first + 1)
         print(f"| {step} | {first if first is not None else 'none'} | {where} |", flush=True)
 
