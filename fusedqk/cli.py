@@ -195,8 +195,9 @@ def cmd_identity(args: argparse.Namespace) -> int:
     from fusedqk import identity
 
     if args.trace_only:
-        prep = prepare(args)
         s = identity.settings_from(args)
+        identity.apply_attention_setting(s)
+        prep = prepare(args)
         print(json.dumps([asdict(identity.trace(prep, path, s))
                           for path in args.trace_only.split(",")]))
         return 0
@@ -318,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--tokens", type=_positive, default=256)
     p.add_argument("-k", "--prompts", type=_positive, default=3)
     p.add_argument("--no-controls", action="store_true", help="skip the fresh-process controls")
+    p.add_argument("--no-cudnn-sdpa", action="store_true",
+                   help="CUDA: keep attention on MLX's own kernel (sets MLX_CUDA_USE_CUDNN_SDPA=0); "
+                        "MLX's cuDNN attention, used from a 256-token context, does not reproduce "
+                        "itself across processes")
     p.add_argument("--out-dir", help="write identity-<impl>.json here")
     # Internal: the controls' fresh process; a comma list of paths, traced in that order.
     p.add_argument("--trace-only", help=argparse.SUPPRESS)

@@ -55,6 +55,8 @@ def environment(prep: Prepared | None = None) -> dict:
         **git_state(),
         "python": sys.version.split()[0], "platform": platform.platform(),
         "hostname": platform.node(), "container_image_id": os.environ.get(ENV_IMAGE_ID),
+        # MLX reads its own switches from the environment (e.g. MLX_CUDA_USE_CUDNN_SDPA).
+        "mlx_environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MLX_")},
         "recorded_at": now_utc(),
     }
     if prep is not None:

@@ -9,6 +9,11 @@ question can be answered at all.
 
 Verdict: EQUAL (comparisons identical, both controls deterministic), DIFFERS (fused differs while
 the graph path reproduces itself), INCONCLUSIVE (a control is not deterministic).
+
+Attention is not part of the fused block, but it can make the controls fail: MLX's CUDA backend
+hands single-token attention to cuDNN once the context reaches 256 in a cache allocated in steps
+of 256 (mlx-lm's KVCache), and on the H100 that path does not reproduce itself across processes
+(docs/perf-log.md). ``cudnn_sdpa=False`` keeps MLX on its own attention kernel for the whole check.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import gc
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -40,10 +46,23 @@ class IdentitySettings:
     tokens: int = 256
     prompts: int = 3
     seed: int = 0
+    cudnn_sdpa: bool = True  # False: MLX's own attention kernel only, never cuDNN
+
+
+# MLX reads this once, at its first attention call on CUDA; other backends ignore it.
+MLX_CUDNN_SDPA_ENV = "MLX_CUDA_USE_CUDNN_SDPA"
 
 
 def settings_from(args: argparse.Namespace) -> IdentitySettings:
-    return IdentitySettings(args.prompt_tokens, args.tokens, args.prompts, args.seed)
+    return IdentitySettings(args.prompt_tokens, args.tokens, args.prompts, args.seed,
+                            not args.no_cudnn_sdpa)
+
+
+def apply_attention_setting(s: IdentitySettings) -> None:
+    """Before any model runs: keep MLX's CUDA attention off cuDNN, in this process and in the
+    controls (they inherit the environment)."""
+    if not s.cudnn_sdpa:
+        os.environ[MLX_CUDNN_SDPA_ENV] = "0"
 
 
 @dataclass
@@ -142,7 +161,8 @@ def _fresh_traces(args: argparse.Namespace, paths: list[str]) -> dict[str, Trace
     cmd = [sys.executable, "-m", "fusedqk", "identity", "--trace-only", ",".join(paths),
            "--model", args.model, "--backend", args.backend, "--bits", str(args.bits),
            "--group-size", str(args.group_size), "--dtype", args.dtype, "--seed", str(args.seed),
-           "-p", str(args.prompt_tokens), "-n", str(args.tokens), "-k", str(args.prompts)]
+           "-p", str(args.prompt_tokens), "-n", str(args.tokens), "-k", str(args.prompts),
+           *(["--no-cudnn-sdpa"] if args.no_cudnn_sdpa else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -158,6 +178,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     start = time.perf_counter()
     s = settings_from(args)
+    apply_attention_setting(s)
     prep = prepare(args)
     fused_paths = expand_paths(f"graph,{args.impls}", prep.backend, "auto")[1:]
     graph_logits = _logits(prep, "graph", s)

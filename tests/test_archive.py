@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -49,3 +50,16 @@ def test_atomic_writes_leave_no_partial_file(tmp_path):
     with pytest.raises(RuntimeError):
         write_with(tmp_path / "out.csv", boom)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_report_says_when_identity_kept_attention_off_cudnn(tmp_path):
+    run = next(p for p in ARCHIVES if p.parent.name.startswith("cpu-"))
+    copy = tmp_path / run.name
+    shutil.copytree(run, copy)
+    for path in copy.glob("*/identity-*.json"):
+        doc = json.loads(path.read_text())
+        doc["settings"]["cudnn_sdpa"] = False
+        path.write_text(json.dumps(doc))
+    report.render_run(copy)
+    assert "Attention ran on MLX's own kernel throughout" in (copy / "report.md").read_text()
+    assert "Attention ran on MLX's own kernel" not in (run / "report.md").read_text()

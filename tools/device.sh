@@ -8,6 +8,9 @@
 #   tools/device.sh hostcost   host cost of one fused-kernel call, plain and under mx.compile
 #   tools/device.sh determinism [models]   where the graph path stops reproducing itself, and
 #                              identity with the context kept below that point (-n 200)
+#   tools/device.sh noise      is the two-speed decode the host or the GPU; does pinning the
+#                              process to CPUs help the bench; cuDNN attention and determinism;
+#                              the floor of a custom-kernel call
 #
 # Expects MLX's CUDA build importable (PYTHONPATH=/tmp/site after ../shared/device/README.md's
 # two-call staging).
@@ -88,6 +91,35 @@ determinism)
     $py -m fusedqk identity -m "$m" --impls kernel,composite -p 32 -n 200 -k 3 \
       --out-dir "$OUT/identity-n200-$m" 2>&1 | tee "$OUT/identity-n200-$m.txt" | grep -E "cuda|control"
   done
+  ;;
+noise)
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,pstate,utilization.gpu \
+    --format=csv,noheader,nounits -lms 200 > "$OUT/smi.csv" 2>&1 &
+  smi=$!
+  lscpu > "$OUT/lscpu.txt" 2>&1
+  { $py tools/probe_host_noise.py 3; echo; echo "pinned: taskset -c 3"
+    taskset -c 3 $py tools/probe_host_noise.py 3; } 2>&1 | tee "$OUT/host-noise.md"
+  bench=(-m qwen3-0.6b --paths graph,kernel -p 64 -g 128 -r 15 -w 2 -c 4)
+  for pin in none 3 2,3; do
+    run=( ); [ "$pin" != none ] && run=(taskset -c "$pin")
+    "${run[@]}" $py -m fusedqk bench "${bench[@]}" --out-dir "$OUT/bench-pin-$pin" \
+      > "$OUT/bench-pin-$pin.md" 2>&1
+    echo "pin $pin: $(grep kernel "$OUT/bench-pin-$pin.md" | head -1)"
+  done
+  kill "$smi"
+  $py - "$OUT/smi.csv" <<'PY'
+import sys, numpy as np
+rows = [r.split(", ") for r in open(sys.argv[1]) if r.count(",") >= 5]
+sm = np.array([float(r[1]) for r in rows]); pw = np.array([float(r[3]) for r in rows])
+print(f"nvidia-smi every 200 ms ({len(rows)} samples): SM clock MHz min {sm.min():.0f} "
+      f"p10 {np.percentile(sm, 10):.0f} median {np.median(sm):.0f} max {sm.max():.0f}; "
+      f"power W median {np.median(pw):.0f}; pstates {sorted({r[4] for r in rows})}")
+PY
+  for sdpa in 1 0; do
+    echo "MLX_CUDA_USE_CUDNN_SDPA=$sdpa"
+    MLX_CUDA_USE_CUDNN_SDPA=$sdpa $py tools/probe_determinism.py qwen3-0.6b 256,4096
+  done 2>&1 | tee "$OUT/determinism-cudnn.md"
+  $py tools/probe_kernel_host_cost.py qwen3-0.6b 2>&1 | tee "$OUT/hostcost.md"
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -5,7 +5,9 @@ the model, while the kernel runs 10-16 us. This probe times, for one layer's rea
 host work of building a call (no evaluation) and the time of LAYERS calls built and evaluated
 together, for: the kernel called as fusedqk calls it, the same call under ``mx.compile``, the
 graph path's seven ops, and the composite. It also checks that the compiled call's outputs are
-bitwise the plain call's.
+bitwise the plain call's. Two floors come last: an empty ``mx.fast.cuda_kernel`` (one input, one
+output, one warp) and one built-in op, so the cost of MLX's custom-kernel call itself is seen apart
+from this kernel.
 
     python tools/probe_kernel_host_cost.py [model ...]
 """
@@ -44,12 +46,18 @@ def main(model: str) -> None:
     compiled = mx.compile(kernel.__call__)
     composite = _composite(layout)
     pos, offset = mx.array([100], mx.int32), mx.array(100, mx.int32)
+    empty = mx.fast.cuda_kernel(name="fusedqk_probe_empty", input_names=["a"],
+                                output_names=["out"], source="if (threadIdx.x == 0) out[0] = a[0];")
     args = (case.x, case.w, case.scales, case.biases, case.norm, case.norm)
     calls = {
         "graph (7 ops)": lambda i: graph_block(case, offset),
         "composite (mx.compile)": lambda i: composite(*args, offset),
         "kernel (as fusedqk calls it)": lambda i: kernel(*args, pos, counters[i]),
         "kernel under mx.compile": lambda i: compiled(*args, pos, counters[i]),
+        "empty cuda_kernel (floor of a custom call)": lambda i: empty(
+            inputs=[pos], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(1,)],
+            output_dtypes=[mx.int32])[0],
+        "one built-in op (x + 1)": lambda i: case.x + 1,
     }
     plain, comp = calls["kernel (as fusedqk calls it)"](0), calls["kernel under mx.compile"](1)
     mx.eval(plain, comp)

@@ -60,6 +60,7 @@ rule identity:
         flags=lambda w: model_flags(backend_of(w)),
         impls=lambda w: ",".join(settings(backend_of(w))["impls"]),
         i=lambda w: settings(backend_of(w))["identity"],
+        attention=lambda w: "" if settings(backend_of(w))["identity"]["cudnn_sdpa"] else "--no-cudnn-sdpa",
     resources:
         measure=1,
         gpu=lambda w: int(backend_of(w) == "cuda"),
@@ -69,6 +70,7 @@ rule identity:
     shell:
         "{params.cmd} identity -m {wildcards.model} {params.flags} --impls {params.impls}"
         " -p {params.i[prompt_tokens]} -n {params.i[tokens]} -k {params.i[prompts]}"
+        " {params.attention}"
         " --out-dir {wildcards.run}/{wildcards.model} --status {output.status} > {log} 2>&1"
 
 
