@@ -11,6 +11,7 @@
 #   tools/device.sh noise      is the two-speed decode the host or the GPU; does pinning the
 #                              process to CPUs help the bench; cuDNN attention and determinism;
 #                              the floor of a custom-kernel call
+#   tools/device.sh parts      device time of fused-kernel variants (Nsight Compute)
 #
 # Expects MLX's CUDA build importable (PYTHONPATH=/tmp/site after ../shared/device/README.md's
 # two-call staging).
@@ -120,6 +121,15 @@ PY
     MLX_CUDA_USE_CUDNN_SDPA=$sdpa $py tools/probe_determinism.py qwen3-0.6b 256,4096
   done 2>&1 | tee "$OUT/determinism-cudnn.md"
   $py tools/probe_kernel_host_cost.py qwen3-0.6b 2>&1 | tee "$OUT/hostcost.md"
+  ;;
+parts)
+  # Device time of kernel variants (rows per warp; without the norm + RoPE tail), ncu.
+  for m in qwen3-0.6b qwen3-8b qwen3-30b-a3b; do
+    ncu --clock-control none --csv --metrics gpu__time_duration.sum -k regex:fusedqk \
+      $py tools/probe_kernel_parts.py "$m" > "$OUT/ncu-parts-$m.csv" 2> "$OUT/parts-$m.err"
+    grep bitwise "$OUT/parts-$m.err"
+  done
+  (cd tools && $py probe_kernel_parts.py --summarize "$OUT"/ncu-parts-*.csv) | tee "$OUT/parts.md"
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
