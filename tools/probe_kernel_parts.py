@@ -26,7 +26,7 @@ from kernel_time import LAUNCHES, layer_case  # tools/, beside this script
 from ncu_summary import read, to_us
 
 from fusedqk.kernels import qkv_norm_rope as k
-from fusedqk.kernels.qkv_norm_rope import WARPS, new_counters, rows_per_warp
+from fusedqk.kernels.qkv_norm_rope import ROWS_PER_WARP, WARPS, new_counters
 
 TAIL = "  if (row0 >= NQK) return;  // v heads need no norm: done"
 
@@ -43,7 +43,7 @@ def main(model: str) -> None:
     case = layer_case(model)
     lay = case.layout
     assert TAIL in k.CUDA_SOURCE
-    shipped = rows_per_warp(lay)
+    shipped = ROWS_PER_WARP
     variants = {f"rpw{r}": (k.CUDA_SOURCE, r) for r in (1, 2, 4) if lay.head_dim % (WARPS * r) == 0}
     variants["notail"] = (k.CUDA_SOURCE.replace(TAIL, "  return;"), shipped)
     h, kv, d = lay.n_heads, lay.n_kv_heads, lay.head_dim

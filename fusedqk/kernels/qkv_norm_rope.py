@@ -8,15 +8,19 @@ What is fused, for one decode step (one token per sequence, batch B):
     k = rope(rms_norm(k per head, k_norm)) # written as (B, KV, 1, D)
     v = v                                  # written as (B, KV, 1, D)
 
-Design (CUDA): blocks of 8 warps; each warp computes ``RPW`` output rows, each row with MLX's
+Design (CUDA): blocks of 8 warps; each warp computes ``RPW`` output rows (1: more warps in
+flight beat more loads per warp, measured on the H100), each row with MLX's
 own quantized mat-vec lane layout and accumulation order (lane t of step r takes the E contiguous
 elements at t*E + r*32*E; partial sums in the activation dtype for 4-bit, fp32 for 8-bit; lanes
 summed in fp32 by ``cg::reduce``), so the projection is bitwise the graph path's. All loads of a
 row are issued before the first multiply, for memory-level parallelism. A head spans several
 blocks: v rows are written straight out; q/k rows go to a scratch output, and the last block to
 finish a head (a per-layer atomic counter, reset by that block) applies RMSNorm and RoPE to the
-head, again in MLX's order. One launch per layer per step; positions are an input array, so a new
-position never recompiles and the launch fits MLX's CUDA graphs.
+head, again in MLX's order. That tail is serial (fence, atomic, re-read), so everything it needs
+that does not depend on the projection (norm weights, position, cos and sin) is loaded and
+computed by every block while its weight loads are in flight. One launch per layer per step;
+positions are an input array, so a new position never recompiles and the launch fits MLX's CUDA
+graphs.
 
 The Metal twin has the same contract and rounding points; it gives each head one threadgroup
 (Metal has no portable device-scope fence for a last-threadgroup pattern). It has not been run
@@ -36,6 +40,9 @@ if TYPE_CHECKING:
     from fusedqk.attention import QKVLayout
 
 WARPS = 8
+# Rows per warp. One row per warp (more blocks, more warps in flight) beat 2 and 4 on every seed
+# model on the H100 (tools/probe_kernel_parts.py, docs/perf-log.md), bitwise the same.
+ROWS_PER_WARP = 1
 MAX_BATCH = 8
 HEAD_DIMS = (64, 128, 256)
 MAX_HIDDEN = 16384  # x is staged in shared memory (2 bytes each)
@@ -119,6 +126,26 @@ CUDA_SOURCE = r"""
         bi[r][s] = biases[(size_t)row * GROUPS + idx / GS];
       }
     }
+  }
+
+  // The tail's inputs, fetched now so no memory round trip or trigonometry waits behind the
+  // last block's atomic: thread i < HALF rotates pair (i, i + HALF) of the head.
+  const int head_id = row0 / D;
+  const bool is_q = head_id < H;
+  const bool rotates = row0 < NQK && threadIdx.x < HALF;
+  T gamma1 = from_f32<T>(0.0f), gamma2 = from_f32<T>(0.0f);
+  float cos_theta = 0.0f, sin_theta = 0.0f;
+  if (rotates) {
+    const T* gamma = is_q ? q_norm : k_norm;
+    gamma1 = gamma[threadIdx.x];
+    gamma2 = gamma[threadIdx.x + HALF];
+    // RoPE as MLX's rope kernel: inv_freq = exp2(-d * log2(base)), theta in fp32.
+    const float d = static_cast<float>(threadIdx.x) / static_cast<float>(HALF);
+    const float inv_freq = exp2f(-d * LOG2_BASE);
+    const float L = 1.0f * static_cast<float>(positions[b]);
+    const float theta = L * inv_freq;
+    cos_theta = cosf(theta);
+    sin_theta = sinf(theta);
   }
 
   // Per-lane partial sums, one per element slot as MLX keeps them: pairs of the activation
@@ -213,7 +240,6 @@ CUDA_SOURCE = r"""
   if (row0 >= NQK) return;  // v heads need no norm: done
 
   // The last block to finish a q/k head normalises and rotates it.
-  const int head_id = row0 / D;
   unsigned int* counter = const_cast<unsigned int*>(counters) + b * (H + KV) + head_id;
   block.sync();
   if (threadIdx.x == 0) {
@@ -246,24 +272,15 @@ CUDA_SOURCE = r"""
   }
   block.sync();
 
-  const bool is_q = head_id < H;
-  const T* gamma = is_q ? q_norm : k_norm;
-  const int pos = positions[b];
-  for (int i = threadIdx.x; i < HALF; i += blockDim.x) {
+  if (rotates) {  // blockDim.x (256) >= HALF: one pair per thread
+    const int i = threadIdx.x;
     const float normalizer = shared_norm;
-    const T n1 = __hmul(gamma[i], from_f32<T>(f32(head[i]) * normalizer));
-    const T n2 = __hmul(gamma[i + HALF], from_f32<T>(f32(head[i + HALF]) * normalizer));
-    // RoPE as MLX's rope kernel: inv_freq = exp2(-d * log2(base)), theta in fp32.
-    const float d = static_cast<float>(i) / static_cast<float>(HALF);
-    const float inv_freq = exp2f(-d * LOG2_BASE);
-    const float L = 1.0f * static_cast<float>(pos);
-    const float theta = L * inv_freq;
-    const float c = cosf(theta);
-    const float s = sinf(theta);
+    const T n1 = __hmul(gamma1, from_f32<T>(f32(head[i]) * normalizer));
+    const T n2 = __hmul(gamma2, from_f32<T>(f32(head[i + HALF]) * normalizer));
     const float x1 = f32(n1);
     const float x2 = f32(n2);
-    const float rx1 = x1 * c - x2 * s;
-    const float rx2 = x1 * s + x2 * c;
+    const float rx1 = x1 * cos_theta - x2 * sin_theta;
+    const float rx2 = x1 * sin_theta + x2 * cos_theta;
     T* dst = is_q ? q_out + ((size_t)b * H + head_id) * D
                   : k_out + ((size_t)b * KV + (head_id - H)) * D;
     dst[i] = from_f32<T>(rx1);
@@ -351,16 +368,6 @@ def has_kernel(backend: str) -> bool:
     return backend in ("cuda", "metal")
 
 
-def rows_per_warp(layout: QKVLayout) -> int:
-    """Rows per warp, so that a lane's pending loads (rows x steps) stay about 8: enough in flight,
-    few enough registers that the compiler issues them all before the first use."""
-    steps = max(1, layout.hidden // (32 * (16 if layout.bits <= 4 else 8)))
-    rpw = max(1, min(4, 8 // steps))
-    while layout.head_dim % (WARPS * rpw):
-        rpw //= 2
-    return rpw
-
-
 def kernel_blocker(backend: str, layout: QKVLayout, dtype: mx.Dtype) -> str | None:
     """Why the kernel cannot run this layer here (then ``composite`` runs), or None."""
     if not has_kernel(backend):
@@ -429,10 +436,10 @@ class QKVNormRope:
                     ("BITS", layout.bits), ("GS", layout.group_size), ("NQK", (h + kv) * d)]
         log2_base = math.log2(layout.rope_base)
         if self.cuda:
-            rpw = rows_per_warp(layout)
             self.kernel = _cuda_kernel(layout.eps, log2_base)
-            self.template = [*template, ("RPW", rpw)]
-            self.grid_x, self.threads = layout.rows // (WARPS * rpw) * WARPS * 32, WARPS * 32
+            self.template = [*template, ("RPW", ROWS_PER_WARP)]
+            self.grid_x = layout.rows // (WARPS * ROWS_PER_WARP) * WARPS * 32
+            self.threads = WARPS * 32
             self.n_outputs = 4
         else:
             self.kernel = _metal_kernel(layout.eps, log2_base)
