@@ -13,6 +13,7 @@ own path's steps. Decode tok/s = G / (sum of the timed intervals); C >= G is one
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,16 @@ if TYPE_CHECKING:
     from fusedqk.cli import Prepared
 
 FUSED_PATHS = ("composite", "kernel")
+
+# MLX's CUDA backend caches its CUDA graphs by topology, 400 by default. Paths that take turns
+# every few tokens need all their graphs cached at once, or every turn rebuilds them (untimed, but
+# it made a large MoE model's benchmark take ~3x its timed decode on the H100). Read once, when
+# MLX first encodes work: set before the model is built. A value the caller set wins.
+GRAPH_CACHE_ENV, GRAPH_CACHE_SIZE = "MLX_CUDA_GRAPH_CACHE_SIZE", "4000"
+
+
+def size_graph_cache() -> None:
+    os.environ.setdefault(GRAPH_CACHE_ENV, GRAPH_CACHE_SIZE)
 
 
 @dataclass(frozen=True)

@@ -180,6 +180,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from fusedqk import bench
 
+    bench.size_graph_cache()
     prep = prepare(args)
     paths = bench.expand_paths(args.paths, prep.backend, args.impl)
     settings = bench.BenchSettings(args.prompt_tokens, args.generation_tokens, args.rounds,
