@@ -12,6 +12,7 @@
 #                              process to CPUs help the bench; cuDNN attention and determinism;
 #                              the floor of a custom-kernel call
 #   tools/device.sh parts      device time of fused-kernel variants (Nsight Compute)
+#   tools/device.sh graphcache bench wall time with MLX's CUDA graph cache at 400 and 4000
 #
 # Expects MLX's CUDA build importable (PYTHONPATH=/tmp/site after ../shared/device/README.md's
 # two-call staging).
@@ -130,6 +131,20 @@ parts)
     grep bitwise "$OUT/parts-$m.err"
   done
   (cd tools && $py probe_kernel_parts.py --summarize "$OUT"/ncu-parts-*.csv) | tee "$OUT/parts.md"
+  ;;
+graphcache)
+  # Does MLX's CUDA graph cache make interleaved turns expensive? qwen3-30b-a3b, 3 rounds, all
+  # three paths, MLX's 400 against the 4000 fusedqk bench sets by default.
+  for size in 400 4000; do
+    start=$(date +%s.%N)
+    MLX_CUDA_GRAPH_CACHE_SIZE=$size $py -m fusedqk bench -m qwen3-30b-a3b \
+      --paths graph,kernel,composite -p 64 -g 128 -r 3 -w 1 -c 4 --out-dir "$OUT/gc-$size" \
+      > "$OUT/gc-$size.md" 2>&1
+    wall=$(echo "$(date +%s.%N) - $start" | bc)
+    timed=$($py -c "import pandas as p; t = p.read_csv('$OUT/gc-$size/trials.csv'); print(round(t.decode_s.sum(), 1))")
+    echo "graph cache $size: process wall ${wall%.*} s, timed decode $timed s"
+    grep -E "graph|kernel|composite" "$OUT/gc-$size.md" | head -3
+  done
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
