@@ -136,13 +136,13 @@ graphcache)
   # Does MLX's CUDA graph cache make interleaved turns expensive? qwen3-30b-a3b, 3 rounds, all
   # three paths, MLX's 400 against the 4000 fusedqk bench sets by default.
   for size in 400 4000; do
-    start=$(date +%s.%N)
+    start=$SECONDS
     MLX_CUDA_GRAPH_CACHE_SIZE=$size $py -m fusedqk bench -m qwen3-30b-a3b \
       --paths graph,kernel,composite -p 64 -g 128 -r 3 -w 1 -c 4 --out-dir "$OUT/gc-$size" \
       > "$OUT/gc-$size.md" 2>&1
-    wall=$(echo "$(date +%s.%N) - $start" | bc)
+    wall=$((SECONDS - start))
     timed=$($py -c "import pandas as p; t = p.read_csv('$OUT/gc-$size/trials.csv'); print(round(t.decode_s.sum(), 1))")
-    echo "graph cache $size: process wall ${wall%.*} s, timed decode $timed s"
+    echo "graph cache $size: process wall $wall s, timed decode $timed s"
     grep -E "graph|kernel|composite" "$OUT/gc-$size.md" | head -3
   done
   ;;
