@@ -16,11 +16,8 @@ summed in fp32 by ``cg::reduce``), so the projection is bitwise the graph path's
 row are issued before the first multiply, for memory-level parallelism. A head spans several
 blocks: v rows are written straight out; q/k rows go to a scratch output, and the last block to
 finish a head (a per-layer atomic counter, reset by that block) applies RMSNorm and RoPE to the
-head, again in MLX's order. That tail is serial (fence, atomic, re-read), so everything it needs
-that does not depend on the projection (norm weights, position, cos and sin) is loaded and
-computed by every block while its weight loads are in flight. One launch per layer per step;
-positions are an input array, so a new position never recompiles and the launch fits MLX's CUDA
-graphs.
+head, again in MLX's order. One launch per layer per step; positions are an input array, so a
+new position never recompiles and the launch fits MLX's CUDA graphs.
 
 The Metal twin has the same contract and rounding points; it gives each head one threadgroup
 (Metal has no portable device-scope fence for a last-threadgroup pattern). It has not been run
@@ -128,26 +125,6 @@ CUDA_SOURCE = r"""
     }
   }
 
-  // The tail's inputs, fetched now so no memory round trip or trigonometry waits behind the
-  // last block's atomic: thread i < HALF rotates pair (i, i + HALF) of the head.
-  const int head_id = row0 / D;
-  const bool is_q = head_id < H;
-  const bool rotates = row0 < NQK && threadIdx.x < HALF;
-  T gamma1 = from_f32<T>(0.0f), gamma2 = from_f32<T>(0.0f);
-  float cos_theta = 0.0f, sin_theta = 0.0f;
-  if (rotates) {
-    const T* gamma = is_q ? q_norm : k_norm;
-    gamma1 = gamma[threadIdx.x];
-    gamma2 = gamma[threadIdx.x + HALF];
-    // RoPE as MLX's rope kernel: inv_freq = exp2(-d * log2(base)), theta in fp32.
-    const float d = static_cast<float>(threadIdx.x) / static_cast<float>(HALF);
-    const float inv_freq = exp2f(-d * LOG2_BASE);
-    const float L = 1.0f * static_cast<float>(positions[b]);
-    const float theta = L * inv_freq;
-    cos_theta = cosf(theta);
-    sin_theta = sinf(theta);
-  }
-
   // Per-lane partial sums, one per element slot as MLX keeps them: pairs of the activation
   // dtype for 4-bit (each half rounds exactly as a scalar op would), fp32 for 8-bit.
   using T2 = typename pair_of<T>::type;
@@ -240,6 +217,7 @@ CUDA_SOURCE = r"""
   if (row0 >= NQK) return;  // v heads need no norm: done
 
   // The last block to finish a q/k head normalises and rotates it.
+  const int head_id = row0 / D;
   unsigned int* counter = const_cast<unsigned int*>(counters) + b * (H + KV) + head_id;
   block.sync();
   if (threadIdx.x == 0) {
@@ -272,15 +250,24 @@ CUDA_SOURCE = r"""
   }
   block.sync();
 
-  if (rotates) {  // blockDim.x (256) >= HALF: one pair per thread
-    const int i = threadIdx.x;
+  const bool is_q = head_id < H;
+  const T* gamma = is_q ? q_norm : k_norm;
+  const int pos = positions[b];
+  for (int i = threadIdx.x; i < HALF; i += blockDim.x) {
     const float normalizer = shared_norm;
-    const T n1 = __hmul(gamma1, from_f32<T>(f32(head[i]) * normalizer));
-    const T n2 = __hmul(gamma2, from_f32<T>(f32(head[i + HALF]) * normalizer));
+    const T n1 = __hmul(gamma[i], from_f32<T>(f32(head[i]) * normalizer));
+    const T n2 = __hmul(gamma[i + HALF], from_f32<T>(f32(head[i + HALF]) * normalizer));
+    // RoPE as MLX's rope kernel: inv_freq = exp2(-d * log2(base)), theta in fp32.
+    const float d = static_cast<float>(i) / static_cast<float>(HALF);
+    const float inv_freq = exp2f(-d * LOG2_BASE);
+    const float L = 1.0f * static_cast<float>(pos);
+    const float theta = L * inv_freq;
+    const float c = cosf(theta);
+    const float s = sinf(theta);
     const float x1 = f32(n1);
     const float x2 = f32(n2);
-    const float rx1 = x1 * cos_theta - x2 * sin_theta;
-    const float rx2 = x1 * sin_theta + x2 * cos_theta;
+    const float rx1 = x1 * c - x2 * s;
+    const float rx2 = x1 * s + x2 * c;
     T* dst = is_q ? q_out + ((size_t)b * H + head_id) * D
                   : k_out + ((size_t)b * KV + (head_id - H)) * D;
     dst[i] = from_f32<T>(rx1);
