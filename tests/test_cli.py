@@ -78,3 +78,25 @@ def test_a_named_git_commit_wins_over_the_trees_git(monkeypatch):
     monkeypatch.setenv(ENV_GIT_COMMIT, "4176a4f29fa59b75379188f7fe6c771f6759342e")
     assert git_state() == {"git_commit": "4176a4f29fa59b75379188f7fe6c771f6759342e",
                            "git_dirty": None}
+
+
+def test_bench_sizes_mlx_graph_cache_unless_the_caller_did(monkeypatch):
+    from fusedqk import bench
+
+    monkeypatch.delenv(bench.GRAPH_CACHE_ENV, raising=False)
+    bench.size_graph_cache()
+    assert os.environ[bench.GRAPH_CACHE_ENV] == bench.GRAPH_CACHE_SIZE
+    monkeypatch.setenv(bench.GRAPH_CACHE_ENV, "400")
+    bench.size_graph_cache()
+    assert os.environ[bench.GRAPH_CACHE_ENV] == "400"
+
+
+def test_bench_records_the_graph_cache_it_ran_with(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLX_CUDA_GRAPH_CACHE_SIZE"}
+    proc = subprocess.run([sys.executable, "-m", "fusedqk", "bench", "-m", "qwen3-tiny",
+                           "--backend", "cpu", "--paths", "graph,composite", "-p", "4", "-g", "4",
+                           "-r", "2", "-w", "1", "-c", "2", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((tmp_path / "bench.json").read_text())["meta"]
+    assert meta["environment"]["mlx_environment"]["MLX_CUDA_GRAPH_CACHE_SIZE"] == "4000"
