@@ -58,19 +58,23 @@ def _git(*args):
     return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def _auto_run_name():
-    """<commit date>-<commit>[-dirty]: the same in every process of a run (a cluster job parses
-    this file again), unlike the clock. Edits during a run would change it: do not."""
+def _source_state():
+    """(commit date, <commit>[-dirty]) of this tree: the same in every process of a run (a
+    cluster job parses this file again), unlike the clock. Edits during a run would change it:
+    do not."""
     try:
         commit = _git("rev-parse", "--short=10", "HEAD")
         day = _git("log", "-1", "--format=%cd", "--date=format:%Y%m%d")
         dirty = "-dirty" if _git("status", "--porcelain", "--untracked-files=no") else ""
-        return f"{day}-{commit}{dirty}"
+        return day, f"{commit}{dirty}"
     except (OSError, subprocess.CalledProcessError):
-        return f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%d}-nogit"
+        return f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%d}", "nogit"
 
 
-RUN_NAME = config["run_name"] if config["run_name"] != "auto" else _auto_run_name()
+SOURCE_DAY, GIT_COMMIT = _source_state()
+# auto: <commit date>-<commit>[-dirty]; a named run keeps its name (the images still record
+# GIT_COMMIT, never a piece of the name).
+RUN_NAME = config["run_name"] if config["run_name"] != "auto" else f"{SOURCE_DAY}-{GIT_COMMIT}"
 
 
 def _device_label(backend):

@@ -14,7 +14,7 @@ rule image:
         tag=lambda w: image_tag(backend_of(w)),
         base=lambda w: config["container"]["base_images"].get(backend_of(w), ""),
         extra=lambda w: shlex.join(config["container"]["build_args"]),
-        commit=lambda w: RUN_NAME.split("-", 1)[-1],
+        commit=GIT_COMMIT,
         secret=lambda w: (f"--secret id=ca,src={config['container']['ca_bundle']}"
                           if config["container"]["ca_bundle"] else ""),
     log:
