@@ -196,9 +196,7 @@ def cmd_identity(args: argparse.Namespace) -> int:
     from fusedqk import identity
 
     if args.trace_only:
-        s = identity.settings_from(args)
-        identity.apply_attention_setting(s)
-        prep = prepare(args)
+        prep, s = identity.prepare(args)
         print(json.dumps([asdict(identity.trace(prep, path, s))
                           for path in args.trace_only.split(",")]))
         return 0

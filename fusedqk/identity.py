@@ -53,16 +53,16 @@ class IdentitySettings:
 MLX_CUDNN_SDPA_ENV = "MLX_CUDA_USE_CUDNN_SDPA"
 
 
-def settings_from(args: argparse.Namespace) -> IdentitySettings:
-    return IdentitySettings(args.prompt_tokens, args.tokens, args.prompts, args.seed,
-                            not args.no_cudnn_sdpa)
+def prepare(args: argparse.Namespace) -> tuple[Prepared, IdentitySettings]:
+    """The settings from the flags, then the model. The attention switch is set first, before any
+    model runs, in this process and so in the controls (they inherit the environment)."""
+    from fusedqk.cli import prepare as prepare_model
 
-
-def apply_attention_setting(s: IdentitySettings) -> None:
-    """Before any model runs: keep MLX's CUDA attention off cuDNN, in this process and in the
-    controls (they inherit the environment)."""
+    s = IdentitySettings(args.prompt_tokens, args.tokens, args.prompts, args.seed,
+                         not args.no_cudnn_sdpa)
     if not s.cudnn_sdpa:
         os.environ[MLX_CUDNN_SDPA_ENV] = "0"
+    return prepare_model(args), s
 
 
 @dataclass
@@ -174,12 +174,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     """The full check of every fused implementation against graph for one model, controls
     included; the graph path (and its control) runs once for all of them."""
     from fusedqk.bench import expand_paths
-    from fusedqk.cli import prepare
 
     start = time.perf_counter()
-    s = settings_from(args)
-    apply_attention_setting(s)
-    prep = prepare(args)
+    prep, s = prepare(args)
     fused_paths = expand_paths(f"graph,{args.impls}", prep.backend, "auto")[1:]
     graph_logits = _logits(prep, "graph", s)
     graph_trace = trace(prep, "graph", s, graph_logits)
