@@ -48,9 +48,13 @@ def test_dry_run_with_podman_adds_the_image_build(tmp_path):
     cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     cfg["container"]["engine"] = "podman"
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    proc = snakemake("-n", "--configfile", str(tmp_path / "c.yaml"), "--config",
-                     f"results_dir={tmp_path}", "backends=[cpu]")
+    proc = snakemake("-n", "-p", "--configfile", str(tmp_path / "c.yaml"), "--config",
+                     f"results_dir={tmp_path}", "backends=[cpu]", "run_name=my-run")
     assert proc.returncode == 0 and "image.json" in proc.stdout, proc.stdout + proc.stderr
+    # The image records the tree's commit, whatever the run is named.
+    commit = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    assert f"FUSEDQK_GIT_COMMIT={commit}" in proc.stdout, proc.stdout
 
 
 BROKEN = [
