@@ -1,8 +1,11 @@
 """Statistics for paired, interleaved benchmark rounds.
 
-The speedup of a fused path is median(fused tok/s) / median(graph tok/s). Its 95% confidence
-interval comes from a bootstrap over rounds, paired: a resample draws whole rounds, so the drift
-that both paths of one round shared stays shared. Stability warnings follow pyperf's spirit.
+The speedup of a fused path is the geometric mean, over rounds, of fused tok/s / graph tok/s in
+the same round. Its 95% confidence interval comes from a bootstrap over rounds. The ratio is
+taken inside each round because both paths of a round share the host's drift, which the ratio
+cancels; a ratio of the two paths' medians over rounds keeps it (on the H100 the round-to-round
+spread of one path was 12-15% while the within-round ratio moved by 2-3%: docs/perf-log.md,
+session 4). Stability warnings follow pyperf's spirit.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats as sps
 
+ESTIMATOR = ("geometric mean over rounds of fused/graph decode tok/s in the same round; "
+             "95% CI: bootstrap over rounds")
 CV_WARN = 0.05
 MIN_ROUNDS = 9
 MIN_TRIAL_S = 0.1
@@ -31,22 +36,28 @@ class Speedup:
     def half_width(self) -> float:
         return (self.hi - self.lo) / 2
 
+    @property
+    def relative_half_width(self) -> float:
+        return self.half_width / self.point
+
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def speedup_ci(graph: list[float], fused: list[float], *, level: float = 0.95,
                n_boot: int = 10_000, seed: int = 0) -> Speedup:
-    """Median ratio with a paired bootstrap CI; ``graph[i]`` and ``fused[i]`` share round i."""
+    """Geometric mean of the per-round ratios fused/graph, with a bootstrap CI over rounds;
+    ``graph[i]`` and ``fused[i]`` are round i's tok/s."""
     g, f = np.asarray(graph, float), np.asarray(fused, float)
     if g.shape != f.shape or g.size == 0:
         raise ValueError("graph and fused need the same, non-zero number of rounds")
-    point = float(np.median(f) / np.median(g))
+    log_ratio = np.log(f / g)
+    point = float(np.exp(log_ratio.mean()))
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, g.size, size=(n_boot, g.size))
-    ratios = np.median(f[idx], axis=1) / np.median(g[idx], axis=1)
+    means = np.exp(log_ratio[idx].mean(axis=1))
     alpha = (1 - level) / 2
-    lo, hi = np.quantile(ratios, [alpha, 1 - alpha])
+    lo, hi = np.quantile(means, [alpha, 1 - alpha])
     p = mann_whitney_p(g, f)
     return Speedup(point, float(lo), float(hi), level, p, int(g.size))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from fusedqk import stats
@@ -22,10 +23,22 @@ def test_constant_ratio_is_recovered_exactly_by_the_paired_bootstrap():
     assert s.point == pytest.approx(1.1) and s.lo == pytest.approx(1.1) and s.hi == pytest.approx(1.1)
 
 
-def test_point_is_ratio_of_medians():
+def test_point_is_geometric_mean_of_the_round_ratios():
     s = stats.speedup_ci([1, 2, 3, 4, 100], [2, 2, 6, 8, 9])
-    assert s.point == pytest.approx(6 / 3)
+    assert s.point == pytest.approx((2 * 1 * 2 * 2 * 0.09) ** (1 / 5))
     assert s.lo <= s.point <= s.hi
+
+
+def test_drift_shared_by_a_round_cancels_in_the_ci():
+    # Rounds drift by +-30% (both paths alike) while the within-round ratio moves by ~1%:
+    # the CI must reflect the 1%, not the 30%.
+    rng = np.random.default_rng(1)
+    drift = rng.uniform(0.7, 1.3, 30)
+    graph = 100 * drift
+    fused = 110 * drift * rng.normal(1, 0.01, 30)
+    s = stats.speedup_ci(graph.tolist(), fused.tolist())
+    assert s.point == pytest.approx(1.1, rel=0.01)
+    assert s.relative_half_width < 0.006
 
 
 def test_mann_whitney_known_value():
