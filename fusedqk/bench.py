@@ -1,6 +1,7 @@
 """Decode throughput, fused vs graph: interleaved rounds in one process, raw samples kept.
 
-One model build; every path warmed up; then R rounds. A trial is mlx_lm.benchmark's /
+One model build; every path warmed up; then R rounds (or, given a target, more rounds until every
+speedup CI is that narrow, up to a maximum). A trial is mlx_lm.benchmark's /
 llama-bench's tg test: a P-token random prompt, then G greedy decode steps with EOS ignored.
 Within a round the paths take turns every C tokens (``chunk_tokens``), in an order drawn from a
 seeded shuffle: on a shared host the speed of decode drifts by tens of percent over a second or
@@ -54,6 +55,16 @@ class BenchSettings:
     warmup: int = 2
     chunk_tokens: int = 16
     seed: int = 0
+    # Adaptive length: after ``rounds`` rounds, go on until every fused path's speedup CI
+    # half-width (relative) is at most ``target_half_width``, or ``max_rounds`` rounds ran.
+    target_half_width: float | None = None
+    max_rounds: int | None = None
+
+    @property
+    def round_limit(self) -> int:
+        if self.target_half_width is None:
+            return self.rounds
+        return max(self.rounds, self.max_rounds or self.rounds)
 
 
 @dataclass
@@ -95,55 +106,30 @@ def _progress(total: int, desc: str):
 
 def run(prep: Prepared, paths: list[str], settings: BenchSettings, argv: list[str] | None = None) -> BenchRun:
     model = prep.loaded.model
-    vocab = prep.loaded.config["vocab_size"]
-    prompt = random_prompt(vocab, settings.prompt_tokens, settings.seed)
+    prompt = random_prompt(prep.loaded.config["vocab_size"], settings.prompt_tokens, settings.seed)
     greedy = make_sampler(0.0, settings.seed)
-    g = settings.generation_tokens
     result = BenchRun(settings, paths)
     result.meta = {"started_at": now_utc(), "argv": argv or []}
-    bar = _progress(len(paths) * (settings.warmup + settings.rounds), prep.loaded.name)
+    bar = _progress(len(paths) * (settings.warmup + settings.round_limit), prep.loaded.name)
     peak_memory = {}
     for path in paths:
         # Turns share the device's memory, so each path's peak comes from its own warm-up.
         prep.paths.use(path)
         mx.reset_peak_memory()
         for _ in range(settings.warmup):
-            generate(model, prompt, g + 1, greedy)
+            generate(model, prompt, settings.generation_tokens + 1, greedy)
             if bar:
                 bar.update()
         peak_memory[path] = mx.get_peak_memory()
     order_rng = np.random.default_rng(settings.seed)
-    turns = [min(settings.chunk_tokens, g - start) for start in range(0, g, settings.chunk_tokens)]
-    for rnd in range(settings.rounds):
+    for rnd in range(settings.round_limit):
         order = [paths[i] for i in order_rng.permutation(len(paths))]
-        decoders, prefill_s, intervals = {}, {}, {path: [] for path in order}
-        for path in order:
-            prep.paths.use(path)
-            start = time.perf_counter()
-            decoders[path] = Decoder(model, prompt, greedy)
-            prefill_s[path] = decoders[path].advance(1)[0] - start
-            decoders[path].drain()
-        for n in turns:
-            for path in order:
-                prep.paths.use(path)
-                arrivals = decoders[path].advance(n + 1)
-                decoders[path].drain()
-                intervals[path] += np.diff(arrivals).tolist()
-        for slot, path in enumerate(order):
-            decode_s = float(sum(intervals[path]))
-            result.trials.append({
-                "model": prep.loaded.name, "backend": prep.backend, "path": path, "round": rnd,
-                "slot": slot, "prompt_tokens": settings.prompt_tokens, "generation_tokens": g,
-                "chunk_tokens": settings.chunk_tokens, "prefill_s": prefill_s[path],
-                "decode_s": decode_s, "prefill_tok_s": settings.prompt_tokens / prefill_s[path],
-                "decode_tok_s": g / decode_s, "peak_memory_bytes": peak_memory[path],
-                "distinct_tokens": len(set(decoders[path].tokens)),
-            })
-            result.tokens.extend(
-                {"model": prep.loaded.name, "path": path, "round": rnd, "step": i + 1,
-                 "latency_s": lat} for i, lat in enumerate(intervals[path]))
-            if bar:
-                bar.update()
+        _run_round(prep, prompt, greedy, order, rnd, peak_memory, result)
+        if bar:
+            bar.update(len(paths))
+        result.meta["stopped"] = _stop_reason(result, rnd + 1)
+        if result.meta["stopped"]:
+            break
     if bar:
         bar.close()
     prep.paths.use("graph")
@@ -152,10 +138,64 @@ def run(prep: Prepared, paths: list[str], settings: BenchSettings, argv: list[st
     return result
 
 
+def _run_round(prep: Prepared, prompt: list[int], sampler, order: list[str], rnd: int,
+               peak_memory: dict[str, int], result: BenchRun) -> None:
+    """One trial per path, the paths taking turns every ``chunk_tokens`` tokens in ``order``."""
+    settings, model, g = result.settings, prep.loaded.model, result.settings.generation_tokens
+    turns = [min(settings.chunk_tokens, g - start) for start in range(0, g, settings.chunk_tokens)]
+    decoders, prefill_s, intervals = {}, {}, {path: [] for path in order}
+    for path in order:
+        prep.paths.use(path)
+        start = time.perf_counter()
+        decoders[path] = Decoder(model, prompt, sampler)
+        prefill_s[path] = decoders[path].advance(1)[0] - start
+        decoders[path].drain()
+    for n in turns:
+        for path in order:
+            prep.paths.use(path)
+            arrivals = decoders[path].advance(n + 1)
+            decoders[path].drain()
+            intervals[path] += np.diff(arrivals).tolist()
+    for slot, path in enumerate(order):
+        decode_s = float(sum(intervals[path]))
+        result.trials.append({
+            "model": prep.loaded.name, "backend": prep.backend, "path": path, "round": rnd,
+            "slot": slot, "prompt_tokens": settings.prompt_tokens, "generation_tokens": g,
+            "chunk_tokens": settings.chunk_tokens, "prefill_s": prefill_s[path],
+            "decode_s": decode_s, "prefill_tok_s": settings.prompt_tokens / prefill_s[path],
+            "decode_tok_s": g / decode_s, "peak_memory_bytes": peak_memory[path],
+            "distinct_tokens": len(set(decoders[path].tokens)),
+        })
+        result.tokens.extend(
+            {"model": prep.loaded.name, "path": path, "round": rnd, "step": i + 1,
+             "latency_s": lat} for i, lat in enumerate(intervals[path]))
+
+
+def _stop_reason(result: BenchRun, rounds_done: int) -> str | None:
+    """Why the bench stops after ``rounds_done`` rounds, or None to run another."""
+    s = result.settings
+    if rounds_done < s.rounds:
+        return None
+    if s.target_half_width is None:
+        return f"{s.rounds} rounds (fixed)"
+    widths = [_speedup(result, path).relative_half_width for path in result.paths if path != "graph"]
+    if max(widths) <= s.target_half_width:
+        return f"every speedup CI half-width <= {s.target_half_width:.2%} after {rounds_done} rounds"
+    if rounds_done >= s.round_limit:
+        return (f"max rounds {s.round_limit} reached with a CI half-width of {max(widths):.2%} "
+                f"(target {s.target_half_width:.2%})")
+    return None
+
+
+def _speedup(result: BenchRun, path: str) -> stats.Speedup:
+    by_round = pd.DataFrame(result.trials).pivot(index="round", columns="path", values="decode_tok_s")
+    return stats.speedup_ci(by_round["graph"].tolist(), by_round[path].tolist(),
+                            seed=result.settings.seed)
+
+
 def summarize(result: BenchRun) -> None:
     """Per-path summary, fused-vs-graph speedups with CIs, and stability warnings."""
     df = pd.DataFrame(result.trials)
-    by_round = df.pivot(index="round", columns="path", values="decode_tok_s")
     for path in result.paths:
         sub = df[df.path == path]
         tok = sub.decode_tok_s.to_numpy()
@@ -171,10 +211,9 @@ def summarize(result: BenchRun) -> None:
     for path in result.paths:
         if path == "graph":
             continue
-        s = stats.speedup_ci(by_round["graph"].tolist(), by_round[path].tolist(),
-                             seed=result.settings.seed)
+        s = _speedup(result, path)
         result.speedups.append({"model": df.model.iloc[0], "backend": df.backend.iloc[0],
-                                "path": path, **s.as_dict()})
+                                "path": path, **s.as_dict(), "estimator": stats.ESTIMATOR})
 
 
 def write(result: BenchRun, out_dir) -> None:
@@ -204,5 +243,6 @@ def render(result: BenchRun, fmt: str) -> str:
         "median t/s": df.decode_tok_s_median.round(2), "cv": (df.cv * 100).round(1).astype(str) + "%",
         "speedup vs graph [95% CI]": df.speedup,
     }).to_markdown(index=False)
+    stopped = f"\nrounds: {result.meta['stopped']}" if result.meta.get("stopped") else ""
     notes = "".join(f"\nwarning: {w}" for w in result.warnings)
-    return table + notes
+    return table + stopped + notes

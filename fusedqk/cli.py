@@ -47,6 +47,18 @@ def _number(cast: type, low: float, name: str):
 
 
 _positive = _number(int, 1, "a whole number")
+
+
+def _fraction(value: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0 < f < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must lie strictly between 0 and 1 (e.g. 0.01)")
+    return f
+
 _non_negative_float = _number(float, 0.0, "a number")
 
 
@@ -180,11 +192,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from fusedqk import bench
 
+    if args.max_rounds is not None and args.target_half_width is None:
+        raise UserError("--max-rounds: only with --target-half-width (otherwise --rounds is the count)")
     bench.size_graph_cache()
     prep = prepare(args)
     paths = bench.expand_paths(args.paths, prep.backend, args.impl)
-    settings = bench.BenchSettings(args.prompt_tokens, args.generation_tokens, args.rounds,
-                                   args.warmup, args.chunk_tokens, args.seed)
+    settings = bench.BenchSettings(
+        prompt_tokens=args.prompt_tokens, generation_tokens=args.generation_tokens,
+        rounds=args.rounds, warmup=args.warmup, chunk_tokens=args.chunk_tokens, seed=args.seed,
+        target_half_width=args.target_half_width,
+        max_rounds=args.max_rounds if args.max_rounds is not None else 4 * args.rounds)
     run = bench.run(prep, paths, settings, argv=sys.argv)
     if args.out_dir:
         bench.write(run, Path(args.out_dir))
@@ -296,7 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(p)
     p.add_argument("-p", "--prompt-tokens", type=_positive, default=64)
     p.add_argument("-g", "--generation-tokens", type=_positive, default=128)
-    p.add_argument("-r", "--rounds", type=_positive, default=15)
+    p.add_argument("-r", "--rounds", type=_positive, default=15,
+                   help="rounds (the least, with --target-half-width; default 15)")
+    p.add_argument("--target-half-width", type=_fraction, metavar="F",
+                   help="after --rounds, add rounds until every speedup's 95%% CI half-width is at "
+                        "most F of the speedup (e.g. 0.01), up to --max-rounds")
+    p.add_argument("--max-rounds", type=_positive,
+                   help="the most rounds --target-half-width may run (default 4 x --rounds)")
     p.add_argument("-w", "--warmup", type=_positive, default=2, help="warm-up trials per path")
     p.add_argument("-c", "--chunk-tokens", type=_positive, default=16,
                    help="paths take turns every this many tokens within a round (default 16)")

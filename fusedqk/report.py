@@ -64,7 +64,7 @@ def speedup_plot(run: RunData) -> bytes | None:
                 capsize=3)
     ax.axvline(1.0, color="grey", lw=1)
     ax.set_yticks(range(len(df)), labels)
-    ax.set_xlabel("speedup vs graph (median ratio, 95% CI)")
+    ax.set_xlabel("speedup vs graph (95% CI)")
     return _png(fig)
 
 
@@ -84,10 +84,12 @@ def latency_plot(run: RunData) -> bytes | None:
 
 def context(run: RunData) -> dict:
     decisions = json.loads((run.path / "decisions.json").read_text())
-    bench_rows, ident_rows, block_rows, failed = [], [], [], []
+    bench_rows, ident_rows, block_rows, failed, lengths = [], [], [], [], []
     for name, m in run.models.items():
         if m.failed:
             failed.append({"model": name, "error": m.failed})
+        if m.bench and "stopped" in m.bench["meta"]:  # runs before adaptive lengths lack it
+            lengths.append({"model": name, "stopped": m.bench["meta"]["stopped"]})
         if m.bench:
             speed = {s["path"]: s for s in m.bench["speedups"]}
             for s in m.bench["summary"]:
@@ -99,7 +101,10 @@ def context(run: RunData) -> dict:
         if m.blockbench:
             block_rows += m.blockbench["rows"]
     settings = next((m.bench["settings"] for m in run.models.values() if m.bench), {})
+    estimator = next((r["speedup"]["estimator"] for r in bench_rows
+                      if r["speedup"] and "estimator" in r["speedup"]), None)
     return {"run": run, "decisions": decisions, "bench": bench_rows, "identity": ident_rows,
+            "lengths": lengths, "estimator": estimator,
             "blockbench": block_rows, "failed": failed, "env": run.environment,
             "settings": settings, "raw_files": sorted(
                 p.relative_to(run.path).as_posix() for p in run.path.rglob("*.csv"))}

@@ -60,6 +60,8 @@ def test_generate_json_and_env_and_models():
     (["env"], {"FUSEDQK_FUSED_IMPL": "fast"}, ["FUSEDQK_FUSED_IMPL"]),
     (["env"], {"FUSEDQK_DEFAULTS": "/no/such.json"}, ["FUSEDQK_DEFAULTS", "no such file"]),
     (["bench", "--paths", "graph"], None, ["--paths"]),
+    (["bench", "--target-half-width", "2"], None, ["--target-half-width", "between 0 and 1"]),
+    (["bench", "--max-rounds", "9"], None, ["--max-rounds", "--target-half-width"]),
     (["blockbench", "--paths", "warp"], None, ["--paths"]),
     (["verify", "/no/such/run"], None, ["no MANIFEST.sha256"]),
     (["report", "--from", "/no/such/run"], None, ["no such run directory"]),
@@ -100,3 +102,30 @@ def test_bench_records_the_graph_cache_it_ran_with(tmp_path):
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((tmp_path / "bench.json").read_text())["meta"]
     assert meta["environment"]["mlx_environment"]["MLX_CUDA_GRAPH_CACHE_SIZE"] == "4000"
+
+
+def test_bench_adds_rounds_up_to_the_maximum_while_the_ci_is_wider_than_asked(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fusedqk", "bench", "-m", "qwen3-tiny",
+                           "--backend", "cpu", "--paths", "graph,composite", "-p", "4", "-g", "4",
+                           "-r", "2", "--max-rounds", "4", "--target-half-width", "1e-9",
+                           "-w", "1", "-c", "2", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    trials = (tmp_path / "trials.csv").read_text().splitlines()
+    assert len(trials) == 1 + 4 * 2  # header, 4 rounds of 2 paths
+    meta = json.loads((tmp_path / "bench.json").read_text())["meta"]
+    assert meta["stopped"].startswith("max rounds 4 reached")
+    assert "rounds: max rounds 4 reached" in proc.stdout
+
+
+def test_bench_stops_once_every_ci_is_as_narrow_as_asked():
+    from fusedqk import bench
+
+    settings = bench.BenchSettings(rounds=3, target_half_width=0.01, max_rounds=50)
+    result = bench.BenchRun(settings, ["graph", "kernel"])
+    for rnd, drift in enumerate([1.0, 0.7, 1.3]):  # shared drift, a constant 1.2x ratio
+        for path, tok_s in (("graph", 100 * drift), ("kernel", 120 * drift)):
+            result.trials.append({"model": "m", "path": path, "round": rnd, "decode_tok_s": tok_s})
+        stopped = bench._stop_reason(result, rnd + 1)
+        assert (stopped is None) == (rnd + 1 < 3)
+    assert stopped == "every speedup CI half-width <= 1.00% after 3 rounds"

@@ -109,6 +109,15 @@ def model_flags(backend):
     return f"--backend {backend} --bits {q['bits']} --group-size {q['group_size']} --dtype {q['dtype']}"
 
 
+def bench_length_flags(backend):
+    """-r, plus the adaptive-length flags where the backend's config sets a target."""
+    b = settings(backend)["bench"]
+    flags = f"-r {b['rounds']}"
+    if "target_half_width" in b:
+        flags += f" --target-half-width {b['target_half_width']} --max-rounds {b.get('max_rounds', 4 * b['rounds'])}"
+    return flags
+
+
 def image_tag(backend):
     return f"localhost/fusedqk-{backend}:{RUN_NAME}"
 

@@ -35,6 +35,7 @@ rule bench:
         flags=lambda w: model_flags(backend_of(w)),
         paths=lambda w: ",".join(["graph", *settings(backend_of(w))["impls"]]),
         b=lambda w: settings(backend_of(w))["bench"],
+        length=lambda w: bench_length_flags(backend_of(w)),
     resources:
         measure=1,
         gpu=lambda w: int(backend_of(w) == "cuda"),
@@ -43,7 +44,7 @@ rule bench:
         "{run}/logs/{model}-bench.log",
     shell:
         "{params.cmd} bench -m {wildcards.model} {params.flags} --paths {params.paths}"
-        " -p {params.b[prompt_tokens]} -g {params.b[generation_tokens]} -r {params.b[rounds]}"
+        " -p {params.b[prompt_tokens]} -g {params.b[generation_tokens]} {params.length}"
         " -w {params.b[warmup]} -c {params.b[chunk_tokens]} --out-dir {wildcards.run}/{wildcards.model}/bench"
         " --status {output.status} > {log} 2>&1"
 
