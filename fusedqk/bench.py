@@ -127,6 +127,8 @@ def run(prep: Prepared, paths: list[str], settings: BenchSettings, argv: list[st
         _run_round(prep, prompt, greedy, order, rnd, peak_memory, result)
         if bar:
             bar.update(len(paths))
+        if not sys.stderr.isatty() and rnd:  # a pipeline's log shows how a long bench goes
+            print(_round_note(result, rnd + 1), file=sys.stderr, flush=True)
         result.meta["stopped"] = _stop_reason(result, rnd + 1)
         if result.meta["stopped"]:
             break
@@ -185,6 +187,14 @@ def _stop_reason(result: BenchRun, rounds_done: int) -> str | None:
         return (f"max rounds {s.round_limit} reached with a CI half-width of {max(widths):.2%} "
                 f"(target {s.target_half_width:.2%})")
     return None
+
+
+def _round_note(result: BenchRun, rounds_done: int) -> str:
+    parts = []
+    for path in (p for p in result.paths if p != "graph"):
+        s = _speedup(result, path)
+        parts.append(f"{path} {s.point:.3f} ± {s.relative_half_width:.1%}")
+    return f"round {rounds_done} of at most {result.settings.round_limit}: " + ", ".join(parts)
 
 
 def _speedup(result: BenchRun, path: str) -> stats.Speedup:

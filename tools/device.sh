@@ -74,8 +74,9 @@ pipeline)
   if ! ls -d .work/results/cuda-*/"$RUN_NAME" >/dev/null 2>&1 && [ -f .work/resume.tar.gz ]; then
     mkdir -p .work/results && tar -C .work/results -xzf .work/resume.tar.gz
   fi
+  # PIPELINE_ARGS: more Snakemake arguments, e.g. --configfile config/cuda-kernel-only.yaml.
   timeout -s INT "${PIPELINE_TIMEOUT_S:-540}" $py -m snakemake --cores all --rerun-incomplete \
-    --config 'backends=[cuda]' results_dir=.work/results run_name="$RUN_NAME" 2>&1 \
+    ${PIPELINE_ARGS:-} --config 'backends=[cuda]' results_dir=.work/results run_name="$RUN_NAME" 2>&1 \
     | tee "$OUT/snakemake.log" | grep -E "Finished|Error|steps" | tail -30
   run_dir=$(ls -d .work/results/cuda-*/"$RUN_NAME" 2>/dev/null | head -1)
   if [ -n "$run_dir" ]; then  # complete or not, it comes back
