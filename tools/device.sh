@@ -13,6 +13,7 @@
 #                              the floor of a custom-kernel call
 #   tools/device.sh parts      device time of fused-kernel variants (Nsight Compute)
 #   tools/device.sh graphcache bench wall time with MLX's CUDA graph cache at 400 and 4000
+#   tools/device.sh turns      turn length (chunk_tokens) against speedup noise and wall time
 #
 # Expects MLX's CUDA build importable (PYTHONPATH=/tmp/site after ../shared/device/README.md's
 # two-call staging).
@@ -146,6 +147,19 @@ graphcache)
     echo "graph cache $size: process wall $wall s, timed decode $timed s"
     grep -E "graph|kernel|composite" "$OUT/gc-$size.md" | head -3
   done
+  ;;
+turns)
+  # Turn length C against the speedup's per-round noise and the bench's wall time (graph and
+  # kernel; TURN_MODELS, TURN_ROUNDS, TURN_LENGTHS from the caller).
+  for m in ${TURN_MODELS:-qwen3-0.6b qwen3-8b}; do
+    for c in ${TURN_LENGTHS:-1 2 4}; do
+      start=$SECONDS
+      $py -m fusedqk bench -m "$m" --paths graph,kernel -p 64 -g 128 -r "${TURN_ROUNDS:-12}" -w 1 \
+        -c "$c" --out-dir "$OUT/$m-c$c" > "$OUT/$m-c$c.md" 2>&1
+      echo "$m $c $((SECONDS - start))" >> "$OUT/wall.txt"
+    done
+  done
+  $py tools/summarize_turns.py "$OUT" | tee "$OUT/turns.md"
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
