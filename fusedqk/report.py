@@ -84,12 +84,12 @@ def latency_plot(run: RunData) -> bytes | None:
 
 def context(run: RunData) -> dict:
     decisions = json.loads((run.path / "decisions.json").read_text())
-    bench_rows, ident_rows, block_rows, failed, lengths = [], [], [], [], []
+    bench_rows, ident_rows, block_rows, failed, round_notes = [], [], [], [], []
     for name, m in run.models.items():
         if m.failed:
             failed.append({"model": name, "error": m.failed})
         if m.bench and "stopped" in m.bench["meta"]:  # runs before adaptive lengths lack it
-            lengths.append({"model": name, "stopped": m.bench["meta"]["stopped"]})
+            round_notes.append(f"{name}: {m.bench['meta']['stopped']}")
         if m.bench:
             speed = {s["path"]: s for s in m.bench["speedups"]}
             for s in m.bench["summary"]:
@@ -104,7 +104,7 @@ def context(run: RunData) -> dict:
     estimator = next((r["speedup"]["estimator"] for r in bench_rows
                       if r["speedup"] and "estimator" in r["speedup"]), None)
     return {"run": run, "decisions": decisions, "bench": bench_rows, "identity": ident_rows,
-            "lengths": lengths, "estimator": estimator,
+            "round_notes": round_notes, "estimator": estimator,
             "blockbench": block_rows, "failed": failed, "env": run.environment,
             "settings": settings, "raw_files": sorted(
                 p.relative_to(run.path).as_posix() for p in run.path.rglob("*.csv"))}
