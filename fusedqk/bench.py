@@ -9,6 +9,8 @@ so (measured on the H100, docs/perf-log.md), and only turns much shorter than th
 drift on every path. Each turn reads C + 1 tokens and times the C intervals after the first
 (the queued step is finished untimed before the next path's turn), so a turn pays only for its
 own path's steps. Decode tok/s = G / (sum of the timed intervals); C >= G is one turn per trial.
+What the turns spend outside their timed intervals is kept too (``untimed_s`` per trial, each
+round's wall time in ``meta.round_wall_s``): it is the bench's cost, not the paths' speed.
 """
 
 from __future__ import annotations
@@ -122,14 +124,17 @@ def run(prep: Prepared, paths: list[str], settings: BenchSettings, argv: list[st
                 bar.update()
         peak_memory[path] = mx.get_peak_memory()
     order_rng = np.random.default_rng(settings.seed)
+    result.meta["round_wall_s"] = []
     for rnd in range(settings.round_limit):
         order = [paths[i] for i in order_rng.permutation(len(paths))]
+        start = time.perf_counter()
         _run_round(prep, prompt, greedy, order, rnd, peak_memory, result)
         if bar:
             bar.update(len(paths))
         if not sys.stderr.isatty() and rnd:  # a pipeline's log shows how a long bench goes
             print(_round_note(result, rnd + 1), file=sys.stderr, flush=True)
         result.meta["stopped"] = _stop_reason(result, rnd + 1)
+        result.meta["round_wall_s"].append(time.perf_counter() - start)
         if result.meta["stopped"]:
             break
     if bar:
@@ -146,17 +151,22 @@ def _run_round(prep: Prepared, prompt: list[int], sampler, order: list[str], rnd
     settings, model, g = result.settings, prep.loaded.model, result.settings.generation_tokens
     turns = [min(settings.chunk_tokens, g - start) for start in range(0, g, settings.chunk_tokens)]
     decoders, prefill_s, intervals = {}, {}, {path: [] for path in order}
+    # Untimed: a turn's switch and first step's build before its first token, and its drain.
+    untimed_s = dict.fromkeys(order, 0.0)
     for path in order:
         prep.paths.use(path)
         start = time.perf_counter()
         decoders[path] = Decoder(model, prompt, sampler)
         prefill_s[path] = decoders[path].advance(1)[0] - start
         decoders[path].drain()
+        untimed_s[path] += time.perf_counter() - start - prefill_s[path]
     for n in turns:
         for path in order:
+            start = time.perf_counter()
             prep.paths.use(path)
             arrivals = decoders[path].advance(n + 1)
             decoders[path].drain()
+            untimed_s[path] += time.perf_counter() - start - (arrivals[-1] - arrivals[0])
             intervals[path] += np.diff(arrivals).tolist()
     for slot, path in enumerate(order):
         decode_s = float(sum(intervals[path]))
@@ -165,7 +175,8 @@ def _run_round(prep: Prepared, prompt: list[int], sampler, order: list[str], rnd
             "slot": slot, "prompt_tokens": settings.prompt_tokens, "generation_tokens": g,
             "chunk_tokens": settings.chunk_tokens, "prefill_s": prefill_s[path],
             "decode_s": decode_s, "prefill_tok_s": settings.prompt_tokens / prefill_s[path],
-            "decode_tok_s": g / decode_s, "peak_memory_bytes": peak_memory[path],
+            "decode_tok_s": g / decode_s, "untimed_s": untimed_s[path],
+            "peak_memory_bytes": peak_memory[path],
             "distinct_tokens": len(set(decoders[path].tokens)),
         })
         result.tokens.extend(

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 
@@ -115,6 +116,11 @@ def test_bench_adds_rounds_up_to_the_maximum_while_the_ci_is_wider_than_asked(tm
     assert len(trials) == 1 + 4 * 2  # header, 4 rounds of 2 paths
     meta = json.loads((tmp_path / "bench.json").read_text())["meta"]
     assert meta["stopped"].startswith("max rounds 4 reached")
+    # Each round's wall time holds its trials' timed and untimed parts, and little else.
+    rows = pd.read_csv(tmp_path / "trials.csv")
+    spent = (rows.prefill_s + rows.decode_s + rows.untimed_s).groupby(rows["round"]).sum()
+    assert (rows.untimed_s > 0).all() and len(meta["round_wall_s"]) == 4
+    assert all(s <= w <= s + 0.5 for s, w in zip(spent, meta["round_wall_s"], strict=True))
     assert "rounds: max rounds 4 reached" in proc.stdout
 
 
