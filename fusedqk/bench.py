@@ -209,9 +209,16 @@ def _round_note(result: BenchRun, rounds_done: int) -> str:
 
 
 def _speedup(result: BenchRun, path: str) -> stats.Speedup:
-    by_round = pd.DataFrame(result.trials).pivot(index="round", columns="path", values="decode_tok_s")
-    return stats.speedup_ci(by_round["graph"].tolist(), by_round[path].tolist(),
-                            seed=result.settings.seed)
+    tokens = pd.DataFrame(result.tokens)
+    tokens["turn"] = (tokens.step - 1) // result.settings.chunk_tokens
+    turn_s = tokens.groupby(["path", "round", "turn"]).latency_s.sum()
+    rounds = sorted(set(tokens["round"]))
+    per_round = [stats.round_speedup(turn_s["graph", r].tolist(), turn_s[path, r].tolist())
+                 for r in rounds]
+    trials = pd.DataFrame(result.trials)
+    p = stats.mann_whitney_p(trials[trials.path == "graph"].decode_tok_s,
+                             trials[trials.path == path].decode_tok_s)
+    return stats.speedup_ci(per_round, p_value=p, seed=result.settings.seed)
 
 
 def summarize(result: BenchRun) -> None:

@@ -1,11 +1,13 @@
 """Statistics for paired, interleaved benchmark rounds.
 
-The speedup of a fused path is the geometric mean, over rounds, of fused tok/s / graph tok/s in
-the same round. Its 95% confidence interval comes from a bootstrap over rounds. The ratio is
-taken inside each round because both paths of a round share the host's drift, which the ratio
-cancels; a ratio of the two paths' medians over rounds keeps it (on the H100 the round-to-round
-spread of one path was 12-15% while the within-round ratio moved by 2-3%: docs/perf-log.md,
-session 4). Stability warnings follow pyperf's spirit.
+The speedup of a fused path pairs its steps with the graph path's as closely in time as the
+bench runs them. Within a round the two paths take turns of a few tokens back to back, so turn
+k of one path and turn k of the other saw nearly the same host. A round's speedup is the median,
+over its turns, of graph turn time / fused turn time (the median drops the few pairs that
+straddle a change of the host's speed); the speedup is the geometric mean of the rounds', with a
+95% confidence interval from a bootstrap over rounds. On the H100 this was 2-4x narrower than a
+per-round ratio of tok/s and 3-8x narrower than a ratio of the two paths' medians, with points
+within 1% of both (docs/perf-log.md, session 4). Stability warnings follow pyperf's spirit.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats as sps
 
-ESTIMATOR = ("geometric mean over rounds of fused/graph decode tok/s in the same round; "
-             "95% CI: bootstrap over rounds")
+ESTIMATOR = ("geometric mean over rounds of each round's median, over its turns, of graph turn "
+             "time / fused turn time (the paths' turns run back to back); 95% CI: bootstrap "
+             "over rounds")
 CV_WARN = 0.05
 MIN_ROUNDS = 9
 MIN_TRIAL_S = 0.1
@@ -44,22 +47,27 @@ class Speedup:
         return asdict(self)
 
 
-def speedup_ci(graph: list[float], fused: list[float], *, level: float = 0.95,
-               n_boot: int = 10_000, seed: int = 0) -> Speedup:
-    """Geometric mean of the per-round ratios fused/graph, with a bootstrap CI over rounds;
-    ``graph[i]`` and ``fused[i]`` are round i's tok/s."""
-    g, f = np.asarray(graph, float), np.asarray(fused, float)
+def round_speedup(graph_turn_s: list[float], fused_turn_s: list[float]) -> float:
+    """One round's speedup: the median over turns of graph / fused turn time (turn k of each)."""
+    g, f = np.asarray(graph_turn_s, float), np.asarray(fused_turn_s, float)
     if g.shape != f.shape or g.size == 0:
-        raise ValueError("graph and fused need the same, non-zero number of rounds")
-    log_ratio = np.log(f / g)
+        raise ValueError("graph and fused need the same, non-zero number of turns")
+    return float(np.exp(np.median(np.log(g / f))))
+
+
+def speedup_ci(round_speedups: list[float], *, p_value: float, level: float = 0.95,
+               n_boot: int = 10_000, seed: int = 0) -> Speedup:
+    """Geometric mean of the rounds' speedups with a bootstrap CI over rounds."""
+    log_ratio = np.log(np.asarray(round_speedups, float))
+    if log_ratio.size == 0:
+        raise ValueError("no rounds")
     point = float(np.exp(log_ratio.mean()))
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, g.size, size=(n_boot, g.size))
+    idx = rng.integers(0, log_ratio.size, size=(n_boot, log_ratio.size))
     means = np.exp(log_ratio[idx].mean(axis=1))
     alpha = (1 - level) / 2
     lo, hi = np.quantile(means, [alpha, 1 - alpha])
-    p = mann_whitney_p(g, f)
-    return Speedup(point, float(lo), float(hi), level, p, int(g.size))
+    return Speedup(point, float(lo), float(hi), level, p_value, int(log_ratio.size))
 
 
 def mann_whitney_p(a, b) -> float:

@@ -11,34 +11,42 @@ from fusedqk import stats
 
 
 def test_identical_paths_give_speedup_one_with_a_zero_width_ci():
-    s = stats.speedup_ci([100.0] * 10, [100.0] * 10)
-    assert (s.point, s.lo, s.hi) == (1.0, 1.0, 1.0)
-    assert s.p_value == 1.0
+    s = stats.speedup_ci([1.0] * 10, p_value=1.0)
+    assert (s.point, s.lo, s.hi, s.rounds) == (1.0, 1.0, 1.0, 10)
 
 
-def test_constant_ratio_is_recovered_exactly_by_the_paired_bootstrap():
-    graph = [100, 80, 120, 90, 110, 95, 105, 85, 115]
-    fused = [1.1 * g for g in graph]  # every round 10% faster, whatever the drift
-    s = stats.speedup_ci(graph, fused)
+def test_a_constant_round_speedup_is_recovered_exactly():
+    s = stats.speedup_ci([1.1] * 9, p_value=0.01)
     assert s.point == pytest.approx(1.1) and s.lo == pytest.approx(1.1) and s.hi == pytest.approx(1.1)
 
 
-def test_point_is_geometric_mean_of_the_round_ratios():
-    s = stats.speedup_ci([1, 2, 3, 4, 100], [2, 2, 6, 8, 9])
+def test_point_is_the_geometric_mean_of_the_rounds():
+    s = stats.speedup_ci([2, 1, 2, 2, 0.09], p_value=0.5)
     assert s.point == pytest.approx((2 * 1 * 2 * 2 * 0.09) ** (1 / 5))
     assert s.lo <= s.point <= s.hi
 
 
-def test_drift_shared_by_a_round_cancels_in_the_ci():
-    # Rounds drift by +-30% (both paths alike) while the within-round ratio moves by ~1%:
-    # the CI must reflect the 1%, not the 30%.
+def test_round_speedup_pairs_turns_and_drops_a_pair_that_straddles_a_host_change():
+    # The host is fast for three turns, then 1.7x slower; both paths' turn k share its state,
+    # except turn 3, where the graph turn ran fast and the fused turn already slow.
+    state = np.array([1.0, 1.0, 1.0, 1.7, 1.7, 1.7, 1.7])
+    graph = 0.012 * state
+    fused = graph / 1.2
+    fused[3] = 0.012 * 1.0 * 1.7 / 1.2
+    graph[3] = 0.012 * 1.0
+    assert stats.round_speedup(graph.tolist(), fused.tolist()) == pytest.approx(1.2)
+    # Whole-trial totals would mix the states: not 1.2.
+    assert abs(graph.sum() / fused.sum() - 1.2) > 0.02
+
+
+def test_drift_between_rounds_does_not_widen_the_ci():
     rng = np.random.default_rng(1)
-    drift = rng.uniform(0.7, 1.3, 30)
-    graph = 100 * drift
-    fused = 110 * drift * rng.normal(1, 0.01, 30)
-    s = stats.speedup_ci(graph.tolist(), fused.tolist())
-    assert s.point == pytest.approx(1.1, rel=0.01)
-    assert s.relative_half_width < 0.006
+    per_round = []
+    for drift in rng.uniform(0.7, 1.3, 30):  # rounds 30% apart, turns paired within a round
+        graph = 0.01 * drift * rng.uniform(0.9, 1.1, 32)
+        per_round.append(stats.round_speedup(graph.tolist(), (graph / 1.1).tolist()))
+    s = stats.speedup_ci(per_round, p_value=0.01)
+    assert s.point == pytest.approx(1.1) and s.relative_half_width < 1e-9
 
 
 def test_mann_whitney_known_value():

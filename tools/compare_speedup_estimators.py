@@ -1,6 +1,10 @@
-"""The speedup statistic before and after session 4, on archived runs' raw trials: the ratio of
-the paths' medians over rounds (bootstrap resampling rounds) against the geometric mean of the
-per-round ratios (``fusedqk.stats.speedup_ci``). Same rounds, same seed, same resamples count.
+"""Three speedup statistics on archived runs' raw samples, same rounds, same bootstrap:
+
+- ratio of medians: median(fused tok/s) / median(graph tok/s) over rounds (sessions 1-3);
+- per-round ratio: geometric mean over rounds of fused / graph tok/s in the round (session 4's
+  first step);
+- turn-paired: geometric mean over rounds of the median over turns of graph / fused turn time
+  (``fusedqk.stats``, what the bench reports now).
 
     python tools/compare_speedup_estimators.py results/cuda-*/2026*
 """
@@ -16,28 +20,43 @@ import pandas as pd
 from fusedqk import stats
 
 
-def ratio_of_medians(graph: np.ndarray, fused: np.ndarray, n_boot: int = 10_000) -> tuple:
+def ratio_of_medians(graph: np.ndarray, fused: np.ndarray, n_boot: int = 10_000) -> stats.Speedup:
     idx = np.random.default_rng(0).integers(0, graph.size, size=(n_boot, graph.size))
     boots = np.median(fused[idx], axis=1) / np.median(graph[idx], axis=1)
     lo, hi = np.quantile(boots, [0.025, 0.975])
-    return float(np.median(fused) / np.median(graph)), float(lo), float(hi)
+    return stats.Speedup(float(np.median(fused) / np.median(graph)), float(lo), float(hi),
+                         0.95, float("nan"), graph.size)
+
+
+def turn_paired(tokens: pd.DataFrame, chunk: int, path: str) -> stats.Speedup:
+    tokens = tokens.assign(turn=(tokens.step - 1) // chunk)
+    turn_s = tokens.groupby(["path", "round", "turn"]).latency_s.sum()
+    per_round = [stats.round_speedup(turn_s["graph", r].tolist(), turn_s[path, r].tolist())
+                 for r in sorted(set(tokens["round"]))]
+    return stats.speedup_ci(per_round, p_value=float("nan"))
+
+
+def cell(s: stats.Speedup) -> str:
+    return f"{s.point:.3f} [{s.lo:.3f}, {s.hi:.3f}] | {s.relative_half_width:.2%}"
 
 
 def main(runs: list[Path]) -> None:
-    print("| run | model | path | rounds | ratio of medians [95% CI] | half-width | "
-          "geometric mean of round ratios [95% CI] | half-width |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | model | path | rounds | C | ratio of medians | half-width | per-round ratio | "
+          "half-width | turn-paired | half-width |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for run in runs:
         trials = pd.read_csv(run / "trials.csv")
-        for (model, path), _ in trials[trials.path != "graph"].groupby(["model", "path"]):
+        for (model, path), sub in trials[trials.path != "graph"].groupby(["model", "path"]):
             by_round = trials[trials.model == model].pivot(index="round", columns="path",
                                                            values="decode_tok_s")
             g, f = by_round["graph"].to_numpy(), by_round[path].to_numpy()
-            point, lo, hi = ratio_of_medians(g, f)
-            s = stats.speedup_ci(g.tolist(), f.tolist())
-            print(f"| {run.name} | {model} | {path} | {g.size} | {point:.3f} [{lo:.3f}, {hi:.3f}] | "
-                  f"{(hi - lo) / 2 / point:.2%} | {s.point:.3f} [{s.lo:.3f}, {s.hi:.3f}] | "
-                  f"{s.relative_half_width:.2%} |")
+            # Runs before turns existed ran each trial as one turn.
+            chunk = int(sub["chunk_tokens" if "chunk_tokens" in sub else "generation_tokens"].iloc[0])
+            tokens = pd.read_csv(run / model / "bench" / "tokens.csv")
+            print(f"| {run.name} | {model} | {path} | {g.size} | {chunk} | "
+                  f"{cell(ratio_of_medians(g, f))} | "
+                  f"{cell(stats.speedup_ci((f / g).tolist(), p_value=float('nan')))} | "
+                  f"{cell(turn_paired(tokens, chunk, path))} |")
 
 
 if __name__ == "__main__":
