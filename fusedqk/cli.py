@@ -341,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--tokens", type=_positive, default=256)
     p.add_argument("-k", "--prompts", type=_positive, default=3)
     p.add_argument("--no-controls", action="store_true", help="skip the fresh-process controls")
+    p.add_argument("--concurrent-controls", action="store_true",
+                   help="run the fresh-process controls alongside the check, not after it "
+                        "(faster; two copies of the model must fit the device)")
     p.add_argument("--no-cudnn-sdpa", action="store_true",
                    help="CUDA: keep attention on MLX's own kernel (sets MLX_CUDA_USE_CUDNN_SDPA=0); "
                         "MLX's cuDNN attention, used from a 256-token context, does not reproduce "

@@ -47,6 +47,7 @@ class IdentitySettings:
     prompts: int = 3
     seed: int = 0
     cudnn_sdpa: bool = True  # False: MLX's own attention kernel only, never cuDNN
+    concurrent_controls: bool = False  # the controls' process runs alongside the check
 
 
 # MLX reads this once, at its first attention call on CUDA; other backends ignore it.
@@ -59,7 +60,7 @@ def prepare(args: argparse.Namespace) -> tuple[Prepared, IdentitySettings]:
     from fusedqk.cli import prepare as prepare_model
 
     s = IdentitySettings(args.prompt_tokens, args.tokens, args.prompts, args.seed,
-                         not args.no_cudnn_sdpa)
+                         not args.no_cudnn_sdpa, args.concurrent_controls)
     if not s.cudnn_sdpa:
         os.environ[MLX_CUDNN_SDPA_ENV] = "0"
     return prepare_model(args), s
@@ -156,18 +157,23 @@ def verdict(comparison_equal: bool, graph_deterministic: bool | None,
     return "INCONCLUSIVE"
 
 
-def _fresh_traces(args: argparse.Namespace, paths: list[str]) -> dict[str, Trace]:
-    """The same traces from one new process (the controls), one model build for all paths."""
+def _start_controls(args: argparse.Namespace, paths: list[str]) -> subprocess.Popen:
+    """The same traces from one new process (the controls), one model build for all paths. It
+    inherits this process's environment, the attention switch included."""
     cmd = [sys.executable, "-m", "fusedqk", "identity", "--trace-only", ",".join(paths),
            "--model", args.model, "--backend", args.backend, "--bits", str(args.bits),
            "--group-size", str(args.group_size), "--dtype", args.dtype, "--seed", str(args.seed),
            "-p", str(args.prompt_tokens), "-n", str(args.tokens), "-k", str(args.prompts),
            *(["--no-cudnn-sdpa"] if args.no_cudnn_sdpa else [])]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _control_traces(proc: subprocess.Popen, paths: list[str]) -> dict[str, Trace]:
+    out, err = proc.communicate()
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        last = (err.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"control run of {', '.join(paths)} failed: {last}")
-    return {t["path"]: Trace(**t) for t in json.loads(proc.stdout)}
+    return {t["path"]: Trace(**t) for t in json.loads(out)}
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -178,6 +184,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     start = time.perf_counter()
     prep, s = prepare(args)
     fused_paths = expand_paths(f"graph,{args.impls}", prep.backend, "auto")[1:]
+    paths = ["graph", *fused_paths]
+    # Concurrent controls share the device with this run (two model copies must fit); decode
+    # is mostly host-bound, so the check takes about the longer of the two instead of the sum.
+    concurrent = s.concurrent_controls and not args.no_controls
+    control = _start_controls(args, paths) if concurrent else None
     graph_logits = _logits(prep, "graph", s)
     graph_trace = trace(prep, "graph", s, graph_logits)
     compared = []
@@ -190,12 +201,14 @@ def run(args: argparse.Namespace) -> list[dict]:
         free.pop("first_differing_logit_step")
         compared.append((fused, logits_cmp, free, fused_trace))
     env = environment(prep)
-    # The controls are fresh processes with a model of their own: free this one first, or two
-    # copies of a large model (and MLX's buffer cache) need not fit the device together.
-    del prep, graph_logits
-    gc.collect()
-    mx.clear_cache()
-    fresh = {} if args.no_controls else _fresh_traces(args, ["graph", *fused_paths])
+    if control is None and not args.no_controls:
+        # Sequential controls: free this model first, or two copies of a large model (and
+        # MLX's buffer cache) need not fit the device together.
+        del prep, graph_logits
+        gc.collect()
+        mx.clear_cache()
+        control = _start_controls(args, paths)
+    fresh = _control_traces(control, paths) if control else {}
     graph_control = compare_traces(graph_trace, fresh["graph"]) if fresh else {}
     results = []
     for fused, logits_cmp, free, fused_trace in compared:

@@ -63,27 +63,29 @@ def test_trace_comparison_reports_divergence():
 def args(**kw):
     base = dict(model="qwen3-tiny", backend="cpu", bits=4, group_size=64, dtype="bfloat16", seed=0,
                 prompt_tokens=8, tokens=12, prompts=1, impls="composite", no_controls=False,
-                no_cudnn_sdpa=False)
+                no_cudnn_sdpa=False, concurrent_controls=False)
     base.update(kw)
     return argparse.Namespace(**base)
 
 
 @pytest.mark.slow
-def test_tiny_model_is_equal_with_deterministic_controls(monkeypatch):
+@pytest.mark.parametrize("concurrent", [False, True], ids=["controls-after", "controls-alongside"])
+def test_tiny_model_is_equal_with_deterministic_controls(monkeypatch, concurrent):
     # --no-cudnn-sdpa changes nothing on the CPU, but it must be recorded and reach the controls.
     monkeypatch.setenv(identity.MLX_CUDNN_SDPA_ENV, "1")  # restored after the test
     commands = []
-    real_run = subprocess.run
+    real_popen = subprocess.Popen
 
     def spy(cmd, **kw):
         commands.append(cmd)
-        return real_run(cmd, **kw)
+        return real_popen(cmd, **kw)
 
-    monkeypatch.setattr(identity.subprocess, "run", spy)
-    (result,) = identity.run(args(no_cudnn_sdpa=True))
+    monkeypatch.setattr(identity.subprocess, "Popen", spy)
+    (result,) = identity.run(args(no_cudnn_sdpa=True, concurrent_controls=concurrent))
     assert result["verdict"] == "EQUAL"
     assert result["controls"]["graph"]["identical"] and result["controls"]["fused"]["identical"]
     assert result["settings"]["cudnn_sdpa"] is False
+    assert result["settings"]["concurrent_controls"] is concurrent
     assert result["environment"]["mlx_environment"][identity.MLX_CUDNN_SDPA_ENV] == "0"
     controls = [cmd for cmd in commands if "--trace-only" in cmd]
     assert len(controls) == 1 and "--no-cudnn-sdpa" in controls[0]

@@ -62,6 +62,7 @@ rule identity:
         impls=lambda w: ",".join(settings(backend_of(w))["impls"]),
         i=lambda w: settings(backend_of(w))["identity"],
         attention=lambda w: "" if settings(backend_of(w))["identity"]["cudnn_sdpa"] else "--no-cudnn-sdpa",
+        controls=lambda w: "--concurrent-controls" if settings(backend_of(w))["identity"].get("concurrent_controls") else "",
     resources:
         measure=1,
         gpu=lambda w: int(backend_of(w) == "cuda"),
@@ -71,7 +72,7 @@ rule identity:
     shell:
         "{params.cmd} identity -m {wildcards.model} {params.flags} --impls {params.impls}"
         " -p {params.i[prompt_tokens]} -n {params.i[tokens]} -k {params.i[prompts]}"
-        " {params.attention}"
+        " {params.attention} {params.controls}"
         " --out-dir {wildcards.run}/{wildcards.model} --status {output.status} > {log} 2>&1"
 
 
