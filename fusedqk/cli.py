@@ -62,6 +62,14 @@ def _fraction(value: str) -> float:
 _non_negative_float = _number(float, 0.0, "a number")
 
 
+def _result_flags(p: argparse.ArgumentParser, writes: str, table: bool = True) -> None:
+    """Where a measuring command's results go: -o (the printed table), --out-dir, --status."""
+    if table:
+        p.add_argument("-o", "--output", default="md", choices=("md", "csv", "json"))
+    p.add_argument("--out-dir", help=f"write {writes} here")
+    p.add_argument("--status", help="record success or the error here and exit 0 (pipelines)")
+
+
 def _model_flags(p: argparse.ArgumentParser, default_model: str = "qwen3-tiny") -> None:
     p.add_argument("-m", "--model", default=default_model,
                    help="registry name (see `fusedqk models`) or a local MLX checkpoint directory")
@@ -327,9 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of graph, fused, composite, kernel (default graph,fused)")
     p.add_argument("--impl", default="auto", choices=("auto", "kernel", "composite"),
                    help="what `fused` in --paths means (default auto)")
-    p.add_argument("-o", "--output", default="md", choices=("md", "csv", "json"))
-    p.add_argument("--out-dir", help="write trials.csv, tokens.csv and bench.json here")
-    p.add_argument("--status", help="record success or the error here and exit 0 (pipelines)")
+    _result_flags(p, "trials.csv, tokens.csv and bench.json")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("identity", help="are fused and graph outputs bitwise the same?")
@@ -348,10 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA: keep attention on MLX's own kernel (sets MLX_CUDA_USE_CUDNN_SDPA=0); "
                         "MLX's cuDNN attention, used from a 256-token context, does not reproduce "
                         "itself across processes")
-    p.add_argument("--out-dir", help="write identity-<impl>.json here")
+    _result_flags(p, "identity-<impl>.json", table=False)
     # Internal: the controls' fresh process; a comma list of paths, traced in that order.
     p.add_argument("--trace-only", help=argparse.SUPPRESS)
-    p.add_argument("--status", help="record success or the error here and exit 0 (pipelines)")
     p.set_defaults(func=cmd_identity)
 
     p = sub.add_parser("decide", help="apply the decision rule to a run directory")
@@ -371,9 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory bandwidth in GB/s for the floor, or `measure` (default)")
     p.add_argument("--paths", default="graph,composite,kernel",
                    help="comma list of graph, composite, kernel (kernel only where one exists)")
-    p.add_argument("-o", "--output", default="md", choices=("md", "csv", "json"))
-    p.add_argument("--out-dir", help="write blockbench.csv and blockbench.json here")
-    p.add_argument("--status", help="record success or the error here and exit 0 (pipelines)")
+    _result_flags(p, "blockbench.csv and blockbench.json")
     p.set_defaults(func=cmd_blockbench)
 
     p = sub.add_parser("aggregate", help="tidy tables of every trial and summary in a run")
