@@ -131,9 +131,10 @@ def run(prep: Prepared, paths: list[str], settings: BenchSettings, argv: list[st
         _run_round(prep, prompt, greedy, order, rnd, peak_memory, result)
         if bar:
             bar.update(len(paths))
+        speedups = _speedups(result)
         if not sys.stderr.isatty() and rnd:  # a pipeline's log shows how a long bench goes
-            print(_round_note(result, rnd + 1), file=sys.stderr, flush=True)
-        result.meta["stopped"] = _stop_reason(result, rnd + 1)
+            print(_round_note(speedups, rnd + 1, settings.round_limit), file=sys.stderr, flush=True)
+        result.meta["stopped"] = _stop_reason(settings, rnd + 1, speedups)
         result.meta["round_wall_s"].append(time.perf_counter() - start)
         if result.meta["stopped"]:
             break
@@ -184,41 +185,40 @@ def _run_round(prep: Prepared, prompt: list[int], sampler, order: list[str], rnd
              "latency_s": lat} for i, lat in enumerate(intervals[path]))
 
 
-def _stop_reason(result: BenchRun, rounds_done: int) -> str | None:
+def _stop_reason(s: BenchSettings, rounds_done: int, speedups: dict[str, stats.Speedup]) -> str | None:
     """Why the bench stops after ``rounds_done`` rounds, or None to run another."""
-    s = result.settings
     if rounds_done < s.rounds:
         return None
     if s.target_half_width is None:
         return f"{s.rounds} rounds (fixed)"
-    widths = [_speedup(result, path).relative_half_width for path in result.paths if path != "graph"]
-    if max(widths) <= s.target_half_width:
+    widest = max(sp.relative_half_width for sp in speedups.values())
+    if widest <= s.target_half_width:
         return f"every speedup CI half-width <= {s.target_half_width:.2%} after {rounds_done} rounds"
     if rounds_done >= s.round_limit:
-        return (f"max rounds {s.round_limit} reached with a CI half-width of {max(widths):.2%} "
+        return (f"max rounds {s.round_limit} reached with a CI half-width of {widest:.2%} "
                 f"(target {s.target_half_width:.2%})")
     return None
 
 
-def _round_note(result: BenchRun, rounds_done: int) -> str:
-    parts = []
-    for path in (p for p in result.paths if p != "graph"):
-        s = _speedup(result, path)
-        parts.append(f"{path} {s.point:.3f} ± {s.relative_half_width:.1%}")
-    return f"round {rounds_done} of at most {result.settings.round_limit}: " + ", ".join(parts)
+def _round_note(speedups: dict[str, stats.Speedup], rounds_done: int, round_limit: int) -> str:
+    parts = [f"{path} {sp.point:.3f} ± {sp.relative_half_width:.1%}" for path, sp in speedups.items()]
+    return f"round {rounds_done} of at most {round_limit}: " + ", ".join(parts)
 
 
-def _speedup(result: BenchRun, path: str) -> stats.Speedup:
+def _speedups(result: BenchRun) -> dict[str, stats.Speedup]:
+    """Each fused path's speedup over graph from the rounds so far (turn-paired, stats.py)."""
     tokens = pd.DataFrame(result.tokens)
-    tokens["turn"] = (tokens.step - 1) // result.settings.chunk_tokens
-    turn_s = tokens.groupby(["path", "round", "turn"]).latency_s.sum()
+    turn = (tokens.step - 1) // result.settings.chunk_tokens
+    turn_s = tokens.groupby([tokens.path, tokens["round"], turn]).latency_s.sum()
     rounds = sorted(set(tokens["round"]))
-    per_round = [stats.round_speedup(turn_s["graph", r].tolist(), turn_s[path, r].tolist())
-                 for r in rounds]
-    trials = pd.DataFrame(result.trials)
-    p = stats.mann_whitney_p(trials[trials.path == "graph"].decode_tok_s,
-                             trials[trials.path == path].decode_tok_s)
-    return stats.speedup_ci(per_round, p_value=p, seed=result.settings.seed)
+    tok_s = pd.DataFrame(result.trials).groupby("path").decode_tok_s
+    out = {}
+    for path in (p for p in result.paths if p != "graph"):
+        per_round = [stats.round_speedup(turn_s["graph", r].tolist(), turn_s[path, r].tolist())
+                     for r in rounds]
+        p_value = stats.mann_whitney_p(tok_s.get_group("graph"), tok_s.get_group(path))
+        out[path] = stats.speedup_ci(per_round, p_value=p_value, seed=result.settings.seed)
+    return out
 
 
 def summarize(result: BenchRun) -> None:
@@ -236,12 +236,9 @@ def summarize(result: BenchRun) -> None:
             "peak_memory_bytes": int(sub.peak_memory_bytes.max()),
         })
         result.warnings += stats.stability_warnings(path, tok, len(sub), float(sub.decode_s.median()))
-    for path in result.paths:
-        if path == "graph":
-            continue
-        s = _speedup(result, path)
+    for path, sp in _speedups(result).items():
         result.speedups.append({"model": df.model.iloc[0], "backend": df.backend.iloc[0],
-                                "path": path, **s.as_dict(), "estimator": stats.ESTIMATOR})
+                                "path": path, **sp.as_dict(), "estimator": stats.ESTIMATOR})
 
 
 def write(result: BenchRun, out_dir) -> None:
