@@ -5,9 +5,10 @@ bench runs them. Within a round the two paths take turns of a few tokens back to
 k of one path and turn k of the other saw nearly the same host. A round's speedup is the median,
 over its turns, of graph turn time / fused turn time (the median drops the few pairs that
 straddle a change of the host's speed); the speedup is the geometric mean of the rounds', with a
-95% confidence interval from a bootstrap over rounds. On the H100 this was 2-4x narrower than a
-per-round ratio of tok/s and 3-8x narrower than a ratio of the two paths' medians, with points
-within 1% of both (docs/perf-log.md, session 4). Stability warnings follow pyperf's spirit.
+95% confidence interval from a bootstrap over rounds. On the H100 its CI was 1.1-3.7x narrower
+than that of a per-round ratio of tok/s (most on a noisy host) and 2.7-8x narrower than that of
+a ratio of the two paths' medians, with points within 1.5% of both (docs/perf-log.md, session 4).
+Stability warnings follow pyperf's spirit.
 """
 
 from __future__ import annotations
