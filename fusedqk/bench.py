@@ -58,7 +58,8 @@ class BenchSettings:
     chunk_tokens: int = 16
     seed: int = 0
     # Adaptive length: after ``rounds`` rounds, go on until every fused path's speedup CI
-    # half-width (relative) is at most ``target_half_width``, or ``max_rounds`` rounds ran.
+    # half-width (relative) is at most ``target_half_width``, or ``max_rounds`` (default
+    # 4 x ``rounds``) rounds ran.
     target_half_width: float | None = None
     max_rounds: int | None = None
 
@@ -66,7 +67,7 @@ class BenchSettings:
     def round_limit(self) -> int:
         if self.target_half_width is None:
             return self.rounds
-        return max(self.rounds, self.max_rounds or self.rounds)
+        return max(self.rounds, self.max_rounds or 4 * self.rounds)
 
 
 @dataclass
@@ -205,20 +206,25 @@ def _round_note(speedups: dict[str, stats.Speedup], rounds_done: int, round_limi
     return f"round {rounds_done} of at most {round_limit}: " + ", ".join(parts)
 
 
-def _speedups(result: BenchRun) -> dict[str, stats.Speedup]:
-    """Each fused path's speedup over graph from the rounds so far (turn-paired, stats.py)."""
-    tokens = pd.DataFrame(result.tokens)
-    turn = (tokens.step - 1) // result.settings.chunk_tokens
+def round_speedups(tokens: pd.DataFrame, chunk_tokens: int, paths: list[str]) -> dict[str, list[float]]:
+    """Each fused path's per-round speedups (``stats.round_speedup``) from per-token latencies
+    (tokens.csv's columns): step s of a trial belongs to turn (s - 1) // chunk_tokens."""
+    turn = (tokens.step - 1) // chunk_tokens
     turn_s = tokens.groupby([tokens.path, tokens["round"], turn]).latency_s.sum()
     rounds = sorted(set(tokens["round"]))
+    return {path: [stats.round_speedup(turn_s["graph", r].tolist(), turn_s[path, r].tolist())
+                   for r in rounds] for path in paths if path != "graph"}
+
+
+def _speedups(result: BenchRun) -> dict[str, stats.Speedup]:
+    """Each fused path's speedup over graph from the rounds so far (turn-paired, stats.py)."""
+    per_round = round_speedups(pd.DataFrame(result.tokens), result.settings.chunk_tokens,
+                               result.paths)
     tok_s = pd.DataFrame(result.trials).groupby("path").decode_tok_s
-    out = {}
-    for path in (p for p in result.paths if p != "graph"):
-        per_round = [stats.round_speedup(turn_s["graph", r].tolist(), turn_s[path, r].tolist())
-                     for r in rounds]
-        p_value = stats.mann_whitney_p(tok_s.get_group("graph"), tok_s.get_group(path))
-        out[path] = stats.speedup_ci(per_round, p_value=p_value, seed=result.settings.seed)
-    return out
+    return {path: stats.speedup_ci(
+                ratios, seed=result.settings.seed,
+                p_value=stats.mann_whitney_p(tok_s.get_group("graph"), tok_s.get_group(path)))
+            for path, ratios in per_round.items()}
 
 
 def summarize(result: BenchRun) -> None:

@@ -208,8 +208,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     settings = bench.BenchSettings(
         prompt_tokens=args.prompt_tokens, generation_tokens=args.generation_tokens,
         rounds=args.rounds, warmup=args.warmup, chunk_tokens=args.chunk_tokens, seed=args.seed,
-        target_half_width=args.target_half_width,
-        max_rounds=args.max_rounds if args.max_rounds is not None else 4 * args.rounds)
+        target_half_width=args.target_half_width, max_rounds=args.max_rounds)
     run = bench.run(prep, paths, settings, argv=sys.argv)
     if args.out_dir:
         bench.write(run, Path(args.out_dir))

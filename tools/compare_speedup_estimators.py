@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from fusedqk import stats
+from fusedqk.bench import round_speedups
 
 
 def ratio_of_medians(graph: np.ndarray, fused: np.ndarray, n_boot: int = 10_000) -> stats.Speedup:
@@ -29,10 +30,7 @@ def ratio_of_medians(graph: np.ndarray, fused: np.ndarray, n_boot: int = 10_000)
 
 
 def turn_paired(tokens: pd.DataFrame, chunk: int, path: str) -> stats.Speedup:
-    tokens = tokens.assign(turn=(tokens.step - 1) // chunk)
-    turn_s = tokens.groupby(["path", "round", "turn"]).latency_s.sum()
-    per_round = [stats.round_speedup(turn_s["graph", r].tolist(), turn_s[path, r].tolist())
-                 for r in sorted(set(tokens["round"]))]
+    (per_round,) = round_speedups(tokens, chunk, ["graph", path]).values()
     return stats.speedup_ci(per_round, p_value=float("nan"))
 
 

@@ -114,7 +114,9 @@ def bench_length_flags(backend):
     b = settings(backend)["bench"]
     flags = f"-r {b['rounds']}"
     if "target_half_width" in b:
-        flags += f" --target-half-width {b['target_half_width']} --max-rounds {b.get('max_rounds', 4 * b['rounds'])}"
+        flags += f" --target-half-width {b['target_half_width']}"
+        if "max_rounds" in b:  # else the command's default
+            flags += f" --max-rounds {b['max_rounds']}"
     return flags
 
 
