@@ -125,6 +125,7 @@ class FusedQKNormAttention(nn.Module):
             # (tools/probe_kernel_host_cost.py, docs/perf-log.md).
             self._kernel = mx.compile(
                 qkv_norm_rope.QKVNormRope(self.layout, q.scales.dtype, backend).__call__)
+            self._counters = qkv_norm_rope.new_counters(self.layout)
 
     def qkv(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """q (B, H, 1, D), k and v (B, KV, 1, D) for one decode step at position ``offset``."""
@@ -137,7 +138,7 @@ class FusedQKNormAttention(nn.Module):
                 positions = _position_array(offset, batch)
             else:
                 positions = mx.broadcast_to(offset.reshape(-1), (batch,)).astype(mx.int32)
-            return self._kernel(x, *weights, positions)
+            return self._kernel(x, *weights, positions, self._counters)
         if isinstance(offset, int):
             offset = _position_array(offset, None)
         return _composite(self.layout)(x, *weights, offset)

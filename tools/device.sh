@@ -11,7 +11,7 @@
 #   tools/device.sh noise      is the two-speed decode the host or the GPU; does pinning the
 #                              process to CPUs help the bench; cuDNN attention and determinism;
 #                              the floor of a custom-kernel call
-#   tools/device.sh parts      device time of the kernel's block shapes, and without its tail (ncu)
+#   tools/device.sh parts      device time of fused-kernel variants (Nsight Compute)
 #   tools/device.sh graphcache bench wall time with MLX's CUDA graph cache at 400 and 4000
 #   tools/device.sh turns      turn length (chunk_tokens) against speedup noise and wall time
 #
@@ -125,7 +125,7 @@ PY
   $py tools/probe_kernel_host_cost.py qwen3-0.6b 2>&1 | tee "$OUT/hostcost.md"
   ;;
 parts)
-  # Device time of kernel variants (block shapes; without the norm + RoPE tail), ncu.
+  # Device time of kernel variants (rows per warp; without the norm + RoPE tail), ncu.
   for m in qwen3-0.6b qwen3-8b qwen3-30b-a3b; do
     ncu --clock-control none --csv --metrics gpu__time_duration.sum -k regex:fusedqk \
       $py tools/probe_kernel_parts.py "$m" > "$OUT/ncu-parts-$m.csv" 2> "$OUT/parts-$m.err"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from fusedqk.attention import QKVLayout
-from fusedqk.kernels.qkv_norm_rope import QKVNormRope
+from fusedqk.kernels.qkv_norm_rope import QKVNormRope, new_counters
 from fusedqk.models import get_spec
 
 LAUNCHES = 5
@@ -65,11 +65,11 @@ def graph_block(case: LayerCase, offset: int | mx.array):
 
 def main(model: str) -> None:
     case = layer_case(model)
-    kernel = QKVNormRope(case.layout, mx.bfloat16, "cuda")
+    kernel, counters = QKVNormRope(case.layout, mx.bfloat16, "cuda"), new_counters(case.layout)
     pos = mx.array([5], mx.int32)
     args = (case.x, case.w, case.scales, case.biases, case.norm, case.norm)
     for _ in range(LAUNCHES):
-        mx.eval(kernel(*args, pos))
+        mx.eval(kernel(*args, pos, counters))
     for _ in range(LAUNCHES):
         mx.eval(graph_block(case, 5))
 

@@ -23,7 +23,7 @@ import numpy as np
 from kernel_time import graph_block, layer_case  # tools/, beside this script
 
 from fusedqk.attention import _composite
-from fusedqk.kernels.qkv_norm_rope import QKVNormRope
+from fusedqk.kernels.qkv_norm_rope import QKVNormRope, new_counters
 
 LAYERS, REPS = 28, 50
 
@@ -41,6 +41,8 @@ def main(model: str) -> None:
     case = layer_case(model)
     layout = case.layout
     kernel = QKVNormRope(layout, mx.bfloat16, "cuda")
+    counters = [new_counters(layout) for _ in range(LAYERS)]
+    mx.eval(counters)
     compiled = mx.compile(kernel.__call__)
     composite = _composite(layout)
     pos, offset = mx.array([100], mx.int32), mx.array(100, mx.int32)
@@ -50,8 +52,8 @@ def main(model: str) -> None:
     calls = {
         "graph (7 ops)": lambda i: graph_block(case, offset),
         "composite (mx.compile)": lambda i: composite(*args, offset),
-        "kernel (as fusedqk calls it)": lambda i: kernel(*args, pos),
-        "kernel under mx.compile": lambda i: compiled(*args, pos),
+        "kernel (as fusedqk calls it)": lambda i: kernel(*args, pos, counters[i]),
+        "kernel under mx.compile": lambda i: compiled(*args, pos, counters[i]),
         "empty cuda_kernel (floor of a custom call)": lambda i: empty(
             inputs=[pos], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(1,)],
             output_dtypes=[mx.int32])[0],

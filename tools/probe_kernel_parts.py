@@ -1,13 +1,13 @@
-"""Which block shape, and what the norm + RoPE tail costs: device time of kernel variants.
+"""Where do the fused kernel's ~11-16 µs go? Device time of variants, for Nsight Compute.
 
-Run under Nsight Compute (tools/device.sh parts); each variant is launched LAUNCHES times on one
-layer's real shapes (4-bit, group 64, bf16) and checked bitwise against the graph path:
+Run under ncu (tools/device.sh parts); each variant is a separately named kernel, launched
+LAUNCHES times on one layer's real shapes:
 
-- ``w<W>r<R>``: W warps per block (one block per head), each warp loading R of its rows at once.
-  The per-row arithmetic and its order do not depend on the shape, so every one must be bitwise
-  equal to the graph path; the product's choice (``cuda_block_shape``) is marked.
-- ``notail``: the product's shape without the norm + RoPE tail (every block returns after its
-  projections): what the mat-vec alone costs.
+- ``rpw<N>``: the shipped kernel with N rows per warp (fewer rows per warp means more blocks and
+  more warps in flight; the per-row arithmetic and its order do not change, so the outputs must
+  stay bitwise equal, which this probe checks);
+- ``notail``: the shipped RPW without the norm + RoPE tail (each block returns after writing its
+  projections): what the mat-vec alone costs, and so what the tail costs.
 
     ncu --csv --metrics gpu__time_duration.sum -k regex:fusedqk python tools/probe_kernel_parts.py qwen3-8b
     python tools/probe_kernel_parts.py --summarize ncu-parts-*.csv
@@ -15,7 +15,6 @@ layer's real shapes (4-bit, group 64, bf16) and checked bitwise against the grap
 
 from __future__ import annotations
 
-import math
 import re
 import statistics
 import sys
@@ -23,40 +22,51 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from kernel_time import LAUNCHES, graph_block, layer_case  # tools/, beside this script
+from kernel_time import LAUNCHES, layer_case  # tools/, beside this script
 from ncu_summary import read, to_us
 
 from fusedqk.kernels import qkv_norm_rope as k
+from fusedqk.kernels.qkv_norm_rope import ROWS_PER_WARP, WARPS, new_counters
 
-TAIL = "  if (is_v) return;  // the whole block: v heads need no norm"
-SHAPES = [(32, 1), (32, 2), (32, 4), (16, 1), (16, 2), (16, 4), (8, 1), (8, 2), (8, 4)]
+TAIL = "  if (row0 >= NQK) return;  // v heads need no norm: done"
+
+
+def variant(name: str, source: str):
+    header = k.CUDA_HEADER + "constexpr float EPS = 1e-6f;\nconstexpr float LOG2_BASE = 19.931568f;\n"
+    return mx.fast.cuda_kernel(
+        name=f"fusedqk_{name}", input_names=["x", "w", "scales", "biases", "q_norm", "k_norm",
+                                             "positions", "counters"],
+        output_names=["q_out", "k_out", "v_out", "proj"], source=source, header=header)
 
 
 def main(model: str) -> None:
     case = layer_case(model)
     lay = case.layout
-    chosen = k.cuda_block_shape(lay)
-    want = [np.array(o.astype(mx.float32)) for o in graph_block(case, 5)]
-    pos = mx.array([5], mx.int32)
-    args = (case.x, case.w, case.scales, case.biases, case.norm, case.norm, pos)
-    variants = {f"w{w}r{r}": (w, r, k.CUDA_SOURCE) for w, r in SHAPES if lay.head_dim % (w * r) == 0}
     assert TAIL in k.CUDA_SOURCE
-    variants["notail"] = (*chosen, k.CUDA_SOURCE.replace(TAIL, "  return;"))
-    for name, (warps, rpw, source) in variants.items():
-        kernel = k.QKVNormRope(lay, mx.bfloat16, "cuda", block_shape=(warps, rpw))
-        header = k.cuda_header(lay.eps, math.log2(lay.rope_base), warps * 32)
-        # The variant's own name: ncu tells variants apart by it.
-        kernel.kernel = mx.fast.cuda_kernel(
-            name=k.kernel_name(header + source, stem=name), input_names=k.INPUT_NAMES,
-            output_names=k.OUTPUT_NAMES, source=source, header=header)
+    shipped = ROWS_PER_WARP
+    variants = {f"rpw{r}": (k.CUDA_SOURCE, r) for r in (1, 2, 4) if lay.head_dim % (WARPS * r) == 0}
+    variants["notail"] = (k.CUDA_SOURCE.replace(TAIL, "  return;"), shipped)
+    h, kv, d = lay.n_heads, lay.n_kv_heads, lay.head_dim
+    shapes = [(1, h, 1, d), (1, kv, 1, d), (1, kv, 1, d), (1, (h + kv) * d)]
+    pos = mx.array([5], mx.int32)
+    outs = {}
+    for name, (source, rpw) in variants.items():
+        kernel, counters = variant(name, source), new_counters(lay)
+        template = [("T", mx.bfloat16), ("K", lay.hidden), ("H", h), ("KV", kv), ("D", d),
+                    ("BITS", 4), ("GS", 64), ("NQK", (h + kv) * d), ("RPW", rpw)]
         for _ in range(LAUNCHES):
-            out = kernel(*args)
+            out = kernel(inputs=[case.x, case.w, case.scales, case.biases, case.norm, case.norm,
+                                 pos, counters], template=template,
+                         grid=(lay.rows // (WARPS * rpw) * WARPS * 32, 1, 1),
+                         threadgroup=(WARPS * 32, 1, 1), output_shapes=shapes,
+                         output_dtypes=[mx.bfloat16] * 4)
             mx.eval(out)
+        outs[name] = [np.array(o.astype(mx.float32)) for o in out[:3]]
+    ref = outs[f"rpw{shipped}"]
+    for name, o in outs.items():
         if name != "notail":
-            same = all(np.array_equal(np.array(g.astype(mx.float32)), r)
-                       for g, r in zip(out, want, strict=True))
-            mark = " (cuda_block_shape's choice)" if (warps, rpw) == chosen else ""
-            print(f"{model} {name}{mark}: bitwise equal to the graph path: {same}", file=sys.stderr)
+            same = all(np.array_equal(a, b) for a, b in zip(o, ref, strict=True))
+            print(f"{model} {name}: bitwise equal to rpw{shipped} (shipped): {same}", file=sys.stderr)
 
 
 def summarize(paths: list[str]) -> None:
@@ -66,7 +76,7 @@ def summarize(paths: list[str]) -> None:
         times: dict[str, list[float]] = {}
         for row in read(p):
             if row.get("Metric Name") == "gpu__time_duration.sum":
-                name = re.search(r"fusedqk_(w\d+r\d+|notail)", row["Kernel Name"])[1]
+                name = re.search(r"fusedqk_(rpw\d|notail)", row["Kernel Name"])[1]
                 times.setdefault(name, []).append(to_us(row["Metric Value"], row.get("Metric Unit", "ns")))
         for name, t in sorted(times.items()):
             print(f"| {model} | {name} | {statistics.median(t):.2f} |")

@@ -27,7 +27,6 @@ on a Mac yet: see docs/kernels.md.
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 from typing import TYPE_CHECKING
 
@@ -37,9 +36,10 @@ import numpy as np
 if TYPE_CHECKING:
     from fusedqk.attention import QKVLayout
 
-INPUT_NAMES = ["x", "w", "scales", "biases", "q_norm", "k_norm", "positions"]
-OUTPUT_NAMES = ["q_out", "k_out", "v_out"]
-METAL_SIMDGROUPS = 8
+WARPS = 8
+# Rows per warp. One row per warp (more blocks, more warps in flight) beat 2 and 4 on every seed
+# model on the H100 (tools/probe_kernel_parts.py, docs/perf-log.md), bitwise the same.
+ROWS_PER_WARP = 1
 MAX_BATCH = 8
 HEAD_DIMS = (64, 128, 256)
 MAX_HIDDEN = 16384  # x is staged in shared memory (2 bytes each)
@@ -79,153 +79,163 @@ template <> struct pair_of<__half> {
 };
 """
 
-# Template constants: T, K (hidden), H, KV, D, BITS, GS, NW (warps per block), RPW (rows each
-# warp loads at once). Inputs: x (B,1,K), w (N, K*BITS/32) uint32, scales/biases (N, K/GS),
-# q_norm/k_norm (D), positions (B,) int32. Grid: one block per (head, sequence).
+# Template constants: T, K (hidden), H, KV, D, BITS, GS, RPW (rows per warp), NQK (q+k rows).
+# Inputs: x (B,1,K), w (N, K*BITS/32) uint32, scales/biases (N, K/GS), q_norm/k_norm (D),
+# positions (B,) int32, counters (MAX_BATCH * (H+KV)) uint32, persistent, zero.
 CUDA_SOURCE = r"""
   constexpr int E = (BITS <= 4) ? 16 : 8;          // elements per lane per step (MLX qmv)
   constexpr int PER_WARP = 32 * E;
   constexpr int STEPS = K / PER_WARP;
   constexpr int REST = K % PER_WARP;
-  constexpr int NSTEP = STEPS + (REST ? 1 : 0);
   constexpr int WORDS_PER_ROW = K * BITS / 32;
   constexpr int GROUPS = K / GS;
-  constexpr int ROWS_PER_WARP = D / NW;
+  constexpr int ROWS_PER_BLOCK = 8 * RPW;
+  constexpr int BLOCKS_PER_HEAD = D / ROWS_PER_BLOCK;
   constexpr int HALF = D / 2;
-  static_assert(ROWS_PER_WARP % RPW == 0, "RPW must divide the rows each warp owns");
 
   __shared__ T head[D];
   __shared__ float shared_norm;
+  __shared__ bool last_block;
 
   auto block = cg::this_thread_block();
   auto warp = cg::tiled_partition<32>(block);
-  const int head_id = blockIdx.x;                   // q heads, then k heads, then v heads
   const int b = blockIdx.y;
   const int lane = warp.thread_rank();
-  const int wid = warp.meta_group_rank();
-  const bool is_v = head_id >= H + KV;
+  const int row0 = blockIdx.x * ROWS_PER_BLOCK;
+
   const T* xrow = x + (size_t)b * K;
-  using T2 = typename pair_of<T>::type;
 
-  // Warp wid owns rows wid, wid + NW, wid + 2 NW, ... of the head and takes them RPW at a time,
-  // so each chunk of the block reads NW * RPW adjacent rows. Not unrolled: one chunk's loads
-  // in flight per warp is what the register budget of a full block allows.
-  #pragma unroll 1
-  for (int c = 0; c < ROWS_PER_WARP; c += RPW) {
-    // Issue every weight, scale and bias load of the chunk before any arithmetic.
-    uint2 wv[RPW][NSTEP];
-    T sc[RPW][NSTEP], bi[RPW][NSTEP];
-    #pragma unroll
-    for (int r = 0; r < RPW; ++r) {
-      const int row = head_id * D + (c + r) * NW + wid;
-      const uint2* wrow = reinterpret_cast<const uint2*>(w + (size_t)row * WORDS_PER_ROW);
-      #pragma unroll
-      for (int s = 0; s < NSTEP; ++s) {
-        int idx = (s < STEPS) ? lane * E + s * PER_WARP : lane * E + K - REST;
-        bool live = (s < STEPS) || (idx < K);
-        if (live) {
-          wv[r][s] = wrow[idx * BITS / 64];
-          sc[r][s] = scales[(size_t)row * GROUPS + idx / GS];
-          bi[r][s] = biases[(size_t)row * GROUPS + idx / GS];
-        }
-      }
-    }
-
-    // Per-lane partial sums, one per element slot as MLX keeps them: pairs of the activation
-    // dtype for 4-bit (each half rounds exactly as a scalar op would), fp32 for 8-bit.
-    T2 acc2[RPW][E / 2];
-    float accf[RPW][E];
-    #pragma unroll
-    for (int r = 0; r < RPW; ++r) {
-      #pragma unroll
-      for (int j = 0; j < E / 2; ++j) acc2[r][j] = pair_of<T>::zero();
-      #pragma unroll
-      for (int i = 0; i < E; ++i) accf[r][i] = 0.0f;
-    }
+  // Issue every weight, scale and bias load of this warp's rows before any arithmetic.
+  constexpr int NSTEP = STEPS + (REST ? 1 : 0);
+  uint2 wv[RPW][NSTEP];
+  T sc[RPW][NSTEP], bi[RPW][NSTEP];
+  #pragma unroll
+  for (int r = 0; r < RPW; ++r) {
+    const int row = row0 + warp.meta_group_rank() * RPW + r;
+    const uint2* wrow = reinterpret_cast<const uint2*>(w + (size_t)row * WORDS_PER_ROW);
     #pragma unroll
     for (int s = 0; s < NSTEP; ++s) {
-      const int idx = (s < STEPS) ? lane * E + s * PER_WARP : lane * E + K - REST;
-      if ((s < STEPS) || (idx < K)) {
-        // This lane's E activations for the step: 16-byte loads, shared by the chunk's rows.
-        uint4 xv[E * sizeof(T) / 16];
-        #pragma unroll
-        for (int v = 0; v < E * (int)sizeof(T) / 16; ++v) {
-          xv[v] = __ldg(reinterpret_cast<const uint4*>(xrow + idx) + v);
-        }
-        const T2* x2 = reinterpret_cast<const T2*>(xv);
-        // 4-bit: each 32-bit word holds elements 8k..8k+7 as nibbles; one LOP3 extracts nibbles
-        // m and m+4, so pair m of word k is elements (8k+m, 8k+m+4): arrange x the same way.
-        T2 xp[E / 2];
-        #pragma unroll
-        for (int k = 0; k < E / 8; ++k) {
-          xp[4 * k + 0] = pair_of<T>::lows(x2[4 * k], x2[4 * k + 2]);
-          xp[4 * k + 1] = pair_of<T>::highs(x2[4 * k], x2[4 * k + 2]);
-          xp[4 * k + 2] = pair_of<T>::lows(x2[4 * k + 1], x2[4 * k + 3]);
-          xp[4 * k + 3] = pair_of<T>::highs(x2[4 * k + 1], x2[4 * k + 3]);
-        }
-        #pragma unroll
-        for (int r = 0; r < RPW; ++r) {
-          const unsigned int words[2] = {wv[r][s].x, wv[r][s].y};
-          if constexpr (BITS == 4) {
-            const T2 scale2 = pair_of<T>::splat(sc[r][s]), bias2 = pair_of<T>::splat(bi[r][s]);
-            // (Measured on an H100: fma(MAGIC + q, scale, -MAGIC * scale) is NOT bitwise
-            // round(q * scale), so the code is made exact first and then multiplied, as MLX does.)
-            const T2 magic2 = __hneg2(pair_of<T>::neg_magic());
+      int idx = (s < STEPS) ? lane * E + s * PER_WARP : lane * E + K - REST;
+      bool live = (s < STEPS) || (idx < K);
+      if (live) {
+        wv[r][s] = wrow[idx * BITS / 64];
+        sc[r][s] = scales[(size_t)row * GROUPS + idx / GS];
+        bi[r][s] = biases[(size_t)row * GROUPS + idx / GS];
+      }
+    }
+  }
+
+  // Per-lane partial sums, one per element slot as MLX keeps them: pairs of the activation
+  // dtype for 4-bit (each half rounds exactly as a scalar op would), fp32 for 8-bit.
+  using T2 = typename pair_of<T>::type;
+  T2 acc2[RPW][E / 2];
+  float accf[RPW][E];
+  #pragma unroll
+  for (int r = 0; r < RPW; ++r) {
+    #pragma unroll
+    for (int j = 0; j < E / 2; ++j) acc2[r][j] = pair_of<T>::zero();
+    #pragma unroll
+    for (int i = 0; i < E; ++i) accf[r][i] = 0.0f;
+  }
+  #pragma unroll
+  for (int s = 0; s < NSTEP; ++s) {
+    const int idx = (s < STEPS) ? lane * E + s * PER_WARP : lane * E + K - REST;
+    if ((s < STEPS) || (idx < K)) {
+      // This lane's E activations for the step: 16-byte loads, shared by all RPW rows.
+      uint4 xv[E * sizeof(T) / 16];
+      #pragma unroll
+      for (int v = 0; v < E * (int)sizeof(T) / 16; ++v) {
+        xv[v] = __ldg(reinterpret_cast<const uint4*>(xrow + idx) + v);
+      }
+      const T2* x2 = reinterpret_cast<const T2*>(xv);
+      // 4-bit: each 32-bit word holds elements 8k..8k+7 as nibbles; one LOP3 extracts nibbles m
+      // and m+4, so pair m of word k is elements (8k+m, 8k+m+4): arrange x the same way.
+      T2 xp[E / 2];
+      #pragma unroll
+      for (int k = 0; k < E / 8; ++k) {
+        xp[4 * k + 0] = pair_of<T>::lows(x2[4 * k], x2[4 * k + 2]);
+        xp[4 * k + 1] = pair_of<T>::highs(x2[4 * k], x2[4 * k + 2]);
+        xp[4 * k + 2] = pair_of<T>::lows(x2[4 * k + 1], x2[4 * k + 3]);
+        xp[4 * k + 3] = pair_of<T>::highs(x2[4 * k + 1], x2[4 * k + 3]);
+      }
+      #pragma unroll
+      for (int r = 0; r < RPW; ++r) {
+        const unsigned int words[2] = {wv[r][s].x, wv[r][s].y};
+        if constexpr (BITS == 4) {
+          const T2 scale2 = pair_of<T>::splat(sc[r][s]), bias2 = pair_of<T>::splat(bi[r][s]);
+          // (Measured on an H100: fma(MAGIC + q, scale, -MAGIC * scale) is NOT bitwise
+          // round(q * scale), so the code is made exact first and then multiplied, as MLX does.)
+          const T2 magic2 = __hneg2(pair_of<T>::neg_magic());
+          #pragma unroll
+          for (int k = 0; k < E / 8; ++k) {
             #pragma unroll
-            for (int k = 0; k < E / 8; ++k) {
-              #pragma unroll
-              for (int m = 0; m < 4; ++m) {
-                const unsigned int bits2 =
-                    ((words[k] >> (4 * m)) & 0x000F000Fu) | pair_of<T>::MAGIC_BITS;
-                T2 code;
-                memcpy(&code, &bits2, sizeof(code));  // a bit cast (no aliasing through pointers)
-                // Dequantize in the activation dtype: round(round(q * scale) + bias).
-                const T2 wdq = __hadd2(__hmul2(__hsub2(code, magic2), scale2), bias2);
-                acc2[r][4 * k + m] = __hfma2(xp[4 * k + m], wdq, acc2[r][4 * k + m]);
-              }
+            for (int m = 0; m < 4; ++m) {
+              const unsigned int bits2 = ((words[k] >> (4 * m)) & 0x000F000Fu) | pair_of<T>::MAGIC_BITS;
+              T2 code;
+              memcpy(&code, &bits2, sizeof(code));  // a bit cast (no aliasing through pointers)
+              // Dequantize in the activation dtype: round(round(q * scale) + bias).
+              const T2 wdq = __hadd2(__hmul2(__hsub2(code, magic2), scale2), bias2);
+              acc2[r][4 * k + m] = __hfma2(xp[4 * k + m], wdq, acc2[r][4 * k + m]);
             }
-          } else {
-            const T* xs = reinterpret_cast<const T*>(xv);
-            #pragma unroll
-            for (int i = 0; i < E; ++i) {
-              const unsigned int q = (words[i / 4] >> (8 * (i % 4))) & 0xFFu;
-              const T wdq = __hadd(__hmul(from_f32<T>((float)q), sc[r][s]), bi[r][s]);
-              accf[r][i] = fmaf(f32(xs[i]), f32(wdq), accf[r][i]);
-            }
+          }
+        } else {
+          const T* xs = reinterpret_cast<const T*>(xv);
+          #pragma unroll
+          for (int i = 0; i < E; ++i) {
+            const unsigned int q = (words[i / 4] >> (8 * (i % 4))) & 0xFFu;
+            const T wdq = __hadd(__hmul(from_f32<T>((float)q), sc[r][s]), bi[r][s]);
+            accf[r][i] = fmaf(f32(xs[i]), f32(wdq), accf[r][i]);
           }
         }
       }
     }
+  }
 
+  #pragma unroll
+  for (int r = 0; r < RPW; ++r) {
+    const int row = row0 + warp.meta_group_rank() * RPW + r;
+    // The lane's slots summed in fp32 in index order, then across lanes (MLX's order).
+    float sum = 0.0f;
     #pragma unroll
-    for (int r = 0; r < RPW; ++r) {
-      // The lane's slots summed in fp32 in index order, then across lanes (MLX's order).
-      float sum = 0.0f;
-      #pragma unroll
-      for (int i = 0; i < E && BITS == 4; ++i) {  // element i sits in pair (i/8)*4 + i%4
-        const T2 p = acc2[r][(i / 8) * 4 + i % 4];
-        sum += f32((i % 8) < 4 ? pair_of<T>::lo(p) : pair_of<T>::hi(p));
-      }
-      #pragma unroll
-      for (int i = 0; i < E && BITS != 4; ++i) sum += accf[r][i];
-      sum = cg::reduce(warp, sum, cg::plus<float>());
-      if (lane == 0) {
-        const int i = (c + r) * NW + wid;  // row within the head
-        const T val = from_f32<T>(sum);
-        if (is_v) {
-          v_out[((size_t)b * KV + (head_id - H - KV)) * D + i] = val;
-        } else {
-          head[i] = val;
-        }
+    for (int i = 0; i < E && BITS == 4; ++i) {  // element i sits in pair (i/8)*4 + i%4
+      const T2 p = acc2[r][(i / 8) * 4 + i % 4];
+      sum += f32((i % 8) < 4 ? pair_of<T>::lo(p) : pair_of<T>::hi(p));
+    }
+    #pragma unroll
+    for (int i = 0; i < E && BITS != 4; ++i) sum += accf[r][i];
+    sum = cg::reduce(warp, sum, cg::plus<float>());
+    if (lane == 0) {
+      const T val = from_f32<T>(sum);
+      if (row >= NQK) {
+        const int vrow = row - NQK;
+        v_out[(size_t)b * KV * D + vrow] = val;
+      } else {
+        proj[(size_t)b * NQK + row] = val;
       }
     }
   }
-  if (is_v) return;  // the whole block: v heads need no norm
+  if (row0 >= NQK) return;  // v heads need no norm: done
+
+  // The last block to finish a q/k head normalises and rotates it.
+  const int head_id = row0 / D;
+  unsigned int* counter = const_cast<unsigned int*>(counters) + b * (H + KV) + head_id;
+  block.sync();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    unsigned int done = atomicAdd(counter, 1u);
+    last_block = (done == BLOCKS_PER_HEAD - 1);
+  }
+  block.sync();
+  if (!last_block) return;
+  __threadfence();
+
+  const T* src = proj + (size_t)b * NQK + (size_t)head_id * D;
+  for (int i = threadIdx.x; i < D; i += blockDim.x) head[i] = __ldcg(src + i);
   block.sync();
 
   // RMSNorm as MLX's rms_norm_small: thread t sums the squares of 8 contiguous elements
   // (16 bytes) in fp32, then one cooperative-groups reduce (the other warps hold zeros).
-  if (wid == 0) {
+  if (warp.meta_group_rank() == 0) {
     constexpr int NR = 16 / sizeof(T);
     float part = 0.0f;
     if (lane * NR < D) {
@@ -263,18 +273,20 @@ CUDA_SOURCE = r"""
     dst[i] = from_f32<T>(rx1);
     dst[i + HALF] = from_f32<T>(rx2);
   }
+  if (threadIdx.x == 0) *counter = 0u;  // ready for the next launch
 """
 
 METAL_SOURCE = r"""
-  // One threadgroup per (head, sequence); simdgroup g computes rows g, g+NW, ... of the head.
+  // One threadgroup per (head, sequence); simdgroup g computes rows g, g+NSG, ... of the head.
   constexpr int E = (BITS <= 4) ? 16 : 8;
   constexpr int PER_SIMD = 32 * E;
   constexpr int WORDS_PER_ROW = K * BITS / 32;
   constexpr int GROUPS = K / GS;
   constexpr int HALF = D / 2;
+  constexpr int NSG = 8;
 
   threadgroup T head[D];
-  threadgroup float partial[NW];
+  threadgroup float partial[NSG];
 
   const uint b = threadgroup_position_in_grid.y;
   const uint head_id = threadgroup_position_in_grid.x;
@@ -282,8 +294,7 @@ METAL_SOURCE = r"""
   const uint sg = simdgroup_index_in_threadgroup;
   const device T* xb = x + b * K;
 
-  const bool is_v = head_id >= H + KV;
-  for (uint r = sg; r < D; r += NW) {
+  for (uint r = sg; r < D; r += NSG) {
     const uint row = head_id * D + r;
     const device uint8_t* wrow = (const device uint8_t*)(w + row * WORDS_PER_ROW);
     float sum = 0.0f;
@@ -300,18 +311,18 @@ METAL_SOURCE = r"""
     sum = simd_sum(sum);
     if (lane == 0) {
       const T val = T(sum);
-      if (is_v) {
-        v_out[(b * KV + head_id - H - KV) * D + r] = val;
+      if (row >= NQK) {
+        v_out[b * KV * D + (row - NQK)] = val;
       } else {
         head[r] = val;
       }
     }
   }
-  if (is_v) return;  // the whole threadgroup: v heads need no norm
+  if (head_id * D >= NQK) return;
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
   float part = 0.0f;
-  for (uint i = thread_index_in_threadgroup; i < D; i += NW * 32) {
+  for (uint i = thread_index_in_threadgroup; i < D; i += NSG * 32) {
     const float t = float(head[i]);
     part += t * t;
   }
@@ -319,13 +330,13 @@ METAL_SOURCE = r"""
   if (lane == 0) partial[sg] = part;
   threadgroup_barrier(mem_flags::mem_threadgroup);
   float total = 0.0f;
-  for (uint g = 0; g < NW; ++g) total += partial[g];
+  for (uint g = 0; g < NSG; ++g) total += partial[g];
   const float normalizer = metal::precise::rsqrt(total / float(D) + EPS);
 
   const bool is_q = head_id < H;
   const device T* gamma = is_q ? q_norm : k_norm;
   const int pos = positions[b];
-  for (uint i = thread_index_in_threadgroup; i < HALF; i += NW * 32) {
+  for (uint i = thread_index_in_threadgroup; i < HALF; i += NSG * 32) {
     const T n1 = gamma[i] * T(float(head[i]) * normalizer);
     const T n2 = gamma[i + HALF] * T(float(head[i + HALF]) * normalizer);
     const float d = float(i) / float(HALF);
@@ -364,105 +375,90 @@ def _float_literal(value: float) -> str:
     return float(np.float32(value)).hex() + "f"
 
 
-def kernel_name(source: str, stem: str = "qkv_norm_rope") -> str:
-    """A name that changes with the full source (header included): MLX caches compiled kernels
-    on disk by name (``MLX_PTX_CACHE_DIR``), so an edited kernel must not reuse an old binary."""
-    return f"fusedqk_{stem}_{hashlib.sha256(source.encode()).hexdigest()[:12]}"
-
-
-def cuda_header(eps: float, log2_base: float, threads: int) -> str:
-    """The kernel's header: helpers, the norm and RoPE constants, and the block size as a launch
-    bound. MLX declares the kernel without ``__launch_bounds__``; without one the compiler may
-    give a thread more registers than a block of ``threads`` can have (measured: 128 for
-    qwen3-8b's shape, tools/kernel_registers.py), and the launch fails. CUDA spells
-    ``__global__`` as a macro, so redefining it here bounds the one kernel MLX declares below."""
-    return CUDA_HEADER + (
-        f"constexpr float EPS = {_float_literal(eps)};\n"
-        f"constexpr float LOG2_BASE = {_float_literal(log2_base)};\n"
-        "#ifndef __global__\n#error \"__global__ is not a macro here: cannot add launch bounds\"\n#endif\n"
-        f"#undef __global__\n#define __global__ __location__(global) __launch_bounds__({threads})\n")
-
-
 @functools.cache
-def _cuda_kernel(eps: float, log2_base: float, threads: int):
-    header = cuda_header(eps, log2_base, threads)
+def _cuda_kernel(eps: float, log2_base: float):
+    header = CUDA_HEADER + (f"constexpr float EPS = {_float_literal(eps)};\n"
+                            f"constexpr float LOG2_BASE = {_float_literal(log2_base)};\n")
+    name = f"fusedqk_qkv_norm_rope_{abs(hash((eps, log2_base))):x}"
     return mx.fast.cuda_kernel(
-        name=kernel_name(header + CUDA_SOURCE),
-        input_names=INPUT_NAMES, output_names=OUTPUT_NAMES, source=CUDA_SOURCE, header=header)
+        name=name,
+        input_names=["x", "w", "scales", "biases", "q_norm", "k_norm", "positions", "counters"],
+        output_names=["q_out", "k_out", "v_out", "proj"],
+        source=CUDA_SOURCE,
+        header=header,
+    )
 
 
 @functools.cache
 def _metal_kernel(eps: float, log2_base: float):
     header = (f"constant constexpr float EPS = {_float_literal(eps)};\n"
               f"constant constexpr float LOG2_BASE = {_float_literal(log2_base)};\n")
+    name = f"fusedqk_qkv_norm_rope_{abs(hash((eps, log2_base))):x}"
     return mx.fast.metal_kernel(
-        name=kernel_name(header + METAL_SOURCE),
-        input_names=INPUT_NAMES, output_names=OUTPUT_NAMES, source=METAL_SOURCE, header=header)
+        name=name,
+        input_names=["x", "w", "scales", "biases", "q_norm", "k_norm", "positions"],
+        output_names=["q_out", "k_out", "v_out"],
+        source=METAL_SOURCE,
+        header=header,
+    )
 
 
-def cuda_block_shape(layout: QKVLayout) -> tuple[int, int]:
-    """(warps per block, rows each warp loads at once) of the CUDA kernel for this layout.
-
-    A block is one head, so more warps put more of its rows in flight; a warp's chunk (rows it
-    loads at once) is about 4 steps of 16-byte weight loads per lane. Wider rows (more steps)
-    need more registers per thread, hence fewer warps: within the launch bound, without spills
-    (tools/kernel_registers.py).
-    """
-    steps = -(-layout.hidden // (32 * (16 if layout.bits == 4 else 8)))
-    warps = 32 if steps <= 4 else 16 if steps <= 8 else 8
-    rows = layout.head_dim // warps
-    rpw = 1
-    while rpw * 2 <= rows and rpw * 2 * steps <= 4:
-        rpw *= 2
-    return warps, rpw
+def new_counters(layout: QKVLayout) -> mx.array:
+    """Zeroed per-head counters for the last-block pattern. Each launch leaves them at zero, so
+    one array serves every step of one layer; two launches that may run concurrently (MLX's CUDA
+    graphs run independent nodes side by side) must not share one, hence one array per layer."""
+    counters = mx.zeros((MAX_BATCH * (layout.n_heads + layout.n_kv_heads),), dtype=mx.uint32)
+    mx.eval(counters)
+    return counters
 
 
 class QKVNormRope:
     """The kernel for one layer layout and activation dtype, with every per-call argument that
     does not depend on the batch size computed once (a decode step calls it once per layer)."""
 
-    def __init__(self, layout: QKVLayout, dtype: mx.Dtype, backend: str,
-                 block_shape: tuple[int, int] | None = None):
-        """``block_shape`` (CUDA only): (warps, rows per warp) instead of ``cuda_block_shape``'s
-        choice, for probes that compare shapes; every shape computes the same bits."""
+    def __init__(self, layout: QKVLayout, dtype: mx.Dtype, backend: str):
         h, kv, d = layout.n_heads, layout.n_kv_heads, layout.head_dim
-        self.layout, self.dtype = layout, dtype
+        self.layout, self.dtype, self.cuda = layout, dtype, backend == "cuda"
         template = [("T", dtype), ("K", layout.hidden), ("H", h), ("KV", kv), ("D", d),
-                    ("BITS", layout.bits), ("GS", layout.group_size)]
+                    ("BITS", layout.bits), ("GS", layout.group_size), ("NQK", (h + kv) * d)]
         log2_base = math.log2(layout.rope_base)
-        if backend == "cuda":
-            warps, rpw = block_shape or cuda_block_shape(layout)
-            self.kernel = _cuda_kernel(layout.eps, log2_base, warps * 32)
-            self.template = [*template, ("NW", warps), ("RPW", rpw)]
+        if self.cuda:
+            self.kernel = _cuda_kernel(layout.eps, log2_base)
+            self.template = [*template, ("RPW", ROWS_PER_WARP)]
+            self.grid_x = layout.rows // (WARPS * ROWS_PER_WARP) * WARPS * 32
+            self.threads = WARPS * 32
+            self.n_outputs = 4
         else:
             self.kernel = _metal_kernel(layout.eps, log2_base)
-            warps = METAL_SIMDGROUPS
-            self.template = [*template, ("NW", warps)]
-        self.threads = warps * 32
-        self.grid_x = (h + 2 * kv) * self.threads  # MLX's grid counts threads: one block a head
+            self.template = template
+            self.grid_x, self.threads = (h + 2 * kv) * 256, 256
+            self.n_outputs = 3
         self._shapes: dict[int, list[tuple[int, ...]]] = {}
 
     def _out_shapes(self, b: int) -> list[tuple[int, ...]]:
         if b not in self._shapes:
             h, kv, d = self.layout.n_heads, self.layout.n_kv_heads, self.layout.head_dim
-            self._shapes[b] = [(b, h, 1, d), (b, kv, 1, d), (b, kv, 1, d)]
-        return self._shapes[b]
+            self._shapes[b] = [(b, h, 1, d), (b, kv, 1, d), (b, kv, 1, d), (b, (h + kv) * d)]
+        return self._shapes[b][: self.n_outputs]
 
     def __call__(self, x: mx.array, w: mx.array, scales: mx.array, biases: mx.array,
-                 q_norm: mx.array, k_norm: mx.array, positions: mx.array,
+                 q_norm: mx.array, k_norm: mx.array, positions: mx.array, counters: mx.array,
                  poison: bool = False) -> tuple[mx.array, mx.array, mx.array]:
         """q (B, H, 1, D), k and v (B, KV, 1, D) for x (B, 1, K) at ``positions`` (B,) int32.
 
-        ``poison`` fills the outputs with NaN before the launch (tests use it to catch unwritten
-        elements).
+        ``counters`` comes from ``new_counters`` (the Metal version needs none). ``poison`` fills
+        the outputs with NaN before the launch (tests use it to catch unwritten elements).
         """
         b = x.shape[0]
         if b > MAX_BATCH:
             raise ValueError(f"the fused kernel takes batch <= {MAX_BATCH}, got {b}")
-        q, k, v = self.kernel(
-            inputs=[x, w, scales, biases, q_norm, k_norm, positions], template=self.template,
-            grid=(self.grid_x, b, 1), threadgroup=(self.threads, 1, 1),
-            output_shapes=self._out_shapes(b), output_dtypes=[self.dtype] * 3,
+        inputs = [x, w, scales, biases, q_norm, k_norm, positions]
+        if self.cuda:
+            inputs.append(counters)
+        outs = self.kernel(
+            inputs=inputs, template=self.template, grid=(self.grid_x, b, 1),
+            threadgroup=(self.threads, 1, 1), output_shapes=self._out_shapes(b),
+            output_dtypes=[self.dtype] * self.n_outputs,
             init_value=float("nan") if poison else None,
         )
-        return q, k, v
+        return outs[0], outs[1], outs[2]
