@@ -7,7 +7,10 @@ LAUNCHES times on one layer's real shapes:
   more warps in flight; the per-row arithmetic and its order do not change, so the outputs must
   stay bitwise equal, which this probe checks);
 - ``notail``: the shipped RPW without the norm + RoPE tail (each block returns after writing its
-  projections): what the mat-vec alone costs, and so what the tail costs.
+  projections): what the mat-vec alone costs, and so what the tail costs;
+- ``minb<N>``: the shipped kernel under a launch bound of N blocks per SM (the compiler then
+  keeps to 65536 / (N * 256) registers; 8b compiles to 44 registers unbounded, 5 blocks per SM,
+  768 blocks in 1.16 waves; at N = 6, 40 registers and one wave, no spill with local nvcc).
 
     ncu --csv --metrics gpu__time_duration.sum -k regex:fusedqk python tools/probe_kernel_parts.py qwen3-8b
     python tools/probe_kernel_parts.py --summarize ncu-parts-*.csv
@@ -31,8 +34,17 @@ from fusedqk.kernels.qkv_norm_rope import ROWS_PER_WARP, WARPS, new_counters
 TAIL = "  if (row0 >= NQK) return;  // v heads need no norm: done"
 
 
-def variant(name: str, source: str):
-    header = k.CUDA_HEADER + "constexpr float EPS = 1e-6f;\nconstexpr float LOG2_BASE = 19.931568f;\n"
+def launch_bound(min_blocks: int) -> str:
+    """A header tail that bounds the kernel to WARPS * 32 threads and ``min_blocks`` blocks per
+    SM. MLX declares the kernel without ``__launch_bounds__``, but CUDA spells ``__global__`` as
+    a macro, and NVRTC takes it redefined (session 5): the bound reaches the kernel below."""
+    return ("#undef __global__\n#define __global__ __location__(global) "
+            f"__launch_bounds__({WARPS * 32}, {min_blocks})\n")
+
+
+def variant(name: str, source: str, header_tail: str = ""):
+    header = (k.CUDA_HEADER + "constexpr float EPS = 1e-6f;\nconstexpr float LOG2_BASE = 19.931568f;\n"
+              + header_tail)
     return mx.fast.cuda_kernel(
         name=f"fusedqk_{name}", input_names=["x", "w", "scales", "biases", "q_norm", "k_norm",
                                              "positions", "counters"],
@@ -44,14 +56,16 @@ def main(model: str) -> None:
     lay = case.layout
     assert TAIL in k.CUDA_SOURCE
     shipped = ROWS_PER_WARP
-    variants = {f"rpw{r}": (k.CUDA_SOURCE, r) for r in (1, 2, 4) if lay.head_dim % (WARPS * r) == 0}
-    variants["notail"] = (k.CUDA_SOURCE.replace(TAIL, "  return;"), shipped)
+    variants = {f"rpw{r}": (k.CUDA_SOURCE, r, "") for r in (1, 2, 4) if lay.head_dim % (WARPS * r) == 0}
+    variants["notail"] = (k.CUDA_SOURCE.replace(TAIL, "  return;"), shipped, "")
+    # Fewer registers, more resident blocks: qwen3-8b's 768 blocks fit one wave at 6 per SM.
+    variants |= {f"minb{n}": (k.CUDA_SOURCE, shipped, launch_bound(n)) for n in (5, 6, 8)}
     h, kv, d = lay.n_heads, lay.n_kv_heads, lay.head_dim
     shapes = [(1, h, 1, d), (1, kv, 1, d), (1, kv, 1, d), (1, (h + kv) * d)]
     pos = mx.array([5], mx.int32)
     outs = {}
-    for name, (source, rpw) in variants.items():
-        kernel, counters = variant(name, source), new_counters(lay)
+    for name, (source, rpw, header_tail) in variants.items():
+        kernel, counters = variant(name, source, header_tail), new_counters(lay)
         template = [("T", mx.bfloat16), ("K", lay.hidden), ("H", h), ("KV", kv), ("D", d),
                     ("BITS", 4), ("GS", 64), ("NQK", (h + kv) * d), ("RPW", rpw)]
         for _ in range(LAUNCHES):
@@ -76,7 +90,7 @@ def summarize(paths: list[str]) -> None:
         times: dict[str, list[float]] = {}
         for row in read(p):
             if row.get("Metric Name") == "gpu__time_duration.sum":
-                name = re.search(r"fusedqk_(rpw\d|notail)", row["Kernel Name"])[1]
+                name = re.search(r"fusedqk_(rpw\d|notail|minb\d)", row["Kernel Name"])[1]
                 times.setdefault(name, []).append(to_us(row["Metric Value"], row.get("Metric Unit", "ns")))
         for name, t in sorted(times.items()):
             print(f"| {model} | {name} | {statistics.median(t):.2f} |")
