@@ -221,7 +221,7 @@ def cmd_identity(args: argparse.Namespace) -> int:
 
     if args.trace_only:
         prep, s = identity.prepare(args)
-        print(json.dumps([asdict(identity.trace(prep, path, s))
+        print(json.dumps([asdict(identity.control_trace(prep, path, s))
                           for path in args.trace_only.split(",")]))
         return 0
     from fusedqk.atomic import write_json
@@ -345,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--prompt-tokens", type=_positive, default=32)
     p.add_argument("-n", "--tokens", type=_positive, default=256)
     p.add_argument("-k", "--prompts", type=_positive, default=3)
-    p.add_argument("--no-controls", action="store_true", help="skip the fresh-process controls")
+    p.add_argument("--no-controls", action="store_true",
+                   help="skip the fresh-process controls (each path's teacher-forced logits again)")
     p.add_argument("--concurrent-controls", action="store_true",
                    help="run the fresh-process controls alongside the check, not after it "
                         "(faster; two copies of the model must fit the device)")
@@ -354,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "MLX's cuDNN attention, used from a 256-token context, does not reproduce "
                         "itself across processes")
     _result_flags(p, "identity-<impl>.json", table=False)
-    # Internal: the controls' fresh process; a comma list of paths, traced in that order.
+    # Internal: the controls' fresh process; a comma list of paths whose teacher-forced logits
+    # it runs, in that order.
     p.add_argument("--trace-only", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_identity)
 

@@ -4,8 +4,11 @@ question can be answered at all.
 - teacher-forced: one token sequence fed to both paths; every step's logits compared bit for bit;
 - free-running: greedy decoding of N tokens from K seeded prompts, and seeded sampling at
   temperature 1, compared token for token;
-- controls: every path run again in one fresh process (one more model build, not one per path); a
-  path that does not reproduce itself makes a difference between paths uninterpretable.
+- controls: every path's teacher-forced logits again in one fresh process (one more model build,
+  not one per path), bitwise, step by step; a path that does not reproduce itself makes a
+  difference between paths uninterpretable. The free-running decodes are not repeated there:
+  they run the same kernels over the same contexts, and the teacher-forced logits are the more
+  sensitive test (a bit, not a token); repeating them cost as long as the check itself.
 
 Verdict: EQUAL (comparisons identical, both controls deterministic), DIFFERS (fused differs while
 the graph path reproduces itself), INCONCLUSIVE (a control is not deterministic).
@@ -50,6 +53,9 @@ class IdentitySettings:
     concurrent_controls: bool = False  # the controls' process runs alongside the check
 
 
+# What a control repeats in its fresh process (recorded with every result).
+CONTROL_SCOPE = "teacher-forced logits"
+
 # MLX reads this once, at its first attention call on CUDA; other backends ignore it.
 MLX_CUDNN_SDPA_ENV = "MLX_CUDA_USE_CUDNN_SDPA"
 
@@ -72,7 +78,7 @@ class Trace:
 
     path: str
     logit_digests: list[str]  # sha256 of each teacher-forced step's logits bytes
-    greedy: list[list[int]]
+    greedy: list[list[int]]  # empty in a control trace
     sampled: list[int]
 
 
@@ -103,6 +109,13 @@ def trace(prep: Prepared, path: str, s: IdentitySettings, logits: list[np.ndarra
     digests = [hashlib.sha256(step.tobytes()).hexdigest() for step in logits]
     prep.paths.use("graph")
     return Trace(path, digests, greedy, sampled)
+
+
+def control_trace(prep: Prepared, path: str, s: IdentitySettings) -> Trace:
+    """What the controls repeat: the teacher-forced logits' digests."""
+    digests = [hashlib.sha256(step.tobytes()).hexdigest() for step in _logits(prep, path, s)]
+    prep.paths.use("graph")
+    return Trace(path, digests, [], [])
 
 
 def compare_logits(a: list[np.ndarray], b: list[np.ndarray]) -> dict:
@@ -136,14 +149,20 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def compare_traces(a: Trace, b: Trace) -> dict:
-    """Do two traces agree (digests, greedy and sampled tokens), and where do they part?"""
-    digest_diff = first_divergence(a.logit_digests, b.logit_digests)
+def compare_free_running(a: Trace, b: Trace) -> dict:
+    """Do two traces' greedy and sampled tokens agree, and where do they part?"""
     greedy_diffs = [first_divergence(x, y) for x, y in zip(a.greedy, b.greedy, strict=True)]
     sampled_diff = first_divergence(a.sampled, b.sampled)
-    same = digest_diff is None and all(d is None for d in greedy_diffs) and sampled_diff is None
-    return {"identical": same, "first_differing_logit_step": digest_diff,
-            "greedy_first_divergence": greedy_diffs, "sampled_first_divergence": sampled_diff}
+    same = all(d is None for d in greedy_diffs) and sampled_diff is None
+    return {"identical": same, "greedy_first_divergence": greedy_diffs,
+            "sampled_first_divergence": sampled_diff}
+
+
+def compare_control(run: Trace, control: Trace) -> dict:
+    """Does a path reproduce its own teacher-forced logits in a fresh process, and from which step
+    not?"""
+    first = first_divergence(run.logit_digests, control.logit_digests)
+    return {"identical": first is None, "first_differing_logit_step": first}
 
 
 def verdict(comparison_equal: bool, graph_deterministic: bool | None,
@@ -197,8 +216,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         logits_cmp = compare_logits(graph_logits, fused_logits)
         fused_trace = trace(prep, fused, s, fused_logits)
         del fused_logits
-        free = compare_traces(graph_trace, fused_trace)
-        free.pop("first_differing_logit_step")
+        free = compare_free_running(graph_trace, fused_trace)
         compared.append((fused, logits_cmp, free, fused_trace))
     env = environment(prep)
     if control is None and not args.no_controls:
@@ -209,14 +227,14 @@ def run(args: argparse.Namespace) -> list[dict]:
         mx.clear_cache()
         control = _start_controls(args, paths)
     fresh = _control_traces(control, paths) if control else {}
-    graph_control = compare_traces(graph_trace, fresh["graph"]) if fresh else {}
+    graph_control = compare_control(graph_trace, fresh["graph"]) if fresh else {}
     results = []
     for fused, logits_cmp, free, fused_trace in compared:
-        controls: dict = {"run": not args.no_controls}
+        controls: dict = {"run": not args.no_controls, "scope": CONTROL_SCOPE}
         graph_det = fused_det = None
         if not args.no_controls:
             controls["graph"] = graph_control
-            controls["fused"] = compare_traces(fused_trace, fresh[fused])
+            controls["fused"] = compare_control(fused_trace, fresh[fused])
             graph_det, fused_det = graph_control["identical"], controls["fused"]["identical"]
         equal = logits_cmp["bitwise_equal"] and free["identical"]
         results.append({

@@ -63,3 +63,21 @@ def test_report_says_when_identity_kept_attention_off_cudnn(tmp_path):
     report.render_run(copy)
     assert "Attention ran on MLX's own kernel throughout" in (copy / "report.md").read_text()
     assert "Attention ran on MLX's own kernel" not in (run / "report.md").read_text()
+
+
+def test_report_says_what_the_controls_repeated(tmp_path):
+    """Results since session 5 name the controls' scope; archives from before do not, and their
+    reports keep their words."""
+    from fusedqk.identity import CONTROL_SCOPE
+
+    run = next(p for p in ARCHIVES if p.parent.name.startswith("cpu-"))
+    copy = tmp_path / run.name
+    shutil.copytree(run, copy)
+    for path in copy.glob("*/identity-*.json"):
+        doc = json.loads(path.read_text())
+        doc["controls"]["scope"] = CONTROL_SCOPE
+        path.write_text(json.dumps(doc))
+    report.render_run(copy)
+    said = f"A control repeats the path's {CONTROL_SCOPE} in a fresh process"
+    assert said in (copy / "report.md").read_text()
+    assert "A control repeats" not in (run / "report.md").read_text()

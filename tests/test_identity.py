@@ -52,12 +52,16 @@ def test_verdicts():
     assert identity.verdict(True, None, None) == "INCONCLUSIVE"
 
 
-def test_trace_comparison_reports_divergence():
+def test_trace_comparisons_report_divergence():
     a = identity.Trace("graph", ["x", "y", "z"], [[1, 2, 3]], [4, 5])
     b = identity.Trace("graph", ["x", "y", "w"], [[1, 9, 3]], [4, 5])
-    cmp = identity.compare_traces(a, b)
-    assert not cmp["identical"] and cmp["first_differing_logit_step"] == 2
-    assert cmp["greedy_first_divergence"] == [1] and cmp["sampled_first_divergence"] is None
+    free = identity.compare_free_running(a, b)
+    assert not free["identical"]
+    assert free["greedy_first_divergence"] == [1] and free["sampled_first_divergence"] is None
+    # A control repeats only the teacher-forced logits (its trace has no tokens).
+    control = identity.compare_control(a, identity.Trace("graph", ["x", "y", "w"], [], []))
+    assert control == {"identical": False, "first_differing_logit_step": 2}
+    assert identity.compare_control(a, identity.Trace("graph", ["x", "y", "z"], [], []))["identical"]
 
 
 def args(**kw):
@@ -84,6 +88,7 @@ def test_tiny_model_is_equal_with_deterministic_controls(monkeypatch, concurrent
     (result,) = identity.run(args(no_cudnn_sdpa=True, concurrent_controls=concurrent))
     assert result["verdict"] == "EQUAL"
     assert result["controls"]["graph"]["identical"] and result["controls"]["fused"]["identical"]
+    assert result["controls"]["scope"] == identity.CONTROL_SCOPE
     assert result["settings"]["cudnn_sdpa"] is False
     assert result["settings"]["concurrent_controls"] is concurrent
     assert result["environment"]["mlx_environment"][identity.MLX_CUDNN_SDPA_ENV] == "0"
