@@ -52,15 +52,22 @@ def test_atomic_writes_leave_no_partial_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_report_says_when_identity_kept_attention_off_cudnn(tmp_path):
+def _render_cpu_archive_with(tmp_path, edit):
+    """(the CPU archive, a copy of it re-rendered after ``edit`` changed each identity result)."""
     run = next(p for p in ARCHIVES if p.parent.name.startswith("cpu-"))
     copy = tmp_path / run.name
     shutil.copytree(run, copy)
     for path in copy.glob("*/identity-*.json"):
         doc = json.loads(path.read_text())
-        doc["settings"]["cudnn_sdpa"] = False
+        edit(doc)
         path.write_text(json.dumps(doc))
     report.render_run(copy)
+    return run, copy
+
+
+def test_report_says_when_identity_kept_attention_off_cudnn(tmp_path):
+    run, copy = _render_cpu_archive_with(
+        tmp_path, lambda doc: doc["settings"].update(cudnn_sdpa=False))
     assert "Attention ran on MLX's own kernel throughout" in (copy / "report.md").read_text()
     assert "Attention ran on MLX's own kernel" not in (run / "report.md").read_text()
 
@@ -70,14 +77,8 @@ def test_report_says_what_the_controls_repeated(tmp_path):
     reports keep their words."""
     from fusedqk.identity import CONTROL_SCOPE
 
-    run = next(p for p in ARCHIVES if p.parent.name.startswith("cpu-"))
-    copy = tmp_path / run.name
-    shutil.copytree(run, copy)
-    for path in copy.glob("*/identity-*.json"):
-        doc = json.loads(path.read_text())
-        doc["controls"]["scope"] = CONTROL_SCOPE
-        path.write_text(json.dumps(doc))
-    report.render_run(copy)
+    run, copy = _render_cpu_archive_with(
+        tmp_path, lambda doc: doc["controls"].update(scope=CONTROL_SCOPE))
     said = f"A control repeats the path's {CONTROL_SCOPE} in a fresh process"
     assert said in (copy / "report.md").read_text()
     assert "A control repeats" not in (run / "report.md").read_text()
