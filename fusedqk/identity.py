@@ -95,10 +95,13 @@ def _logits(prep: Prepared, path: str, s: IdentitySettings) -> list[np.ndarray]:
     return [np.array(step.astype(mx.float32)) for step in steps]
 
 
-def trace(prep: Prepared, path: str, s: IdentitySettings, logits: list[np.ndarray] | None = None) -> Trace:
-    """Run ``path`` through every comparison; ``logits`` reuses teacher-forced steps already run."""
-    if logits is None:
-        logits = _logits(prep, path, s)
+def _digests(logits: list[np.ndarray]) -> list[str]:
+    return [hashlib.sha256(step.tobytes()).hexdigest() for step in logits]
+
+
+def trace(prep: Prepared, path: str, s: IdentitySettings, logits: list[np.ndarray]) -> Trace:
+    """Run ``path`` through the free-running comparisons; ``logits`` are its teacher-forced steps,
+    already run."""
     prep.paths.use(path)
     vocab = prep.loaded.config["vocab_size"]
     model = prep.loaded.model
@@ -106,16 +109,13 @@ def trace(prep: Prepared, path: str, s: IdentitySettings, logits: list[np.ndarra
                        make_sampler(0.0, s.seed)).tokens for k in range(s.prompts)]
     sampled = generate(model, random_prompt(vocab, s.prompt_tokens, s.seed), s.tokens,
                        make_sampler(1.0, s.seed)).tokens
-    digests = [hashlib.sha256(step.tobytes()).hexdigest() for step in logits]
     prep.paths.use("graph")
-    return Trace(path, digests, greedy, sampled)
+    return Trace(path, _digests(logits), greedy, sampled)
 
 
 def control_trace(prep: Prepared, path: str, s: IdentitySettings) -> Trace:
     """What the controls repeat: the teacher-forced logits' digests."""
-    digests = [hashlib.sha256(step.tobytes()).hexdigest() for step in _logits(prep, path, s)]
-    prep.paths.use("graph")
-    return Trace(path, digests, [], [])
+    return Trace(path, _digests(_logits(prep, path, s)), [], [])
 
 
 def compare_logits(a: list[np.ndarray], b: list[np.ndarray]) -> dict:

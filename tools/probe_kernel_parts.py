@@ -58,7 +58,8 @@ def main(model: str) -> None:
     shipped = ROWS_PER_WARP
     variants = {f"rpw{r}": (k.CUDA_SOURCE, r, "") for r in (1, 2, 4) if lay.head_dim % (WARPS * r) == 0}
     variants["notail"] = (k.CUDA_SOURCE.replace(TAIL, "  return;"), shipped, "")
-    # Fewer registers, more resident blocks: qwen3-8b's 768 blocks fit one wave at 6 per SM.
+    # Fewer registers, more resident blocks: qwen3-8b's 768 blocks fit one wave at 6 per SM
+    # (measured in session 5: no gain, docs/perf-log.md).
     variants |= {f"minb{n}": (k.CUDA_SOURCE, shipped, launch_bound(n)) for n in (5, 6, 8)}
     h, kv, d = lay.n_heads, lay.n_kv_heads, lay.head_dim
     shapes = [(1, h, 1, d), (1, kv, 1, d), (1, kv, 1, d), (1, (h + kv) * d)]
