@@ -143,7 +143,7 @@ def run(prep: Prepared, paths: list[str], settings: BenchSettings, argv: list[st
         bar.close()
     prep.paths.use("graph")
     result.meta.update({"finished_at": now_utc(), "environment": environment(prep)})
-    summarize(result)
+    summarize(result, speedups)
     return result
 
 
@@ -227,8 +227,9 @@ def _speedups(result: BenchRun) -> dict[str, stats.Speedup]:
             for path, ratios in per_round.items()}
 
 
-def summarize(result: BenchRun) -> None:
-    """Per-path summary, fused-vs-graph speedups with CIs, and stability warnings."""
+def summarize(result: BenchRun, speedups: dict[str, stats.Speedup]) -> None:
+    """Per-path summary, the fused-vs-graph ``speedups`` (``_speedups`` after the last round),
+    and stability warnings."""
     df = pd.DataFrame(result.trials)
     for path in result.paths:
         sub = df[df.path == path]
@@ -242,7 +243,7 @@ def summarize(result: BenchRun) -> None:
             "peak_memory_bytes": int(sub.peak_memory_bytes.max()),
         })
         result.warnings += stats.stability_warnings(path, tok, len(sub), float(sub.decode_s.median()))
-    for path, sp in _speedups(result).items():
+    for path, sp in speedups.items():
         result.speedups.append({"model": df.model.iloc[0], "backend": df.backend.iloc[0],
                                 "path": path, **sp.as_dict(), "estimator": stats.ESTIMATOR})
 
