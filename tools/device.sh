@@ -14,6 +14,7 @@
 #   tools/device.sh parts      device time of fused-kernel variants (Nsight Compute)
 #   tools/device.sh graphcache bench wall time with MLX's CUDA graph cache at 400 and 4000
 #   tools/device.sh turns      turn length (chunk_tokens) against speedup noise and wall time
+#   tools/device.sh steps      device time of whole decode steps per path (Nsight Compute)
 #
 # Expects MLX's CUDA build importable (PYTHONPATH=/tmp/site after ../shared/device/README.md's
 # two-call staging).
@@ -84,6 +85,15 @@ pipeline)
     ls "$run_dir"/*/status-*.json 2>/dev/null
     [ -f "$run_dir/report.md" ] && sed -n '1,40p' "$run_dir/report.md"
   fi
+  ;;
+steps)
+  for m in qwen3-0.6b qwen3-8b qwen3-30b-a3b; do
+    for p in graph kernel; do
+      ncu --profile-from-start off --clock-control none --csv --metrics gpu__time_duration.sum \
+        $py tools/decode_step_time.py run "$m" "$p" > "$OUT/ncu-step-$m-$p.csv" 2>"$OUT/ncu-step-$m-$p.err"
+    done
+  done
+  $py tools/decode_step_time.py summary "$OUT"/ncu-step-*.csv | tee "$OUT/steps.md"
   ;;
 hostcost)
   $py tools/probe_kernel_host_cost.py 2>&1 | tee "$OUT/hostcost.md"
