@@ -2,7 +2,7 @@
 
     ncu --profile-from-start off --clock-control none --csv --metrics gpu__time_duration.sum \\
         python tools/decode_step_time.py run qwen3-8b kernel > ncu-step-qwen3-8b-kernel.csv
-    python tools/decode_step_time.py summary ncu-step-*.csv
+    python tools/decode_step_time.py summary [--steps N] ncu-step-*.csv
 
 ``run`` builds the model (synthetic weights, 4-bit g64 bf16), prefills a 64-token prompt and
 decodes warm-up steps on one path outside the profiled range, then profiles STEPS decode steps
@@ -27,7 +27,7 @@ from fusedqk.decode import random_prompt
 from fusedqk.models import Quantization, load_model
 from tools.ncu_summary import read, to_us
 
-STEPS, WARMUP, PROMPT = 4, 8, 64
+STEPS, WARMUP, PROMPT = 1, 8, 64
 
 
 def run(model_name: str, path: str) -> None:
@@ -48,11 +48,11 @@ def run(model_name: str, path: str) -> None:
     cuda.cuProfilerStop()
 
 
-def summary(paths: list[str]) -> None:
+def summary(paths: list[str], steps: int = STEPS) -> None:
     print("| model | path | kernels per step | device µs per step | largest kernels (µs per step) |")
     print("|---|---|---|---|---|")
     for p in map(Path, paths):
-        name = re.match(r"ncu-step-(.+)-(graph|composite|kernel)\.csv", p.name)
+        name = re.match(r"ncu-step-(.+)-(graph|composite|kernel)\.csv(?:\.gz)?", p.name)
         per_kernel: dict[str, float] = defaultdict(float)
         count = 0
         for row in read(p):
@@ -60,14 +60,16 @@ def summary(paths: list[str]) -> None:
                 per_kernel[row["Kernel Name"].split("(")[0][-40:]] += to_us(
                     row["Metric Value"], row.get("Metric Unit", "ns"))
                 count += 1
-        total = sum(per_kernel.values()) / STEPS
+        total = sum(per_kernel.values()) / steps
         top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:4]
-        tops = "; ".join(f"`{k.strip()}` {v / STEPS:.0f}" for k, v in top)
-        print(f"| {name[1]} | {name[2]} | {count / STEPS:.0f} | {total:.0f} | {tops} |")
+        tops = "; ".join(f"`{k.strip()}` {v / steps:.0f}" for k, v in top)
+        print(f"| {name[1]} | {name[2]} | {count / steps:.0f} | {total:.0f} | {tops} |")
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "run":
         run(sys.argv[2], sys.argv[3])
+    elif sys.argv[2] == "--steps":
+        summary(sys.argv[4:], int(sys.argv[3]))
     else:
         summary(sys.argv[2:])

@@ -87,9 +87,11 @@ pipeline)
   fi
   ;;
 steps)
-  for m in qwen3-0.6b qwen3-8b qwen3-30b-a3b; do
+  # Nsight Compute costs ~0.14 s per kernel here: one step of a model is ~1-2 minutes.
+  for m in ${2:-qwen3-0.6b qwen3-8b qwen3-30b-a3b}; do
     for p in graph kernel; do
-      ncu --profile-from-start off --clock-control none --csv --metrics gpu__time_duration.sum \
+      ncu --profile-from-start off --clock-control none --cache-control "${NCU_CACHE:-all}" --csv \
+        --metrics gpu__time_duration.sum \
         $py tools/decode_step_time.py run "$m" "$p" > "$OUT/ncu-step-$m-$p.csv" 2>"$OUT/ncu-step-$m-$p.err"
     done
   done

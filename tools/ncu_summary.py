@@ -5,6 +5,7 @@ ncu): the device time of one layer's block per path, and of each kernel in it.
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import re
 import statistics
@@ -16,7 +17,9 @@ from tools.kernel_time import LAUNCHES
 
 
 def read(path: Path) -> list[dict]:
-    text = path.read_text(errors="replace")
+    """ncu's CSV rows (after its log lines); a .gz file is read through gzip."""
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    text = data.decode(errors="replace")
     start = text.find('"ID"')
     return list(csv.DictReader(io.StringIO(text[start:]))) if start >= 0 else []
 
