@@ -132,7 +132,7 @@ def run(prep: Prepared, paths: list[str], settings: BenchSettings, argv: list[st
         _run_round(prep, prompt, greedy, order, rnd, peak_memory, result)
         if bar:
             bar.update(len(paths))
-        speedups = _speedups(result)
+        per_round, speedups = _speedups(result)
         if not sys.stderr.isatty() and rnd:  # a pipeline's log shows how a long bench goes
             print(_round_note(speedups, rnd + 1, settings.round_limit), file=sys.stderr, flush=True)
         result.meta["stopped"] = _stop_reason(settings, rnd + 1, speedups)
@@ -143,7 +143,7 @@ def run(prep: Prepared, paths: list[str], settings: BenchSettings, argv: list[st
         bar.close()
     prep.paths.use("graph")
     result.meta.update({"finished_at": now_utc(), "environment": environment(prep)})
-    summarize(result, speedups)
+    summarize(result, speedups, per_round)
     return result
 
 
@@ -216,20 +216,22 @@ def round_speedups(tokens: pd.DataFrame, chunk_tokens: int, paths: list[str]) ->
                    for r in rounds] for path in paths if path != "graph"}
 
 
-def _speedups(result: BenchRun) -> dict[str, stats.Speedup]:
-    """Each fused path's speedup over graph from the rounds so far (turn-paired, stats.py)."""
+def _speedups(result: BenchRun) -> tuple[dict[str, list[float]], dict[str, stats.Speedup]]:
+    """Each fused path's per-round speedups and its speedup over graph from the rounds so far
+    (turn-paired, stats.py)."""
     per_round = round_speedups(pd.DataFrame(result.tokens), result.settings.chunk_tokens,
                                result.paths)
     tok_s = pd.DataFrame(result.trials).groupby("path").decode_tok_s
-    return {path: stats.speedup_ci(
+    return per_round, {path: stats.speedup_ci(
                 ratios, seed=result.settings.seed,
                 p_value=stats.mann_whitney_p(tok_s.get_group("graph"), tok_s.get_group(path)))
             for path, ratios in per_round.items()}
 
 
-def summarize(result: BenchRun, speedups: dict[str, stats.Speedup]) -> None:
-    """Per-path summary, the fused-vs-graph ``speedups`` (``_speedups`` after the last round),
-    and stability warnings."""
+def summarize(result: BenchRun, speedups: dict[str, stats.Speedup],
+              per_round: dict[str, list[float]]) -> None:
+    """Per-path summary, the fused-vs-graph ``speedups`` and ``per_round`` speedups (``_speedups``
+    after the last round), the halves of the rounds, and stability warnings."""
     df = pd.DataFrame(result.trials)
     for path in result.paths:
         sub = df[df.path == path]
@@ -244,8 +246,12 @@ def summarize(result: BenchRun, speedups: dict[str, stats.Speedup]) -> None:
         })
         result.warnings += stats.stability_warnings(path, tok, len(sub), float(sub.decode_s.median()))
     for path, sp in speedups.items():
+        halves = stats.halves(per_round[path], seed=result.settings.seed)
+        result.warnings += stats.drift_warnings(path, halves)
         result.speedups.append({"model": df.model.iloc[0], "backend": df.backend.iloc[0],
-                                "path": path, **sp.as_dict(), "estimator": stats.ESTIMATOR})
+                                "path": path, **sp.as_dict(), "estimator": stats.ESTIMATOR,
+                                "round_speedups": per_round[path],
+                                "halves": halves.as_dict() if halves else None})
 
 
 def write(result: BenchRun, out_dir) -> None:

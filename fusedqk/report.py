@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from fusedqk import stats
 from fusedqk.archive import RunData, load_run
 from fusedqk.atomic import write_bytes, write_text
 from fusedqk.errors import UserError
@@ -84,7 +85,7 @@ def latency_plot(run: RunData) -> bytes | None:
 
 def context(run: RunData) -> dict:
     decisions = json.loads((run.path / "decisions.json").read_text())
-    bench_rows, ident_rows, block_rows, failed, round_notes = [], [], [], [], []
+    bench_rows, ident_rows, block_rows, failed, round_notes, drift_notes = [], [], [], [], [], []
     for name, m in run.models.items():
         if m.failed:
             failed.append({"model": name, "error": m.failed})
@@ -92,6 +93,9 @@ def context(run: RunData) -> dict:
             round_notes.append(f"{name}: {m.bench['meta']['stopped']}")
         if m.bench:
             speed = {s["path"]: s for s in m.bench["speedups"]}
+            drift_notes += [f"{name} {w}" for sp in speed.values() if sp.get("halves")
+                            for w in stats.drift_warnings(sp["path"], stats.Halves(
+                                tuple(sp["halves"]["first"]), tuple(sp["halves"]["second"])))]
             for s in m.bench["summary"]:
                 sp = speed.get(s["path"])
                 bench_rows.append({**s, "speedup": sp, "identity": (m.identity.get(s["path"]) or {})
@@ -104,7 +108,7 @@ def context(run: RunData) -> dict:
     estimator = next((r["speedup"]["estimator"] for r in bench_rows
                       if r["speedup"] and "estimator" in r["speedup"]), None)
     return {"run": run, "decisions": decisions, "bench": bench_rows, "identity": ident_rows,
-            "round_notes": round_notes, "estimator": estimator,
+            "round_notes": round_notes, "drift_notes": drift_notes, "estimator": estimator,
             "blockbench": block_rows, "failed": failed, "env": run.environment,
             "settings": settings, "raw_files": sorted(
                 p.relative_to(run.path).as_posix() for p in run.path.rglob("*.csv"))}

@@ -8,7 +8,11 @@ straddle a change of the host's speed); the speedup is the geometric mean of the
 95% confidence interval from a bootstrap over rounds. On the H100 its CI was 1.1-3.7x narrower
 than that of a per-round ratio of tok/s (most on a noisy host) and 2.7-8x narrower than that of
 a ratio of the two paths' medians, with points within 1.5% of both (docs/perf-log.md, session 4).
-Stability warnings follow pyperf's spirit.
+Stability warnings follow pyperf's spirit. One more, for a speedup that is not one number: the
+rounds' first and second halves are summarised alike, and disjoint intervals mean the speedup
+moved during the run. On the H100 it did: qwen3-8b's kernel gained 2-9% per round while the host
+was fast and 25-30% while it was slow (docs/perf-log.md, session 6), so one run's interval covers
+the mix of host states it saw, not another run's.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ ESTIMATOR = ("geometric mean over rounds of each round's median, over its turns,
 CV_WARN = 0.05
 MIN_ROUNDS = 9
 MIN_TRIAL_S = 0.1
+MIN_HALF_ROUNDS = 4  # the halves are compared from 2 x 4 rounds on
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,45 @@ def speedup_ci(round_speedups: list[float], *, p_value: float, level: float = 0.
     alpha = (1 - level) / 2
     lo, hi = np.quantile(means, [alpha, 1 - alpha])
     return Speedup(point, float(lo), float(hi), level, p_value, int(log_ratio.size))
+
+
+@dataclass(frozen=True)
+class Halves:
+    """The speedup of the first and of the second half of a run's rounds: (point, lo, hi) each,
+    as ``speedup_ci`` gives them for the whole run."""
+
+    first: tuple[float, float, float]
+    second: tuple[float, float, float]
+
+    @property
+    def disjoint(self) -> bool:
+        """The two intervals do not overlap: the speedup moved during the run."""
+        return self.first[2] < self.second[1] or self.second[2] < self.first[1]
+
+    def as_dict(self) -> dict:
+        return {"first": list(self.first), "second": list(self.second), "disjoint": self.disjoint}
+
+
+def halves(round_speedups: list[float], *, seed: int = 0) -> Halves | None:
+    """The first ``n // 2`` rounds against the rest; None under ``2 * MIN_HALF_ROUNDS`` rounds."""
+    n = len(round_speedups)
+    if n < 2 * MIN_HALF_ROUNDS:
+        return None
+
+    def summary(part: list[float]) -> tuple[float, float, float]:
+        s = speedup_ci(part, p_value=float("nan"), seed=seed)
+        return s.point, s.lo, s.hi
+
+    return Halves(summary(round_speedups[: n // 2]), summary(round_speedups[n // 2 :]))
+
+
+def drift_warnings(path: str, h: Halves | None) -> list[str]:
+    if h is None or not h.disjoint:
+        return []
+    (a, a_lo, a_hi), (b, b_lo, b_hi) = h.first, h.second
+    return [f"{path}: the speedup moved during the run (first half of the rounds {a:.3f} "
+            f"[{a_lo:.3f}, {a_hi:.3f}], second half {b:.3f} [{b_lo:.3f}, {b_hi:.3f}]): it depends "
+            "on the host's state, and the CI covers this run's mix of states, not another run's"]
 
 
 def mann_whitney_p(a, b) -> float:

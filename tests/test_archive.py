@@ -52,12 +52,13 @@ def test_atomic_writes_leave_no_partial_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def _render_cpu_archive_with(tmp_path, edit):
-    """(the CPU archive, a copy of it re-rendered after ``edit`` changed each identity result)."""
+def _render_cpu_archive_with(tmp_path, edit, results="*/identity-*.json"):
+    """(the CPU archive, a copy of it re-rendered after ``edit`` changed each of its ``results``
+    files: by default the identity results)."""
     run = next(p for p in ARCHIVES if p.parent.name.startswith("cpu-"))
     copy = tmp_path / run.name
     shutil.copytree(run, copy)
-    for path in copy.glob("*/identity-*.json"):
+    for path in copy.glob(results):
         doc = json.loads(path.read_text())
         edit(doc)
         path.write_text(json.dumps(doc))
@@ -82,3 +83,21 @@ def test_report_says_what_the_controls_repeated(tmp_path):
     said = f"A control repeats the path's {CONTROL_SCOPE} in a fresh process"
     assert said in (copy / "report.md").read_text()
     assert "A control repeats" not in (run / "report.md").read_text()
+
+
+def test_report_names_a_speedup_that_moved_during_its_run(tmp_path):
+    """Benches since session 6 record the halves of their rounds; the report lists the speedups
+    whose halves disagree, and archives from before keep their words."""
+    from fusedqk import stats
+
+    moved = stats.Halves((1.07, 1.05, 1.10), (1.17, 1.13, 1.21)).as_dict()
+
+    def edit(doc):
+        for sp in doc["speedups"]:
+            sp["halves"] = moved
+
+    run, copy = _render_cpu_archive_with(tmp_path, edit, "*/bench/bench.json")
+    text = (copy / "report.md").read_text()
+    assert "A speedup that moved during its run" in text
+    assert "first half of the rounds 1.070 [1.050, 1.100], second half 1.170 [1.130, 1.210]" in text
+    assert "moved during" not in (run / "report.md").read_text()

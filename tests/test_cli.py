@@ -135,7 +135,7 @@ def test_bench_stops_once_every_ci_is_as_narrow_as_asked():
                                   "decode_tok_s": 1 / latency})
             result.tokens += [{"model": "m", "path": path, "round": rnd, "step": step,
                                "latency_s": latency} for step in range(1, 5)]
-        speedups = bench._speedups(result)
+        _, speedups = bench._speedups(result)
         stopped = bench._stop_reason(settings, rnd + 1, speedups)
         assert (stopped is None) == (rnd + 1 < 3)
     assert stopped == "every speedup CI half-width <= 1.00% after 3 rounds"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,3 +74,34 @@ def test_rounds_to_decide():
     assert stats.rounds_to_decide(s, 0.01) == math.ceil(10 * (0.05 / 0.04) ** 2)
     between = stats.Speedup(1.005, 0.99, 1.02, 0.95, 0.5, 10)
     assert stats.rounds_to_decide(between, 0.01) is None
+
+
+def test_halves_known_answers():
+    assert stats.halves([1.2] * 7) is None  # under 2 x MIN_HALF_ROUNDS rounds
+    steady = stats.halves([1.2] * 8)
+    assert steady.first == steady.second == pytest.approx((1.2, 1.2, 1.2))
+    assert not steady.disjoint and stats.drift_warnings("kernel", steady) == []
+    step = stats.halves([1.0] * 4 + [2.0] * 5)  # 9 rounds: 4 in the first half, 5 in the second
+    assert step.first == pytest.approx((1.0, 1.0, 1.0)) and step.second == pytest.approx((2.0,) * 3)
+    assert step.disjoint and step.as_dict()["disjoint"] is True
+    (warning,) = stats.drift_warnings("kernel", step)
+    assert "first half of the rounds 1.000 [1.000, 1.000], second half 2.000" in warning
+
+
+def test_halves_on_archived_h100_rounds():
+    """Run 703a49a8e9-kernel: qwen3-8b's speedup moved with the host's state (1.07 -> 1.17),
+    qwen3-30b-a3b's did not."""
+    import pandas as pd
+
+    from fusedqk.bench import round_speedups
+
+    run = Path("results/cuda-nvidia-h100-80gb-hbm3/20261127-703a49a8e9-kernel")
+    moved = {}
+    for model in ("qwen3-8b", "qwen3-30b-a3b"):
+        tokens = pd.read_csv(run / model / "bench" / "tokens.csv")
+        (rounds,) = round_speedups(tokens, 4, ["graph", "kernel"]).values()
+        moved[model] = stats.halves(rounds)
+    assert moved["qwen3-8b"].disjoint
+    assert moved["qwen3-8b"].first[0] == pytest.approx(1.070, abs=5e-4)
+    assert moved["qwen3-8b"].second[0] == pytest.approx(1.171, abs=5e-4)
+    assert not moved["qwen3-30b-a3b"].disjoint
