@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impls", default="fused",
                    help="comma list of fused implementations to check: fused (auto), kernel, "
                         "composite (default fused)")
-    p.add_argument("-p", "--prompt-tokens", type=_positive, default=32)
+    p.add_argument("-p", "--prompt-tokens", type=_positive, default=64)
     p.add_argument("-n", "--tokens", type=_positive, default=256)
     p.add_argument("-k", "--prompts", type=_positive, default=3)
     p.add_argument("--no-controls", action="store_true",

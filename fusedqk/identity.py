@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class IdentitySettings:
-    prompt_tokens: int = 32
+    prompt_tokens: int = 64
     tokens: int = 256
     prompts: int = 3
     seed: int = 0
