@@ -94,8 +94,8 @@ def context(run: RunData) -> dict:
         if m.bench:
             speed = {s["path"]: s for s in m.bench["speedups"]}
             drift_notes += [f"{name} {w}" for sp in speed.values() if sp.get("halves")
-                            for w in stats.drift_warnings(sp["path"], stats.Halves(
-                                tuple(sp["halves"]["first"]), tuple(sp["halves"]["second"])))]
+                            for w in stats.drift_warnings(sp["path"],
+                                                          stats.Halves.from_dict(sp["halves"]))]
             for s in m.bench["summary"]:
                 sp = speed.get(s["path"])
                 bench_rows.append({**s, "speedup": sp, "identity": (m.identity.get(s["path"]) or {})

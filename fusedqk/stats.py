@@ -92,6 +92,10 @@ class Halves:
     def as_dict(self) -> dict:
         return {"first": list(self.first), "second": list(self.second), "disjoint": self.disjoint}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Halves:
+        return cls(tuple(d["first"]), tuple(d["second"]))
+
 
 def halves(round_speedups: list[float], *, seed: int = 0) -> Halves | None:
     """The first ``n // 2`` rounds against the rest; None under ``2 * MIN_HALF_ROUNDS`` rounds."""

@@ -7,8 +7,10 @@
 ``run`` builds the model (synthetic weights, 4-bit g64 bf16), prefills a 64-token prompt and
 decodes warm-up steps on one path outside the profiled range, then profiles STEPS decode steps
 (each evaluated on its own: ncu serialises kernels anyway). ``summary`` sums the kernels' device
-time per step. Against a step's wall time in the bench it says whether decode waits on the GPU
-or on the host.
+time per step and counts the kernels. Built to tell whether decode waits on the GPU or on the
+host; on the H100 it could not (docs/perf-log.md, session 6): ncu replays kernels one by one
+with the GPU idling between them, and the sums exceeded the bench's wall time per step. The
+kernel counts and path-against-path differences stand.
 """
 
 from __future__ import annotations
