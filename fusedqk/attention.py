@@ -127,21 +127,27 @@ class FusedQKNormAttention(nn.Module):
                 qkv_norm_rope.QKVNormRope(self.layout, q.scales.dtype, backend).__call__)
             self._counters = qkv_norm_rope.new_counters(self.layout)
 
+    def _weights(self) -> tuple[mx.array, ...]:
+        a = self.graph_attn
+        return (self.qkv_weight, self.qkv_scales, self.qkv_biases, a.q_norm.weight,
+                a.k_norm.weight)
+
+    def kernel_inputs(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, ...]:
+        """The kernel's inputs for one decode step at ``offset`` (one position per sequence)."""
+        batch = x.shape[0]
+        if isinstance(offset, int):
+            positions = _position_array(offset, batch)
+        else:
+            positions = mx.broadcast_to(offset.reshape(-1), (batch,)).astype(mx.int32)
+        return (x, *self._weights(), positions, self._counters)
+
     def qkv(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """q (B, H, 1, D), k and v (B, KV, 1, D) for one decode step at position ``offset``."""
-        a = self.graph_attn
-        weights = (self.qkv_weight, self.qkv_scales, self.qkv_biases,
-                   a.q_norm.weight, a.k_norm.weight)
         if self.impl == "kernel":
-            batch = x.shape[0]
-            if isinstance(offset, int):
-                positions = _position_array(offset, batch)
-            else:
-                positions = mx.broadcast_to(offset.reshape(-1), (batch,)).astype(mx.int32)
-            return self._kernel(x, *weights, positions, self._counters)
+            return self._kernel(*self.kernel_inputs(x, offset))
         if isinstance(offset, int):
             offset = _position_array(offset, None)
-        return _composite(self.layout)(x, *weights, offset)
+        return _composite(self.layout)(x, *self._weights(), offset)
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         B, L, _ = x.shape

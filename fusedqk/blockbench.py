@@ -2,10 +2,16 @@
 
 For each path (graph, composite, kernel where the backend has one) it times the block of all
 layers built and evaluated together, as a decode step pays for it (host work included; the
-graph-building part alone is reported too), and
-compares it with the weight-read floor: the QKV weight, scale and bias bytes over the memory
-bandwidth, measured here with a large copy unless given. The device time of the kernels alone
-comes from a profiler (tools/device.sh runs Nsight Compute over this command).
+graph-building part alone is reported too), and compares it with two floors:
+
+- the weight-read floor: the QKV weight, scale and bias bytes over the memory bandwidth,
+  measured here with a large copy unless given;
+- the launch floor (path ``launch``, where the backend has a kernel): the kernel's own launch,
+  called and compiled the same way, with an empty body. No one-launch-per-layer kernel made
+  through MLX's custom-kernel call can take less, so its speedup over graph bounds any kernel's.
+
+The device time of the kernels alone comes from a profiler (tools/device.sh runs Nsight Compute
+over this command).
 """
 
 from __future__ import annotations
@@ -24,10 +30,13 @@ from fusedqk.atomic import write_json, write_text
 from fusedqk.attention import FusedQKNormAttention
 from fusedqk.envinfo import environment
 from fusedqk.errors import UserError
-from fusedqk.kernels.qkv_norm_rope import has_kernel
+from fusedqk.kernels.qkv_norm_rope import QKVNormRope, has_kernel
 
 if TYPE_CHECKING:
     from fusedqk.cli import Prepared
+
+
+BLOCK_PATHS = ("graph", "composite", "kernel", "launch")
 
 
 @dataclass
@@ -36,7 +45,7 @@ class Settings:
     reps: int = 50
     warmup: int = 5
     bandwidth: str = "measure"
-    paths: tuple[str, ...] = ("graph", "composite", "kernel")
+    paths: tuple[str, ...] = BLOCK_PATHS
 
 
 def measure_bandwidth_gbs(nbytes: int | None = None) -> float:
@@ -100,14 +109,28 @@ def run(prep: Prepared, settings: Settings) -> dict:
     bw = (measure_bandwidth_gbs() if settings.bandwidth == "measure"
           else _parse_bandwidth(settings.bandwidth))
     names = [p for p in settings.paths if p != "kernel" or has_kernel(prep.backend)]
+    # The launch floor is the kernel's launch: only where the kernel itself runs.
+    names = [p for p in names if p != "launch"
+             or (has_kernel(prep.backend) and not paths.report.kernel_fallback)]
+    if not names:
+        raise UserError(f"--paths {','.join(settings.paths)}: nothing to time on "
+                        f"{prep.backend} (kernel and launch run where a kernel exists: cuda, "
+                        "metal)")
     total_bytes = sum(layer_bytes)
     floor_us = total_bytes / (bw * 1e9) * 1e6
     rows = []
     for name in names:
-        paths.use(name)
+        if name != "launch":  # the launch floor calls its empty kernels directly
+            paths.use(name)
         if name == "graph":
             def block(a=paths.graph):
                 return [_graph_block(m, x, offset) for m in a]
+        elif name == "launch":
+            empty = [mx.compile(QKVNormRope(m.layout, m.qkv_scales.dtype, prep.backend,
+                                            launch_only=True).__call__) for m in fused]
+
+            def block(a=fused, e=empty):
+                return [f(*m.kernel_inputs(x, offset)) for f, m in zip(e, a, strict=True)]
         else:
             def block(a=fused):
                 return [m.qkv(x, offset) for m in a]
@@ -118,7 +141,7 @@ def run(prep: Prepared, settings: Settings) -> dict:
             "batch": settings.batch, "layers": len(fused),
             "weight_bytes_per_layer": layer_bytes[0], "token_us": med, "token_us_p10": p10,
             "token_us_p90": p90, "layer_us": med / len(fused), "build_us": build_us,
-            "token_gbs": total_bytes / (med * 1e-6) / 1e9,
+            "token_gbs": None if name == "launch" else total_bytes / (med * 1e-6) / 1e9,
             "floor_token_us": floor_us, "token_over_floor": med / floor_us,
             "bandwidth_gbs": bw, "reps": settings.reps,
         })
@@ -154,4 +177,5 @@ def render(result: dict, fmt: str) -> str:
             "layer_us": "µs/layer",
             "token_gbs": "GB/s", "floor_token_us": "floor µs", "token_over_floor": "×floor",
             "speedup_vs_graph": "vs graph"}
-    return df[list(cols)].rename(columns=cols).to_markdown(index=False, floatfmt=".2f")
+    return df[list(cols)].rename(columns=cols).to_markdown(index=False, floatfmt=".2f",
+                                                           missingval="—")

@@ -246,11 +246,11 @@ def cmd_decide(args: argparse.Namespace) -> int:
 
 def cmd_blockbench(args: argparse.Namespace) -> int:
     from fusedqk import blockbench
-    from fusedqk.attention import PATHS
 
     names = tuple(p.strip() for p in args.paths.split(",") if p.strip())
-    if not names or any(n not in PATHS for n in names):
-        raise UserError(f"--paths {args.paths!r}: accepted names are {', '.join(PATHS)}")
+    if not names or any(n not in blockbench.BLOCK_PATHS for n in names):
+        raise UserError(f"--paths {args.paths!r}: accepted names are "
+                        f"{', '.join(blockbench.BLOCK_PATHS)}")
     prep = prepare(args)
     result = blockbench.run(prep, blockbench.Settings(args.batch, args.reps, args.warmup,
                                                       args.bandwidth, names))
@@ -375,8 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-w", "--warmup", type=int, default=5)
     p.add_argument("--bandwidth", default="measure",
                    help="memory bandwidth in GB/s for the floor, or `measure` (default)")
-    p.add_argument("--paths", default="graph,composite,kernel",
-                   help="comma list of graph, composite, kernel (kernel only where one exists)")
+    p.add_argument("--paths", default="graph,composite,kernel,launch",
+                   help="comma list of graph, composite, kernel, launch (the kernel's launch with "
+                        "an empty body; kernel and launch only where a kernel exists)")
     _result_flags(p, "blockbench.csv and blockbench.json")
     p.set_defaults(func=cmd_blockbench)
 

@@ -64,6 +64,7 @@ def test_generate_json_and_env_and_models():
     (["bench", "--target-half-width", "2"], None, ["--target-half-width", "between 0 and 1"]),
     (["bench", "--max-rounds", "9"], None, ["--max-rounds", "--target-half-width"]),
     (["blockbench", "--paths", "warp"], None, ["--paths"]),
+    (["blockbench", "--paths", "launch"], None, ["--paths launch", "nothing to time on cpu"]),
     (["verify", "/no/such/run"], None, ["no MANIFEST.sha256"]),
     (["report", "--from", "/no/such/run"], None, ["no such run directory"]),
     (["frobnicate"], None, ["invalid choice"]),

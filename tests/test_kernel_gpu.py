@@ -147,3 +147,22 @@ def test_counters_reset_between_launches():
     for seed in range(3):
         check(SHAPES["qwen3-8b"], 4, 64, "bfloat16", batch=2, seed=seed, counters=counters)
         assert not mx.any(counters).item()
+
+
+def test_launch_only_has_the_kernels_outputs_and_writes_none():
+    """blockbench's launch floor: the same launch and outputs as the kernel, with no work in it
+    (every poisoned element stays NaN), so its time is the launch's alone."""
+    dtype = mx.bfloat16
+    layout, x, ws, norms = make_case(SHAPES["qwen3-8b"], 4, 64, dtype, 2, 5)
+    backend = "cuda" if mx.cuda.is_available() else "metal"
+    full = qkv_norm_rope.QKVNormRope(layout, dtype, backend)
+    empty = qkv_norm_rope.QKVNormRope(layout, dtype, backend, launch_only=True)
+    assert (empty.template, empty.grid_x, empty.threads) == (full.template, full.grid_x, full.threads)
+    inputs = [x, *(mx.concatenate([t[i] for t in ws]) for i in range(3)), *norms,
+              mx.array([3, 9], dtype=mx.int32), qkv_norm_rope.new_counters(layout)]
+    got = empty(*inputs, poison=True)
+    want = full(*inputs)
+    mx.eval(got, want)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        assert mx.all(mx.isnan(g)).item()

@@ -375,30 +375,33 @@ def _float_literal(value: float) -> str:
     return float(np.float32(value)).hex() + "f"
 
 
+def _kernel_name(eps: float, log2_base: float, launch_only: bool) -> str:
+    kind = "launch_only" if launch_only else "qkv_norm_rope"
+    return f"fusedqk_{kind}_{abs(hash((eps, log2_base))):x}"
+
+
 @functools.cache
-def _cuda_kernel(eps: float, log2_base: float):
+def _cuda_kernel(eps: float, log2_base: float, launch_only: bool):
     header = CUDA_HEADER + (f"constexpr float EPS = {_float_literal(eps)};\n"
                             f"constexpr float LOG2_BASE = {_float_literal(log2_base)};\n")
-    name = f"fusedqk_qkv_norm_rope_{abs(hash((eps, log2_base))):x}"
     return mx.fast.cuda_kernel(
-        name=name,
+        name=_kernel_name(eps, log2_base, launch_only),
         input_names=["x", "w", "scales", "biases", "q_norm", "k_norm", "positions", "counters"],
         output_names=["q_out", "k_out", "v_out", "proj"],
-        source=CUDA_SOURCE,
+        source="" if launch_only else CUDA_SOURCE,
         header=header,
     )
 
 
 @functools.cache
-def _metal_kernel(eps: float, log2_base: float):
+def _metal_kernel(eps: float, log2_base: float, launch_only: bool):
     header = (f"constant constexpr float EPS = {_float_literal(eps)};\n"
               f"constant constexpr float LOG2_BASE = {_float_literal(log2_base)};\n")
-    name = f"fusedqk_qkv_norm_rope_{abs(hash((eps, log2_base))):x}"
     return mx.fast.metal_kernel(
-        name=name,
+        name=_kernel_name(eps, log2_base, launch_only),
         input_names=["x", "w", "scales", "biases", "q_norm", "k_norm", "positions"],
         output_names=["q_out", "k_out", "v_out"],
-        source=METAL_SOURCE,
+        source="" if launch_only else METAL_SOURCE,
         header=header,
     )
 
@@ -414,22 +417,28 @@ def new_counters(layout: QKVLayout) -> mx.array:
 
 class QKVNormRope:
     """The kernel for one layer layout and activation dtype, with every per-call argument that
-    does not depend on the batch size computed once (a decode step calls it once per layer)."""
+    does not depend on the batch size computed once (a decode step calls it once per layer).
 
-    def __init__(self, layout: QKVLayout, dtype: mx.Dtype, backend: str):
+    ``launch_only`` gives the same launch (inputs, outputs, grid, block) with an empty body: what
+    one launch per layer costs on this machine whatever the kernel does, the launch floor that
+    ``fusedqk blockbench`` reports beside the kernel.
+    """
+
+    def __init__(self, layout: QKVLayout, dtype: mx.Dtype, backend: str,
+                 launch_only: bool = False):
         h, kv, d = layout.n_heads, layout.n_kv_heads, layout.head_dim
         self.layout, self.dtype, self.cuda = layout, dtype, backend == "cuda"
         template = [("T", dtype), ("K", layout.hidden), ("H", h), ("KV", kv), ("D", d),
                     ("BITS", layout.bits), ("GS", layout.group_size), ("NQK", (h + kv) * d)]
         log2_base = math.log2(layout.rope_base)
         if self.cuda:
-            self.kernel = _cuda_kernel(layout.eps, log2_base)
+            self.kernel = _cuda_kernel(layout.eps, log2_base, launch_only)
             self.template = [*template, ("RPW", ROWS_PER_WARP)]
             self.grid_x = layout.rows // (WARPS * ROWS_PER_WARP) * WARPS * 32
             self.threads = WARPS * 32
             self.n_outputs = 4
         else:
-            self.kernel = _metal_kernel(layout.eps, log2_base)
+            self.kernel = _metal_kernel(layout.eps, log2_base, launch_only)
             self.template = template
             self.grid_x, self.threads = (h + 2 * kv) * 256, 256
             self.n_outputs = 3
