@@ -15,6 +15,8 @@
 #   tools/device.sh graphcache bench wall time with MLX's CUDA graph cache at 400 and 4000
 #   tools/device.sh turns      turn length (chunk_tokens) against speedup noise and wall time
 #   tools/device.sh steps      device time of whole decode steps per path (Nsight Compute)
+#   tools/device.sh launchfloor  blockbench's graph, kernel and launch-floor rows, three times
+#                              per model: the launch floor across host states
 #
 # Expects MLX's CUDA build importable (PYTHONPATH=/tmp/site after ../shared/device/README.md's
 # two-call staging).
@@ -96,6 +98,25 @@ steps)
     done
   done
   $py tools/decode_step_time.py summary "$OUT"/ncu-step-*.csv | tee "$OUT/steps.md"
+  ;;
+launchfloor)
+  for rep in 1 2 3; do
+    for m in qwen3-0.6b qwen3-8b qwen3-30b-a3b; do
+      $py -m fusedqk blockbench -m "$m" --paths graph,kernel,launch --out-dir "$OUT/lf-$rep-$m" \
+        > "$OUT/lf-$rep-$m.md" 2>&1
+    done
+  done
+  $py - "$OUT" <<'PY' | tee "$OUT/launchfloor.md"
+import json, sys
+from pathlib import Path
+print("| repeat | model | graph µs/layer | kernel | launch floor | kernel vs graph | launch floor vs graph |")
+print("|---|---|---|---|---|---|---|")
+for f in sorted(Path(sys.argv[1]).glob("lf-*/blockbench.json")):
+    rep, model = f.parent.name.split("-", 2)[1:]
+    rows = {r["path"]: r for r in json.loads(f.read_text())["rows"]}
+    g, k, l = (rows[p]["layer_us"] for p in ("graph", "kernel", "launch"))
+    print(f"| {rep} | {model} | {g:.1f} | {k:.1f} | {l:.1f} | {g / k:.2f} | {g / l:.2f} |")
+PY
   ;;
 hostcost)
   $py tools/probe_kernel_host_cost.py 2>&1 | tee "$OUT/hostcost.md"
