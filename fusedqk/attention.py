@@ -141,9 +141,11 @@ class FusedQKNormAttention(nn.Module):
             positions = mx.broadcast_to(offset.reshape(-1), (batch,)).astype(mx.int32)
         return (x, *self._weights(), positions, self._counters)
 
-    def qkv(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """q (B, H, 1, D), k and v (B, KV, 1, D) for one decode step at position ``offset``."""
-        if self.impl == "kernel":
+    def qkv(self, x: mx.array, offset: int | mx.array,
+            impl: str | None = None) -> tuple[mx.array, mx.array, mx.array]:
+        """q (B, H, 1, D), k and v (B, KV, 1, D) for one decode step at position ``offset``, by
+        ``impl`` (default: the module's own; blockbench times both in turn)."""
+        if (impl or self.impl) == "kernel":
             return self._kernel(*self.kernel_inputs(x, offset))
         if isinstance(offset, int):
             offset = _position_array(offset, None)

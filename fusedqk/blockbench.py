@@ -17,8 +17,10 @@ over this command).
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +36,8 @@ from fusedqk.kernels.qkv_norm_rope import QKVNormRope, has_kernel
 
 if TYPE_CHECKING:
     from fusedqk.cli import Prepared
+
+log = logging.getLogger("fusedqk")
 
 
 BLOCK_PATHS = ("graph", "composite", "kernel", "launch")
@@ -73,16 +77,27 @@ def _graph_block(attn, x: mx.array, offset: int):
     return attn.rope(q, offset=offset), attn.rope(k, offset=offset), v
 
 
-def _median_us(fn, reps: int, warmup: int) -> tuple[float, float, float]:
-    for _ in range(warmup):
-        mx.eval(fn())
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        mx.eval(fn())
-        times.append((time.perf_counter() - t) * 1e6)
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
-    return statistics.median(times), q[0], q[-1]
+def interleaved_us(blocks: dict[str, Callable[[], object]], reps: int,
+                    warmup: int) -> dict[str, tuple[float, float, float]]:
+    """(median, p10, p90) µs per path. Each repetition times every path once, in an order
+    rotated per repetition, so that the paths share the host's slow and fast spells: timed one
+    path after another, a spell lands on one path only (session 7: the empty kernel once timed
+    slower than the kernel, docs/perf-log.md)."""
+    for fn in blocks.values():
+        for _ in range(warmup):
+            mx.eval(fn())
+    names = list(blocks)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(reps):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            t = time.perf_counter()
+            mx.eval(blocks[name]())
+            times[name].append((time.perf_counter() - t) * 1e6)
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
+        out[name] = (statistics.median(ts), q[0], q[-1])
+    return out
 
 
 def _build_us(fn, reps: int = 20) -> float:
@@ -118,10 +133,13 @@ def run(prep: Prepared, settings: Settings) -> dict:
                         "metal)")
     total_bytes = sum(layer_bytes)
     floor_us = total_bytes / (bw * 1e9) * 1e6
-    rows = []
+    # Where the kernel falls back (an uncovered layout), `kernel` times the composite, as a
+    # decode step would run it.
+    kernel_impl = "composite" if paths.report.kernel_fallback else "kernel"
+    if "kernel" in names and paths.report.kernel_fallback:
+        log.warning("kernel unavailable, timing composite: %s", paths.report.kernel_fallback)
+    blocks: dict[str, Callable[[], object]] = {}
     for name in names:
-        if name != "launch":  # the launch floor calls its empty kernels directly
-            paths.use(name)
         if name == "graph":
             def block(a=paths.graph):
                 return [_graph_block(m, x, offset) for m in a]
@@ -132,9 +150,13 @@ def run(prep: Prepared, settings: Settings) -> dict:
             def block(a=fused, e=empty):
                 return [f(*m.kernel_inputs(x, offset)) for f, m in zip(e, a, strict=True)]
         else:
-            def block(a=fused):
-                return [m.qkv(x, offset) for m in a]
-        med, p10, p90 = _median_us(block, settings.reps, settings.warmup)
+            def block(a=fused, impl=kernel_impl if name == "kernel" else name):
+                return [m.qkv(x, offset, impl) for m in a]
+        blocks[name] = block
+    timed = interleaved_us(blocks, settings.reps, settings.warmup)
+    rows = []
+    for name, block in blocks.items():
+        med, p10, p90 = timed[name]
         build_us = _build_us(block)
         rows.append({
             "model": prep.loaded.name, "backend": prep.backend, "path": name,
@@ -145,7 +167,6 @@ def run(prep: Prepared, settings: Settings) -> dict:
             "floor_token_us": floor_us, "token_over_floor": med / floor_us,
             "bandwidth_gbs": bw, "reps": settings.reps,
         })
-    paths.use("graph")
     graph_us = next((r["token_us"] for r in rows if r["path"] == "graph"), None)
     for r in rows:
         r["speedup_vs_graph"] = graph_us / r["token_us"] if graph_us else None

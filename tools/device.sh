@@ -15,7 +15,7 @@
 #   tools/device.sh graphcache bench wall time with MLX's CUDA graph cache at 400 and 4000
 #   tools/device.sh turns      turn length (chunk_tokens) against speedup noise and wall time
 #   tools/device.sh steps      device time of whole decode steps per path (Nsight Compute)
-#   tools/device.sh launchfloor  blockbench's graph, kernel and launch-floor rows, three times
+#   tools/device.sh launchfloor [N]  blockbench's graph, kernel and launch-floor rows, N (3) times
 #                              per model: the launch floor across host states
 #
 # Expects MLX's CUDA build importable (PYTHONPATH=/tmp/site after ../shared/device/README.md's
@@ -100,7 +100,7 @@ steps)
   $py tools/decode_step_time.py summary "$OUT"/ncu-step-*.csv | tee "$OUT/steps.md"
   ;;
 launchfloor)
-  for rep in 1 2 3; do
+  for rep in $(seq "${2:-3}"); do
     for m in qwen3-0.6b qwen3-8b qwen3-30b-a3b; do
       $py -m fusedqk blockbench -m "$m" --paths graph,kernel,launch --out-dir "$OUT/lf-$rep-$m" \
         > "$OUT/lf-$rep-$m.md" 2>&1
