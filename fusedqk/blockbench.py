@@ -198,5 +198,7 @@ def render(result: dict, fmt: str) -> str:
             "layer_us": "µs/layer",
             "token_gbs": "GB/s", "floor_token_us": "floor µs", "token_over_floor": "×floor",
             "speedup_vs_graph": "vs graph"}
-    return df[list(cols)].rename(columns=cols).to_markdown(index=False, floatfmt=".2f",
-                                                           missingval="—")
+    table = df[list(cols)].rename(columns=cols)
+    # The launch row reads no weights: its GB/s is missing, shown as a dash (not "nan").
+    table = table.astype(object).where(table.notna(), None)
+    return table.to_markdown(index=False, floatfmt=".2f", missingval="—")

@@ -24,3 +24,14 @@ def test_paths_take_turns_in_a_rotating_order():
     assert set(timed) == {"graph", "kernel", "launch"}
     for median, p10, p90 in timed.values():
         assert 0 < p10 <= median <= p90
+
+
+def test_the_launch_rows_missing_bandwidth_prints_as_a_dash():
+    from fusedqk.blockbench import render
+
+    row = {"model": "m", "path": "launch", "token_us": 10.0, "build_us": 5.0, "layer_us": 1.0,
+           "token_gbs": None, "floor_token_us": 2.0, "token_over_floor": 5.0,
+           "speedup_vs_graph": 2.5}
+    table = render({"rows": [row, {**row, "path": "kernel", "token_gbs": 123.456}]}, "md")
+    assert "nan" not in table
+    assert "—" in table.splitlines()[2] and "123.46" in table
