@@ -22,6 +22,7 @@ pytestmark = [
 ]
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16}
+BACKEND = "cuda" if mx.cuda.is_available() else "metal"
 
 # (hidden, heads, kv_heads, head_dim): the three seed models, and shapes that are none of them
 # (odd GQA ratios, head_dim 64/256, a hidden size that leaves a partial last step).
@@ -67,6 +68,11 @@ def make_case(shape, bits, group_size, dtype, batch, seed):
     return layout, x, ws, norms
 
 
+def concatenated(ws) -> tuple[mx.array, mx.array, mx.array]:
+    """The q, k and v projections' (weight, scales, biases) as the kernel takes them: one each."""
+    return tuple(mx.concatenate([t[i] for t in ws]) for i in range(3))
+
+
 def ulp_stats(a: mx.array, b: mx.array) -> tuple[float, float]:
     """(fraction of bitwise-equal elements, max |a - b| in units of the last place of b)."""
     fa, fb = np.array(a.astype(mx.float32)).ravel(), np.array(b.astype(mx.float32)).ravel()
@@ -82,13 +88,10 @@ def run_both(shape, bits, group_size, dtype_name, batch, seed=0, offset=None, co
     layout, x, ws, norms = make_case(shape, bits, group_size, dtype, batch, seed)
     offset = offset if offset is not None else 17 + 131 * seed
     want = graph_block(x, ws, norms, layout, offset)
-    w = mx.concatenate([t[0] for t in ws])
-    s = mx.concatenate([t[1] for t in ws])
-    bias = mx.concatenate([t[2] for t in ws])
+    w, s, bias = concatenated(ws)
     if counters is None:
         counters = qkv_norm_rope.new_counters(layout)
-    backend = "cuda" if mx.cuda.is_available() else "metal"
-    kernel = qkv_norm_rope.QKVNormRope(layout, dtype, backend)
+    kernel = qkv_norm_rope.QKVNormRope(layout, dtype, BACKEND)
     got = kernel(x, w, s, bias, norms[0], norms[1], mx.full((batch,), offset, dtype=mx.int32),
                  counters, poison=True)
     mx.eval(want, got)
@@ -154,11 +157,10 @@ def test_launch_only_has_the_kernels_outputs_and_writes_none():
     (every poisoned element stays NaN), so its time is the launch's alone."""
     dtype = mx.bfloat16
     layout, x, ws, norms = make_case(SHAPES["qwen3-8b"], 4, 64, dtype, 2, 5)
-    backend = "cuda" if mx.cuda.is_available() else "metal"
-    full = qkv_norm_rope.QKVNormRope(layout, dtype, backend)
-    empty = qkv_norm_rope.QKVNormRope(layout, dtype, backend, launch_only=True)
+    full = qkv_norm_rope.QKVNormRope(layout, dtype, BACKEND)
+    empty = qkv_norm_rope.QKVNormRope(layout, dtype, BACKEND, launch_only=True)
     assert (empty.template, empty.grid_x, empty.threads) == (full.template, full.grid_x, full.threads)
-    inputs = [x, *(mx.concatenate([t[i] for t in ws]) for i in range(3)), *norms,
+    inputs = [x, *concatenated(ws), *norms,
               mx.array([3, 9], dtype=mx.int32), qkv_norm_rope.new_counters(layout)]
     got = empty(*inputs, poison=True)
     want = full(*inputs)
