@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from fusedqk import formats
 from fusedqk.atomic import write_text
 from fusedqk.errors import UserError
 
@@ -51,8 +52,19 @@ class RunData:
         return self.environment.get("backend", "unknown")
 
 
-def _json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_json(path: Path, kind: str | None = None) -> dict | None:
+    """A result file, or None where it is absent; a file that is not JSON, or of a ``kind``
+    format this version cannot read, is one line naming it."""
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({getattr(e, 'msg', e)}); the file is damaged or "
+                        "was cut short: rerun the job that writes it") from None
+    if kind is not None:
+        formats.version(kind, doc, str(path))
+    return doc
 
 
 def load_run(run_dir: Path) -> RunData:
@@ -62,22 +74,22 @@ def load_run(run_dir: Path) -> RunData:
     models = {}
     for d in sorted(p for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         m = ModelResults(d.name)
-        m.bench = _json(d / "bench" / "bench.json")
+        m.bench = read_json(d / "bench" / "bench.json", "bench")
         if (d / "bench" / "trials.csv").is_file():
             m.trials = pd.read_csv(d / "bench" / "trials.csv")
             m.tokens = pd.read_csv(d / "bench" / "tokens.csv")
         for f in sorted(d.glob("identity-*.json")):
-            m.identity[f.stem.removeprefix("identity-")] = _json(f)
-        m.blockbench = _json(d / "blockbench" / "blockbench.json")
+            m.identity[f.stem.removeprefix("identity-")] = read_json(f, "identity")
+        m.blockbench = read_json(d / "blockbench" / "blockbench.json", "blockbench")
         errors = [f"{st.stem.removeprefix('status-')}: {doc['error']}"
-                  for st in sorted(d.glob("status-*.json")) if not (doc := _json(st))["ok"]]
+                  for st in sorted(d.glob("status-*.json")) if not (doc := read_json(st))["ok"]]
         if errors:
             m.failed = "; ".join(errors)
         if m.bench or m.identity or m.blockbench or m.failed:
             models[d.name] = m
     if not models:
         raise UserError(f"{run_dir}: holds no model results (expected <model>/bench/bench.json)")
-    env = _json(run_dir / "environment.json") or {}
+    env = read_json(run_dir / "environment.json") or {}
     if not env:
         env = next((m.bench["meta"]["environment"] for m in models.values() if m.bench), {})
     config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""

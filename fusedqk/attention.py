@@ -25,28 +25,11 @@ from mlx_lm.models.base import scaled_dot_product_attention
 
 from fusedqk.errors import UserError
 from fusedqk.kernels import qkv_norm_rope
+from fusedqk.kernels.qkv_norm_rope import QKVLayout
 
 log = logging.getLogger("fusedqk")
 
 PATHS = ("graph", "composite", "kernel")
-
-
-@dataclass(frozen=True)
-class QKVLayout:
-    """Everything about one attention layer that the fused call needs besides its arrays."""
-
-    hidden: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    eps: float
-    bits: int
-    group_size: int
-    rope_base: float
-
-    @property
-    def rows(self) -> int:
-        return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
 
 
 def fusion_blocker(attn: nn.Module) -> str | None:
@@ -66,26 +49,6 @@ def fusion_blocker(attn: nn.Module) -> str | None:
     if rope.dims != attn.q_norm.weight.shape[0]:
         return "partial RoPE (dims != head_dim) is not fused"
     return None
-
-
-@functools.cache
-def _composite(layout: QKVLayout):
-    """The graph path's ops over the concatenated weight, compiled once per layout."""
-    h, kv, d = layout.n_heads, layout.n_kv_heads, layout.head_dim
-
-    def qkv_norm_rope_composite(x, w, scales, biases, q_norm, k_norm, offset):
-        b = x.shape[0]
-        qkv = mx.quantized_matmul(x, w, scales, biases, transpose=True,
-                                  group_size=layout.group_size, bits=layout.bits)
-        q, k, v = mx.split(qkv, [h * d, (h + kv) * d], axis=-1)
-        q = mx.fast.rms_norm(q.reshape(b, 1, h, d), q_norm, layout.eps).transpose(0, 2, 1, 3)
-        k = mx.fast.rms_norm(k.reshape(b, 1, kv, d), k_norm, layout.eps).transpose(0, 2, 1, 3)
-        v = v.reshape(b, 1, kv, d).transpose(0, 2, 1, 3)
-        rope = functools.partial(mx.fast.rope, dims=d, traditional=False,
-                                 base=layout.rope_base, scale=1.0, offset=offset)
-        return rope(q), rope(k), v
-
-    return mx.compile(qkv_norm_rope_composite)
 
 
 def x_dims(proj: nn.QuantizedLinear) -> int:
@@ -127,6 +90,11 @@ class FusedQKNormAttention(nn.Module):
                 qkv_norm_rope.QKVNormRope(self.layout, q.scales.dtype, backend).__call__)
             self._counters = qkv_norm_rope.new_counters(self.layout)
 
+    @property
+    def kernel_ready(self) -> bool:
+        """The kernel covers this layer on this backend (else ``kernel`` runs as ``composite``)."""
+        return self._kernel is not None
+
     def _weights(self) -> tuple[mx.array, ...]:
         a = self.graph_attn
         return (self.qkv_weight, self.qkv_scales, self.qkv_biases, a.q_norm.weight,
@@ -149,7 +117,7 @@ class FusedQKNormAttention(nn.Module):
             return self._kernel(*self.kernel_inputs(x, offset))
         if isinstance(offset, int):
             offset = _position_array(offset, None)
-        return _composite(self.layout)(x, *self._weights(), offset)
+        return qkv_norm_rope.composite(self.layout)(x, *self._weights(), offset)
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         B, L, _ = x.shape

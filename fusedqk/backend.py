@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import platform
-import shutil
-import subprocess
 from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 
 from fusedqk.errors import UserError
+from fusedqk.hostinfo import cuda_runtime_version, meminfo, nvidia_smi
 
 BACKENDS = ("cpu", "cuda", "metal")
 
@@ -58,50 +57,13 @@ class DeviceInfo:
     cuda_version: str | None
 
 
-def _meminfo(field: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _nvidia_smi(query: str) -> str | None:
-    if not shutil.which("nvidia-smi"):
-        return None
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout.strip().splitlines()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out[0].strip() if out else None
-
-
-def _cuda_runtime_version() -> str | None:
-    if not shutil.which("nvidia-smi"):
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    marker = "CUDA Version:"
-    if marker in out:
-        return out.split(marker, 1)[1].split()[0]
-    return None
-
-
 def device_info() -> DeviceInfo:
     """Describe the current backend's device; memory figures are what a model build may use."""
     backend = current_backend()
     info = mx.device_info()
     if backend == "cpu":
         name = info.get("device_name") or platform.processor() or platform.machine()
-        total, free = _meminfo("MemTotal"), _meminfo("MemAvailable")
+        total, free = meminfo("MemTotal"), meminfo("MemAvailable")
         driver = cuda = None
     else:
         name = str(info.get("device_name", backend))
@@ -109,11 +71,11 @@ def device_info() -> DeviceInfo:
         total = int(total) if total else None
         free = total - mx.get_active_memory() if total else None
         if total is None and backend == "cuda":  # MLX's CUDA build reports no memory size
-            mib = _nvidia_smi("memory.total,memory.free")
+            mib = nvidia_smi("memory.total,memory.free")
             if mib:
                 total, free = (int(v.split()[0]) << 20 for v in mib.split(","))
-        driver = _nvidia_smi("driver_version") if backend == "cuda" else None
-        cuda = _cuda_runtime_version() if backend == "cuda" else None
+        driver = nvidia_smi("driver_version") if backend == "cuda" else None
+        cuda = cuda_runtime_version() if backend == "cuda" else None
     return DeviceInfo(backend, name, total, free, driver, cuda)
 
 

@@ -26,17 +26,19 @@ import mlx.core as mx
 import numpy as np
 import pandas as pd
 
-from fusedqk import stats
+from fusedqk import formats, stats
 from fusedqk.atomic import write_json, write_text
 from fusedqk.decode import Decoder, generate, make_sampler, random_prompt
 from fusedqk.envinfo import environment, now_utc
 from fusedqk.errors import UserError
 from fusedqk.kernels.qkv_norm_rope import has_kernel
+from fusedqk.toggle import concrete_path
 
 if TYPE_CHECKING:
-    from fusedqk.cli import Prepared
+    from fusedqk.engines.builtin import Prepared
 
 FUSED_PATHS = ("composite", "kernel")
+TOKEN_COLUMNS = ["model", "path", "round", "step", "latency_s"]  # tokens.csv
 
 # MLX's CUDA backend caches its CUDA graphs by topology, 400 by default. Paths that take turns
 # every few tokens need all their graphs cached at once, or every turn rebuilds them (untimed, but
@@ -82,20 +84,15 @@ class BenchRun:
     meta: dict = field(default_factory=dict)
 
 
-def expand_paths(spec: str, backend: str, impl: str) -> list[str]:
-    """``graph,fused`` → concrete path names; ``fused`` means --impl (auto: kernel if any)."""
+def expand_paths(spec: str, backend: str, impl: str, flag: str = "--paths") -> list[str]:
+    """``graph,fused`` → concrete path names (``toggle.concrete_path``: fused means ``impl``)."""
     out = []
     for name in (p.strip() for p in spec.split(",") if p.strip()):
-        if name == "fused":
-            name = impl if impl != "auto" else ("kernel" if has_kernel(backend) else "composite")
-        if name not in ("graph", *FUSED_PATHS):
-            raise UserError(f"--paths: {name!r} is not a path; accepted: graph, fused, composite, kernel")
-        if name == "kernel" and not has_kernel(backend):
-            raise UserError(f"--paths: no kernel on backend {backend}; use composite")
+        name = concrete_path(name, backend, has_kernel(backend), impl, flag=flag)
         if name not in out:
             out.append(name)
     if "graph" not in out or len(out) < 2:
-        raise UserError(f"--paths {spec!r}: give graph and at least one fused path (e.g. graph,fused)")
+        raise UserError(f"{flag} {spec!r}: give graph and at least one fused path (e.g. graph,fused)")
     return out
 
 
@@ -135,7 +132,7 @@ def run(prep: Prepared, paths: list[str], settings: BenchSettings, argv: list[st
         per_round, speedups = _speedups(result)
         if not sys.stderr.isatty() and rnd:  # a pipeline's log shows how a long bench goes
             print(_round_note(speedups, rnd + 1, settings.round_limit), file=sys.stderr, flush=True)
-        result.meta["stopped"] = _stop_reason(settings, rnd + 1, speedups)
+        result.meta["stopped"] = stop_reason(settings, rnd + 1, speedups)
         result.meta["round_wall_s"].append(time.perf_counter() - start)
         if result.meta["stopped"]:
             break
@@ -186,7 +183,7 @@ def _run_round(prep: Prepared, prompt: list[int], sampler, order: list[str], rnd
              "latency_s": lat} for i, lat in enumerate(intervals[path]))
 
 
-def _stop_reason(s: BenchSettings, rounds_done: int, speedups: dict[str, stats.Speedup]) -> str | None:
+def stop_reason(s: BenchSettings, rounds_done: int, speedups: dict[str, stats.Speedup]) -> str | None:
     """Why the bench stops after ``rounds_done`` rounds, or None to run another."""
     if rounds_done < s.rounds:
         return None
@@ -257,9 +254,11 @@ def summarize(result: BenchRun, speedups: dict[str, stats.Speedup],
 def write(result: BenchRun, out_dir) -> None:
     """trials.csv (one row per trial), tokens.csv (per-token latencies), bench.json (the rest)."""
     write_text(out_dir / "trials.csv", pd.DataFrame(result.trials).to_csv(index=False))
-    write_text(out_dir / "tokens.csv", pd.DataFrame(result.tokens).to_csv(index=False))
+    # A whole-process engine has no per-token latencies: the header alone, so readers still parse.
+    write_text(out_dir / "tokens.csv", pd.DataFrame(result.tokens, columns=TOKEN_COLUMNS)
+               .to_csv(index=False))
     doc = {k: v for k, v in asdict(result).items() if k not in ("trials", "tokens")}
-    write_json(out_dir / "bench.json", doc)
+    write_json(out_dir / "bench.json", formats.stamp("bench", doc))
 
 
 def render(result: BenchRun, fmt: str) -> str:

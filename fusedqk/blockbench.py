@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import pandas as pd
 
+from fusedqk import formats
 from fusedqk.atomic import write_json, write_text
 from fusedqk.attention import FusedQKNormAttention
 from fusedqk.envinfo import environment
@@ -35,7 +36,7 @@ from fusedqk.errors import UserError
 from fusedqk.kernels.qkv_norm_rope import QKVNormRope, has_kernel
 
 if TYPE_CHECKING:
-    from fusedqk.cli import Prepared
+    from fusedqk.engines.builtin import Prepared
 
 log = logging.getLogger("fusedqk")
 
@@ -185,7 +186,7 @@ def _parse_bandwidth(value: str) -> float:
 
 def write(result: dict, out_dir: Path) -> None:
     write_text(out_dir / "blockbench.csv", pd.DataFrame(result["rows"]).to_csv(index=False))
-    write_json(out_dir / "blockbench.json", result)
+    write_json(out_dir / "blockbench.json", formats.stamp("blockbench", result))
 
 
 def render(result: dict, fmt: str) -> str:

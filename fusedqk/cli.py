@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,8 +21,7 @@ from fusedqk import __version__
 from fusedqk.errors import UserError
 
 if TYPE_CHECKING:  # the heavy modules load only in the subcommands that need them
-    from fusedqk.attention import DecodePaths
-    from fusedqk.models import LoadedModel, Quantization
+    from fusedqk.engines.builtin import ModelRef, Prepared
 
 log = logging.getLogger("fusedqk")
 
@@ -70,6 +70,14 @@ def _result_flags(p: argparse.ArgumentParser, writes: str, table: bool = True) -
     p.add_argument("--status", help="record success or the error here and exit 0 (pipelines)")
 
 
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", default="builtin",
+                   help="builtin (fusedqk's in-process decode) or an engine YAML file "
+                        "(config/engines/*.yaml, docs/engines.md)")
+    p.add_argument("--checkpoint-dir", help="where a command engine's exported checkpoints go "
+                   "(default $FUSEDQK_CHECKPOINTS, else ~/.cache/fusedqk/checkpoints)")
+
+
 def _model_flags(p: argparse.ArgumentParser, default_model: str = "qwen3-tiny") -> None:
     p.add_argument("-m", "--model", default=default_model,
                    help="registry name (see `fusedqk models`) or a local MLX checkpoint directory")
@@ -82,39 +90,16 @@ def _model_flags(p: argparse.ArgumentParser, default_model: str = "qwen3-tiny") 
     p.add_argument("--seed", type=int, default=0, help="seed of weights and prompts (default 0)")
 
 
-@dataclass
-class Prepared:
-    backend: str
-    loaded: LoadedModel
-    paths: DecodePaths
-    quant: Quantization
+def _model_ref(args: argparse.Namespace) -> ModelRef:
+    from fusedqk.engines.builtin import ModelRef
+
+    return ModelRef(args.model, args.backend, args.bits, args.group_size, args.dtype, args.seed)
 
 
-def prepare(args: argparse.Namespace) -> Prepared:
-    """Select the backend, build or load the model, and install both decode paths."""
-    from fusedqk.attention import DecodePaths
-    from fusedqk.backend import select_backend
-    from fusedqk.models import Quantization, load_model
+def _prepare(args: argparse.Namespace) -> Prepared:
+    from fusedqk.engines.builtin import prepare
 
-    backend = select_backend(args.backend)
-    quant = Quantization(args.bits, args.group_size, args.dtype)
-    loaded = load_model(args.model, quant, args.seed)
-    return Prepared(backend, loaded, DecodePaths(loaded.model, backend), quant)
-
-
-def resolved_path(backend: str, path: str | None, impl: str | None) -> str:
-    """graph/composite/kernel from --path/--impl, falling back to the environment and defaults."""
-    from fusedqk.kernels.qkv_norm_rope import has_kernel
-    from fusedqk.toggle import parse_impl, resolve
-
-    resolution = resolve(backend, has_kernel(backend))
-    if path is None:
-        path = resolution.path
-    if path == "graph":
-        return "graph"
-    if impl is None or impl == "auto":
-        impl = resolution.impl if impl is None else ("kernel" if has_kernel(backend) else "composite")
-    return parse_impl(impl, "--impl")
+    return prepare(_model_ref(args))
 
 
 # --- subcommands -------------------------------------------------------------------------------
@@ -177,20 +162,29 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from fusedqk.decode import generate, make_sampler, random_prompt
+    import mlx.core as mx
 
-    prep = prepare(args)
-    path = resolved_path(prep.backend, args.path, args.impl)
+    from fusedqk.decode import generate, make_sampler, random_prompt
+    from fusedqk.kernels.qkv_norm_rope import has_kernel
+    from fusedqk.toggle import concrete_path
+
+    prep = _prepare(args)
+    path = concrete_path(args.path, prep.backend, has_kernel(prep.backend), args.impl)
     prep.paths.use(path)
     prompt = random_prompt(prep.loaded.config["vocab_size"], args.prompt_tokens, args.seed)
+    for _ in range(args.warmup):  # untimed: MLX compiles its kernels on the first run
+        generate(prep.loaded.model, prompt, args.max_tokens, make_sampler(args.temp, args.seed))
+    mx.reset_peak_memory()
     result = generate(prep.loaded.model, prompt, args.max_tokens,
                       make_sampler(args.temp, args.seed))
     if args.json:
         decode_s = result.decode_s
         print(json.dumps({
             "model": prep.loaded.name, "backend": prep.backend, "path": path,
-            "tokens": result.tokens, "prefill_s": result.prefill_s, "decode_s": decode_s,
+            "tokens": result.tokens, "prefill_s": result.prefill_s,
+            "prefill_tok_s": args.prompt_tokens / result.prefill_s, "decode_s": decode_s,
             "decode_tok_s": (len(result.tokens) - 1) / decode_s if decode_s else None,
+            "peak_memory_bytes": mx.get_peak_memory(),
         }))
     else:
         print(" ".join(map(str, result.tokens)))
@@ -202,14 +196,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.max_rounds is not None and args.target_half_width is None:
         raise UserError("--max-rounds: only with --target-half-width (otherwise --rounds is the count)")
-    bench.size_graph_cache()
-    prep = prepare(args)
-    paths = bench.expand_paths(args.paths, prep.backend, args.impl)
     settings = bench.BenchSettings(
         prompt_tokens=args.prompt_tokens, generation_tokens=args.generation_tokens,
         rounds=args.rounds, warmup=args.warmup, chunk_tokens=args.chunk_tokens, seed=args.seed,
         target_half_width=args.target_half_width, max_rounds=args.max_rounds)
-    run = bench.run(prep, paths, settings, argv=sys.argv)
+    if args.engine != "builtin":
+        from fusedqk.backend import select_backend
+        from fusedqk.engines import measure
+        from fusedqk.engines.command import load_engine
+
+        spec = load_engine(args.engine)
+        backend = select_backend(args.backend)
+        where = measure.checkpoint_dir(spec, args.model, args.bits, args.group_size, args.dtype,
+                                       args.seed, args.checkpoint_dir)
+        run = measure.bench(spec, args.model, where, backend, settings, argv=sys.argv)
+    else:
+        bench.size_graph_cache()
+        prep = _prepare(args)
+        paths = bench.expand_paths(args.paths, prep.backend, args.impl)
+        run = bench.run(prep, paths, settings, argv=sys.argv)
     if args.out_dir:
         bench.write(run, Path(args.out_dir))
     print(bench.render(run, args.output))
@@ -217,19 +222,60 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_identity(args: argparse.Namespace) -> int:
-    from fusedqk import identity
+    from fusedqk import formats, identity
 
+    if args.engine != "builtin":
+        return _engine_identity(args)
+    ref = _model_ref(args)
+    s = identity.IdentitySettings(args.prompt_tokens, args.tokens, args.prompts, args.seed,
+                                  not args.no_cudnn_sdpa, args.concurrent_controls)
     if args.trace_only:
-        prep, s = identity.prepare(args)
+        prep = identity.prepare(ref, s)
         print(json.dumps([asdict(identity.control_trace(prep, path, s))
                           for path in args.trace_only.split(",")]))
         return 0
     from fusedqk.atomic import write_json
 
-    for result in identity.run(args):
+    for result in identity.run(ref, s, args.impls, controls=not args.no_controls):
         if args.out_dir:
-            write_json(Path(args.out_dir) / f"identity-{result['impl']}.json", result)
+            write_json(Path(args.out_dir) / f"identity-{result['impl']}.json",
+                       formats.stamp("identity", result))
         print(identity.render(result))
+    return 0
+
+
+def _engine_identity(args: argparse.Namespace) -> int:
+    from fusedqk import formats
+    from fusedqk.atomic import write_json
+    from fusedqk.backend import select_backend
+    from fusedqk.engines import measure
+    from fusedqk.engines.command import load_engine
+
+    spec = load_engine(args.engine)
+    backend = select_backend(args.backend)
+    if args.no_cudnn_sdpa:  # the engine's processes inherit it (MLX engines read it)
+        from fusedqk.identity import MLX_CUDNN_SDPA_ENV
+
+        os.environ[MLX_CUDNN_SDPA_ENV] = "0"
+    where = measure.checkpoint_dir(spec, args.model, args.bits, args.group_size, args.dtype,
+                                   args.seed, args.checkpoint_dir)
+    vocab = json.loads((where / "config.json").read_text())["vocab_size"]
+    result = measure.identity(spec, args.model, where, backend, vocab, args.prompt_tokens,
+                              args.tokens, args.prompts, args.seed)
+    if args.out_dir:
+        write_json(Path(args.out_dir) / "identity-fused.json", formats.stamp("identity", result))
+    print(measure.render_identity(result))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fusedqk.export import export
+    from fusedqk.models import Quantization
+
+    report = export(args.model, Path(args.out), Quantization(args.bits, args.group_size, args.dtype),
+                    args.seed)
+    print(f"wrote {report.path}: {report.parameters / 1e6:.1f}M parameters, "
+          f"{report.weight_bytes / 2**30:.2f} GiB in {report.shards} shard(s), word-level tokenizer")
     return 0
 
 
@@ -251,7 +297,7 @@ def cmd_blockbench(args: argparse.Namespace) -> int:
     if not names or any(n not in blockbench.BLOCK_PATHS for n in names):
         raise UserError(f"--paths {args.paths!r}: accepted names are "
                         f"{', '.join(blockbench.BLOCK_PATHS)}")
-    prep = prepare(args)
+    prep = _prepare(args)
     result = blockbench.run(prep, blockbench.Settings(args.batch, args.reps, args.warmup,
                                                       args.bandwidth, names))
     if args.out_dir:
@@ -308,13 +354,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="decode and print token ids")
     _model_flags(p)
-    p.add_argument("--path", choices=("graph", "fused"), help="default: from the environment")
-    p.add_argument("--impl", choices=("auto", "kernel", "composite"))
+    p.add_argument("--path", choices=("graph", "fused", "composite", "kernel"),
+                   help="default: what the toggle says (fusedqk env)")
+    p.add_argument("--impl", choices=("auto", "kernel", "composite"),
+                   help="what --path fused means (default: the toggle's implementation)")
     p.add_argument("-p", "--prompt-tokens", type=_positive, default=16)
     p.add_argument("-n", "--max-tokens", type=_positive, default=64)
     p.add_argument("--temp", type=_non_negative_float, default=0.0)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("-w", "--warmup", type=int, default=0,
+                   help="untimed generations before the one printed (default 0)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON line: tokens, prefill and decode tok/s, peak memory")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write a registry model's synthetic weights as an MLX "
+                       "checkpoint directory (mlx_lm.load and other MLX engines open it)")
+    p.add_argument("model", help="registry name (see `fusedqk models`)")
+    p.add_argument("--out", required=True, help="the new checkpoint directory")
+    p.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="decode throughput, fused vs graph, interleaved rounds")
     _model_flags(p)
@@ -334,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of graph, fused, composite, kernel (default graph,fused)")
     p.add_argument("--impl", default="auto", choices=("auto", "kernel", "composite"),
                    help="what `fused` in --paths means (default auto)")
+    _engine_flags(p)
     _result_flags(p, "trials.csv, tokens.csv and bench.json")
     p.set_defaults(func=cmd_bench)
 
@@ -354,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA: keep attention on MLX's own kernel (sets MLX_CUDA_USE_CUDNN_SDPA=0); "
                         "MLX's cuDNN attention, used from a 256-token context, does not reproduce "
                         "itself across processes")
+    _engine_flags(p)
     _result_flags(p, "identity-<impl>.json", table=False)
     # Internal: the controls' fresh process; a comma list of paths whose teacher-forced logits
     # it runs, in that order.

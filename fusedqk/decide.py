@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fusedqk import formats
 from fusedqk.archive import load_run
 from fusedqk.stats import Speedup, rounds_to_decide
 from fusedqk.toggle import DEFAULTS_SCHEMA
@@ -102,7 +103,7 @@ def decide(run_dir: Path, rule: Rule) -> dict:
     else:
         impl, rec = ("kernel" if "kernel" in per_impl else (impls[0] if impls else "auto")), "inconclusive"
     reason = "; ".join(f"{m}: {r['why']}" for m, r in per_impl.get(impl, {"models": {}})["models"].items())
-    return {
+    return formats.stamp("decisions", {
         "schema": DEFAULTS_SCHEMA,
         "about": "fusedqk decide output; usable as FUSEDQK_DEFAULTS",
         "rule": {**asdict(rule), "text": rule.describe()},
@@ -111,7 +112,7 @@ def decide(run_dir: Path, rule: Rule) -> dict:
             "reason": f"{rec} ({impl}): {reason}", "evidence": str(run_dir),
             "device": run.environment.get("device_name"), "per_impl": per_impl,
         }},
-    }
+    })
 
 
 def render(decisions: dict) -> str:

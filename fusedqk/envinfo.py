@@ -16,7 +16,7 @@ from fusedqk import __version__
 from fusedqk.backend import as_dict, device_info
 
 if TYPE_CHECKING:
-    from fusedqk.cli import Prepared
+    from fusedqk.engines.builtin import Prepared
 
 ENV_IMAGE_ID = "FUSEDQK_IMAGE_ID"
 ENV_GIT_COMMIT = "FUSEDQK_GIT_COMMIT"  # images and copied trees, whose .git is absent or stale

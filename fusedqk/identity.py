@@ -21,7 +21,6 @@ of 256 (mlx-lm's KVCache), and on the H100 that path does not reproduce itself a
 
 from __future__ import annotations
 
-import argparse
 import gc
 import hashlib
 import json
@@ -36,11 +35,13 @@ import mlx.core as mx
 import numpy as np
 
 from fusedqk.decode import generate, make_sampler, random_prompt, teacher_forced_logits
+from fusedqk.engines.builtin import ModelRef
+from fusedqk.engines.builtin import prepare as prepare_model
 from fusedqk.envinfo import environment, now_utc
 from fusedqk.errors import UserError
 
 if TYPE_CHECKING:
-    from fusedqk.cli import Prepared
+    from fusedqk.engines.builtin import Prepared
 
 
 @dataclass(frozen=True)
@@ -60,16 +61,12 @@ CONTROL_SCOPE = "teacher-forced logits"
 MLX_CUDNN_SDPA_ENV = "MLX_CUDA_USE_CUDNN_SDPA"
 
 
-def prepare(args: argparse.Namespace) -> tuple[Prepared, IdentitySettings]:
-    """The settings from the flags, then the model. The attention switch is set first, before any
-    model runs, in this process and so in the controls (they inherit the environment)."""
-    from fusedqk.cli import prepare as prepare_model
-
-    s = IdentitySettings(args.prompt_tokens, args.tokens, args.prompts, args.seed,
-                         not args.no_cudnn_sdpa, args.concurrent_controls)
+def prepare(ref: ModelRef, s: IdentitySettings) -> Prepared:
+    """The model, with the attention switch set first, before any model runs, in this process
+    and so in the controls (they inherit the environment)."""
     if not s.cudnn_sdpa:
         os.environ[MLX_CUDNN_SDPA_ENV] = "0"
-    return prepare_model(args), s
+    return prepare_model(ref)
 
 
 @dataclass
@@ -176,14 +173,12 @@ def verdict(comparison_equal: bool, graph_deterministic: bool | None,
     return "INCONCLUSIVE"
 
 
-def _start_controls(args: argparse.Namespace, paths: list[str]) -> subprocess.Popen:
+def _start_controls(ref: ModelRef, s: IdentitySettings, paths: list[str]) -> subprocess.Popen:
     """The same traces from one new process (the controls), one model build for all paths. It
     inherits this process's environment, the attention switch included."""
     cmd = [sys.executable, "-m", "fusedqk", "identity", "--trace-only", ",".join(paths),
-           "--model", args.model, "--backend", args.backend, "--bits", str(args.bits),
-           "--group-size", str(args.group_size), "--dtype", args.dtype, "--seed", str(args.seed),
-           "-p", str(args.prompt_tokens), "-n", str(args.tokens), "-k", str(args.prompts),
-           *(["--no-cudnn-sdpa"] if args.no_cudnn_sdpa else [])]
+           *ref.as_args(), "-p", str(s.prompt_tokens), "-n", str(s.tokens), "-k", str(s.prompts),
+           *([] if s.cudnn_sdpa else ["--no-cudnn-sdpa"])]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -195,19 +190,19 @@ def _control_traces(proc: subprocess.Popen, paths: list[str]) -> dict[str, Trace
     return {t["path"]: Trace(**t) for t in json.loads(out)}
 
 
-def run(args: argparse.Namespace) -> list[dict]:
-    """The full check of every fused implementation against graph for one model, controls
-    included; the graph path (and its control) runs once for all of them."""
+def run(ref: ModelRef, s: IdentitySettings, impls: str = "fused", controls: bool = True) -> list[dict]:
+    """The full check of every fused implementation in ``impls`` (a comma list) against graph
+    for one model, ``controls`` included; the graph path (and its control) runs once for all."""
     from fusedqk.bench import expand_paths
 
     start = time.perf_counter()
-    prep, s = prepare(args)
-    fused_paths = expand_paths(f"graph,{args.impls}", prep.backend, "auto")[1:]
+    prep = prepare(ref, s)
+    fused_paths = expand_paths(f"graph,{impls}", prep.backend, "auto", flag="--impls")[1:]
     paths = ["graph", *fused_paths]
     # Concurrent controls share the device with this run (two model copies must fit); decode
     # is mostly host-bound, so the check takes about the longer of the two instead of the sum.
-    concurrent = s.concurrent_controls and not args.no_controls
-    control = _start_controls(args, paths) if concurrent else None
+    concurrent = s.concurrent_controls and controls
+    control = _start_controls(ref, s, paths) if concurrent else None
     graph_logits = _logits(prep, "graph", s)
     graph_trace = trace(prep, "graph", s, graph_logits)
     compared = []
@@ -219,28 +214,28 @@ def run(args: argparse.Namespace) -> list[dict]:
         free = compare_free_running(graph_trace, fused_trace)
         compared.append((fused, logits_cmp, free, fused_trace))
     env = environment(prep)
-    if control is None and not args.no_controls:
+    if control is None and controls:
         # Sequential controls: free this model first, or two copies of a large model (and
         # MLX's buffer cache) need not fit the device together.
         del prep, graph_logits
         gc.collect()
         mx.clear_cache()
-        control = _start_controls(args, paths)
+        control = _start_controls(ref, s, paths)
     fresh = _control_traces(control, paths) if control else {}
     graph_control = compare_control(graph_trace, fresh["graph"]) if fresh else {}
     results = []
     for fused, logits_cmp, free, fused_trace in compared:
-        controls: dict = {"run": not args.no_controls, "scope": CONTROL_SCOPE}
+        recorded: dict = {"run": controls, "scope": CONTROL_SCOPE}
         graph_det = fused_det = None
-        if not args.no_controls:
-            controls["graph"] = graph_control
-            controls["fused"] = compare_control(fused_trace, fresh[fused])
-            graph_det, fused_det = graph_control["identical"], controls["fused"]["identical"]
+        if controls:
+            recorded["graph"] = graph_control
+            recorded["fused"] = compare_control(fused_trace, fresh[fused])
+            graph_det, fused_det = graph_control["identical"], recorded["fused"]["identical"]
         equal = logits_cmp["bitwise_equal"] and free["identical"]
         results.append({
             "model": env["model"], "backend": env["backend"], "impl": fused,
             "verdict": verdict(equal, graph_det, fused_det),
-            "teacher_forced": logits_cmp, "free_running": free, "controls": controls,
+            "teacher_forced": logits_cmp, "free_running": free, "controls": recorded,
             "graph_distinct_greedy_tokens": sorted({len(set(q)) for q in graph_trace.greedy}),
             "settings": asdict(s), "wall_s": time.perf_counter() - start,
             "finished_at": now_utc(), "environment": env,

@@ -212,11 +212,11 @@ def _synthetic_norm(path: str, shape: tuple[int, ...], dtype: mx.Dtype, seed: in
     return mx.random.uniform(0.5, 1.5, shape, key=_key(seed, path)).astype(dtype)
 
 
-def build_synthetic(spec: ModelSpec, quant: Quantization, seed: int = 0) -> nn.Module:
-    """Build ``spec`` with deterministic synthetic weights, materialising one layer at a time."""
+def synthetic_layers(spec: ModelSpec, quant: Quantization, seed: int = 0):
+    """``spec``'s deterministic synthetic weights, one layer (or top-level module) at a time:
+    yields lists of (parameter name, array), names as mlx-lm's checkpoints spell them. Arrays
+    are lazy; a caller that evaluates and drops each list never holds more than one layer."""
     model = spec.skeleton(quant)
-    _, need = spec.sizes(quant)
-    check_fits(spec.name, need)
     dtype = quant.mx_dtype
     quantized = {p: m for p, m in model.named_modules() if isinstance(
         m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) or type(m).__name__ == "QuantizedSwitchLinear"}
@@ -233,7 +233,15 @@ def build_synthetic(spec: ModelSpec, quant: Quantization, seed: int = 0) -> nn.M
         parts = name.split(".")
         layer = ".".join(parts[:3]) if parts[:2] == ["model", "layers"] else owner
         groups.setdefault(layer, []).extend(new)
-    for items in groups.values():
+    yield from groups.values()
+
+
+def build_synthetic(spec: ModelSpec, quant: Quantization, seed: int = 0) -> nn.Module:
+    """Build ``spec`` with deterministic synthetic weights, materialising one layer at a time."""
+    _, need = spec.sizes(quant)
+    check_fits(spec.name, need)
+    model = spec.skeleton(quant)
+    for items in synthetic_layers(spec, quant, seed):
         model.update(tree_unflatten(items))
         mx.eval([v for _, v in items])
     model.eval()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from pathlib import Path
 
 import jinja2
@@ -20,7 +19,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from fusedqk import stats
-from fusedqk.archive import RunData, load_run
+from fusedqk.archive import RunData, load_run, read_json
 from fusedqk.atomic import write_bytes, write_text
 from fusedqk.errors import UserError
 
@@ -84,8 +83,9 @@ def latency_plot(run: RunData) -> bytes | None:
 
 
 def context(run: RunData) -> dict:
-    decisions = json.loads((run.path / "decisions.json").read_text())
+    decisions = read_json(run.path / "decisions.json", "decisions")
     bench_rows, ident_rows, block_rows, failed, round_notes, drift_notes = [], [], [], [], [], []
+    engine_rows: list[dict] = []
     for name, m in run.models.items():
         if m.failed:
             failed.append({"model": name, "error": m.failed})
@@ -101,13 +101,20 @@ def context(run: RunData) -> dict:
                 bench_rows.append({**s, "speedup": sp, "identity": (m.identity.get(s["path"]) or {})
                                    .get("verdict", "—" if s["path"] == "graph" else "not run")})
         for impl, ident in m.identity.items():
-            ident_rows.append({"model": name, "impl": impl, **ident})
+            # A command engine's identity compares printed output, not logits: its own table.
+            (engine_rows if "engine" in ident else ident_rows).append({"model": name, "impl": impl,
+                                                                      **ident})
         if m.blockbench:
             block_rows += m.blockbench["rows"]
     settings = next((m.bench["settings"] for m in run.models.values() if m.bench), {})
     estimator = next((r["speedup"]["estimator"] for r in bench_rows
                       if r["speedup"] and "estimator" in r["speedup"]), None)
+    instrument = next((m.bench["meta"]["instrument"] for m in run.models.values()
+                       if m.bench and "instrument" in m.bench["meta"]), None)
+    engine = next((m.bench["meta"]["engine"] for m in run.models.values()
+                   if m.bench and "engine" in m.bench["meta"]), None)
     return {"run": run, "decisions": decisions, "bench": bench_rows, "identity": ident_rows,
+            "engine_identity": engine_rows, "instrument": instrument, "engine": engine,
             "round_notes": round_notes, "drift_notes": drift_notes, "estimator": estimator,
             "blockbench": block_rows, "failed": failed, "env": run.environment,
             "settings": settings, "raw_files": sorted(

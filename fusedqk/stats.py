@@ -126,6 +126,15 @@ def mann_whitney_p(a, b) -> float:
     return float(sps.mannwhitneyu(a, b, alternative="two-sided").pvalue)
 
 
+def paired_p(round_speedups: list[float]) -> float:
+    """Two-sided Wilcoxon signed-rank p of the rounds' log speedups against 0: a paired test,
+    each round's two arms ran back to back. 1.0 where every round is exactly even."""
+    logs = np.log(np.asarray(round_speedups, float))
+    if logs.size < 2 or np.all(logs == 0):
+        return 1.0
+    return float(sps.wilcoxon(logs).pvalue)
+
+
 def cv(values) -> float:
     """Coefficient of variation (sample sd / mean)."""
     v = np.asarray(values, float)

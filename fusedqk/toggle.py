@@ -21,6 +21,9 @@ ENV_DEFAULTS = "FUSEDQK_DEFAULTS"
 TRUE_WORDS = ("1", "true", "on", "yes")
 FALSE_WORDS = ("0", "false", "off", "no")
 IMPLS = ("auto", "kernel", "composite")
+# One vocabulary for every command, config key and file: the graph path, the two fused
+# implementations, and ``fused`` = the implementation this backend resolves to.
+PATH_NAMES = ("graph", "fused", "composite", "kernel")
 DEFAULTS_SCHEMA = "fusedqk-defaults/1"
 SHIPPED = "fusedqk/data/defaults.json"
 
@@ -123,6 +126,34 @@ def resolve(backend: str, has_kernel: bool, env: Mapping[str, str] | None = None
     else:
         impl, impl_source = "auto", "no default; auto"
     if impl == "auto":
-        impl = "kernel" if has_kernel else "composite"
+        impl = auto_impl(has_kernel)
         impl_source += f" (auto: {'this backend has a kernel' if has_kernel else 'no kernel here'})"
     return Resolution(backend, "fused" if enabled else "graph", impl, path_source, impl_source)
+
+
+def auto_impl(has_kernel: bool) -> str:
+    """What ``auto`` means: the kernel where the backend has one, else the composite."""
+    return "kernel" if has_kernel else "composite"
+
+
+def concrete_path(name: str | None, backend: str, has_kernel: bool, impl: str | None = None,
+                  flag: str = "--path", env: Mapping[str, str] | None = None) -> str:
+    """The path that runs (graph, composite or kernel) for a requested ``name`` of PATH_NAMES.
+
+    ``name`` None means what the toggle says; ``fused`` means ``impl``, and ``impl`` None means
+    the toggle's implementation, ``auto`` the kernel where the backend has one. ``flag`` names the
+    input in errors. The one place where ``auto`` and ``fused`` are resolved.
+    """
+    if name is None:
+        if resolve(backend, has_kernel, env).path == "graph":
+            return "graph"
+        name = "fused"
+    if name not in PATH_NAMES:
+        raise UserError(f"{flag}: {name!r} is not a path; accepted: {', '.join(PATH_NAMES)}")
+    if name == "fused":
+        name = parse_impl(impl, "--impl") if impl is not None else resolve(backend, has_kernel, env).impl
+        name = auto_impl(has_kernel) if name == "auto" else name
+    if name == "kernel" and not has_kernel:
+        raise UserError(f"{flag}: the kernel has no {backend} version (kernels exist for cuda and "
+                        "metal); use composite on this backend")
+    return name

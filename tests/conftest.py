@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
-
 import mlx.core as mx
 import pytest
 
-from fusedqk.cli import prepare
+from fusedqk.engines.builtin import ModelRef, prepare
 
 
-def tiny_args(model: str = "qwen3-tiny", **kw) -> argparse.Namespace:
-    base = dict(model=model, backend="cpu", bits=4, group_size=64, dtype="bfloat16", seed=0)
-    base.update(kw)
-    return argparse.Namespace(**base)
+def tiny_args(model: str = "qwen3-tiny", **kw) -> ModelRef:
+    return ModelRef(**{"model": model, "backend": "cpu", **kw})
 
 
 @pytest.fixture(scope="session", params=["qwen3-tiny", "qwen3-moe-tiny"])

@@ -137,7 +137,7 @@ def test_bench_stops_once_every_ci_is_as_narrow_as_asked():
             result.tokens += [{"model": "m", "path": path, "round": rnd, "step": step,
                                "latency_s": latency} for step in range(1, 5)]
         _, speedups = bench._speedups(result)
-        stopped = bench._stop_reason(settings, rnd + 1, speedups)
+        stopped = bench.stop_reason(settings, rnd + 1, speedups)
         assert (stopped is None) == (rnd + 1 < 3)
     assert stopped == "every speedup CI half-width <= 1.00% after 3 rounds"
     assert speedups["kernel"].point == pytest.approx(1.2)

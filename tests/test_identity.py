@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 from fusedqk import identity
+from fusedqk.engines.builtin import ModelRef
 
 
 def logits(seed, steps=5, vocab=64):
@@ -64,12 +64,11 @@ def test_trace_comparisons_report_divergence():
     assert identity.compare_control(a, identity.Trace("graph", ["x", "y", "z"], [], []))["identical"]
 
 
-def args(**kw):
-    base = dict(model="qwen3-tiny", backend="cpu", bits=4, group_size=64, dtype="bfloat16", seed=0,
-                prompt_tokens=8, tokens=12, prompts=1, impls="composite", no_controls=False,
-                no_cudnn_sdpa=False, concurrent_controls=False)
-    base.update(kw)
-    return argparse.Namespace(**base)
+TINY = ModelRef("qwen3-tiny", "cpu")
+
+
+def settings(**kw) -> identity.IdentitySettings:
+    return identity.IdentitySettings(**{"prompt_tokens": 8, "tokens": 12, "prompts": 1, **kw})
 
 
 @pytest.mark.slow
@@ -85,7 +84,8 @@ def test_tiny_model_is_equal_with_deterministic_controls(monkeypatch, concurrent
         return real_popen(cmd, **kw)
 
     monkeypatch.setattr(identity.subprocess, "Popen", spy)
-    (result,) = identity.run(args(no_cudnn_sdpa=True, concurrent_controls=concurrent))
+    (result,) = identity.run(TINY, settings(cudnn_sdpa=False, concurrent_controls=concurrent),
+                             "composite")
     assert result["verdict"] == "EQUAL"
     assert result["controls"]["graph"]["identical"] and result["controls"]["fused"]["identical"]
     assert result["controls"]["scope"] == identity.CONTROL_SCOPE

@@ -12,8 +12,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from fusedqk.attention import QKVLayout
 from fusedqk.kernels import qkv_norm_rope
+from fusedqk.kernels.qkv_norm_rope import QKVLayout, reference_block
 
 pytestmark = [
     pytest.mark.gpu,
@@ -34,23 +34,6 @@ SHAPES = {
     "mha-d256": (1536, 4, 4, 256),
     "residue-k640": (640, 5, 1, 128),
 }
-
-
-def graph_block(x, ws, norms, layout: QKVLayout, offset: int):
-    """The graph path: three quantized mat-vecs, two fast.rms_norm, two fast.rope (as mlx-lm)."""
-    b = x.shape[0]
-    outs = []
-    for (w, s, bias), heads in zip(ws, (layout.n_heads, layout.n_kv_heads, layout.n_kv_heads),
-                                   strict=True):
-        y = mx.quantized_matmul(x, w, s, bias, transpose=True, group_size=layout.group_size,
-                                bits=layout.bits)
-        outs.append(y.reshape(b, 1, heads, layout.head_dim))
-    q, k, v = outs
-    q = mx.fast.rms_norm(q, norms[0], layout.eps).transpose(0, 2, 1, 3)
-    k = mx.fast.rms_norm(k, norms[1], layout.eps).transpose(0, 2, 1, 3)
-    rope = dict(dims=layout.head_dim, traditional=False, base=layout.rope_base, scale=1.0,
-                offset=offset)
-    return mx.fast.rope(q, **rope), mx.fast.rope(k, **rope), v.transpose(0, 2, 1, 3)
 
 
 def make_case(shape, bits, group_size, dtype, batch, seed):
@@ -87,7 +70,7 @@ def run_both(shape, bits, group_size, dtype_name, batch, seed=0, offset=None, co
     dtype = DTYPES[dtype_name]
     layout, x, ws, norms = make_case(shape, bits, group_size, dtype, batch, seed)
     offset = offset if offset is not None else 17 + 131 * seed
-    want = graph_block(x, ws, norms, layout, offset)
+    want = reference_block(x, ws, norms, layout, offset)
     w, s, bias = concatenated(ws)
     if counters is None:
         counters = qkv_norm_rope.new_counters(layout)

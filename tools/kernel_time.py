@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from fusedqk.attention import QKVLayout
-from fusedqk.kernels.qkv_norm_rope import QKVNormRope, new_counters
+from fusedqk.kernels.qkv_norm_rope import QKVLayout, QKVNormRope, new_counters
 from fusedqk.models import get_spec
 
 LAUNCHES = 5

@@ -13,7 +13,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from tools.kernel_time import LAUNCHES
+from kernel_time import LAUNCHES  # run as tools/ncu_summary.py: tools/ is on sys.path
 
 
 def read(path: Path) -> list[dict]:

@@ -28,13 +28,10 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
-
-if TYPE_CHECKING:
-    from fusedqk.attention import QKVLayout
 
 WARPS = 8
 # Rows per warp. One row per warp (more blocks, more warps in flight) beat 2 and 4 on every seed
@@ -43,6 +40,69 @@ ROWS_PER_WARP = 1
 MAX_BATCH = 8
 HEAD_DIMS = (64, 128, 256)
 MAX_HIDDEN = 16384  # x is staged in shared memory (2 bytes each)
+
+
+@dataclass(frozen=True)
+class QKVLayout:
+    """Everything about one attention layer that the fused call needs besides its arrays."""
+
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    eps: float
+    bits: int
+    group_size: int
+    rope_base: float
+
+    @property
+    def rows(self) -> int:
+        return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+
+
+# --- the plain-ops references ------------------------------------------------------------------
+
+def reference_block(x: mx.array, ws, norms, layout: QKVLayout, offset: int):
+    """The graph path's ops, as mlx-lm runs them: three quantized mat-vecs over the separate
+    q/k/v weights ``ws`` ((weight, scales, biases) each), two ``fast.rms_norm``, two
+    ``fast.rope``. The kernel must match it bit for bit (tests/test_kernel_gpu.py)."""
+    b = x.shape[0]
+    outs = []
+    for (w, s, bias), heads in zip(ws, (layout.n_heads, layout.n_kv_heads, layout.n_kv_heads),
+                                   strict=True):
+        y = mx.quantized_matmul(x, w, s, bias, transpose=True, group_size=layout.group_size,
+                                bits=layout.bits)
+        outs.append(y.reshape(b, 1, heads, layout.head_dim))
+    q, k, v = outs
+    q = mx.fast.rms_norm(q, norms[0], layout.eps).transpose(0, 2, 1, 3)
+    k = mx.fast.rms_norm(k, norms[1], layout.eps).transpose(0, 2, 1, 3)
+    rope = dict(dims=layout.head_dim, traditional=False, base=layout.rope_base, scale=1.0,
+                offset=offset)
+    return mx.fast.rope(q, **rope), mx.fast.rope(k, **rope), v.transpose(0, 2, 1, 3)
+
+
+@functools.cache
+def composite(layout: QKVLayout):
+    """The same ops over the concatenated QKV weight, under one ``mx.compile`` (compiled once per
+    layout): fewer Python → C++ crossings, the same GPU work and rounding as the graph path."""
+    h, kv, d = layout.n_heads, layout.n_kv_heads, layout.head_dim
+
+    def qkv_norm_rope_composite(x, w, scales, biases, q_norm, k_norm, offset):
+        b = x.shape[0]
+        qkv = mx.quantized_matmul(x, w, scales, biases, transpose=True,
+                                  group_size=layout.group_size, bits=layout.bits)
+        q, k, v = mx.split(qkv, [h * d, (h + kv) * d], axis=-1)
+        q = mx.fast.rms_norm(q.reshape(b, 1, h, d), q_norm, layout.eps).transpose(0, 2, 1, 3)
+        k = mx.fast.rms_norm(k.reshape(b, 1, kv, d), k_norm, layout.eps).transpose(0, 2, 1, 3)
+        v = v.reshape(b, 1, kv, d).transpose(0, 2, 1, 3)
+        rope = functools.partial(mx.fast.rope, dims=d, traditional=False,
+                                 base=layout.rope_base, scale=1.0, offset=offset)
+        return rope(q), rope(k), v
+
+    return mx.compile(qkv_norm_rope_composite)
+
+
+# --- the kernel ----------------------------------------------------------------------------------
 
 CUDA_HEADER = r"""
 #include <cooperative_groups.h>

@@ -1,14 +1,12 @@
 # Configuration checks, backend selection, run directories and the command prefix per backend.
-import datetime
 import os
-import platform
 import re
 import shlex
-import shutil
-import subprocess
 import sys
 
 import yaml
+
+from fusedqk import plan
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -32,20 +30,15 @@ except WorkflowError as e:
     sys.exit(1)
 
 
-def detect_backends():
-    """What this machine has, without importing MLX (a container may hold it instead)."""
-    if shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0:
-        return ["cuda"]
-    if platform.system() == "Darwin" and platform.machine() == "arm64":
-        return ["metal"]
-    return ["cpu"]
-
-
-BACKENDS = detect_backends() if config["backends"] == "auto" else list(config["backends"])
+# The plan (backends, device labels, run name, job flags) is the package's: fusedqk/plan.py.
+PLAN = plan.make_plan(config)
+BACKENDS = PLAN.backends
 for _b in BACKENDS:
     if _b not in config["backend_settings"]:
         sys.stderr.write(f"config error: backends lists {_b!r} but backend_settings has no {_b!r} entry\n")
         sys.exit(1)
+GIT_COMMIT = PLAN.git_commit
+RUN_NAME = PLAN.run_name
 ENGINE = config["container"]["engine"]
 
 # Measurements must never share a device (or the CPU) with each other: one `measure` slot,
@@ -54,70 +47,18 @@ if "measure" not in workflow.global_resources:
     workflow.register_resource("measure", 1)
 
 
-def _git(*args):
-    return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
-
-
-def _source_state():
-    """(commit date, <commit>[-dirty]) of this tree: the same in every process of a run (a
-    cluster job parses this file again), unlike the clock. Edits during a run would change it:
-    do not."""
-    try:
-        commit = _git("rev-parse", "--short=10", "HEAD")
-        day = _git("log", "-1", "--format=%cd", "--date=format:%Y%m%d")
-        dirty = "-dirty" if _git("status", "--porcelain", "--untracked-files=no") else ""
-        return day, f"{commit}{dirty}"
-    except (OSError, subprocess.CalledProcessError):
-        return f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%d}", "nogit"
-
-
-SOURCE_DAY, GIT_COMMIT = _source_state()
-# auto: <commit date>-<commit>[-dirty]; a named run keeps its name (the images still record
-# GIT_COMMIT, never a piece of the name).
-RUN_NAME = config["run_name"] if config["run_name"] != "auto" else f"{SOURCE_DAY}-{GIT_COMMIT}"
-
-
-def _device_label(backend):
-    if config["device_label"] != "auto":
-        return config["device_label"]
-    if backend == "cuda" and shutil.which("nvidia-smi"):
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True).stdout.strip().splitlines()
-        name = out[0] if out else "gpu"
-    elif backend == "metal":
-        name = platform.machine() + "-" + (platform.mac_ver()[0] or "mac")
-    elif backend == "cpu":
-        name = platform.machine()
-    else:
-        name = "unknown-device"
-    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    while "--" in slug:
-        slug = slug.replace("--", "-")
-    return slug
-
-
 def run_dir(backend):
-    return f"{config['results_dir']}/{backend}-{_device_label(backend)}/{RUN_NAME}"
+    return PLAN.run_dir(backend)
 
 
 def settings(backend):
     return config["backend_settings"][backend]
 
 
-def model_flags(backend):
-    q = settings(backend)["quantization"]
-    return f"--backend {backend} --bits {q['bits']} --group-size {q['group_size']} --dtype {q['dtype']}"
-
-
-def bench_length_flags(backend):
-    """-r, plus the adaptive-length flags where the backend's config sets a target."""
-    b = settings(backend)["bench"]
-    flags = f"-r {b['rounds']}"
-    if "target_half_width" in b:
-        flags += f" --target-half-width {b['target_half_width']}"
-        if "max_rounds" in b:  # else the command's default
-            flags += f" --max-rounds {b['max_rounds']}"
-    return flags
+def job_flags(job):
+    """A rule's `fusedqk <job>` flags, from the plan (one helper for every measurement rule)."""
+    return lambda w: plan.job_flags(settings(backend_of(w)), backend_of(w), job,
+                                    config.get("checkpoints_dir"))
 
 
 def image_tag(backend):
@@ -176,5 +117,5 @@ def measurements(run):
     s = settings(b)
     out = []
     for m in s["models"]:
-        out += [f"{run}/{m}/status-{job}.json" for job in ("bench", "identity", "blockbench")]
+        out += [f"{run}/{m}/status-{job}.json" for job in plan.measurements(s)]
     return out

@@ -32,10 +32,7 @@ rule bench:
         status="{run}/{model}/status-bench.json",
     params:
         cmd=lambda w: fusedqk(backend_of(w)),
-        flags=lambda w: model_flags(backend_of(w)),
-        paths=lambda w: ",".join(["graph", *settings(backend_of(w))["impls"]]),
-        b=lambda w: settings(backend_of(w))["bench"],
-        length=lambda w: bench_length_flags(backend_of(w)),
+        flags=job_flags("bench"),
     resources:
         measure=1,
         gpu=lambda w: int(backend_of(w) == "cuda"),
@@ -43,9 +40,8 @@ rule bench:
     log:
         "{run}/logs/{model}-bench.log",
     shell:
-        "{params.cmd} bench -m {wildcards.model} {params.flags} --paths {params.paths}"
-        " -p {params.b[prompt_tokens]} -g {params.b[generation_tokens]} {params.length}"
-        " -w {params.b[warmup]} -c {params.b[chunk_tokens]} --out-dir {wildcards.run}/{wildcards.model}/bench"
+        "{params.cmd} bench -m {wildcards.model} {params.flags}"
+        " --out-dir {wildcards.run}/{wildcards.model}/bench"
         " --status {output.status} > {log} 2>&1"
 
 
@@ -58,11 +54,7 @@ rule identity:
         status="{run}/{model}/status-identity.json",
     params:
         cmd=lambda w: fusedqk(backend_of(w)),
-        flags=lambda w: model_flags(backend_of(w)),
-        impls=lambda w: ",".join(settings(backend_of(w))["impls"]),
-        i=lambda w: settings(backend_of(w))["identity"],
-        attention=lambda w: "" if settings(backend_of(w))["identity"]["cudnn_sdpa"] else "--no-cudnn-sdpa",
-        controls=lambda w: "--concurrent-controls" if settings(backend_of(w))["identity"].get("concurrent_controls") else "",
+        flags=job_flags("identity"),
     resources:
         measure=1,
         gpu=lambda w: int(backend_of(w) == "cuda"),
@@ -70,9 +62,7 @@ rule identity:
     log:
         "{run}/logs/{model}-identity.log",
     shell:
-        "{params.cmd} identity -m {wildcards.model} {params.flags} --impls {params.impls}"
-        " -p {params.i[prompt_tokens]} -n {params.i[tokens]} -k {params.i[prompts]}"
-        " {params.attention} {params.controls}"
+        "{params.cmd} identity -m {wildcards.model} {params.flags}"
         " --out-dir {wildcards.run}/{wildcards.model} --status {output.status} > {log} 2>&1"
 
 
@@ -85,8 +75,7 @@ rule blockbench:
         status="{run}/{model}/status-blockbench.json",
     params:
         cmd=lambda w: fusedqk(backend_of(w)),
-        flags=lambda w: model_flags(backend_of(w)),
-        reps=lambda w: settings(backend_of(w))["blockbench"]["reps"],
+        flags=job_flags("blockbench"),
     resources:
         measure=1,
         gpu=lambda w: int(backend_of(w) == "cuda"),
@@ -94,6 +83,6 @@ rule blockbench:
     log:
         "{run}/logs/{model}-blockbench.log",
     shell:
-        "{params.cmd} blockbench -m {wildcards.model} {params.flags} --reps {params.reps}"
+        "{params.cmd} blockbench -m {wildcards.model} {params.flags}"
         " --out-dir {wildcards.run}/{wildcards.model}/blockbench"
         " --status {output.status} > {log} 2>&1"

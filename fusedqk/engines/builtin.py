@@ -1,0 +1,54 @@
+"""The in-process engine: build or load a model and install its decode paths, from plain values.
+
+Every measuring module (bench, blockbench, identity, envinfo) takes a ``Prepared`` from here; the
+command line only turns flags into a ``ModelRef``. A ``ModelRef`` also renders itself back as
+flags, so a measurement can start a fresh process on the same model (identity's controls).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fusedqk.attention import DecodePaths
+from fusedqk.backend import select_backend
+from fusedqk.models import LoadedModel, Quantization, load_model
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model, on which backend, with which weights: everything a model build depends on."""
+
+    model: str = "qwen3-tiny"
+    backend: str = "auto"
+    bits: int = 4
+    group_size: int = 64
+    dtype: str = "bfloat16"
+    seed: int = 0
+
+    @property
+    def quantization(self) -> Quantization:
+        return Quantization(self.bits, self.group_size, self.dtype)
+
+    def as_args(self) -> list[str]:
+        """The ``fusedqk`` flags that name this model (``_model_flags`` in cli.py)."""
+        return ["--model", self.model, "--backend", self.backend, "--bits", str(self.bits),
+                "--group-size", str(self.group_size), "--dtype", self.dtype,
+                "--seed", str(self.seed)]
+
+
+@dataclass
+class Prepared:
+    """A built model with both decode paths installed, on the selected backend."""
+
+    backend: str
+    loaded: LoadedModel
+    paths: DecodePaths
+    quant: Quantization
+
+
+def prepare(ref: ModelRef) -> Prepared:
+    """Select the backend, build or load the model, and install its decode paths."""
+    backend = select_backend(ref.backend)
+    quant = ref.quantization
+    loaded = load_model(ref.model, quant, ref.seed)
+    return Prepared(backend, loaded, DecodePaths(loaded.model, backend), quant)

@@ -1,0 +1,83 @@
+"""``fusedqk.patch(model)``: the fused decode path in an mlx-lm Qwen3 / Qwen3-MoE model.
+
+For a model loaded by ``mlx_lm.load``: each attention layer's decode-step q/k/v projection,
+q/k RMSNorm and RoPE become one fused call (``fusedqk.attention.FusedQKNormAttention``), the rest
+of the model stays mlx-lm's own. The toggle decides, as everywhere in fusedqk:
+``FUSEDQK_FUSED_QK_NORM`` (on/off), ``FUSEDQK_FUSED_IMPL`` (kernel/composite/auto), else the
+per-backend defaults table (docs/configuration.md). Patching twice changes nothing; a model it
+cannot patch is left as it was, and the report says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import mlx.nn as nn
+
+from fusedqk.attention import FusedQKNormAttention, fusion_blocker
+from fusedqk.backend import current_backend
+from fusedqk.kernels.qkv_norm_rope import has_kernel, kernel_blocker
+from fusedqk.toggle import resolve
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
+
+
+@dataclass
+class PatchReport:
+    """What ``patch`` did, and why."""
+
+    backend: str
+    enabled: bool  # the toggle says the fused path runs
+    impl: str | None  # kernel or composite, as installed; None when nothing is fused
+    patched: list[int] = field(default_factory=list)  # layer indices now fused (this call or earlier)
+    skipped: dict[int, str] = field(default_factory=dict)  # layer index -> why it stays graph
+    reason: str = ""
+    kernel_fallback: str | None = None  # why the composite runs where the kernel was asked for
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.patched)
+
+    def summary(self) -> str:
+        if not self.patched:
+            return f"fusedqk: model not patched ({self.reason})"
+        skipped = f", {len(self.skipped)} left on the graph path" if self.skipped else ""
+        return (f"fusedqk: fused QK-norm decode path ({self.impl}) on {len(self.patched)} layers "
+                f"on {self.backend}{skipped} ({self.reason})")
+
+
+def patch(model: nn.Module, env: Mapping[str, str] | None = None) -> PatchReport:
+    """Install the fused decode path in ``model`` where the toggle and the model allow it."""
+    backend = current_backend()
+    resolution = resolve(backend, has_kernel(backend), env)
+    model_type = getattr(model, "model_type", None)
+    report = PatchReport(backend, resolution.path == "fused", None, reason=resolution.path_source)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        report.reason = (f"model_type {model_type!r} is not supported (fusedqk fuses "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+        return report
+    layers = list(model.layers)
+    already = {i: layer.self_attn.impl for i, layer in enumerate(layers)
+               if isinstance(layer.self_attn, FusedQKNormAttention)}
+    if already:  # idempotent: a patched model stays as it is
+        report.patched, report.impl = sorted(already), next(iter(already.values()))
+        report.reason = "already patched"
+        return report
+    if not report.enabled:
+        return report
+    impl = resolution.impl
+    for i, layer in enumerate(layers):
+        why = fusion_blocker(layer.self_attn)
+        if why:
+            report.skipped[i] = why
+            continue
+        fused = FusedQKNormAttention(layer.self_attn, impl, backend)
+        if impl == "kernel" and not fused.kernel_ready:
+            fused.impl = "composite"
+            report.kernel_fallback = kernel_blocker(backend, fused.layout, fused.qkv_scales.dtype)
+        layer.self_attn = fused
+        report.patched.append(i)
+        report.impl = fused.impl
+    report.reason = f"{resolution.path_source}; impl {report.impl or impl} ({resolution.impl_source})"
+    return report

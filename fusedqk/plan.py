@@ -1,0 +1,119 @@
+"""The plan of a pipeline run, made once on the host that starts it: which backends, the device
+label and run directory of each, the run name, and every measurement job's flags.
+
+The workflow (workflow/rules/common.smk) takes all of this from here, so detection and flag
+spelling live once, in the package. Imports no MLX: the planning host may not have it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shlex
+import subprocess
+from dataclasses import dataclass
+
+from fusedqk.hostinfo import device_name, gpu_backends, slug
+
+MEASUREMENTS = ("bench", "identity", "blockbench")
+
+
+def detect_backends() -> list[str]:
+    """What this host has: a GPU backend where there is one, else the CPU."""
+    return gpu_backends() or ["cpu"]
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def source_state() -> tuple[str, str]:
+    """(commit date YYYYMMDD, <commit>[-dirty]) of the tree here: the same in every process of a
+    run, unlike the clock. Without git: today's UTC date and ``nogit``."""
+    try:
+        commit = _git("rev-parse", "--short=10", "HEAD")
+        day = _git("log", "-1", "--format=%cd", "--date=format:%Y%m%d")
+        dirty = "-dirty" if _git("status", "--porcelain", "--untracked-files=no") else ""
+        return day, f"{commit}{dirty}"
+    except (OSError, subprocess.CalledProcessError):
+        return f"{datetime.datetime.now(datetime.UTC):%Y%m%d}", "nogit"
+
+
+@dataclass(frozen=True)
+class Plan:
+    backends: list[str]
+    run_name: str
+    git_commit: str
+    device_labels: dict[str, str]
+    results_dir: str
+
+    def run_dir(self, backend: str) -> str:
+        return f"{self.results_dir}/{backend}-{self.device_labels[backend]}/{self.run_name}"
+
+
+def make_plan(config: dict) -> Plan:
+    """The run's plan from a validated pipeline configuration (docs/configuration.md)."""
+    backends = detect_backends() if config["backends"] == "auto" else list(config["backends"])
+    day, commit = source_state()
+    # auto: <commit date>-<commit>[-dirty]; a named run keeps its name.
+    name = config["run_name"] if config["run_name"] != "auto" else f"{day}-{commit}"
+    labels = {b: (config["device_label"] if config["device_label"] != "auto"
+                  else slug(device_name(b))) for b in backends}
+    return Plan(backends, name, commit, labels, config["results_dir"])
+
+
+def model_args(settings: dict, backend: str) -> list[str]:
+    q = settings["quantization"]
+    return ["--backend", backend, "--bits", str(q["bits"]), "--group-size", str(q["group_size"]),
+            "--dtype", q["dtype"]]
+
+
+def engine(settings: dict) -> str:
+    """``builtin`` or the path of a command engine's YAML file."""
+    return settings.get("engine", "builtin")
+
+
+def impls(settings: dict) -> list[str]:
+    """The fused implementations a run compares with graph: a command engine has one fused arm."""
+    return settings["impls"] if engine(settings) == "builtin" else ["fused"]
+
+
+def measurements(settings: dict) -> list[str]:
+    """The measurement jobs of each model: a command engine has no block benchmark."""
+    return list(MEASUREMENTS if engine(settings) == "builtin" else MEASUREMENTS[:2])
+
+
+def job_args(settings: dict, backend: str, job: str, checkpoints_dir: str | None = None) -> list[str]:
+    """The ``fusedqk <job>`` flags of one backend's measurement job (model and outputs aside)."""
+    args = model_args(settings, backend)
+    if engine(settings) != "builtin":
+        args += ["--engine", engine(settings)]
+        if checkpoints_dir:
+            args += ["--checkpoint-dir", checkpoints_dir]
+    if job == "bench":
+        b = settings["bench"]
+        args += ["--paths", ",".join(["graph", *impls(settings)]), "-p", str(b["prompt_tokens"]),
+                 "-g", str(b["generation_tokens"]), "-r", str(b["rounds"]), "-w", str(b["warmup"]),
+                 "-c", str(b["chunk_tokens"])]
+        if "target_half_width" in b:
+            args += ["--target-half-width", str(b["target_half_width"])]
+            if "max_rounds" in b:  # else the command's default
+                args += ["--max-rounds", str(b["max_rounds"])]
+    elif job == "identity":
+        i = settings["identity"]
+        args += ["--impls", ",".join(impls(settings)), "-p", str(i["prompt_tokens"]),
+                 "-n", str(i["tokens"]), "-k", str(i["prompts"])]
+        if not i["cudnn_sdpa"]:
+            args.append("--no-cudnn-sdpa")
+        if i.get("concurrent_controls"):
+            args.append("--concurrent-controls")
+    elif job == "blockbench":
+        args += ["--reps", str(settings["blockbench"]["reps"])]
+    else:
+        raise ValueError(f"unknown measurement job {job!r}")
+    return args
+
+
+def job_flags(settings: dict, backend: str, job: str, checkpoints_dir: str | None = None) -> str:
+    """``job_args`` as one shell-quoted string, for a rule's command line."""
+    return shlex.join(job_args(settings, backend, job, checkpoints_dir))
+

@@ -1,0 +1,79 @@
+"""The package's layers point one way: no import cycles, and no argparse below the CLI."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "fusedqk"
+# Modules that parse command lines: the CLI and mlx-lm's launcher (which hands argv to mlx-lm).
+COMMAND_MODULES = {"fusedqk.cli", "fusedqk.mlx_lm", "fusedqk.__main__"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """Every fusedqk module ``path`` imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in found if m.startswith("fusedqk")}
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+GRAPH = {m: {i for i in imports(p) if i in MODULES and i != m} for m, p in MODULES.items()}
+
+
+def test_the_import_graph_has_no_cycles():
+    state: dict[str, str] = {}
+
+    def visit(m: str, trail: list[str]) -> None:
+        state[m] = "open"
+        for n in sorted(GRAPH[m]):
+            if n == "fusedqk":  # the package's own __init__ imports nothing of its own
+                continue
+            if state.get(n) == "open":
+                pytest.fail("import cycle: " + " -> ".join([*trail[trail.index(n):], n]))
+            if n not in state:
+                visit(n, [*trail, n])
+        state[m] = "done"
+
+    for m in sorted(GRAPH):
+        if m not in state:
+            visit(m, [m])
+
+
+def test_only_command_modules_parse_arguments():
+    users = {m for m, p in MODULES.items() if "argparse" in {
+        a.name for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.Import)
+        for a in n.names} | {n.module for n in ast.walk(ast.parse(p.read_text()))
+                             if isinstance(n, ast.ImportFrom)}}
+    assert users <= COMMAND_MODULES, f"argparse below the command line: {sorted(users - COMMAND_MODULES)}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if not m.endswith("__main__")))
+def test_every_module_imports_alone(module):
+    # A fresh interpreter per module: an import that only works after another module is a hidden
+    # order dependency.
+    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.strip().splitlines()[-1:]
+
+
+def test_the_workflow_planner_does_not_import_mlx():
+    # The workflow imports it on hosts that may have no MLX (a login node, a container host).
+    proc = subprocess.run([sys.executable, "-c", "import sys, fusedqk.plan; "
+                           "print('mlx' in sys.modules)"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout.strip() == "False", proc.stderr
