@@ -1,0 +1,225 @@
+"""Command engines: the engine file is checked, fake engines give the verdicts and failures they
+should, and fusedqk's export, patch and mlx-lm launcher work with mlx-lm itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fusedqk.bench import BenchSettings
+from fusedqk.engines import measure
+from fusedqk.engines.command import EngineFailure, load_engine, render
+from fusedqk.errors import UserError
+
+FAKE = textwrap.dedent('''
+    """A fake engine for the tests: its behaviour comes from FAKE_MODE and the arm's FAKE_FUSED."""
+    import os, random, sys, time
+    mode, fused = os.environ.get("FAKE_MODE", "same"), os.environ.get("FAKE_FUSED") == "1"
+    kind = sys.argv[1]
+    if mode == "crash":
+        print("boom: out of memory", file=sys.stderr); sys.exit(3)
+    if mode == "hang":
+        time.sleep(60)
+    if kind == "bench":
+        if mode == "unreadable":
+            print("Decode: fast"); sys.exit(0)
+        print("[Profile Results]")
+        print(f"Prefill: 10.0 ms ({500.0 if fused else 400.0} tok/s)")
+        print(f"Decode: 100.0 ms ({125.0 * random.uniform(0.99, 1.01) if fused else 100.0} tok/s)")
+    else:
+        words = [f"t{(int(sys.argv[2].split()[0][1:]) * 7 + i) % 97}" for i in range(int(sys.argv[3]))]
+        if mode == "differs" and fused:
+            words[5] = "t0"
+        if mode == "noisy":
+            words[3] = f"t{random.randrange(10**6)}"
+        print("banner: fake engine 1.0")
+        print(" ".join(words))
+        print(f"[Generated {len(words)} tokens in 0.1s = 10 tok/s]")
+''')
+
+
+def engine_file(tmp_path: Path, arms=None, **overrides) -> Path:
+    script = tmp_path / "fake_engine.py"
+    script.write_text(FAKE)
+    doc = {
+        "name": "fake",
+        "arms": arms or {"graph": {"env": {"FAKE_FUSED": "0"}}, "fused": {"env": {"FAKE_FUSED": "1"}}},
+        "bench": {"command": ["{python}", str(script), "bench", "{model_path}", "{prompt_tokens}",
+                              "{generation_tokens}"],
+                  "regex": {"decode_tok_s": r"^Decode: .*\((?P<value>[0-9.]+) tok/s\)",
+                            "prefill_tok_s": r"^Prefill: .*\((?P<value>[0-9.]+) tok/s\)"},
+                  "timeout_s": 5},
+        "identity": {"command": ["{python}", str(script), "identity", "{prompt}", "{max_tokens}"],
+                     "compare": "text", "strip": [r"^banner:", r"^\[Generated \d+ tokens"],
+                     "timeout_s": 5},
+        "models": {"qwen3-tiny": str(tmp_path)},
+        **overrides,
+    }
+    path = tmp_path / "fake.yaml"
+    path.write_text(json.dumps(doc))  # JSON is YAML
+    return path
+
+
+def run_identity(tmp_path, mode, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", mode)
+    spec = load_engine(engine_file(tmp_path))
+    return measure.identity(spec, "qwen3-tiny", tmp_path, "cpu", 97, 4, 12, 2, 0)
+
+
+def test_identical_arms_are_refused(tmp_path):
+    same = {"graph": {"env": {"X": "1"}}, "fused": {"env": {"X": "1"}}}
+    with pytest.raises(UserError, match="same environment"):
+        load_engine(engine_file(tmp_path, arms=same))
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"bench": {"command": ["x", "{model_path}; rm -rf /"], "regex": {"decode_tok_s": "(?P<value>1)"}}},
+     None),  # a placeholder inside an argument is fine: it never reaches a shell
+    ({"bench": {"command": ["x", "{modelpath}"], "regex": {"decode_tok_s": "(?P<value>1)"}}},
+     "placeholder {modelpath} is unknown"),
+    ({"bench": {"command": ["x"], "regex": {"decode_tok_s": "([0-9]+)"}}}, "(?P<value>"),
+    ({"bench": {"command": ["x"]}}, "decode_tok_s"),
+    ({"bench": {"command": "x --fast", "regex": {"decode_tok_s": "(?P<value>1)"}}}, "list of arguments"),
+    ({"colour": "blue"}, "unknown key"),
+])
+def test_engine_files_are_checked(tmp_path, overrides, needle):
+    if needle is None:
+        load_engine(engine_file(tmp_path, **overrides))
+        return
+    with pytest.raises(UserError, match=needle.replace("(", r"\(").replace("?", r"\?")
+                       .replace("{", r"\{").replace("}", r"\}")):
+        load_engine(engine_file(tmp_path, **overrides))
+
+
+def test_placeholders_never_pass_through_a_shell():
+    assert render(["run", "--m={model_path}"], {"model_path": "a; rm -rf /"}) == ["run", "--m=a; rm -rf /"]
+
+
+def test_fake_engine_bench_measures_the_arms_speedup(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "same")
+    spec = load_engine(engine_file(tmp_path))
+    run = measure.bench(spec, "qwen3-tiny", tmp_path, "cpu", BenchSettings(16, 8, rounds=4, warmup=1))
+    (sp,) = run.speedups
+    assert sp["path"] == "fused" and sp["rounds"] == 4
+    assert sp["lo"] > 1.2 and sp["hi"] < 1.3
+    assert run.meta["instrument"].startswith("whole-process")
+    assert {r["prefill_tok_s"] for r in run.trials} == {400.0, 500.0}
+
+
+def test_equal_engine_is_equal(tmp_path, monkeypatch):
+    assert run_identity(tmp_path, "same", monkeypatch)["verdict"] == "EQUAL"
+
+
+def test_engine_whose_arms_differ_differs(tmp_path, monkeypatch):
+    result = run_identity(tmp_path, "differs", monkeypatch)
+    assert result["verdict"] == "DIFFERS"
+    assert result["free_running"]["greedy_first_divergence"][0] is not None
+
+
+def test_nondeterministic_engine_is_inconclusive(tmp_path, monkeypatch):
+    result = run_identity(tmp_path, "noisy", monkeypatch)
+    assert result["verdict"] == "INCONCLUSIVE"
+    assert result["controls"]["graph"]["identical"] is False
+
+
+@pytest.mark.parametrize("mode, needle", [
+    ("crash", "exited with status 3: boom: out of memory"),
+    ("hang", "did not finish in 5 s"),
+    ("unreadable", "output has no decode_tok_s"),
+])
+def test_engine_failures_are_one_line(tmp_path, monkeypatch, mode, needle):
+    monkeypatch.setenv("FAKE_MODE", mode)
+    spec = load_engine(engine_file(tmp_path))
+    with pytest.raises(EngineFailure, match=needle) as info:
+        measure.bench(spec, "qwen3-tiny", tmp_path, "cpu", BenchSettings(16, 8, rounds=2, warmup=1))
+    assert "\n" not in str(info.value)
+
+
+def test_a_missing_binary_is_one_line_in_the_status_file(tmp_path):
+    path = engine_file(tmp_path, bench={"command": ["no-such-engine-binary", "{model_path}"],
+                                        "regex": {"decode_tok_s": "(?P<value>1)"}})
+    status = tmp_path / "status.json"
+    proc = subprocess.run([sys.executable, "-m", "fusedqk", "bench", "--engine", str(path),
+                           "-m", "qwen3-tiny", "--backend", "cpu", "-r", "2",
+                           "--out-dir", str(tmp_path / "out"), "--status", str(status)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    doc = json.loads(status.read_text())
+    assert doc["ok"] is False and "'no-such-engine-binary' not found" in doc["error"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["qwen3-tiny", "qwen3-moe-tiny"])
+def test_export_loads_in_mlx_lm_and_patch_keeps_its_tokens(tmp_path, model, monkeypatch):
+    import mlx.core as mx
+    from mlx_lm import generate, load
+
+    import fusedqk
+    from fusedqk.export import export, word
+    from fusedqk.models import Quantization
+
+    mx.set_default_device(mx.cpu)
+    report = export(model, tmp_path / "ckpt", Quantization(), 0, shard_bytes=4 << 20)
+    assert report.shards > 1
+    names = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert {"config.json", "tokenizer.json", "model.safetensors.index.json"} <= names
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine"}
+    loaded, tokenizer = load(str(tmp_path / "ckpt"))
+    prompt = " ".join(word(i) for i in (5, 17, 99, 300, 1234))
+    plain = generate(loaded, tokenizer, prompt, max_tokens=24, verbose=False)
+    assert len(set(plain.split())) > 5  # varied output, not one repeated token
+    monkeypatch.setenv("FUSEDQK_FUSED_QK_NORM", "1")
+    patched = fusedqk.patch(loaded)
+    assert patched.impl == "composite" and patched.patched == list(range(len(loaded.layers)))
+    assert fusedqk.patch(loaded).reason == "already patched"  # idempotent
+    assert generate(loaded, tokenizer, prompt, max_tokens=24, verbose=False) == plain
+
+
+def test_patch_leaves_an_unsupported_model_alone(monkeypatch):
+    import mlx.nn as nn
+
+    import fusedqk
+
+    monkeypatch.setenv("FUSEDQK_FUSED_QK_NORM", "1")
+    model = nn.Linear(2, 2)
+    report = fusedqk.patch(model)
+    assert not report.changed and "not supported" in report.reason
+
+
+def test_patch_off_by_the_toggle_changes_nothing(monkeypatch):
+    import fusedqk
+    from fusedqk.engines.builtin import ModelRef
+    from fusedqk.models import load_model
+
+    monkeypatch.setenv("FUSEDQK_FUSED_QK_NORM", "0")
+    model = load_model(ModelRef("qwen3-tiny", "cpu").model, ModelRef().quantization).model
+    before = [type(layer.self_attn) for layer in model.layers]
+    report = fusedqk.patch(model)
+    assert not report.changed and report.reason.startswith("FUSEDQK_FUSED_QK_NORM=0")
+    assert [type(layer.self_attn) for layer in model.layers] == before
+
+
+def test_the_shipped_engine_files_load():
+    root = Path(__file__).resolve().parents[1] / "config" / "engines"
+    names = {load_engine(p).name for p in root.glob("*.yaml")}
+    assert names == {"mlx-lm", "fusedqk-generate", "mlxcel"}
+
+
+def test_mlxcel_output_lines_are_read():
+    # The formats mlxcel-bench-decode and mlxcel generate print (docs/engines.md).
+    spec = load_engine(Path(__file__).resolve().parents[1] / "config/engines/mlxcel.yaml")
+    out = ("Loading model...\n[Profile Results]\n  Prefill: 12.5 ms (5120.0 tok/s)\n"
+           "  Decode: 850.2 ms (150.55 tok/s)\n")
+    read = spec.bench.reader.read(out, ("decode_tok_s", "prefill_tok_s"), ("decode_tok_s",))
+    assert read == {"decode_tok_s": "150.55", "prefill_tok_s": "5120.0"}
+    text = measure._compared(spec, measure.Outcome("t1 t2 t3\n[Generated 3 tokens in 0.1s = 30.0 tok/s]\n",
+                                                   "", 0.1))
+    assert text == "t1 t2 t3"
+    assert spec.arms["fused"] == {"MLXCEL_FUSED_QK_NORM": "1"}
