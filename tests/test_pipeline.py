@@ -121,3 +121,30 @@ def test_embedded_default_runs_end_to_end_and_archives(tmp_path):
     subprocess.run([sys.executable, "-m", "fusedqk", "report", "--from", str(run)], check=True)
     assert (run / "report.md").read_bytes() == before
     assert archive.verify(run) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["mlx-lm", "fusedqk-generate"])
+def test_the_pipeline_runs_end_to_end_with_a_command_engine(engine, tmp_path):
+    # The tiny models through an engine's own command line: bench, identity, decide, report and
+    # manifest; the checkpoints are fusedqk's exports, made once by the first job that needs one.
+    overlay = {"checkpoints_dir": str(tmp_path / "ckpt"), "backend_settings": {"cpu": {
+        "engine": f"config/engines/{engine}.yaml",
+        "bench": {"prompt_tokens": 8, "generation_tokens": 16, "rounds": 2, "warmup": 1,
+                  "chunk_tokens": 8},
+        "identity": {"prompt_tokens": 8, "tokens": 16, "prompts": 1, "cudnn_sdpa": True}}}}
+    (tmp_path / "engine.yaml").write_text(yaml.safe_dump(overlay))
+    proc = snakemake("--cores", "1", "--configfile", str(tmp_path / "engine.yaml"), "--config",
+                     f"results_dir={tmp_path}/results", "backends=[cpu]", "run_name=engine-run",
+                     "device_label=test-device")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "results" / "cpu-test-device" / "engine-run"
+    assert archive.verify(run) == []
+    assert not list(run.glob("*/blockbench"))  # a command engine has no block benchmark
+    report = (run / "report.md").read_text()
+    assert f"Engine: **{engine}**" in report and "Instrument: whole-process" in report
+    for model in ("qwen3-tiny", "qwen3-moe-tiny"):
+        bench = archive.read_json(run / model / "bench" / "bench.json", "bench")
+        assert bench["format"] == "fusedqk-bench/2" and bench["speedups"][0]["path"] == "fused"
+        ident = archive.read_json(run / model / "identity-fused.json", "identity")
+        assert ident["verdict"] == "EQUAL", ident["controls"]
