@@ -37,7 +37,6 @@ from fusedqk.toggle import concrete_path
 if TYPE_CHECKING:
     from fusedqk.engines.builtin import Prepared
 
-FUSED_PATHS = ("composite", "kernel")
 TOKEN_COLUMNS = ["model", "path", "round", "step", "latency_s"]  # tokens.csv
 
 # MLX's CUDA backend caches its CUDA graphs by topology, 400 by default. Paths that take turns

@@ -201,14 +201,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rounds=args.rounds, warmup=args.warmup, chunk_tokens=args.chunk_tokens, seed=args.seed,
         target_half_width=args.target_half_width, max_rounds=args.max_rounds)
     if args.engine != "builtin":
-        from fusedqk.backend import select_backend
         from fusedqk.engines import measure
-        from fusedqk.engines.command import load_engine
 
-        spec = load_engine(args.engine)
-        backend = select_backend(args.backend)
-        where = measure.checkpoint_dir(spec, args.model, args.bits, args.group_size, args.dtype,
-                                       args.seed, args.checkpoint_dir)
+        spec, backend, where = _engine_target(args)
         run = measure.bench(spec, args.model, where, backend, settings, argv=sys.argv)
     else:
         bench.size_graph_cache()
@@ -244,21 +239,30 @@ def cmd_identity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engine_identity(args: argparse.Namespace) -> int:
-    from fusedqk import formats
-    from fusedqk.atomic import write_json
+def _engine_target(args: argparse.Namespace):
+    """A command engine's (spec, backend, checkpoint directory) from the flags; the checkpoint is
+    exported here when the engine file says ``export`` and none exists yet."""
     from fusedqk.backend import select_backend
     from fusedqk.engines import measure
     from fusedqk.engines.command import load_engine
 
     spec = load_engine(args.engine)
     backend = select_backend(args.backend)
+    where = measure.checkpoint_dir(spec, args.model, args.bits, args.group_size, args.dtype,
+                                   args.seed, args.checkpoint_dir)
+    return spec, backend, where
+
+
+def _engine_identity(args: argparse.Namespace) -> int:
+    from fusedqk import formats
+    from fusedqk.atomic import write_json
+    from fusedqk.engines import measure
+
     if args.no_cudnn_sdpa:  # the engine's processes inherit it (MLX engines read it)
         from fusedqk.identity import MLX_CUDNN_SDPA_ENV
 
         os.environ[MLX_CUDNN_SDPA_ENV] = "0"
-    where = measure.checkpoint_dir(spec, args.model, args.bits, args.group_size, args.dtype,
-                                   args.seed, args.checkpoint_dir)
+    spec, backend, where = _engine_target(args)
     vocab = json.loads((where / "config.json").read_text())["vocab_size"]
     result = measure.identity(spec, args.model, where, backend, vocab, args.prompt_tokens,
                               args.tokens, args.prompts, args.seed)

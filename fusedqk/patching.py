@@ -36,7 +36,8 @@ class PatchReport:
     kernel_fallback: str | None = None  # why the composite runs where the kernel was asked for
 
     @property
-    def changed(self) -> bool:
+    def is_fused(self) -> bool:
+        """The model runs the fused path (patched by this call or an earlier one)."""
         return bool(self.patched)
 
     def summary(self) -> str:

@@ -190,7 +190,7 @@ def test_patch_leaves_an_unsupported_model_alone(monkeypatch):
     monkeypatch.setenv("FUSEDQK_FUSED_QK_NORM", "1")
     model = nn.Linear(2, 2)
     report = fusedqk.patch(model)
-    assert not report.changed and "not supported" in report.reason
+    assert not report.is_fused and "not supported" in report.reason
 
 
 def test_patch_off_by_the_toggle_changes_nothing(monkeypatch):
@@ -202,7 +202,7 @@ def test_patch_off_by_the_toggle_changes_nothing(monkeypatch):
     model = load_model(ModelRef("qwen3-tiny", "cpu").model, ModelRef().quantization).model
     before = [type(layer.self_attn) for layer in model.layers]
     report = fusedqk.patch(model)
-    assert not report.changed and report.reason.startswith("FUSEDQK_FUSED_QK_NORM=0")
+    assert not report.is_fused and report.reason.startswith("FUSEDQK_FUSED_QK_NORM=0")
     assert [type(layer.self_attn) for layer in model.layers] == before
 
 

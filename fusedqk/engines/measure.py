@@ -173,19 +173,18 @@ def _compared(spec: EngineSpec, out: Outcome) -> list | str:
 def identity(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size: int,
              prompt_tokens: int, tokens: int, prompts: int, seed: int) -> dict:
     start = time.perf_counter()
+    def values(k: int) -> dict[str, object]:  # the placeholders of prompt k
+        return {"model": model, "model_path": path, "prompt_tokens": prompt_tokens,
+                "max_tokens": tokens, "seed": seed, "prompt_seed": seed + k,
+                "prompt": prompt_text(vocab_size, prompt_tokens, seed + k)}
+
     outputs: dict[str, list] = {arm: [] for arm in ARMS}
     for k in range(prompts):
-        values = {"model": model, "model_path": path, "prompt_tokens": prompt_tokens,
-                  "max_tokens": tokens, "seed": seed, "prompt_seed": seed + k,
-                  "prompt": prompt_text(vocab_size, prompt_tokens, seed + k)}
         for arm in ARMS:
-            outputs[arm].append(_compared(spec, run_arm(spec, spec.identity, arm, values)))
+            outputs[arm].append(_compared(spec, run_arm(spec, spec.identity, arm, values(k))))
     if any(not o for arm in ARMS for o in outputs[arm]):
         raise EngineFailure("identity: an arm printed nothing to compare (check identity.strip)")
-    first = {"model": model, "model_path": path, "prompt_tokens": prompt_tokens,
-             "max_tokens": tokens, "seed": seed, "prompt_seed": seed,
-             "prompt": prompt_text(vocab_size, prompt_tokens, seed)}
-    controls = {arm: _compared(spec, run_arm(spec, spec.identity, arm, first)) for arm in ARMS}
+    controls = {arm: _compared(spec, run_arm(spec, spec.identity, arm, values(0))) for arm in ARMS}
     divergence = [first_divergence(list(g), list(f))
                   for g, f in zip(outputs["graph"], outputs["fused"], strict=True)]
     equal = all(d is None for d in divergence)
