@@ -8,6 +8,8 @@
 #   tools/device.sh pipeline      the Snakemake pipeline, cuda backend, natively; archive packed
 #   tools/device.sh launchfloor [N]  blockbench's graph, kernel and launch-floor rows, N (3)
 #                                 times per model: the launch floor across host states
+#   tools/device.sh variety       distinct ids in greedy decodes of the seed models' synthetic
+#                                 weights, per quantization (tools/variety.py)
 #
 # Machine-specific places, from variables (defaults in brackets):
 #   SITE_PACKAGES  where MLX's CUDA build is installed [/tmp/site] (../shared/device/README.md)
@@ -102,6 +104,9 @@ for f in sorted(Path(sys.argv[1]).glob("lf-*/blockbench.json")):
     g, k, l = (rows[p]["layer_us"] for p in ("graph", "kernel", "launch"))
     print(f"| {rep} | {model} | {g:.1f} | {k:.1f} | {l:.1f} | {g / k:.2f} | {g / l:.2f} |")
 PY
+  ;;
+variety)
+  $py tools/variety.py ${VARIETY_MODELS:-qwen3-0.6b qwen3-8b qwen3-30b-a3b} 2>&1 | tee "$OUT/variety.md"
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
