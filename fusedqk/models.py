@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import zlib
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,6 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import qwen3, qwen3_moe
 
+from fusedqk import registry
 from fusedqk.backend import device_info
 from fusedqk.errors import UserError
 
@@ -97,12 +97,7 @@ def quantize_like_mlx_lm(model: nn.Module, quant: Quantization) -> None:
     nn.quantize(model, group_size=quant.group_size, bits=quant.bits, class_predicate=predicate)
 
 
-def _load_registry() -> dict[str, ModelSpec]:
-    text = resources.files("fusedqk").joinpath("data/models.json").read_text()
-    return {name: ModelSpec(name, cfg) for name, cfg in json.loads(text)["models"].items()}
-
-
-REGISTRY = _load_registry()
+REGISTRY = {name: ModelSpec(name, cfg) for name, cfg in registry.configs().items()}
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -129,29 +124,54 @@ def load_model(model: str, quant: Quantization, seed: int = 0) -> LoadedModel:
                            f"synthetic(seed={seed})", spec.config)
     if path.is_dir():
         return load_checkpoint(path)
-    if "/" in model and not path.exists() and not model.startswith((".", "/")):
-        raise UserError(f"--model {model!r} looks like a hub id; fusedqk works offline and loads only "
-                        "local MLX checkpoint directories (config.json + *.safetensors) or the "
-                        f"registry names: {', '.join(REGISTRY)}")
-    raise UserError(f"--model {model!r} is neither a registry name ({', '.join(REGISTRY)}) nor an "
-                    "existing checkpoint directory")
+    raise _unknown_model(model)
+
+
+def _unknown_model(model: str) -> UserError:
+    if "/" in model and not Path(model).exists() and not model.startswith((".", "/")):
+        return UserError(f"--model {model!r} looks like a hub id; fusedqk works offline and loads "
+                         "only local MLX checkpoint directories (config.json + *.safetensors) or "
+                         f"the registry names: {', '.join(REGISTRY)}")
+    return UserError(f"--model {model!r} is neither a registry name ({', '.join(REGISTRY)}) nor an "
+                     "existing checkpoint directory")
+
+
+def model_config(model: str) -> dict:
+    """The architecture config of a registry name or a checkpoint directory, without building."""
+    if model in REGISTRY:
+        return REGISTRY[model].config
+    path = Path(model)
+    if not path.is_dir():
+        raise _unknown_model(model)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"--model {model!r}: no config.json there; a checkpoint directory holds "
+                        "config.json and model*.safetensors")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"--model {model!r}: config.json is not valid JSON (damaged or cut "
+                        "short)") from None
+    if not isinstance(config, dict) or config.get("model_type") not in ARCHITECTURES:
+        found = config.get("model_type") if isinstance(config, dict) else None
+        raise UserError(f"--model {model!r}: model_type {found!r} is not supported; accepted: "
+                        f"{', '.join(ARCHITECTURES)}")
+    return config
 
 
 def load_checkpoint(path: Path) -> LoadedModel:
     """Load a local MLX-format checkpoint through mlx-lm, never touching the network."""
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise UserError(f"--model {str(path)!r}: no config.json there; a checkpoint directory holds "
-                        "config.json and model*.safetensors")
-    config = json.loads(config_file.read_text())
-    if config.get("model_type") not in ARCHITECTURES:
-        raise UserError(f"--model {str(path)!r}: model_type {config.get('model_type')!r} is not "
-                        f"supported; accepted: {', '.join(ARCHITECTURES)}")
+    model_config(str(path))
     if not list(path.glob("model*.safetensors")):
         raise UserError(f"--model {str(path)!r}: no model*.safetensors files there")
-    model, config = mlx_lm_load_model(path)
+    try:
+        model, config = mlx_lm_load_model(path)
+    except (RuntimeError, ValueError, OSError) as e:  # a truncated or foreign safetensors file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--model {str(path)!r}: its weights do not load ({first}); the "
+                        "checkpoint is damaged or incomplete") from None
     model.eval()
     return LoadedModel(model, path.name, str(path), config)
 
@@ -184,18 +204,25 @@ def _key(seed: int, name: str) -> mx.array:
     return mx.random.key((seed << 32) ^ zlib.crc32(name.encode()))
 
 
-def _gain(path: str) -> float:
+def _gain(path: str, experts_per_token: int) -> float:
+    if path.endswith("switch_mlp.down_proj"):
+        # A MoE block outputs a weighted mean of its experts (weights summing to 1), whose spread
+        # is about 1/sqrt(k) of one expert's: without this the 48-layer qwen3-30b-a3b (k = 8)
+        # decoded 2-16 distinct ids per 128 greedy tokens (NVIDIA H200, 2026-12-01).
+        return GAIN_BRANCH_OUT * experts_per_token**0.5
     return GAIN_BRANCH_OUT if path.endswith(("o_proj", "down_proj")) else GAIN_DEFAULT
 
 
-def _synthetic_quantized(path: str, module: nn.Module, dtype: mx.Dtype, seed: int) -> dict:
+def _synthetic_quantized(path: str, module: nn.Module, dtype: mx.Dtype, seed: int,
+                         experts_per_token: int = 1) -> dict:
     """weight/scales/biases for one quantized module: uniform codes, zero-mean dequantized values."""
     bits, group = module.bits, module.group_size
     w_shape, s_shape = module.weight.shape, module.scales.shape
     fan_in = s_shape[-1] * group
     levels = (1 << bits) - 1
     code_std = ((levels + 1) ** 2 - 1) ** 0.5 / 12**0.5
-    std = EMBEDDING_STD if path.endswith("embed_tokens") else _gain(path) / fan_in**0.5
+    std = (EMBEDDING_STD if path.endswith("embed_tokens")
+           else _gain(path, experts_per_token) / fan_in**0.5)
     k_hi, k_lo, k_s = mx.random.split(_key(seed, path), 3)
     # Every packed word is 32 uniform random bits, i.e. uniform codes at any bit width.
     hi = mx.random.randint(0, 1 << 16, w_shape, dtype=mx.uint32, key=k_hi)
@@ -226,7 +253,8 @@ def synthetic_layers(spec: ModelSpec, quant: Quantization, seed: int = 0):
         if owner in quantized:
             if leaf != "weight":
                 continue
-            arrays = _synthetic_quantized(owner, quantized[owner], dtype, seed)
+            arrays = _synthetic_quantized(owner, quantized[owner], dtype, seed,
+                                          spec.config.get("num_experts_per_tok", 1))
             new = [(f"{owner}.{k}", v) for k, v in arrays.items()]
         else:
             new = [(name, _synthetic_norm(owner, value.shape, dtype, seed))]
