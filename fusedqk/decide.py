@@ -26,22 +26,48 @@ from fusedqk.toggle import DEFAULTS_SCHEMA
 POLICIES = ("exact", "greedy-tokens")
 
 
+# Identity over greedy sequences this repetitive barely exercises the model: below this many
+# distinct token ids in any of the graph path's greedy sequences, EQUAL is weak evidence and does
+# not pass (docs/configuration.md, decision.min_distinct).
+MIN_DISTINCT = 8
+
+
 @dataclass(frozen=True)
 class Rule:
     min_gain: float = 0.01
     identity_policy: str = "exact"
+    min_distinct: int = MIN_DISTINCT
 
     def describe(self) -> str:
         return (f"on when every model's identity verdict passes the '{self.identity_policy}' policy "
-                f"and its speedup 95% CI lower bound >= {1 + self.min_gain:.3f}; off when any model's "
+                f"on greedy sequences of at least {self.min_distinct} distinct tokens and its "
+                f"speedup 95% CI lower bound >= {1 + self.min_gain:.3f}; off when any model's "
                 "identity DIFFERS or its CI upper bound < 1; otherwise inconclusive")
 
 
-def identity_ok(result: dict | None, policy: str) -> bool | None:
-    """True/False when the identity result settles it under ``policy``; None when it cannot."""
+def fewest_distinct(result: dict | None) -> int | None:
+    """The fewest distinct ids in any of the graph path's greedy sequences (None: not recorded)."""
+    counts = (result or {}).get("graph_distinct_greedy_tokens")
+    return min(counts) if counts else None
+
+
+def variety_line(result: dict) -> str:
+    """How varied an identity check's greedy sequences were, and whether that is too little."""
+    counts = result.get("graph_distinct_greedy_tokens") or []
+    weak = bool(counts) and min(counts) < MIN_DISTINCT
+    return (f"  variety: {counts} distinct tokens per greedy sequence (graph)"
+            + (f": WEAK EVIDENCE, below {MIN_DISTINCT}; the decision does not count it" if weak else ""))
+
+
+def identity_ok(result: dict | None, policy: str, min_distinct: int = 0) -> bool | None:
+    """True/False when the identity result settles it under ``policy``; None when it cannot
+    (including an EQUAL over sequences with fewer than ``min_distinct`` distinct ids)."""
     if result is None:
         return None
     v = result["verdict"]
+    fewest = fewest_distinct(result)
+    if v != "DIFFERS" and fewest is not None and fewest < min_distinct:
+        return None
     if v == "EQUAL":
         return True
     if policy == "greedy-tokens" and result["free_running"]["identical"] and v != "INCONCLUSIVE":
@@ -55,9 +81,13 @@ def decide_model(speedup: dict | None, ident: dict | None, rule: Rule) -> dict:
     if speedup is None:
         return {"recommendation": "inconclusive", "why": "no benchmark result"}
     s = Speedup(**{k: speedup[k] for k in ("point", "lo", "hi", "level", "p_value", "rounds")})
-    ok = identity_ok(ident, rule.identity_policy)
+    ok = identity_ok(ident, rule.identity_policy, rule.min_distinct)
     ci = f"speedup {s.point:.3f} [{s.lo:.3f}, {s.hi:.3f}]"
     verdict = ident["verdict"] if ident else "not checked"
+    fewest = fewest_distinct(ident)
+    if ok is None and ident and fewest is not None and fewest < rule.min_distinct:
+        verdict += (f" but weak evidence (a greedy sequence of {fewest} distinct tokens, below "
+                    f"{rule.min_distinct})")
     if ok is False:
         return {"recommendation": "off", "why": f"identity {verdict}; {ci}"}
     if s.hi < 1:
@@ -102,7 +132,12 @@ def decide(run_dir: Path, rule: Rule) -> dict:
         impl, rec = ("kernel" if "kernel" in per_impl else impls[0]), "off"
     else:
         impl, rec = ("kernel" if "kernel" in per_impl else (impls[0] if impls else "auto")), "inconclusive"
-    reason = "; ".join(f"{m}: {r['why']}" for m, r in per_impl.get(impl, {"models": {}})["models"].items())
+    if per_impl:
+        reason = "; ".join(f"{m}: {r['why']}" for m, r in per_impl[impl]["models"].items())
+    else:  # nothing was measured: the failures are the reason
+        reason = "no speedup was measured; " + "; ".join(
+            f"{name}: {'failed: ' + m.failed if m.failed else 'no benchmark result'}"
+            for name, m in run.models.items())
     return formats.stamp("decisions", {
         "schema": DEFAULTS_SCHEMA,
         "about": "fusedqk decide output; usable as FUSEDQK_DEFAULTS",

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import numpy as np
 
+from fusedqk.decide import variety_line
 from fusedqk.decode import generate, make_sampler, random_prompt, teacher_forced_logits
 from fusedqk.engines.builtin import ModelRef
 from fusedqk.engines.builtin import prepare as prepare_model
@@ -253,6 +254,7 @@ def render(result: dict) -> str:
         f"  free-running: identical={fr['identical']} greedy divergence "
         f"{fr['greedy_first_divergence']} sampled divergence {fr['sampled_first_divergence']}",
     ]
+    lines.append(variety_line(result))
     c = result["controls"]
     if c["run"]:
         for path in ("graph", "fused"):

@@ -23,6 +23,7 @@ import pandas as pd
 
 from fusedqk import stats
 from fusedqk.bench import BenchRun, BenchSettings, stop_reason
+from fusedqk.decide import variety_line
 from fusedqk.engines.command import ARMS, METRICS, EngineFailure, EngineSpec, Outcome, run_arm
 from fusedqk.envinfo import environment, now_utc
 from fusedqk.errors import UserError
@@ -216,6 +217,7 @@ def render_identity(result: dict) -> str:
              f"arm: {result['verdict']}",
              f"  greedy {result['compared']} identical={fr['identical']} over "
              f"{result['settings']['prompts']} prompts; first divergence {fr['greedy_first_divergence']}"]
+    lines.append(variety_line(result))
     for arm in ARMS:
         lines.append(f"  control {arm} vs fresh process: identical={c[arm]['identical']}"
                      f" (first difference: {c[arm]['first_difference']})")
