@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import mlx_lm
 
-from fusedqk import __version__
+from fusedqk import __version__, devicelock
 from fusedqk.backend import as_dict, device_info
 
 if TYPE_CHECKING:
@@ -58,6 +58,8 @@ def environment(prep: Prepared | None = None) -> dict:
         # MLX reads its own switches from the environment (e.g. MLX_CUDA_USE_CUDNN_SDPA).
         "mlx_environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MLX_")},
         "recorded_at": now_utc(),
+        # The device lock this measurement held: how long it queued, what else was running.
+        "device_lock": dict(devicelock.HELD) or None,
     }
     if prep is not None:
         env.update({

@@ -1,0 +1,66 @@
+"""One measurement per device on a host: an exclusive OS file lock that every measuring command
+takes before it measures, whoever started it (two pipelines, two SLURM jobs on one node, a
+manual ``fusedqk bench``). What the lock saw goes into every result's environment.
+
+The lock files live in ``$FUSEDQK_LOCK_DIR`` (default ``<temp dir>/fusedqk-locks``), one per
+backend and device: ``<backend>-<device index>.lock``; the CPU has one for the whole host.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from fusedqk.errors import UserError
+
+ENV_LOCK_DIR = "FUSEDQK_LOCK_DIR"
+# What the lock held by this process saw when it was taken: read by envinfo.environment().
+HELD: dict = {}
+
+
+def lock_dir() -> Path:
+    return Path(os.environ.get(ENV_LOCK_DIR) or Path(tempfile.gettempdir()) / "fusedqk-locks")
+
+
+def others_measuring(backend: str) -> str:
+    """What else was using the device when the lock was taken: other compute processes on the
+    GPU (nvidia-smi), or the host's 1-minute load average on the CPU."""
+    if backend == "cuda" and shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20).stdout.split()
+        except (OSError, subprocess.SubprocessError):
+            return "unknown (nvidia-smi failed)"
+        others = [p for p in out if p.strip() and int(p) != os.getpid()]
+        return f"{len(others)} other compute process(es) on the GPU"
+    return f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
+
+
+@contextmanager
+def exclusive(backend: str, device: int = 0) -> Iterator[dict]:
+    """Hold the host-wide lock of ``backend``'s device while measuring; waits for any holder."""
+    directory = lock_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / ("cpu.lock" if backend == "cpu" else f"{backend}-{device}.lock")
+        handle = path.open("a")
+    except OSError as e:
+        raise UserError(f"{ENV_LOCK_DIR}={str(directory)!r}: cannot hold the device lock there "
+                        f"({e.strerror}); give a writable directory") from None
+    start = time.perf_counter()
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        HELD.update(lock_file=str(path), waited_s=round(time.perf_counter() - start, 3),
+                    at_start=others_measuring(backend))
+        try:
+            yield dict(HELD)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            HELD.clear()
