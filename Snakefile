@@ -15,7 +15,18 @@ include: "workflow/rules/measure.smk"
 include: "workflow/rules/report.smk"
 
 
+# Every run is reported and sealed with what succeeded; then a model that failed fails the
+# pipeline, named on the console (each failed job's status file says why).
 rule all:
     input:
         [f"{run_dir(b)}/MANIFEST.sha256" for b in BACKENDS],
     default_target: True
+    conda:
+        "workflow/envs/fusedqk.yaml"
+    params:
+        fusedqk=FUSEDQK_NATIVE,
+        runs=[run_dir(b) for b in BACKENDS],
+    log:
+        [f"{run_dir(b)}.failures.log" for b in BACKENDS],  # beside each run, like the manifest's
+    shell:
+        "{params.fusedqk} failures {params.runs} 2>&1 | tee {log}"

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ import yaml
 from fusedqk import formats
 from fusedqk.atomic import write_text
 from fusedqk.errors import UserError
+from fusedqk.registry import size_order
 
 MANIFEST = "MANIFEST.sha256"
 
@@ -67,6 +69,34 @@ def read_json(path: Path, kind: str | None = None) -> dict | None:
     return doc
 
 
+def read_table(path: Path) -> pd.DataFrame:
+    """A result table; a missing, empty or cut-short file is one line naming it."""
+    if not path.is_file():
+        raise UserError(f"{path}: missing; the bench job writes it with trials.csv: rerun it")
+    raw = path.read_bytes()
+    # Every writer ends its last row with a newline: a file that does not was cut mid-row.
+    if raw and not raw.endswith(b"\n"):
+        raise UserError(f"{path}: its last row is cut short: rerun the job that writes it")
+    try:
+        table = pd.read_csv(io.BytesIO(raw))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a readable table ({str(e).strip().splitlines()[0]})") from None
+    if table.isna().all(axis=1).any():
+        raise UserError(f"{path}: a row has only empty fields: rerun the job that writes it")
+    return table
+
+
+def _check_speedups(bench: dict, source: Path) -> None:
+    for s in bench.get("speedups", []):
+        try:
+            ordered = s["lo"] <= s["point"] <= s["hi"]
+        except (KeyError, TypeError):
+            ordered = False
+        if not ordered:
+            raise UserError(f"{source}: speedup of {s.get('path')!r} is not a point inside its "
+                            f"interval (lo <= point <= hi): the file was edited or damaged")
+
+
 def load_run(run_dir: Path) -> RunData:
     """Everything a run directory holds, for decide and report (nothing is recomputed)."""
     if not run_dir.is_dir():
@@ -75,9 +105,11 @@ def load_run(run_dir: Path) -> RunData:
     for d in sorted(p for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         m = ModelResults(d.name)
         m.bench = read_json(d / "bench" / "bench.json", "bench")
+        if m.bench:
+            _check_speedups(m.bench, d / "bench" / "bench.json")
         if (d / "bench" / "trials.csv").is_file():
-            m.trials = pd.read_csv(d / "bench" / "trials.csv")
-            m.tokens = pd.read_csv(d / "bench" / "tokens.csv")
+            m.trials = read_table(d / "bench" / "trials.csv")
+            m.tokens = read_table(d / "bench" / "tokens.csv")
         for f in sorted(d.glob("identity-*.json")):
             m.identity[f.stem.removeprefix("identity-")] = read_json(f, "identity")
         m.blockbench = read_json(d / "blockbench" / "blockbench.json", "blockbench")
@@ -97,7 +129,9 @@ def load_run(run_dir: Path) -> RunData:
     planned = (yaml.safe_load(config) or {}).get("backend_settings", {}).get(env.get("backend"), {})
     for name in planned.get("models", []):
         models.setdefault(name, ModelResults(name, failed="no results in this run"))
-    return RunData(run_dir, env, config, models)
+    # Smallest model first, in every table and plot made from a run.
+    ordered = {name: models[name] for name in sorted(models, key=size_order)}
+    return RunData(run_dir, env, config, ordered)
 
 
 def aggregate(run_dir: Path) -> None:
@@ -120,8 +154,9 @@ def aggregate(run_dir: Path) -> None:
 
 
 def _files(run_dir: Path) -> list[Path]:
-    return sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != MANIFEST
-                  and not p.name.startswith("."))
+    """Every file of a run but the manifest itself, dotfiles included."""
+    return sorted(p for p in run_dir.rglob("*") if p.is_file()
+                  and p.relative_to(run_dir).as_posix() != MANIFEST)
 
 
 def _sha256(path: Path) -> str:

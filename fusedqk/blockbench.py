@@ -50,7 +50,7 @@ class Settings:
     reps: int = 50
     warmup: int = 5
     bandwidth: str = "measure"
-    paths: tuple[str, ...] = BLOCK_PATHS
+    paths: tuple[str, ...] | None = None  # None: every path the backend runs
 
 
 def measure_bandwidth_gbs(nbytes: int | None = None) -> float:
@@ -82,7 +82,7 @@ def interleaved_us(blocks: dict[str, Callable[[], object]], reps: int,
                     warmup: int) -> dict[str, tuple[float, float, float]]:
     """(median, p10, p90) µs per path. Each repetition times every path once, in an order
     rotated per repetition, so that the paths share the host's slow and fast spells: timed one
-    path after another, a spell lands on one path only (session 7: the empty kernel once timed
+    path after another, a spell lands on one path only (2026-11-27, H100: the empty kernel once timed
     slower than the kernel, docs/perf-log.md)."""
     for fn in blocks.values():
         for _ in range(warmup):
@@ -124,14 +124,20 @@ def run(prep: Prepared, settings: Settings) -> dict:
     layer_bytes = [m.qkv_weight.nbytes + m.qkv_scales.nbytes + m.qkv_biases.nbytes for m in fused]
     bw = (measure_bandwidth_gbs() if settings.bandwidth == "measure"
           else _parse_bandwidth(settings.bandwidth))
-    names = [p for p in settings.paths if p != "kernel" or has_kernel(prep.backend)]
-    # The launch floor is the kernel's launch: only where the kernel itself runs.
-    names = [p for p in names if p != "launch"
-             or (has_kernel(prep.backend) and not paths.report.kernel_fallback)]
-    if not names:
-        raise UserError(f"--paths {','.join(settings.paths)}: nothing to time on "
+    # kernel runs where the backend has one; the launch floor is the kernel's own launch, so only
+    # where the kernel itself runs. Paths asked for by name must all run; the default (None)
+    # times what this backend has.
+    runnable = {"graph", "composite"}
+    if has_kernel(prep.backend):
+        runnable.add("kernel")
+        if not paths.report.kernel_fallback:
+            runnable.add("launch")
+    names = [p for p in (settings.paths or BLOCK_PATHS) if p in runnable]
+    missing = [p for p in (settings.paths or ()) if p not in runnable]
+    if missing:
+        raise UserError(f"--paths {','.join(settings.paths)}: {', '.join(missing)} cannot run on "
                         f"{prep.backend} (kernel and launch run where a kernel exists: cuda, "
-                        "metal)")
+                        f"metal); accepted here: {', '.join(p for p in BLOCK_PATHS if p in runnable)}")
     total_bytes = sum(layer_bytes)
     floor_us = total_bytes / (bw * 1e9) * 1e6
     # Where the kernel falls back (an uncovered layout), `kernel` times the composite, as a

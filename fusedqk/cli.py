@@ -1,7 +1,7 @@
 """The ``fusedqk`` command line: one subcommand per job, each a thin layer over one module.
 
-    fusedqk env | models | generate | bench | identity | decide | blockbench
-            | aggregate | report | verify
+    fusedqk env | models | generate | export | bench | identity | decide | blockbench
+            | aggregate | report | verify | failures | compare
 
 Every user error exits 2 with one line on stderr naming the input and what is accepted.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import asdict
@@ -33,20 +34,43 @@ class OneLineParser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
-def _number(cast: type, low: float, name: str):
-    """An argparse type: ``cast`` of the text, at least ``low``."""
+# The range every count accepts, checked before any work: large enough for any real use,
+# small enough that a typo is refused instead of running for hours or overflowing
+# (docs/configuration.md, "Command-line ranges").
+MAX_TOKENS = 1 << 20
+MAX_ROUNDS = 10_000
+MAX_PROMPTS = 1_000
+MAX_REPS = 1_000_000
+MAX_SEED = (1 << 31) - 1
+
+
+# The commands that measure: each holds the host-wide device lock while it runs (devicelock.py).
+MEASURING = ("bench", "identity", "blockbench")
+
+
+def _number(cast: type, low: float, name: str, high: float = math.inf):
+    """An argparse type: ``cast`` of the text, finite, from ``low`` to ``high``."""
     def parse(value: str):
         try:
             n = cast(value)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"{value!r} is not {name}") from None
-        if n < low:
-            raise argparse.ArgumentTypeError(f"{value!r} must be at least {low}")
+        if not math.isfinite(n):
+            raise argparse.ArgumentTypeError(f"{value!r} is not a finite number")
+        if not low <= n <= high:
+            bound = f"from {low} to {high}" if math.isfinite(high) else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{value!r} is out of range: accepted {bound}")
         return n
     return parse
 
 
-_positive = _number(int, 1, "a whole number")
+def _count(high: int, low: int = 1):
+    return _number(int, low, "a whole number", high)
+
+
+_tokens = _count(MAX_TOKENS)
+_rounds = _count(MAX_ROUNDS)
+_seed = _count(MAX_SEED, low=0)
 
 
 def _fraction(value: str) -> float:
@@ -59,7 +83,22 @@ def _fraction(value: str) -> float:
         raise argparse.ArgumentTypeError(f"{value!r} must lie strictly between 0 and 1 (e.g. 0.01)")
     return f
 
+
 _non_negative_float = _number(float, 0.0, "a number")
+
+
+def _new_dir(flag: str, value: str | None) -> None:
+    """Refuse an output directory that names an existing file before anything is measured."""
+    if value and Path(value).exists() and not Path(value).is_dir():
+        raise UserError(f"{flag} {value!r} is an existing file; name a directory (new or existing)")
+
+
+def _check_context(config: dict, prompt_tokens: int, new_tokens: int) -> None:
+    """Prompt plus generated tokens must fit the model's context, before any decoding."""
+    limit = config.get("max_position_embeddings")
+    if limit and prompt_tokens + new_tokens > limit:
+        raise UserError(f"--prompt-tokens {prompt_tokens} + {new_tokens} generated tokens exceed "
+                        f"the model's context of {limit} (max_position_embeddings)")
 
 
 def _result_flags(p: argparse.ArgumentParser, writes: str, table: bool = True) -> None:
@@ -87,7 +126,8 @@ def _model_flags(p: argparse.ArgumentParser, default_model: str = "qwen3-tiny") 
                    help="quantization group size (default 64)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"),
                    help="activation dtype (default bfloat16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights and prompts (default 0)")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help=f"seed of weights and prompts, 0 to {MAX_SEED} (default 0)")
 
 
 def _model_ref(args: argparse.Namespace) -> ModelRef:
@@ -108,7 +148,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     from fusedqk.backend import available_backends, select_backend
     from fusedqk.envinfo import environment
     from fusedqk.kernels.qkv_norm_rope import has_kernel
-    from fusedqk.toggle import resolve
+    from fusedqk.toggle import load_defaults, resolve
 
     backend = select_backend(args.backend)
     res = resolve(backend, has_kernel(backend))
@@ -129,6 +169,9 @@ def cmd_env(args: argparse.Namespace) -> int:
     if report["driver_version"]:
         print(f"driver       {report['driver_version']}  CUDA {report['cuda_version']}")
     print(f"fused path   {'on' if res.path == 'fused' else 'off'}  ({res.path_source})")
+    shipped = load_defaults().backends.get(backend)
+    if shipped is not None:
+        print(f"this card    {shipped.card_evidence(report['device_name'])}")
     print(f"impl         {res.impl}  ({res.impl_source})")
     return 0
 
@@ -166,8 +209,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from fusedqk.decode import generate, make_sampler, random_prompt
     from fusedqk.kernels.qkv_norm_rope import has_kernel
+    from fusedqk.models import model_config
     from fusedqk.toggle import concrete_path
 
+    _check_context(model_config(args.model), args.prompt_tokens, args.max_tokens)
     prep = _prepare(args)
     path = concrete_path(args.path, prep.backend, has_kernel(prep.backend), args.impl)
     prep.paths.use(path)
@@ -193,9 +238,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from fusedqk import bench
+    from fusedqk.models import model_config
 
     if args.max_rounds is not None and args.target_half_width is None:
         raise UserError("--max-rounds: only with --target-half-width (otherwise --rounds is the count)")
+    if args.max_rounds is not None and args.max_rounds < args.rounds:
+        raise UserError(f"--max-rounds {args.max_rounds} is below --rounds {args.rounds}; accepted: "
+                        "at least --rounds")
+    _new_dir("--out-dir", args.out_dir)
+    _check_context(model_config(args.model), args.prompt_tokens, args.generation_tokens)
     settings = bench.BenchSettings(
         prompt_tokens=args.prompt_tokens, generation_tokens=args.generation_tokens,
         rounds=args.rounds, warmup=args.warmup, chunk_tokens=args.chunk_tokens, seed=args.seed,
@@ -218,7 +269,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_identity(args: argparse.Namespace) -> int:
     from fusedqk import formats, identity
+    from fusedqk.models import model_config
 
+    _new_dir("--out-dir", args.out_dir)
+    _check_context(model_config(args.model), args.prompt_tokens, args.tokens)
     if args.engine != "builtin":
         return _engine_identity(args)
     ref = _model_ref(args)
@@ -276,6 +330,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from fusedqk.export import export
     from fusedqk.models import Quantization
 
+    _new_dir("--out", args.out)
     report = export(args.model, Path(args.out), Quantization(args.bits, args.group_size, args.dtype),
                     args.seed)
     print(f"wrote {report.path}: {report.parameters / 1e6:.1f}M parameters, "
@@ -286,7 +341,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_decide(args: argparse.Namespace) -> int:
     from fusedqk import decide
 
-    rule = decide.Rule(min_gain=args.min_gain, identity_policy=args.identity_policy)
+    if args.out and Path(args.out).is_dir():
+        raise UserError(f"--out {args.out!r} is a directory; name the decisions file")
+    rule = decide.Rule(min_gain=args.min_gain, identity_policy=args.identity_policy,
+                       min_distinct=args.min_distinct)
     decisions = decide.decide(Path(args.run_dir), rule)
     from fusedqk.atomic import write_json
     write_json(args.out or Path(args.run_dir) / "decisions.json", decisions)
@@ -297,10 +355,13 @@ def cmd_decide(args: argparse.Namespace) -> int:
 def cmd_blockbench(args: argparse.Namespace) -> int:
     from fusedqk import blockbench
 
-    names = tuple(p.strip() for p in args.paths.split(",") if p.strip())
-    if not names or any(n not in blockbench.BLOCK_PATHS for n in names):
-        raise UserError(f"--paths {args.paths!r}: accepted names are "
-                        f"{', '.join(blockbench.BLOCK_PATHS)}")
+    names = None
+    if args.paths is not None:
+        names = tuple(p.strip() for p in args.paths.split(",") if p.strip())
+        if not names or any(n not in blockbench.BLOCK_PATHS for n in names):
+            raise UserError(f"--paths {args.paths!r}: accepted names are "
+                            f"{', '.join(blockbench.BLOCK_PATHS)}")
+    _new_dir("--out-dir", args.out_dir)
     prep = _prepare(args)
     result = blockbench.run(prep, blockbench.Settings(args.batch, args.reps, args.warmup,
                                                       args.bandwidth, names))
@@ -320,23 +381,53 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from fusedqk import report
 
-    out = report.render_run(Path(args.from_dir), Path(args.out) if args.out else None)
+    _new_dir("--out", args.out)
+    out = report.render_run(Path(args.from_dir), Path(args.out) if args.out else None,
+                            rewrite=args.rewrite)
     print(f"wrote {', '.join(str(p) for p in out)}")
     return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fusedqk import compare
+
+    if args.index:
+        print(compare.index(Path(args.index)), end="")
+        return 0
+    if not args.runs:
+        raise UserError("compare: name one or more archived run directories, or --index DIR")
+    runs = [compare.summarize(Path(r)) for r in args.runs]
+    print(compare.render(compare.compare(runs, args.by, args.mixed_workloads), args.output))
+    return 0
+
+
+def cmd_failures(args: argparse.Namespace) -> int:
+    from fusedqk import archive
+
+    failed = [f"{run}: {m.name}: {m.failed}" for run in args.run_dirs
+              for m in archive.load_run(Path(run)).models.values() if m.failed]
+    for line in failed:
+        print(f"fusedqk: failed: {line}", file=sys.stderr)
+    if failed:
+        print(f"fusedqk: {len(failed)} model(s) failed; the report lists them and the run is "
+              "sealed with what succeeded", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from fusedqk import archive
 
     if args.write:
+        if not Path(args.run_dir).is_dir():
+            raise UserError(f"{args.run_dir}: no such run directory (verify --write seals an "
+                            "existing run)")
         n = archive.write_manifest(Path(args.run_dir))
         print(f"wrote MANIFEST.sha256 ({n} files)")
         return 0
     problems = archive.verify(Path(args.run_dir))
     if problems:
-        for p in problems:
-            print(p, file=sys.stderr)
-        raise UserError(f"{args.run_dir}: manifest check failed ({len(problems)} problems)")
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise UserError(f"{args.run_dir}: manifest check failed ({'; '.join(problems[:5])}{more})")
     print(f"{args.run_dir}: manifest OK")
     return 0
 
@@ -362,10 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: what the toggle says (fusedqk env)")
     p.add_argument("--impl", choices=("auto", "kernel", "composite"),
                    help="what --path fused means (default: the toggle's implementation)")
-    p.add_argument("-p", "--prompt-tokens", type=_positive, default=16)
-    p.add_argument("-n", "--max-tokens", type=_positive, default=64)
+    p.add_argument("-p", "--prompt-tokens", type=_tokens, default=16)
+    p.add_argument("-n", "--max-tokens", type=_tokens, default=64)
     p.add_argument("--temp", type=_non_negative_float, default=0.0)
-    p.add_argument("-w", "--warmup", type=int, default=0,
+    p.add_argument("-w", "--warmup", type=_count(MAX_ROUNDS, low=0), default=0,
                    help="untimed generations before the one printed (default 0)")
     p.add_argument("--json", action="store_true",
                    help="one JSON line: tokens, prefill and decode tok/s, peak memory")
@@ -378,22 +469,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=4, choices=(4, 8))
     p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="decode throughput, fused vs graph, interleaved rounds")
     _model_flags(p)
-    p.add_argument("-p", "--prompt-tokens", type=_positive, default=64)
-    p.add_argument("-g", "--generation-tokens", type=_positive, default=128)
-    p.add_argument("-r", "--rounds", type=_positive, default=15,
+    p.add_argument("-p", "--prompt-tokens", type=_tokens, default=64)
+    p.add_argument("-g", "--generation-tokens", type=_tokens, default=128)
+    p.add_argument("-r", "--rounds", type=_rounds, default=15,
                    help="rounds (the least, with --target-half-width; default 15)")
     p.add_argument("--target-half-width", type=_fraction, metavar="F",
                    help="after --rounds, add rounds until every speedup's 95%% CI half-width is at "
                         "most F of the speedup (e.g. 0.01), up to --max-rounds")
-    p.add_argument("--max-rounds", type=_positive,
+    p.add_argument("--max-rounds", type=_rounds,
                    help="the most rounds --target-half-width may run (default 4 x --rounds)")
-    p.add_argument("-w", "--warmup", type=_positive, default=2, help="warm-up trials per path")
-    p.add_argument("-c", "--chunk-tokens", type=_positive, default=16,
+    p.add_argument("-w", "--warmup", type=_count(MAX_ROUNDS), default=2, help="warm-up trials per path")
+    p.add_argument("-c", "--chunk-tokens", type=_tokens, default=16,
                    help="paths take turns every this many tokens within a round (default 16)")
     p.add_argument("--paths", default="graph,fused",
                    help="comma list of graph, fused, composite, kernel (default graph,fused)")
@@ -408,9 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impls", default="fused",
                    help="comma list of fused implementations to check: fused (auto), kernel, "
                         "composite (default fused)")
-    p.add_argument("-p", "--prompt-tokens", type=_positive, default=64)
-    p.add_argument("-n", "--tokens", type=_positive, default=256)
-    p.add_argument("-k", "--prompts", type=_positive, default=3)
+    p.add_argument("-p", "--prompt-tokens", type=_tokens, default=64)
+    p.add_argument("-n", "--tokens", type=_tokens, default=256)
+    p.add_argument("-k", "--prompts", type=_count(MAX_PROMPTS), default=3)
     p.add_argument("--no-controls", action="store_true",
                    help="skip the fresh-process controls (each path's teacher-forced logits again)")
     p.add_argument("--concurrent-controls", action="store_true",
@@ -429,22 +520,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("decide", help="apply the decision rule to a run directory")
     p.add_argument("run_dir")
-    p.add_argument("--min-gain", type=_non_negative_float, default=0.01,
+    p.add_argument("--min-gain", type=_number(float, 0.0, "a number", 1.0), default=0.01,
                    help="speedup CI lower bound must reach 1 + this (default 0.01)")
     p.add_argument("--identity-policy", default="exact", choices=("exact", "greedy-tokens"))
+    p.add_argument("--min-distinct", type=_count(MAX_TOKENS, low=0), default=8,
+                   help="an identity check passes only over greedy sequences of at least this "
+                        "many distinct tokens (default 8)")
     p.add_argument("--out", help="default: RUN_DIR/decisions.json")
     p.set_defaults(func=cmd_decide)
 
     p = sub.add_parser("blockbench", help="time the QKV+norm+RoPE block of all layers, per path")
     _model_flags(p)
-    p.add_argument("-b", "--batch", type=_positive, default=1)
-    p.add_argument("--reps", type=_positive, default=50)
-    p.add_argument("-w", "--warmup", type=int, default=5)
+    p.add_argument("-b", "--batch", type=_count(MAX_PROMPTS), default=1)
+    p.add_argument("--reps", type=_count(MAX_REPS), default=50)
+    p.add_argument("-w", "--warmup", type=_count(MAX_REPS, low=0), default=5)
     p.add_argument("--bandwidth", default="measure",
                    help="memory bandwidth in GB/s for the floor, or `measure` (default)")
-    p.add_argument("--paths", default="graph,composite,kernel,launch",
+    p.add_argument("--paths",
                    help="comma list of graph, composite, kernel, launch (the kernel's launch with "
-                        "an empty body; kernel and launch only where a kernel exists)")
+                        "an empty body); default: every one this backend runs (kernel and launch "
+                        "only where a kernel exists)")
     _result_flags(p, "blockbench.csv and blockbench.json")
     p.set_defaults(func=cmd_blockbench)
 
@@ -454,8 +549,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="render report.md and report.html from a run's raw data")
     p.add_argument("--from", dest="from_dir", required=True, help="the run directory")
-    p.add_argument("--out", help="output directory (default: the run directory)")
+    p.add_argument("--out", help="output directory (default: the run directory, unless sealed)")
+    p.add_argument("--rewrite", action="store_true",
+                   help="re-render a sealed run in place once it verifies, and seal it again")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="archived runs side by side: speedups with CIs, what "
+                       "each run was, where they disagree")
+    p.add_argument("runs", nargs="*", help="sealed run directories")
+    p.add_argument("--by", default="model", choices=("model", "device", "commit"),
+                   help="how runs are ordered and labelled (default model: by date)")
+    p.add_argument("-o", "--output", default="md", choices=("md", "csv", "json"))
+    p.add_argument("--mixed-workloads", action="store_true",
+                   help="put runs with different workloads in one table")
+    p.add_argument("--index", metavar="RESULTS_DIR",
+                   help="print the list of every run under RESULTS_DIR (results/README.md)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("failures", help="name the models of finished runs that failed; exit 1 "
+                       "if any did (the pipeline's last step)")
+    p.add_argument("run_dirs", nargs="+")
+    p.set_defaults(func=cmd_failures)
 
     p = sub.add_parser("verify", help="check (or --write) a run directory's MANIFEST.sha256")
     p.add_argument("run_dir")
@@ -464,13 +578,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(args: argparse.Namespace) -> int:
+    """The subcommand; a measuring one under the host-wide lock of its device (identity's
+    control processes, ``--trace-only``, run under their parent's)."""
+    if args.command not in MEASURING or getattr(args, "trace_only", None):
+        return args.func(args)
+    from fusedqk import devicelock
+    from fusedqk.backend import select_backend
+
+    with devicelock.exclusive(select_backend(args.backend)):
+        return args.func(args)
+
+
 def _with_status(args: argparse.Namespace) -> int:
     """Run a measurement and record how it ended in ``args.status`` instead of failing: one model
     that runs out of memory or fails to compile must not stop a pipeline's other models."""
     from fusedqk.atomic import write_json
 
     try:
-        code = args.func(args)
+        code = _run(args)
         write_json(args.status, {"ok": code == 0, "command": args.command, "error": None})
     except Exception as e:  # recorded, reported, and the pipeline goes on
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -486,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
                             format="fusedqk: %(message)s", stream=sys.stderr)
         if getattr(args, "status", None):
             return _with_status(args)
-        return args.func(args)
+        return _run(args)
     except UserError as e:
         print(f"fusedqk: error: {e}", file=sys.stderr)
         return 2

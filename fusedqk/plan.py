@@ -8,10 +8,15 @@ spelling live once, in the package. Imports no MLX: the planning host may not ha
 from __future__ import annotations
 
 import datetime
+import math
 import shlex
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
+import yaml
+
+from fusedqk import registry
 from fusedqk.hostinfo import device_name, gpu_backends, slug
 
 MEASUREMENTS = ("bench", "identity", "blockbench")
@@ -50,9 +55,86 @@ class Plan:
         return f"{self.results_dir}/{backend}-{self.device_labels[backend]}/{self.run_name}"
 
 
+class ConfigError(Exception):
+    """A configuration the workflow must refuse before any job: one line naming the key."""
+
+
+def coerce_numbers(value: object, schema: dict, defs: dict | None = None) -> object:
+    """``value`` with the strings that the schema types as numbers turned into numbers.
+
+    Snakemake's ``--config key={a: {b: 5}}`` keeps nested scalars as strings; a string the
+    schema wants as a number is parsed (and left as it is when it is not one, so the schema
+    names it)."""
+    defs = defs if defs is not None else schema.get("$defs", {})
+    if "$ref" in schema:
+        schema = defs[schema["$ref"].rsplit("/", 1)[-1]]
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        return {k: coerce_numbers(v, props.get(k, {}), defs) for k, v in value.items()}
+    if isinstance(value, str) and schema.get("type") in ("integer", "number"):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        if not math.isfinite(number):
+            return value
+        return int(number) if schema["type"] == "integer" and number.is_integer() else number
+    if isinstance(value, str) and "enum" in schema and value not in schema["enum"]:
+        return next((e for e in schema["enum"] if str(e) == value), value)
+    return value
+
+
+def check_config(config: dict, backends: list[str]) -> None:
+    """What the schema cannot say, checked before any job (each a ``ConfigError``)."""
+    names = set(registry.configs())
+    for backend in backends:
+        s = config["backend_settings"].get(backend)
+        if s is None:
+            raise ConfigError(f"config error: backends lists {backend!r} but backend_settings has "
+                              f"no {backend!r} entry")
+        key = f"backend_settings.{backend}"
+        bench = s["bench"]
+        if bench.get("max_rounds") is not None and bench["max_rounds"] < bench["rounds"]:
+            raise ConfigError(f"config error: {key}.bench.max_rounds {bench['max_rounds']} is "
+                              f"below rounds {bench['rounds']}; accepted: at least rounds")
+        known = names | set(_engine_models(s, key))
+        for model in s["models"]:
+            if model not in known:
+                raise ConfigError(f"config error: {key}.models: {model!r} is not a registry model "
+                                  f"({', '.join(sorted(names))}) nor one the engine file names")
+
+
+def _engine_models(settings: dict, key: str) -> list[str]:
+    """The model names a command engine's file maps (to a directory or to ``export``)."""
+    if engine(settings) == "builtin":
+        return []
+    path = Path(engine(settings))
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"config error: {key}.engine {str(path)!r}: cannot be read "
+                          f"({str(e).strip().splitlines()[0]})") from None
+    return list((doc or {}).get("models") or {}) if isinstance(doc, dict) else []
+
+
+def check_backends(config: dict, backends: list[str]) -> None:
+    """A backend the configuration names must be here, unless the device label is given: a login
+    node plans for compute nodes it cannot see (docs/cluster.md)."""
+    if config["backends"] == "auto" or config["device_label"] != "auto":
+        return
+    here = [*detect_backends(), "cpu"]
+    for backend in backends:
+        if backend not in here:
+            raise ConfigError(f"config error: backends lists {backend!r} but this machine has no "
+                              f"{backend} device (it has: {', '.join(dict.fromkeys(here))}); where "
+                              "the jobs run elsewhere (a cluster), give device_label too")
+
+
 def make_plan(config: dict) -> Plan:
     """The run's plan from a validated pipeline configuration (docs/configuration.md)."""
     backends = detect_backends() if config["backends"] == "auto" else list(config["backends"])
+    check_backends(config, backends)
+    check_config(config, backends)
     day, commit = source_state()
     # auto: <commit date>-<commit>[-dirty]; a named run keeps its name.
     name = config["run_name"] if config["run_name"] != "auto" else f"{day}-{commit}"

@@ -48,31 +48,6 @@ def test_generate_json_and_env_and_models():
     assert {m["model"] for m in models} >= {"qwen3-0.6b", "qwen3-30b-a3b", "qwen3-tiny"}
 
 
-@pytest.mark.parametrize("args, env, needles", [
-    (["generate", "-m", "qwen3-9000"], None, ["--model", "qwen3-0.6b"]),
-    (["generate", "-m", "Qwen/Qwen3-8B"], None, ["hub id"]),
-    (["generate", "-m", "./no/such/dir"], None, ["neither a registry name"]),
-    (["generate", "--bits", "5"], None, ["--bits", "choose from"]),
-    (["generate", "--temp", "-1"], None, ["--temp"]),
-    (["generate", "--backend", "cuda"], None, ["backend 'cuda' is not available", "cpu"]),
-    (["generate", "--backend", "tpu"], None, ["accepted: auto, cpu, cuda, metal"]),
-    (["generate", "--path", "fused", "--impl", "kernel"], None, ["no cpu version"]),
-    (["env"], {"FUSEDQK_FUSED_QK_NORM": "perhaps"}, ["FUSEDQK_FUSED_QK_NORM", "1/true/on/yes"]),
-    (["env"], {"FUSEDQK_FUSED_IMPL": "fast"}, ["FUSEDQK_FUSED_IMPL"]),
-    (["env"], {"FUSEDQK_DEFAULTS": "/no/such.json"}, ["FUSEDQK_DEFAULTS", "no such file"]),
-    (["bench", "--paths", "graph"], None, ["--paths"]),
-    (["bench", "--target-half-width", "2"], None, ["--target-half-width", "between 0 and 1"]),
-    (["bench", "--max-rounds", "9"], None, ["--max-rounds", "--target-half-width"]),
-    (["blockbench", "--paths", "warp"], None, ["--paths"]),
-    (["blockbench", "--paths", "launch"], None, ["--paths launch", "nothing to time on cpu"]),
-    (["verify", "/no/such/run"], None, ["no MANIFEST.sha256"]),
-    (["report", "--from", "/no/such/run"], None, ["no such run directory"]),
-    (["frobnicate"], None, ["invalid choice"]),
-])
-def test_user_errors_are_one_line(args, env, needles):
-    assert_one_line_error(fusedqk(*args, env=env), *needles)
-
-
 def test_a_named_git_commit_wins_over_the_trees_git(monkeypatch):
     from fusedqk.envinfo import ENV_GIT_COMMIT, git_state
 

@@ -67,6 +67,16 @@ BROKEN = [
     ("bad bits", lambda c: c["backend_settings"]["cpu"]["quantization"].update(bits=3), "3"),
     ("bad policy", lambda c: c["decision"].update(identity_policy="close"), "close"),
     ("bad run name", lambda c: c.update(run_name="a b"), "a b"),
+    ("unknown model", lambda c: c["backend_settings"]["cpu"].update(models=["qwen3-nope"]),
+     "'qwen3-nope' is not a registry model"),
+    ("path as model", lambda c: c["backend_settings"]["cpu"].update(models=["../../etc"]),
+     "'../../etc' is not a registry model"),
+    ("too many rounds", lambda c: c["backend_settings"]["cpu"]["bench"].update(rounds=10**12),
+     "maximum of 10000"),
+    ("min_gain too large", lambda c: c["decision"].update(min_gain=1e9), "maximum of 1"),
+    ("max_rounds below rounds", lambda c: c["backend_settings"]["cpu"]["bench"].update(
+        rounds=5, max_rounds=3, target_half_width=0.01), "max_rounds 3 is below rounds 5"),
+    ("absent backend", lambda c: c.update(backends=["cuda"]), "give device_label too"),
 ]
 
 
@@ -81,6 +91,15 @@ def test_a_broken_config_stops_before_any_job_with_one_line(what, breaks, needle
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "config error" in ln]
     assert len(lines) == 1, proc.stdout + proc.stderr
     assert needle in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_nested_numbers_on_the_command_line_validate_as_numbers(tmp_path):
+    proc = snakemake("-n", "--config", "backend_settings={cpu: {bench: {rounds: 5}}}",
+                     f"results_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = snakemake("-n", "--config", "decision={min_gain: nan}", f"results_dir={tmp_path}")
+    assert proc.returncode != 0 and "decision.min_gain: 'nan' is not of type 'number'" in proc.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_missing_key_is_one_line(tmp_path):
@@ -118,9 +137,26 @@ def test_embedded_default_runs_end_to_end_and_archives(tmp_path):
     assert "Rounds per model:\n- qwen3-moe-tiny: 9 rounds (fixed)\n- qwen3-tiny: 9 rounds (fixed)" in text \
         or "Rounds per model:\n- qwen3-tiny: 9 rounds (fixed)\n- qwen3-moe-tiny: 9 rounds (fixed)" in text
     before = (run / "report.md").read_bytes()
-    subprocess.run([sys.executable, "-m", "fusedqk", "report", "--from", str(run)], check=True)
+    subprocess.run([sys.executable, "-m", "fusedqk", "report", "--from", str(run), "--rewrite"],
+                   check=True)
     assert (run / "report.md").read_bytes() == before
     assert archive.verify(run) == []
+
+
+@pytest.mark.slow
+def test_a_run_whose_every_model_fails_is_still_reported_and_sealed(tmp_path):
+    # The kernel has no CPU version: every measurement job fails and records why.
+    proc = snakemake("--cores", "1", "--config", f"results_dir={tmp_path}", "run_name=all-fail",
+                     "backend_settings={cpu: {impls: [kernel]}}")
+    assert proc.returncode != 0
+    assert "fusedqk: failed:" in proc.stderr and "qwen3-moe-tiny" in proc.stderr
+    (run,) = tmp_path.glob("cpu-*/all-fail")
+    assert archive.verify(run) == []
+    decision = archive.read_json(run / "decisions.json")["backends"]["cpu"]
+    assert decision["recommendation"] == "inconclusive"
+    assert "no speedup was measured; qwen3-moe-tiny: failed:" in decision["reason"]
+    report = (run / "report.md").read_text()
+    assert "## Failed jobs" in report and "no cpu version" in report
 
 
 @pytest.mark.slow

@@ -23,20 +23,23 @@ def _one_line_config_error(error):
     return f"config error: {key}: {message}"
 
 
+_SCHEMA = os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml")
+with open(_SCHEMA) as _f:
+    config.update(plan.coerce_numbers(config, yaml.safe_load(_f)))
 try:
-    validate(config, "../schemas/config.schema.yaml")
+    validate(config, _SCHEMA)
 except WorkflowError as e:
     sys.stderr.write(_one_line_config_error(e.args[0] if e.args else e) + "\n")
     sys.exit(1)
 
 
 # The plan (backends, device labels, run name, job flags) is the package's: fusedqk/plan.py.
-PLAN = plan.make_plan(config)
+try:
+    PLAN = plan.make_plan(config)
+except plan.ConfigError as e:
+    sys.stderr.write(f"{e}\n")
+    sys.exit(1)
 BACKENDS = PLAN.backends
-for _b in BACKENDS:
-    if _b not in config["backend_settings"]:
-        sys.stderr.write(f"config error: backends lists {_b!r} but backend_settings has no {_b!r} entry\n")
-        sys.exit(1)
 GIT_COMMIT = PLAN.git_commit
 RUN_NAME = PLAN.run_name
 ENGINE = config["container"]["engine"]

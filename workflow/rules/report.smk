@@ -1,5 +1,13 @@
 # Per run: tidy tables, the decision, the report, and the manifest that seals the archive.
 # These read only the run's raw files, so `fusedqk report --from RUN` re-renders them anywhere.
+# Seconds of bookkeeping each: on a cluster they run on the submitting host, not as jobs.
+localrules:
+    all,
+    aggregate,
+    decide,
+    report,
+    manifest,
+
 
 
 rule aggregate:
@@ -32,7 +40,8 @@ rule decide:
         "{run}/logs/decide.log",
     shell:
         "{params.fusedqk} decide {wildcards.run} --min-gain {params.d[min_gain]}"
-        " --identity-policy {params.d[identity_policy]} > {log} 2>&1"
+        " --identity-policy {params.d[identity_policy]} --min-distinct {params.d[min_distinct]}"
+        " > {log} 2>&1"
 
 
 rule report:
@@ -50,7 +59,10 @@ rule report:
     log:
         "{run}/logs/report.log",
     shell:
-        "{params.fusedqk} report --from {wildcards.run} > {log} 2>&1"
+        # A resumed run re-renders after its measurements changed: the old seal no longer
+        # holds, and the manifest rule writes a new one.
+        "rm -f {wildcards.run}/MANIFEST.sha256 && {params.fusedqk} report --from {wildcards.run}"
+        " > {log} 2>&1"
 
 
 rule manifest:

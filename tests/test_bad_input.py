@@ -1,0 +1,292 @@
+"""Bad input, across the commands: every case exits non-zero with one line naming the input and
+what is accepted, never a traceback, never a hang, and leaves nothing new under results/.
+
+The cases run in-process (``cli.main``) so that the battery stays fast; an uncaught exception
+is a traceback and fails the case. A count that would run without limit is refused before any
+work, so none of them can hang.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fusedqk import archive, cli
+
+CPU_ARCHIVE = sorted(p for p in Path("results").glob("cpu-*/*") if (p / archive.MANIFEST).is_file())[-1]
+TINY_CONTEXT = 4096  # qwen3-tiny's max_position_embeddings
+
+
+def unsealed_copy(dest: Path) -> Path:
+    """The CPU archive, copied and unsealed: a run directory to damage."""
+    shutil.copytree(CPU_ARCHIVE, dest)
+    (dest / archive.MANIFEST).unlink()
+    return dest
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def first_model(run: Path) -> Path:
+    return next(p for p in sorted(run.iterdir()) if (p / "bench").is_dir())
+
+
+# --- fixtures the cases name with {placeholders} ------------------------------------------------
+
+def _run(tmp: Path) -> Path:
+    return unsealed_copy(tmp / "run")
+
+
+def _run_bench_cut(tmp: Path) -> Path:
+    run = _run(tmp)
+    truncate(first_model(run) / "bench" / "bench.json")
+    return run
+
+
+def _run_no_tokens(tmp: Path) -> Path:
+    run = _run(tmp)
+    (first_model(run) / "bench" / "tokens.csv").unlink()
+    return run
+
+
+def _run_trials_cut(tmp: Path) -> Path:
+    run = _run(tmp)
+    path = first_model(run) / "bench" / "trials.csv"
+    path.write_text(path.read_text().rstrip("\n")[:-5])
+    return run
+
+
+def _run_bad_ci(tmp: Path) -> Path:
+    run = _run(tmp)
+    path = first_model(run) / "bench" / "bench.json"
+    doc = json.loads(path.read_text())
+    doc["speedups"][0]["hi"] = doc["speedups"][0]["point"] - 0.1
+    path.write_text(json.dumps(doc))
+    return run
+
+
+def _run_decisions_cut(tmp: Path) -> Path:
+    run = _run(tmp)
+    truncate(run / "decisions.json")
+    return run
+
+
+def _sealed_tampered(tmp: Path) -> Path:
+    run = tmp / "sealed"
+    shutil.copytree(CPU_ARCHIVE, run)
+    (run / "summaries.csv").write_text("model\nforged\n")
+    return run
+
+
+def _sealed_dotfile(tmp: Path) -> Path:
+    run = tmp / "sealed"
+    shutil.copytree(CPU_ARCHIVE, run)
+    (run / ".evil").write_text("x")
+    return run
+
+
+def _sealed(tmp: Path) -> Path:
+    run = tmp / "sealed"
+    shutil.copytree(CPU_ARCHIVE, run)
+    return run
+
+
+def _ckpt_config_cut(tmp: Path) -> Path:
+    d = tmp / "ckpt"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "qwen3", "hidden_')
+    return d
+
+
+def _ckpt_llama(tmp: Path) -> Path:
+    d = tmp / "ckpt"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    return d
+
+
+def _ckpt_weights_cut(tmp: Path) -> Path:
+    d = tmp / "ckpt"
+    assert cli.main(["export", "qwen3-tiny", "--out", str(d)]) == 0
+    for f in d.glob("model*.safetensors"):
+        truncate(f, 0.3)
+    return d
+
+
+def _a_file(tmp: Path) -> Path:
+    f = tmp / "a-file"
+    f.write_text("not a directory")
+    return f
+
+
+def _engine_bad_yaml(tmp: Path) -> Path:
+    f = tmp / "engine.yaml"
+    f.write_text("name: [unclosed\n")
+    return f
+
+
+def _defaults_cut(tmp: Path) -> Path:
+    f = tmp / "defaults.json"
+    f.write_text('{"schema": "fusedqk-defaults/1", "backends": {')
+    return f
+
+
+FIXTURES = {name.lstrip("_"): fn for name, fn in globals().items()
+            if name.startswith("_") and callable(fn) and not name.startswith("__")}
+
+# (argv with {fixture} placeholders, environment, words the one line must hold)
+CASES = [
+    # counts: a documented range, checked before any work
+    (["generate", "-p", "100000000000"], None, ["--prompt-tokens", "out of range"]),
+    (["generate", "-p", "2000000000"], None, ["--prompt-tokens", "out of range"]),
+    (["generate", "-n", "100000000000"], None, ["--max-tokens", "out of range"]),
+    (["generate", "-p", "5000"], None, ["--prompt-tokens 5000", f"context of {TINY_CONTEXT}"]),
+    (["generate", "-p", "4000", "-n", "200"], None, ["exceed", "max_position_embeddings"]),
+    (["identity", "-k", "100000000000"], None, ["--prompts", "out of range"]),
+    (["identity", "-n", "100000000000"], None, ["--tokens", "out of range"]),
+    (["identity", "-p", "4000", "-n", "256"], None, ["context of 4096"]),
+    (["bench", "-r", "1000000000000"], None, ["--rounds", "out of range"]),
+    (["bench", "-g", "0"], None, ["--generation-tokens", "out of range"]),
+    (["bench", "-c", "0"], None, ["--chunk-tokens"]),
+    (["bench", "-w", "0"], None, ["--warmup"]),
+    (["bench", "-r", "5", "--target-half-width", "0.01", "--max-rounds", "3"], None,
+     ["--max-rounds 3 is below --rounds 5"]),
+    (["blockbench", "--reps", "10000000000"], None, ["--reps", "out of range"]),
+    (["blockbench", "-b", "0"], None, ["--batch"]),
+    (["generate", "-w", "-1"], None, ["--warmup"]),
+    (["generate", "--seed", "-1"], None, ["--seed", "out of range"]),
+    (["generate", "--seed", "1e20"], None, ["--seed", "not a whole number"]),
+    (["export", "qwen3-tiny", "--out", "x", "--seed", "99999999999"], None, ["--seed"]),
+    # numbers that are not numbers
+    (["generate", "--temp", "nan"], None, ["--temp", "finite"]),
+    (["generate", "--temp", "inf"], None, ["--temp", "finite"]),
+    (["generate", "--temp", "-1"], None, ["--temp"]),
+    (["decide", "{run}", "--min-gain", "nan"], None, ["--min-gain", "finite"]),
+    (["decide", "{run}", "--min-gain", "1e9"], None, ["--min-gain", "out of range"]),
+    (["decide", "{run}", "--identity-policy", "fuzzy"], None, ["--identity-policy"]),
+    (["bench", "--target-half-width", "2"], None, ["--target-half-width", "between 0 and 1"]),
+    (["bench", "--max-rounds", "9"], None, ["--max-rounds", "--target-half-width"]),
+    # names and choices
+    (["generate", "-m", "qwen3-9000"], None, ["--model", "qwen3-0.6b"]),
+    (["generate", "-m", "Qwen/Qwen3-8B"], None, ["hub id"]),
+    (["generate", "-m", "./no/such/dir"], None, ["neither a registry name"]),
+    (["bench", "-m", "qwen3-9000"], None, ["--model", "neither a registry name"]),
+    (["export", "qwen3-9000", "--out", "x"], None, ["qwen3-9000"]),
+    (["generate", "--bits", "5"], None, ["--bits", "choose from"]),
+    (["generate", "--group-size", "48"], None, ["--group-size", "choose from"]),
+    (["generate", "--dtype", "float32"], None, ["--dtype", "choose from"]),
+    (["generate", "--backend", "cuda"], None, ["backend 'cuda' is not available", "cpu"]),
+    (["generate", "--backend", "tpu"], None, ["accepted: auto, cpu, cuda, metal"]),
+    (["generate", "--path", "fused", "--impl", "kernel"], None, ["no cpu version"]),
+    (["bench", "--paths", "graph"], None, ["--paths"]),
+    (["bench", "--paths", "graph,turbo"], None, ["--paths", "turbo"]),
+    (["identity", "--impls", "turbo"], None, ["--impls", "turbo"]),
+    (["blockbench", "--paths", "warp"], None, ["--paths"]),
+    (["blockbench", "--paths", "graph,launch"], None, ["launch cannot run on cpu", "graph, composite"]),
+    (["blockbench", "--paths", "kernel"], None, ["kernel cannot run on cpu"]),
+    (["frobnicate"], None, ["invalid choice"]),
+    # environment values
+    (["env"], {"FUSEDQK_FUSED_QK_NORM": "perhaps"}, ["FUSEDQK_FUSED_QK_NORM", "1/true/on/yes"]),
+    (["env"], {"FUSEDQK_FUSED_IMPL": "fast"}, ["FUSEDQK_FUSED_IMPL"]),
+    (["env"], {"FUSEDQK_DEFAULTS": "/no/such.json"}, ["FUSEDQK_DEFAULTS", "no such file"]),
+    (["env"], {"FUSEDQK_DEFAULTS": "{defaults_cut}"}, ["FUSEDQK_DEFAULTS"]),
+    # files: missing, damaged, or of the wrong kind
+    (["generate", "-m", "{ckpt_config_cut}"], None, ["config.json is not valid JSON"]),
+    (["generate", "-m", "{ckpt_llama}"], None, ["model_type 'llama' is not supported"]),
+    (["generate", "-m", "{ckpt_weights_cut}"], None, ["weights do not load", "damaged"]),
+    (["bench", "--engine", "/no/such/engine.yaml"], None, ["--engine"]),
+    (["bench", "--engine", "{engine_bad_yaml}"], None, ["engine.yaml"]),
+    (["decide", "{run_bench_cut}"], None, ["bench.json: not valid JSON"]),
+    (["aggregate", "{run_bench_cut}"], None, ["bench.json: not valid JSON"]),
+    (["report", "--from", "{run_bench_cut}"], None, ["bench.json: not valid JSON"]),
+    (["report", "--from", "{run_no_tokens}"], None, ["tokens.csv: missing"]),
+    (["report", "--from", "{run_bad_ci}"], None, ["bench.json", "lo <= point <= hi"]),
+    (["report", "--from", "{run_decisions_cut}"], None, ["decisions.json: not valid JSON"]),
+    (["aggregate", "{run_trials_cut}"], None, ["trials.csv", "cut short"]),
+    (["decide", "/no/such/run"], None, ["no such run directory"]),
+    (["report", "--from", "/no/such/run"], None, ["no such run directory"]),
+    (["verify", "/no/such/run"], None, ["no MANIFEST.sha256"]),
+    (["verify", "--write", "/no/such/run"], None, ["no such run directory"]),
+    # outputs that cannot be written: refused before anything is measured
+    (["bench", "--out-dir", "{a_file}"], None, ["--out-dir", "existing file"]),
+    (["blockbench", "--out-dir", "{a_file}"], None, ["--out-dir", "existing file"]),
+    (["identity", "--out-dir", "{a_file}"], None, ["--out-dir", "existing file"]),
+    (["export", "qwen3-tiny", "--out", "{a_file}"], None, ["--out", "existing file"]),
+    (["report", "--from", "{run}", "--out", "{a_file}"], None, ["--out", "existing file"]),
+    (["decide", "{run}", "--out", "{run}"], None, ["--out", "is a directory"]),
+    # sealed archives stay sealed
+    (["report", "--from", "{sealed_tampered}"], None, ["does not match", "changed: summaries.csv"]),
+    (["report", "--from", "{sealed_tampered}", "--rewrite"], None, ["does not match"]),
+    (["report", "--from", "{sealed}"], None, ["sealed run", "--out DIR", "--rewrite"]),
+    (["verify", "{sealed_dotfile}"], None, ["manifest check failed", "not in manifest: .evil"]),
+]
+
+
+def _expand(argv: list[str], env: dict | None, tmp: Path) -> tuple[list[str], dict]:
+    made: dict[str, str] = {}
+
+    def fill(text: str) -> str:
+        for name, fn in FIXTURES.items():
+            key = "{" + name + "}"
+            if key in text:
+                if name not in made:
+                    made[name] = str(fn(tmp))
+                text = text.replace(key, made[name])
+        return text
+
+    return [fill(a) for a in argv], {k: fill(v) for k, v in (env or {}).items()}
+
+
+def _tree(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")} if root.exists() else set()
+
+
+@pytest.mark.parametrize("argv, env, needles", CASES, ids=[" ".join(c[0])[:60] for c in CASES])
+def test_bad_input_is_one_line(argv, env, needles, tmp_path, monkeypatch, capsys):
+    repo = Path.cwd()
+    before = _tree(repo / "results")
+    argv, env = _expand(argv, env, tmp_path)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("FUSEDQK_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    monkeypatch.chdir(tmp_path)  # relative outputs ("x") land here, never in the repository
+    capsys.readouterr()
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code != 0, err
+    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("fusedqk: error:"), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert _tree(repo / "results") == before
+    assert not (tmp_path / "x").exists()  # nothing half-written where an output was named
+
+
+def test_the_battery_is_large():
+    assert len(CASES) >= 40
+
+
+def test_a_sealed_run_re_renders_elsewhere_and_in_place_only_when_asked(tmp_path, capsys):
+    run = _sealed(tmp_path)
+    assert cli.main(["report", "--from", str(run), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "report.md").read_bytes() == (run / "report.md").read_bytes()
+    assert cli.main(["report", "--from", str(run), "--rewrite"]) == 0
+    assert archive.verify(run) == []
+
+
+def test_a_renamed_copy_re_renders_the_same_bytes(tmp_path):
+    renamed = tmp_path / "some-other-name"
+    shutil.copytree(CPU_ARCHIVE, renamed)
+    assert cli.main(["report", "--from", str(renamed), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "report.md").read_bytes() == (CPU_ARCHIVE / "report.md").read_bytes()
+
+
+def test_verify_covers_dotfiles(tmp_path):
+    run = _sealed_dotfile(tmp_path)
+    assert archive.verify(run) == ["not in manifest: .evil"]
