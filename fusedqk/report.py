@@ -17,11 +17,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
+import yaml
 
 from fusedqk import stats
-from fusedqk.archive import RunData, load_run, read_json
+from fusedqk.archive import MANIFEST, RunData, load_run, read_json, verify, write_manifest
 from fusedqk.atomic import write_bytes, write_text
 from fusedqk.errors import UserError
+from fusedqk.registry import size_order
 
 PLOT_META = {"Software": None}  # no version strings in the PNGs: re-renders are byte-identical
 
@@ -53,7 +55,7 @@ def throughput_plot(run: RunData) -> bytes | None:
     return _png(fig)
 
 
-def speedup_plot(run: RunData) -> bytes | None:
+def speedup_plot(run: RunData, threshold: float | None = None) -> bytes | None:
     rows = [s for m in run.models.values() if m.bench for s in m.bench["speedups"]]
     if not rows:
         return None
@@ -63,42 +65,145 @@ def speedup_plot(run: RunData) -> bytes | None:
     ax.errorbar(df.point, range(len(df)), xerr=[df.point - df.lo, df.hi - df.point], fmt="o",
                 capsize=3)
     ax.axvline(1.0, color="grey", lw=1)
+    if threshold is not None:  # the rule's `on`: every CI lower bound at or above this line
+        ax.axvline(threshold, color="green", lw=1, ls="--", label=f"on at CI lower bound ≥ {threshold:.3f}")
+        ax.legend(fontsize=7, loc="lower right")
     ax.set_yticks(range(len(df)), labels)
     ax.set_xlabel("speedup vs graph (95% CI)")
     return _png(fig)
 
 
 def latency_plot(run: RunData) -> bytes | None:
+    """Per-token latency ECDF per model and path: a host with two speed states shows two steps."""
     tokens = [m.tokens for m in run.models.values() if m.tokens is not None and len(m.tokens)]
     if not tokens:
         return None
     df = pd.concat(tokens)
-    groups = [(f"{mdl}\n{p}", g.latency_s * 1e3) for (mdl, p), g in df.groupby(["model", "path"])]
-    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(groups), 3.2))
-    ax.boxplot([g for _, g in groups], showfliers=False)
-    ax.set_xticks(range(1, len(groups) + 1), [n for n, _ in groups], fontsize=7)
-    ax.set_ylabel("per-token latency (ms)")
-    ax.set_title("decode step latency distribution")
+    models = list(dict.fromkeys(df.model))
+    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models), 3.0), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        for path, g in df[df.model == model].groupby("path", sort=False):
+            ms = (g.latency_s * 1e3).sort_values()
+            ax.step(ms, [(i + 1) / len(ms) for i in range(len(ms))], where="post", label=path)
+        ax.set_title(model, fontsize=9)
+        ax.set_xlabel("per-token latency (ms)")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("fraction of tokens ≤ x")
     return _png(fig)
+
+
+def latency_rows(run: RunData) -> list[dict]:
+    """p50 / p90 / p99 per-token latency (ms) per model and path."""
+    rows = []
+    for m in run.models.values():
+        if m.tokens is None or not len(m.tokens):
+            continue
+        for path, g in m.tokens.groupby("path", sort=False):
+            q = (g.latency_s * 1e3).quantile([0.5, 0.9, 0.99])
+            rows.append({"model": m.name, "path": path, "p50": q[0.5], "p90": q[0.9], "p99": q[0.99],
+                         "tokens": len(g)})
+    return rows
+
+
+def paired_p_values(m) -> dict[str, float]:
+    """Per fused path: the Wilcoxon signed-rank p of its per-round decode ratios to graph
+    (paired by round), from the raw trials."""
+    if m.trials is None or "round" not in m.trials:
+        return {}
+    per_round = m.trials.groupby(["path", "round"]).decode_tok_s.median().unstack(0)
+    if "graph" not in per_round:
+        return {}
+    return {path: stats.paired_p(list((per_round[path] / per_round["graph"]).dropna()))
+            for path in per_round.columns if path != "graph"}
+
+
+def headline(decisions: dict | None, run: RunData) -> str:
+    """The action, in one sentence, from the decision and the chosen implementation's speedups."""
+    if not decisions:
+        return "No decision was made for this run."
+    parts = []
+    for backend, d in decisions["backends"].items():
+        chosen = d.get("per_impl", {}).get(d["impl"], {})
+        points = [s["point"] for m in run.models.values() if m.bench
+                  for s in m.bench["speedups"] if s["path"] == d["impl"]]
+        n_on = sum(r["recommendation"] == "on" for r in chosen.get("models", {}).values())
+        n_all = len(chosen.get("models", {}))
+        gain = (f"{100 * (min(points) - 1):.0f}–{100 * (max(points) - 1):.0f} % faster decode"
+                if points else "no speedup measured")
+        if d["recommendation"] == "on":
+            others = [i for i, r in d["per_impl"].items() if i != d["impl"] and r["recommendation"] == "on"]
+            why = (f"; preferred over {', '.join(others)}, which passes too, because its worst "
+                   f"model gains most (CI lower bound {chosen['worst_ci_lower']:.3f})") if others else ""
+            parts.append(f"Turn the {d['impl']} on for {backend}: {gain} on {n_on} of {n_all} "
+                         f"models, bit-identical output{why}.")
+        elif d["recommendation"] == "off":
+            parts.append(f"Keep the fused path off for {backend}: {d['reason']}.")
+        else:
+            parts.append(f"Leave the {backend} default as it is: the evidence does not decide "
+                         f"({gain}; {n_on} of {n_all} models pass).")
+    return " ".join(parts)
+
+
+def workload(run: RunData, settings: dict, engine: dict | None) -> str:
+    """What was measured, in one sentence: tokens, rounds, batch, quantization, weights, engine."""
+    planned = (yaml.safe_load(run.config) or {}).get("backend_settings", {}).get(run.backend, {})
+    q = planned.get("quantization") or {}
+    sources = {str((m.bench or {}).get("meta", {}).get("environment", {}).get("model_source", ""))
+               for m in run.models.values()}
+    weights = ("synthetic deterministic weights" if all(s.startswith("synthetic") or not s for s in sources)
+               else "local checkpoints")
+    if engine:
+        weights = "exported synthetic checkpoints"
+    rounds = settings.get("rounds")
+    return (f"Prompt {settings.get('prompt_tokens')} tokens, {settings.get('generation_tokens')} "
+            f"generated (greedy), batch 1, at least {rounds} rounds; {q.get('bits', '?')}-bit "
+            f"weights in groups of {q.get('group_size', '?')}, {q.get('dtype', '?')} activations, "
+            f"{weights}; engine: {engine['name'] if engine else 'builtin (fusedqk in-process)'}."
+            if settings else "No benchmark ran.")
+
+
+GIB = 1 << 30
+
+
+def environment_rows(env: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(the readable rows, the long provenance rows to fold) of a run's environment."""
+    main, folded = [], []
+    for key, value in env.items():
+        if key.endswith("_bytes") and isinstance(value, int | float):
+            text = f"{value / GIB:.1f} GiB"
+        elif isinstance(value, dict | list):
+            text = ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else \
+                ", ".join(map(str, value))
+        else:
+            text = "—" if value is None else str(value)
+        (folded if len(text) > 80 or key in ("platform", "mlx_environment") else main).append((key, text))
+    return main, folded
 
 
 def context(run: RunData) -> dict:
     decisions = read_json(run.path / "decisions.json", "decisions")
     bench_rows, ident_rows, block_rows, failed, round_notes, drift_notes = [], [], [], [], [], []
     engine_rows: list[dict] = []
+    lock_notes: list[str] = []
     for name, m in run.models.items():
         if m.failed:
             failed.append({"model": name, "error": m.failed})
         if m.bench and "stopped" in m.bench["meta"]:  # runs before adaptive lengths lack it
             round_notes.append(f"{name}: {m.bench['meta']['stopped']}")
+        lock = (m.bench or {}).get("meta", {}).get("environment", {}).get("device_lock")
+        if lock:  # results before the device lock have none
+            lock_notes.append(f"{name}: waited {lock['waited_s']:.1f} s for the device; "
+                              f"at start: {lock['at_start']}")
         if m.bench:
             speed = {s["path"]: s for s in m.bench["speedups"]}
+            paired = paired_p_values(m)
             drift_notes += [f"{name} {w}" for sp in speed.values() if sp.get("halves")
                             for w in stats.drift_warnings(sp["path"],
                                                           stats.Halves.from_dict(sp["halves"]))]
             for s in m.bench["summary"]:
                 sp = speed.get(s["path"])
-                bench_rows.append({**s, "speedup": sp, "identity": (m.identity.get(s["path"]) or {})
+                bench_rows.append({**s, "speedup": sp, "paired_p": paired.get(s["path"]),
+                                   "identity": (m.identity.get(s["path"]) or {})
                                    .get("verdict", "—" if s["path"] == "graph" else "not run")})
         for impl, ident in m.identity.items():
             # A command engine's identity compares printed output, not logits: its own table.
@@ -113,9 +218,27 @@ def context(run: RunData) -> dict:
                        if m.bench and "instrument" in m.bench["meta"]), None)
     engine = next((m.bench["meta"]["engine"] for m in run.models.values()
                    if m.bench and "engine" in m.bench["meta"]), None)
-    return {"run": run, "decisions": decisions, "bench": bench_rows, "identity": ident_rows,
+    main_env, folded_env = environment_rows(run.environment)
+    model_rows = []
+    for d in (decisions or {}).get("backends", {}).values():
+        for name, r in d.get("per_impl", {}).get(d["impl"], {}).get("models", {}).items():
+            sp = next((s for s in (run.models[name].bench or {}).get("speedups", [])
+                       if s["path"] == d["impl"]), None) if name in run.models else None
+            ident = run.models[name].identity.get(d["impl"]) if name in run.models else None
+            model_rows.append({"model": name, "impl": d["impl"], "decision": r["recommendation"],
+                               "speedup": sp, "identity": (ident or {}).get("verdict", "not run"),
+                               "distinct": (ident or {}).get("graph_distinct_greedy_tokens")})
+    model_rows.sort(key=lambda r: size_order(r["model"]))
+    # The run's name as decide recorded it, so that a renamed copy renders the same bytes.
+    evidence = next((d.get("evidence") for d in (decisions or {}).get("backends", {}).values()), None)
+    return {"run": run, "run_name": Path(evidence).name if evidence else run.path.name,
+            "decisions": decisions, "headline": headline(decisions, run),
+            "workload": workload(run, settings, engine), "models": model_rows,
+            "latency": latency_rows(run), "env_rows": main_env, "env_folded": folded_env,
+            "bench": bench_rows, "identity": ident_rows,
             "engine_identity": engine_rows, "instrument": instrument, "engine": engine,
-            "round_notes": round_notes, "drift_notes": drift_notes, "estimator": estimator,
+            "round_notes": round_notes, "lock_notes": lock_notes, "drift_notes": drift_notes,
+            "estimator": estimator,
             "blockbench": block_rows, "failed": failed, "env": run.environment,
             "settings": settings, "raw_files": sorted(
                 p.relative_to(run.path).as_posix() for p in run.path.rglob("*.csv"))}
@@ -128,14 +251,29 @@ def _env() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined)
 
 
-def render_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
-    """Render report.md, report.html and the plot PNGs of ``run_dir`` into ``out_dir``."""
+def render_run(run_dir: Path, out_dir: Path | None = None, rewrite: bool = False) -> list[Path]:
+    """Render report.md, report.html and the plot PNGs of ``run_dir`` into ``out_dir``.
+
+    A sealed run (one with a manifest) is verified first and never re-rendered when its files do
+    not match; in place only with ``rewrite``, which seals it again."""
+    sealed = (run_dir / MANIFEST).is_file()
+    if sealed:
+        problems = verify(run_dir)
+        if problems:
+            raise UserError(f"{run_dir}: sealed run does not match its {MANIFEST} "
+                            f"({'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}); "
+                            "not re-rendered")
+        if out_dir is None and not rewrite:
+            raise UserError(f"{run_dir}: sealed run ({MANIFEST} holds); give --out DIR to render "
+                            "elsewhere, or --rewrite to re-render in place and seal it again")
     run = load_run(run_dir)
     if not (run_dir / "decisions.json").is_file():
         raise UserError(f"{run_dir}: no decisions.json (run `fusedqk decide {run_dir}` first)")
     out_dir = out_dir or run_dir
     ctx = context(run)
-    plots = {"throughput": throughput_plot(run), "speedup": speedup_plot(run),
+    rule = (ctx["decisions"] or {}).get("rule", {})
+    threshold = 1 + rule["min_gain"] if "min_gain" in rule else None
+    plots = {"throughput": throughput_plot(run), "speedup": speedup_plot(run, threshold),
              "latency": latency_plot(run)}
     written = []
     for name, png in plots.items():
@@ -148,4 +286,6 @@ def render_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
         **ctx, plots={k: base64.b64encode(v).decode() for k, v in plots.items() if v})
     written.append(write_text(out_dir / "report.md", md))
     written.append(write_text(out_dir / "report.html", html))
+    if sealed and out_dir == run_dir:
+        write_manifest(run_dir)
     return written

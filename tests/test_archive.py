@@ -16,15 +16,13 @@ ARCHIVES = sorted(p for p in Path("results").glob("*/*") if (p / "MANIFEST.sha25
 @pytest.mark.parametrize("run", ARCHIVES, ids=[str(p) for p in ARCHIVES])
 def test_committed_archives_verify_and_re_render_identically(run, tmp_path):
     assert archive.verify(run) == []
-    copy = tmp_path / run.name
-    shutil.copytree(run, copy)
-    for name in ("report.md", "report.html"):
-        (copy / name).unlink()
-    report.render_run(copy)
+    out = tmp_path / "elsewhere"
+    report.render_run(run, out)
     # The text is rendered from the raw files alone: byte for byte the archived one. The HTML
     # embeds PNGs, whose bytes depend on the matplotlib build, so it must only come back.
-    assert (copy / "report.md").read_bytes() == (run / "report.md").read_bytes()
-    assert (copy / "report.html").stat().st_size > 0
+    assert (out / "report.md").read_bytes() == (run / "report.md").read_bytes()
+    assert (out / "report.html").stat().st_size > 0
+    assert archive.verify(run) == []  # the sealed run itself was not touched
 
 
 def test_manifest_catches_changed_missing_and_extra_files(tmp_path):
@@ -58,6 +56,7 @@ def _render_cpu_archive_with(tmp_path, edit, results="*/identity-*.json"):
     run = next(p for p in ARCHIVES if p.parent.name.startswith("cpu-"))
     copy = tmp_path / run.name
     shutil.copytree(run, copy)
+    (copy / archive.MANIFEST).unlink()  # an edited copy is no longer the sealed run
     for path in copy.glob(results):
         doc = json.loads(path.read_text())
         edit(doc)
@@ -74,7 +73,7 @@ def test_report_says_when_identity_kept_attention_off_cudnn(tmp_path):
 
 
 def test_report_says_what_the_controls_repeated(tmp_path):
-    """Results since session 5 name the controls' scope; archives from before do not, and their
+    """Results since commit f9cd32d name the controls' scope; archives from before do not, and their
     reports keep their words."""
     from fusedqk.identity import CONTROL_SCOPE
 
@@ -86,7 +85,7 @@ def test_report_says_what_the_controls_repeated(tmp_path):
 
 
 def test_report_names_a_speedup_that_moved_during_its_run(tmp_path):
-    """Benches since session 6 record the halves of their rounds; the report lists the speedups
+    """Benches since commit 703a49a record the halves of their rounds; the report lists the speedups
     whose halves disagree, and archives from before keep their words."""
     from fusedqk import stats
 
@@ -101,3 +100,21 @@ def test_report_names_a_speedup_that_moved_during_its_run(tmp_path):
     assert "A speedup that moved during its run" in text
     assert "first half of the rounds 1.070 [1.050, 1.100], second half 1.170 [1.130, 1.210]" in text
     assert "moved during" not in (run / "report.md").read_text()
+
+
+def test_the_html_report_says_what_was_measured_and_how(tmp_path):
+    run = next(p for p in ARCHIVES if p.parent.name.startswith("cpu-"))
+    report.render_run(run, tmp_path)
+    html = (tmp_path / "report.html").read_text()
+    headline = html.split('<p class="headline"><strong>')[1].split("</strong>")[0]
+    assert headline.startswith("Leave the cpu default as it is") and "2 models" in headline
+    assert "Workload: Prompt 16 tokens, 24 generated (greedy), batch 1" in html
+    assert "4-bit weights in groups of 64, bfloat16 activations, synthetic deterministic weights" in html
+    assert "p (Wilcoxon, paired by round)" in html and "Mann-Whitney" not in html
+    for column in ("prefill tok/s (median)", "peak memory", "<th>p50</th>", "<th>p99</th>"):
+        assert column in html, column
+    assert " GiB</td>" in html and "<details><summary>Provenance" in html
+    # smallest model first in the per-model table
+    table = html.split("</table>")[0]
+    assert table.index("qwen3-tiny") < table.index("qwen3-moe-tiny")
+    assert html.count('<img alt="') == 3
