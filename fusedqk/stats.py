@@ -7,11 +7,11 @@ over its turns, of graph turn time / fused turn time (the median drops the few p
 straddle a change of the host's speed); the speedup is the geometric mean of the rounds', with a
 95% confidence interval from a bootstrap over rounds. On the H100 its CI was 1.1-3.7x narrower
 than that of a per-round ratio of tok/s (most on a noisy host) and 2.7-8x narrower than that of
-a ratio of the two paths' medians, with points within 1.5% of both (docs/perf-log.md, session 4).
+a ratio of the two paths' medians, with points within 1.5% of both (docs/perf-log.md, 2026-11-26).
 Stability warnings follow pyperf's spirit. One more, for a speedup that is not one number: the
 rounds' first and second halves are summarised alike, and disjoint intervals mean the speedup
 moved during the run. On the H100 it did: qwen3-8b's kernel gained 2-9% per round while the host
-was fast and 25-30% while it was slow (docs/perf-log.md, session 6), so one run's interval covers
+was fast and 25-30% while it was slow (docs/perf-log.md, 2026-11-27), so one run's interval covers
 the mix of host states it saw, not another run's.
 """
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -52,6 +52,16 @@ class BackendDefault:
     impl: str
     reason: str
     evidence: str
+    # card (as the driver names it) -> what was measured on it: {"verdict": ..., "runs": [...]}
+    cards: dict[str, dict] = field(default_factory=dict)
+
+    def card_evidence(self, card: str | None) -> str:
+        """What the table holds for ``card``, or that the card was never measured."""
+        entry = self.cards.get(card or "")
+        if entry:
+            return f"{card}: {entry.get('verdict', '')} [{', '.join(entry.get('runs', []))}]"
+        measured = ", ".join(self.cards) or "none recorded"
+        return f"{card or 'this device'} has never been measured; the default rests on: {measured}"
 
 
 @dataclass(frozen=True)
@@ -89,8 +99,12 @@ def load_defaults(path: str | None = None) -> DefaultsTable:
         if impl not in IMPLS:
             raise UserError(f"{ENV_DEFAULTS}={source!r}: backends.{backend}.impl={impl!r}; accepted: "
                             f"{', '.join(IMPLS)}")
+        cards = entry.get("cards") or {}
+        if not isinstance(cards, dict):
+            raise UserError(f"{ENV_DEFAULTS}={source!r}: backends.{backend}.cards must be an object "
+                            "of card name → evidence")
         table[backend] = BackendDefault(entry["fused_qk_norm"], impl, str(entry.get("reason", "")),
-                                        str(entry.get("evidence", "")))
+                                        str(entry.get("evidence", "")), cards)
     return DefaultsTable(source, table)
 
 

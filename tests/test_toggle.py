@@ -94,3 +94,17 @@ def test_malformed_decisions_file_is_one_clear_error(tmp_path, content, needle):
 def test_missing_decisions_file(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         load_defaults(str(tmp_path / "nope.json"))
+
+
+def test_the_shipped_cuda_default_cites_the_evidence_of_each_card():
+    from fusedqk.toggle import load_defaults
+
+    cuda = load_defaults().backends["cuda"]
+    h100 = cuda.card_evidence("NVIDIA H100 80GB HBM3")
+    assert "20261127-703a49a8e9-kernel" in h100 and "20261126-05cb964ce6" in h100
+    assert "20261201-e3538ceb0b-mlx-lm" in cuda.card_evidence("NVIDIA H200")
+    unknown = cuda.card_evidence("NVIDIA B200")
+    assert "NVIDIA B200 has never been measured" in unknown and "NVIDIA H200" in unknown
+    for card in cuda.cards.values():
+        for run in card["runs"]:
+            assert (Path(run) / "MANIFEST.sha256").is_file(), run

@@ -1,0 +1,98 @@
+"""fusedqk compare: archived runs side by side, and results/README.md kept current."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fusedqk import archive, cli, compare
+from fusedqk.errors import UserError
+
+H100 = Path("results/cuda-nvidia-h100-80gb-hbm3")
+H200 = Path("results/cuda-nvidia-h200")
+CPU = Path("results/cpu-x86-64/20261126-bc15596bc7")
+
+
+def test_results_readme_lists_every_run_and_is_current():
+    text = Path("results/README.md").read_text()
+    assert compare.index(Path("results")) == text, "run `fusedqk compare --index results > results/README.md`"
+    for run in Path("results").glob("*/*"):
+        if (run / "decisions.json").is_file():
+            assert f"`{run.relative_to('results').as_posix()}`" in text
+
+
+def test_h100_and_h200_runs_side_by_side(capsys):
+    runs = [H100 / "20261127-703a49a8e9-kernel", *sorted(H200.iterdir())]
+    assert cli.main(["compare", *map(str, runs), "--by", "device"]) == 0
+    out = capsys.readouterr().out
+    assert "NVIDIA H100 80GB HBM3 (703a49a8e9)" in out and "NVIDIA H200 (e3538ceb0b)" in out
+    assert "0.921 [0.752, 1.174] EQUAL" in out and "1.212 [1.201, 1.225] EQUAL" in out
+
+
+def test_runs_whose_intervals_do_not_overlap_are_marked_with_what_differs():
+    runs = [compare.summarize(H100 / n) for n in ("20261126-05cb964ce6", "20261127-703a49a8e9-kernel")]
+    table = compare.compare(runs)
+    row = next(r for r in table["rows"] if r["model"] == "qwen3-8b" and r["impl"] == "kernel")
+    (apart,) = row["apart"]
+    assert apart["runs"] == ["20261126-05cb964ce6", "20261127-703a49a8e9-kernel"]
+    assert "commit" in apart["settings_that_differ"]
+    assert json.loads(compare.render(table, "json"))["rows"]
+    assert compare.render(table, "csv").startswith("backend,model,impl,")
+
+
+def _sealed_copy_with(tmp_path: Path, edit) -> Path:
+    copy = tmp_path / CPU.name
+    shutil.copytree(CPU, copy)
+    for path in copy.glob("*/bench/bench.json"):
+        doc = json.loads(path.read_text())
+        edit(doc)
+        path.write_text(json.dumps(doc))
+    archive.write_manifest(copy)
+    return copy
+
+
+def test_different_workloads_are_refused_unless_asked(tmp_path):
+    other = _sealed_copy_with(tmp_path, lambda d: d["settings"].update(prompt_tokens=99))
+    runs = [compare.summarize(CPU), compare.summarize(other)]
+    with pytest.raises(UserError, match="different workloads"):
+        compare.compare(runs)
+    assert compare.compare(runs, mixed_workloads=True)["rows"]
+
+
+def test_compare_reads_only_archives_that_verify(tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(CPU, copy)
+    (copy / "summaries.csv").write_text("forged\n")
+    with pytest.raises(UserError, match="does not match"):
+        compare.summarize(copy)
+    (copy / archive.MANIFEST).unlink()
+    with pytest.raises(UserError, match="not a sealed archive"):
+        compare.summarize(copy)
+
+
+def test_readme_answer_table_matches_the_archives():
+    readme = Path("README.md").read_text()
+    assert len(readme.splitlines()) < 120
+    rows = [ln for ln in readme.splitlines() if ln.startswith("| ") and "`" in ln and "/20" in ln]
+    assert len(rows) >= 5
+    for row in rows:
+        run = Path("results") / row.split("`")[1]
+        cells = {f"{c['point']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]"
+                 for c in compare.summarize(run).speedups.values()}
+        figures = [c.strip() for c in row.split("|")[5:] if "[" in c]
+        assert figures or "cpu-" in str(run), row
+        for figure in figures:
+            assert figure in cells, (run, figure)
+
+
+def test_readme_and_docs_speak_of_the_project_only():
+    import re
+
+    words = re.compile(r"session \d|\bcall \d|lent machine|issue \d|issue #", re.I)
+    for path in [Path("README.md"), Path("results/README.md"), Path("docs/configuration.md"),
+                 Path("docs/engines.md"), Path("docs/formats.md"), Path("docs/kernels.md")]:
+        hits = [ln for ln in path.read_text().splitlines() if words.search(ln)]
+        assert not hits, (path, hits[:3])
