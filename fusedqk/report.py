@@ -69,6 +69,7 @@ def speedup_plot(run: RunData, threshold: float | None = None) -> bytes | None:
         ax.axvline(threshold, color="green", lw=1, ls="--", label=f"on at CI lower bound ≥ {threshold:.3f}")
         ax.legend(fontsize=7, loc="lower right")
     ax.set_yticks(range(len(df)), labels)
+    ax.invert_yaxis()  # the tables' order: smallest model on top
     ax.set_xlabel("speedup vs graph (95% CI)")
     return _png(fig)
 
