@@ -129,8 +129,9 @@ def headline(decisions: dict | None, run: RunData) -> str:
                   for s in m.bench["speedups"] if s["path"] == d["impl"]]
         n_on = sum(r["recommendation"] == "on" for r in chosen.get("models", {}).values())
         n_all = len(chosen.get("models", {}))
-        gain = (f"{100 * (min(points) - 1):.0f}–{100 * (max(points) - 1):.0f} % faster decode"
-                if points else "no speedup measured")
+        low, high = (f"{100 * (x - 1):.0f}" for x in (min(points), max(points))) if points else ("", "")
+        gain = (f"{low if low == high else f'{low}–{high}'} % faster decode" if points
+                else "no speedup measured")
         if d["recommendation"] == "on":
             others = [i for i, r in d["per_impl"].items() if i != d["impl"] and r["recommendation"] == "on"]
             why = (f"; preferred over {', '.join(others)}, which passes too, because its worst "
