@@ -118,6 +118,18 @@ def paired_p_values(m) -> dict[str, float]:
             for path in per_round.columns if path != "graph"}
 
 
+def _gain_words(points: list[float]) -> str:
+    """'12–21 % faster decode', '9 % faster decode', or signed figures where any point is < 1."""
+    if not points:
+        return "no speedup measured"
+    lo, hi = min(points), max(points)
+    if lo >= 1:
+        a, b = f"{100 * (lo - 1):.0f}", f"{100 * (hi - 1):.0f}"
+        return f"{a if a == b else f'{a}–{b}'} % faster decode"
+    a, b = f"{100 * (lo - 1):+.0f}", f"{100 * (hi - 1):+.0f}"
+    return f"decode speed {a if a == b else f'{a} to {b}'} %"
+
+
 def headline(decisions: dict | None, run: RunData) -> str:
     """The action, in one sentence, from the decision and the chosen implementation's speedups."""
     if not decisions:
@@ -129,9 +141,7 @@ def headline(decisions: dict | None, run: RunData) -> str:
                   for s in m.bench["speedups"] if s["path"] == d["impl"]]
         n_on = sum(r["recommendation"] == "on" for r in chosen.get("models", {}).values())
         n_all = len(chosen.get("models", {}))
-        low, high = (f"{100 * (x - 1):.0f}" for x in (min(points), max(points))) if points else ("", "")
-        gain = (f"{low if low == high else f'{low}–{high}'} % faster decode" if points
-                else "no speedup measured")
+        gain = _gain_words(points)
         if d["recommendation"] == "on":
             others = [i for i, r in d["per_impl"].items() if i != d["impl"] and r["recommendation"] == "on"]
             why = (f"; preferred over {', '.join(others)}, which passes too, because its worst "
