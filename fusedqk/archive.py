@@ -48,6 +48,7 @@ class RunData:
     environment: dict
     config: str
     models: dict[str, ModelResults]
+    planned: dict = field(default_factory=dict)  # the configuration's settings of this backend
 
     @property
     def backend(self) -> str:
@@ -131,7 +132,7 @@ def load_run(run_dir: Path) -> RunData:
         models.setdefault(name, ModelResults(name, failed="no results in this run"))
     # Smallest model first, in every table and plot made from a run.
     ordered = {name: models[name] for name in sorted(models, key=size_order)}
-    return RunData(run_dir, env, config, ordered)
+    return RunData(run_dir, env, config, ordered, planned)
 
 
 def aggregate(run_dir: Path) -> None:

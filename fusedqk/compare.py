@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from fusedqk.archive import MANIFEST, load_run, read_json, verify
 from fusedqk.errors import UserError
@@ -67,7 +66,7 @@ def summarize(run_dir: Path, require_seal: bool = True) -> RunSummary:
     env = {**meta.get("environment", {}), **run.environment}
     settings = benches[0]["settings"] if benches else {}
     # Quantization as the run's configuration asked for it (engine runs record no model build).
-    planned = (yaml.safe_load(run.config) or {}).get("backend_settings", {}).get(run.backend, {})
+    planned = run.planned
     q = planned.get("quantization") or meta.get("environment", {})
     workload = (f"pp{settings.get('prompt_tokens')}+tg{settings.get('generation_tokens')} "
                 f"q{q.get('bits', '?')}g{q.get('group_size', '?')} {q.get('dtype', '?')}"

@@ -17,7 +17,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
-import yaml
 
 from fusedqk import stats
 from fusedqk.archive import MANIFEST, RunData, load_run, read_json, verify, write_manifest
@@ -158,7 +157,7 @@ def headline(decisions: dict | None, run: RunData) -> str:
 
 def workload(run: RunData, settings: dict, engine: dict | None) -> str:
     """What was measured, in one sentence: tokens, rounds, batch, quantization, weights, engine."""
-    planned = (yaml.safe_load(run.config) or {}).get("backend_settings", {}).get(run.backend, {})
+    planned = run.planned
     q = planned.get("quantization") or {}
     sources = {str((m.bench or {}).get("meta", {}).get("environment", {}).get("model_source", ""))
                for m in run.models.values()}
