@@ -82,12 +82,14 @@ class FusedQKNormAttention(nn.Module):
         self.impl = impl
         # Underscores: kernel state, not parameters (nn.Module skips such names).
         self._kernel = None
+        self.kernel_call: str | None = None
         if qkv_norm_rope.kernel_blocker(backend, self.layout, q.scales.dtype) is None:
+            kernel = qkv_norm_rope.QKVNormRope(self.layout, q.scales.dtype, backend)
             # Under mx.compile a call replays its traced graph instead of building the custom
             # kernel's primitive again: 7-15% off the kernel block on the H100, same bits
-            # (tools/probe_kernel_host_cost.py, docs/perf-log.md).
-            self._kernel = mx.compile(
-                qkv_norm_rope.QKVNormRope(self.layout, q.scales.dtype, backend).__call__)
+            # (docs/perf-log.md). The C++ primitive is built once already: called directly.
+            self._kernel = kernel if kernel.call == "primitive" else mx.compile(kernel.__call__)
+            self.kernel_call = kernel.call
             self._counters = qkv_norm_rope.new_counters(self.layout)
 
     @property
@@ -140,6 +142,7 @@ class InstallReport:
     graph_layers: int
     blockers: list[str]
     kernel_fallback: str | None  # why "kernel" runs as "composite" here, if it does
+    kernel_call: str | None = None  # how the kernel is called: primitive, cuda_kernel or metal_kernel
 
 
 class DecodePaths:
@@ -161,8 +164,10 @@ class DecodePaths:
         if fused:
             dtype = self.graph[0].q_norm.weight.dtype
             kernel_fallback = qkv_norm_rope.kernel_blocker(backend, fused[0].layout, dtype)
+        calls = {m.kernel_call for m in fused if m.kernel_call}
         self.report = InstallReport(len(fused), len(self.layers) - len(fused),
-                                    sorted({b for b in blockers if b}), kernel_fallback)
+                                    sorted({b for b in blockers if b}), kernel_fallback,
+                                    calls.pop() if len(calls) == 1 else None)
         for why in self.report.blockers:
             log.info("graph path kept for some layers: %s", why)
         self.current = "graph"

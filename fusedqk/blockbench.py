@@ -41,7 +41,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("fusedqk")
 
 
-BLOCK_PATHS = ("graph", "composite", "kernel", "launch")
+BLOCK_PATHS = ("graph", "composite", "kernel", "launch", "kernel-cuda_kernel",
+               "launch-cuda_kernel")
+# Where the kernel is called through the C++ primitive, the same kernel and its empty launch are
+# also timed through mx.fast.cuda_kernel (the *-cuda_kernel rows): the two calls side by side.
+CUDA_KERNEL_ROWS = ("kernel-cuda_kernel", "launch-cuda_kernel")
 
 
 @dataclass
@@ -101,6 +105,14 @@ def interleaved_us(blocks: dict[str, Callable[[], object]], reps: int,
     return out
 
 
+def _kernel_fn(m: FusedQKNormAttention, backend: str, call: str | None, launch_only: bool):
+    """One layer's kernel as a decode step calls it (attention.py): the primitive directly,
+    mx.fast.cuda_kernel under mx.compile."""
+    kernel = QKVNormRope(m.layout, m.qkv_scales.dtype, backend, launch_only=launch_only,
+                         call=call)
+    return kernel if kernel.call == "primitive" else mx.compile(kernel.__call__)
+
+
 def _build_us(fn, reps: int = 20) -> float:
     """Host time to build the block's graph (Python and MLX's graph construction), no eval."""
     t = time.perf_counter()
@@ -132,12 +144,15 @@ def run(prep: Prepared, settings: Settings) -> dict:
         runnable.add("kernel")
         if not paths.report.kernel_fallback:
             runnable.add("launch")
+            if paths.report.kernel_call == "primitive":
+                runnable.update(CUDA_KERNEL_ROWS)
     names = [p for p in (settings.paths or BLOCK_PATHS) if p in runnable]
     missing = [p for p in (settings.paths or ()) if p not in runnable]
     if missing:
         raise UserError(f"--paths {','.join(settings.paths)}: {', '.join(missing)} cannot run on "
                         f"{prep.backend} (kernel and launch run where a kernel exists: cuda, "
-                        f"metal); accepted here: {', '.join(p for p in BLOCK_PATHS if p in runnable)}")
+                        "metal; the -cuda_kernel rows where the C++ primitive runs); accepted "
+                        f"here: {', '.join(p for p in BLOCK_PATHS if p in runnable)}")
     total_bytes = sum(layer_bytes)
     floor_us = total_bytes / (bw * 1e9) * 1e6
     # Where the kernel falls back (an uncovered layout), `kernel` times the composite, as a
@@ -150,12 +165,13 @@ def run(prep: Prepared, settings: Settings) -> dict:
         if name == "graph":
             def block(a=paths.graph):
                 return [_graph_block(m, x, offset) for m in a]
-        elif name == "launch":
-            empty = [mx.compile(QKVNormRope(m.layout, m.qkv_scales.dtype, prep.backend,
-                                            launch_only=True).__call__) for m in fused]
+        elif name != "kernel" and name != "composite":
+            call = "cuda_kernel" if name in CUDA_KERNEL_ROWS else paths.report.kernel_call
+            calls = [_kernel_fn(m, prep.backend, call, launch_only=name.startswith("launch"))
+                     for m in fused]
 
-            def block(a=fused, e=empty):
-                return [f(*m.kernel_inputs(x, offset)) for f, m in zip(e, a, strict=True)]
+            def block(a=fused, c=calls):
+                return [f(*m.kernel_inputs(x, offset)) for f, m in zip(c, a, strict=True)]
         else:
             def block(a=fused, impl=kernel_impl if name == "kernel" else name):
                 return [m.qkv(x, offset, impl) for m in a]
@@ -170,9 +186,12 @@ def run(prep: Prepared, settings: Settings) -> dict:
             "batch": settings.batch, "layers": len(fused),
             "weight_bytes_per_layer": layer_bytes[0], "token_us": med, "token_us_p10": p10,
             "token_us_p90": p90, "layer_us": med / len(fused), "build_us": build_us,
-            "token_gbs": None if name == "launch" else total_bytes / (med * 1e-6) / 1e9,
+            "token_gbs": None if "launch" in name else total_bytes / (med * 1e-6) / 1e9,
             "floor_token_us": floor_us, "token_over_floor": med / floor_us,
             "bandwidth_gbs": bw, "reps": settings.reps,
+            "kernel_call": ("cuda_kernel" if name in CUDA_KERNEL_ROWS
+                            else paths.report.kernel_call if name in ("kernel", "launch")
+                            and kernel_impl == "kernel" else None),
         })
     graph_us = next((r["token_us"] for r in rows if r["path"] == "graph"), None)
     for r in rows:

@@ -154,7 +154,7 @@ def _prepare(args: argparse.Namespace) -> Prepared:
 def cmd_env(args: argparse.Namespace) -> int:
     from fusedqk.backend import available_backends, select_backend
     from fusedqk.envinfo import environment
-    from fusedqk.kernels.qkv_norm_rope import has_kernel
+    from fusedqk.kernels.qkv_norm_rope import has_kernel, kernel_call
     from fusedqk.toggle import load_defaults, resolve
 
     backend = select_backend(args.backend)
@@ -165,6 +165,8 @@ def cmd_env(args: argparse.Namespace) -> int:
         "path_source": res.path_source, "impl_source": res.impl_source,
         "kernel_available": has_kernel(backend),
     }
+    if backend == "cuda":
+        report["kernel_call"], report["kernel_call_source"] = kernel_call()
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -180,6 +182,17 @@ def cmd_env(args: argparse.Namespace) -> int:
     if shipped is not None:
         print(f"this card    {shipped.card_evidence(report['device_name'])}")
     print(f"impl         {res.impl}  ({res.impl_source})")
+    if backend == "cuda":
+        print(f"kernel call  {report['kernel_call']}  ({report['kernel_call_source']})")
+    return 0
+
+
+def cmd_build_ext(args: argparse.Namespace) -> int:
+    from fusedqk.kernels.cuda_ext.build import build
+
+    built = build(Path(args.build_dir), Path(args.mlx_root) if args.mlx_root else None,
+                  Path(args.fmt_include) if args.fmt_include else None)
+    print(f"built {built}")
     return 0
 
 
@@ -444,6 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_env)
+
+    p = sub.add_parser("build-ext", help="build the optional C++ primitive for CUDA "
+                       "(docs/kernels.md); no GPU needed, no network")
+    p.add_argument("--build-dir", default="build/cuda-ext", help="CMake's build folder")
+    p.add_argument("--mlx-root", help="the mlx package folder with include/ and lib/libmlx.so "
+                   "(default: the installed mlx)")
+    p.add_argument("--fmt-include", help="the folder holding fmt/format.h (default: the system's)")
+    p.set_defaults(func=cmd_build_ext)
 
     p = sub.add_parser("models", help="the model registry with sizes")
     p.add_argument("--json", action="store_true")

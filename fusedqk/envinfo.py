@@ -68,5 +68,6 @@ def environment(prep: Prepared | None = None) -> dict:
             "fused_layers": prep.paths.report.fused_layers,
             "graph_only_layers": prep.paths.report.graph_layers,
             "kernel_fallback": prep.paths.report.kernel_fallback,
+            "kernel_call": prep.paths.report.kernel_call,
         })
     return env

@@ -17,10 +17,13 @@ from fusedqk.errors import UserError
 ENV_TOGGLE = "FUSEDQK_FUSED_QK_NORM"
 ENV_IMPL = "FUSEDQK_FUSED_IMPL"
 ENV_DEFAULTS = "FUSEDQK_DEFAULTS"
+ENV_KERNEL_CALL = "FUSEDQK_KERNEL_CALL"
 
 TRUE_WORDS = ("1", "true", "on", "yes")
 FALSE_WORDS = ("0", "false", "off", "no")
 IMPLS = ("auto", "kernel", "composite")
+# How the CUDA kernel is called: the C++ primitive where it is built (auto), or mx.fast.cuda_kernel.
+KERNEL_CALLS = ("auto", "primitive", "cuda_kernel")
 # One vocabulary for every command, config key and file: the graph path, the two fused
 # implementations, and ``fused`` = the implementation this backend resolves to.
 PATH_NAMES = ("graph", "fused", "composite", "kernel")
@@ -43,6 +46,13 @@ def parse_impl(value: str, name: str = ENV_IMPL) -> str:
     word = value.strip().lower()
     if word not in IMPLS:
         raise UserError(f"{name}={value!r} is not accepted; use one of {', '.join(IMPLS)}")
+    return word
+
+
+def parse_kernel_call(value: str, name: str = ENV_KERNEL_CALL) -> str:
+    word = value.strip().lower()
+    if word not in KERNEL_CALLS:
+        raise UserError(f"{name}={value!r} is not accepted; use one of {', '.join(KERNEL_CALLS)}")
     return word
 
 

@@ -7,13 +7,15 @@ Outputs are poisoned with NaN before each launch, so an element the kernel never
 from __future__ import annotations
 
 import math
+import os
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from fusedqk.kernels import qkv_norm_rope
+from fusedqk.kernels import cuda_ext, qkv_norm_rope
 from fusedqk.kernels.qkv_norm_rope import QKVLayout, reference_block
+from fusedqk.toggle import ENV_KERNEL_CALL
 
 pytestmark = [
     pytest.mark.gpu,
@@ -23,6 +25,17 @@ pytestmark = [
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16}
 BACKEND = "cuda" if mx.cuda.is_available() else "metal"
+# On CUDA every test runs once per way of calling the kernel: mx.fast.cuda_kernel, and the C++
+# primitive where it is built (the same kernel source; both must be bitwise the graph path).
+CALLS = ((["cuda_kernel"] + (["primitive"] if cuda_ext.load()[0] else []))
+         if BACKEND == "cuda" else ["metal_kernel"])
+
+
+@pytest.fixture(autouse=True, params=CALLS)
+def kernel_call(request, monkeypatch):
+    if BACKEND == "cuda":
+        monkeypatch.setenv(ENV_KERNEL_CALL, request.param)
+    return request.param
 
 # (hidden, heads, kv_heads, head_dim): the three seed models, and shapes that are none of them
 # (odd GQA ratios, head_dim 64/256, a hidden size that leaves a partial last step).
@@ -75,6 +88,7 @@ def run_both(shape, bits, group_size, dtype_name, batch, seed=0, offset=None, co
     if counters is None:
         counters = qkv_norm_rope.new_counters(layout)
     kernel = qkv_norm_rope.QKVNormRope(layout, dtype, BACKEND)
+    assert kernel.call == os.environ.get(ENV_KERNEL_CALL, "metal_kernel")
     got = kernel(x, w, s, bias, norms[0], norms[1], mx.full((batch,), offset, dtype=mx.int32),
                  counters, poison=True)
     mx.eval(want, got)

@@ -6,6 +6,8 @@
 #                                 Nsight Compute device time of one layer per path
 #   tools/device.sh profile       Nsight Compute sections of one fused-kernel launch
 #   tools/device.sh pipeline      the Snakemake pipeline, cuda backend, natively; archive packed
+#   tools/device.sh primitive     build the C++ primitive (fusedqk build-ext), GPU tests through
+#                                 both kernel calls, blockbench with the primitive's rows
 #   tools/device.sh launchfloor [N]  blockbench's graph, kernel and launch-floor rows, N (3)
 #                                 times per model: the launch floor across host states
 #   tools/device.sh variety       distinct ids in greedy decodes of the seed models' synthetic
@@ -85,6 +87,39 @@ pipeline)
     ls "$run_dir"/*/status-*.json 2>/dev/null
     [ -f "$run_dir/report.md" ] && sed -n '1,40p' "$run_dir/report.md"
   fi
+  ;;
+primitive)
+  # The optional C++ primitive: built here (nanobind 3.x and fmt's headers travel in .whl/b),
+  # then every GPU test through both kernel calls, then blockbench with the primitive's rows and
+  # mx.fast.cuda_kernel's side by side. The module stays in the tree for later calls.
+  fmt_deb="$(ls .whl/b/libfmt-dev_*.deb 2>/dev/null | head -1)"
+  fmt_args=()
+  if [ -n "$fmt_deb" ]; then
+    dpkg -x "$fmt_deb" /tmp/fmt && fmt_args=(--fmt-include /tmp/fmt/usr/include)
+  fi
+  $py -m fusedqk build-ext --build-dir /tmp/ext-build "${fmt_args[@]}" 2>&1 | tee "$OUT/build-ext.txt"
+  cp /tmp/ext-build/build.log "$OUT/build-ext.log" 2>/dev/null
+  $py -m fusedqk env > "$OUT/env-primitive.txt" 2>&1; tail -1 "$OUT/env-primitive.txt"
+  $py -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests 2>&1 \
+    | tee "$OUT/gpu-tests.txt" | tail -15
+  for m in qwen3-0.6b qwen3-8b qwen3-30b-a3b; do
+    $py -m fusedqk blockbench -m "$m" --out-dir "$OUT/bb-$m" > "$OUT/bb-$m.md" 2>&1
+  done
+  $py - "$OUT" <<'PY' | tee "$OUT/primitive.md"
+import json, sys
+from pathlib import Path
+paths = ("graph", "composite", "kernel", "launch", "kernel-cuda_kernel", "launch-cuda_kernel")
+print("| model | " + " | ".join(paths) + " | kernel vs graph | launch floor vs graph |")
+print("|---|" + "---|" * (len(paths) + 2))
+for f in sorted(Path(sys.argv[1]).glob("bb-*/blockbench.json")):
+    rows = {r["path"]: r for r in json.loads(f.read_text())["rows"]}
+    us = [f"{rows[p]['layer_us']:.1f}" if p in rows else "—" for p in paths]
+    g = rows["graph"]["layer_us"]
+    print(f"| {f.parent.name[3:]} | " + " | ".join(us) + f" | {g / rows['kernel']['layer_us']:.2f}"
+          f" | {g / rows['launch']['layer_us']:.2f} |")
+print("kernel call:", {r.get("kernel_call") for f in Path(sys.argv[1]).glob("bb-*/blockbench.json")
+                       for r in json.loads(f.read_text())["rows"] if r["path"] == "kernel"})
+PY
   ;;
 launchfloor)
   for rep in $(seq "${2:-3}"); do

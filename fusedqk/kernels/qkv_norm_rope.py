@@ -28,10 +28,15 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+
+from fusedqk.errors import UserError
+from fusedqk.kernels import cuda_ext
+from fusedqk.toggle import ENV_KERNEL_CALL, parse_kernel_call
 
 WARPS = 8
 # Rows per warp. One row per warp (more blocks, more warps in flight) beat 2 and 4 on every seed
@@ -440,17 +445,64 @@ def _kernel_name(eps: float, log2_base: float, launch_only: bool) -> str:
     return f"fusedqk_{kind}_{abs(hash((eps, log2_base))):x}"
 
 
+CUDA_INPUTS = ("x", "w", "scales", "biases", "q_norm", "k_norm", "positions", "counters")
+CUDA_OUTPUTS = ("q_out", "k_out", "v_out", "proj")
+CUDA_TYPES = {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
+DTYPE_NAMES = {mx.bfloat16: "bfloat16", mx.float16: "float16"}
+
+
+def _cuda_header(eps: float, log2_base: float) -> str:
+    return CUDA_HEADER + (f"constexpr float EPS = {_float_literal(eps)};\n"
+                          f"constexpr float LOG2_BASE = {_float_literal(log2_base)};\n")
+
+
 @functools.cache
 def _cuda_kernel(eps: float, log2_base: float, launch_only: bool):
-    header = CUDA_HEADER + (f"constexpr float EPS = {_float_literal(eps)};\n"
-                            f"constexpr float LOG2_BASE = {_float_literal(log2_base)};\n")
     return mx.fast.cuda_kernel(
         name=_kernel_name(eps, log2_base, launch_only),
-        input_names=["x", "w", "scales", "biases", "q_norm", "k_norm", "positions", "counters"],
-        output_names=["q_out", "k_out", "v_out", "proj"],
+        input_names=list(CUDA_INPUTS),
+        output_names=list(CUDA_OUTPUTS),
         source="" if launch_only else CUDA_SOURCE,
-        header=header,
+        header=_cuda_header(eps, log2_base),
     )
+
+
+def primitive_source(layout: QKVLayout, dtype: mx.Dtype, template: list[tuple[str, object]],
+                     launch_only: bool = False) -> tuple[str, str]:
+    """(name expression, source) of the kernel for the C++ primitive: the translation unit that
+    ``mx.fast.cuda_kernel`` assembles for the same kernel (header, then the kernel in namespace
+    ``mlx::core::cu`` with the inputs' and outputs' pointers as parameters and the template
+    constants at the top of the body), so both callers compile the same code, once per layout."""
+    t = CUDA_TYPES[dtype]
+    types = {"w": "unsigned int", "positions": "int", "counters": "unsigned int"}
+    params = [f"const {types.get(n, t)}* {n}" for n in CUDA_INPUTS]
+    params += [f"{t}* {n}" for n in CUDA_OUTPUTS]
+    consts = "".join(f"  using {k} = {t};\n" if k == "T" else f"  constexpr int {k} = {v};\n"
+                     for k, v in template)
+    log2_base = math.log2(layout.rope_base)
+    shape = "_".join(str(v) for k, v in template if k != "T")
+    name = f"{_kernel_name(layout.eps, log2_base, launch_only)}_{DTYPE_NAMES[dtype]}_{shape}"
+    source = ("#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n"
+              + _cuda_header(layout.eps, log2_base)
+              + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
+              + f"__global__ void {name}(\n    " + ",\n    ".join(params) + ") {\n" + consts
+              + "\n" + ("" if launch_only else CUDA_SOURCE) + "\n}\n\n} // namespace mlx::core::cu\n")
+    return f"mlx::core::cu::{name}", source
+
+
+def kernel_call(env: dict[str, str] | None = None) -> tuple[str, str]:
+    """How the CUDA kernel is called here, and why: ``primitive`` (the C++ extension, when it is
+    built and loads) or ``cuda_kernel`` (``mx.fast.cuda_kernel``), from FUSEDQK_KERNEL_CALL."""
+    env = os.environ if env is None else env
+    wanted = parse_kernel_call(env.get(ENV_KERNEL_CALL, "auto"))
+    if wanted == "cuda_kernel":
+        return "cuda_kernel", f"{ENV_KERNEL_CALL}=cuda_kernel"
+    module, why = cuda_ext.load()
+    if module is not None:
+        return "primitive", f"the C++ extension loads ({why})"
+    if wanted == "primitive":
+        raise UserError(f"{ENV_KERNEL_CALL}=primitive: the extension is unavailable: {why}")
+    return "cuda_kernel", f"the C++ extension is unavailable: {why}"
 
 
 @functools.cache
@@ -485,24 +537,38 @@ class QKVNormRope:
     """
 
     def __init__(self, layout: QKVLayout, dtype: mx.Dtype, backend: str,
-                 launch_only: bool = False):
+                 launch_only: bool = False, call: str | None = None):
         h, kv, d = layout.n_heads, layout.n_kv_heads, layout.head_dim
         self.layout, self.dtype, self.cuda = layout, dtype, backend == "cuda"
         template = [("T", dtype), ("K", layout.hidden), ("H", h), ("KV", kv), ("D", d),
                     ("BITS", layout.bits), ("GS", layout.group_size), ("NQK", (h + kv) * d)]
         log2_base = math.log2(layout.rope_base)
+        self.call, self._primitive, self._poisoned = "metal_kernel", None, None
         if self.cuda:
             self.kernel = _cuda_kernel(layout.eps, log2_base, launch_only)
             self.template = [*template, ("RPW", ROWS_PER_WARP)]
             self.grid_x = layout.rows // (WARPS * ROWS_PER_WARP) * WARPS * 32
             self.threads = WARPS * 32
             self.n_outputs = 4
+            self.call = call or kernel_call()[0]
+            if self.call == "primitive":
+                self._primitive_args = self._primitive_spec(launch_only)
+                self._primitive = cuda_ext.require().Kernel(*self._primitive_args)
         else:
             self.kernel = _metal_kernel(layout.eps, log2_base, launch_only)
             self.template = template
             self.grid_x, self.threads = (h + 2 * kv) * 256, 256
             self.n_outputs = 3
         self._shapes: dict[int, list[tuple[int, ...]]] = {}
+
+    def _primitive_spec(self, launch_only: bool) -> tuple:
+        """The extension Kernel's arguments: name, source, grid x in blocks, threads per block,
+        the largest batch, the output shapes after the batch axis, the dtype."""
+        h, kv, d = self.layout.n_heads, self.layout.n_kv_heads, self.layout.head_dim
+        name, source = primitive_source(self.layout, self.dtype, self.template, launch_only)
+        tails = [[h, 1, d], [kv, 1, d], [kv, 1, d], [(h + kv) * d]]
+        return (name, source, self.grid_x // self.threads, self.threads, MAX_BATCH, tails,
+                DTYPE_NAMES[self.dtype])
 
     def _out_shapes(self, b: int) -> list[tuple[int, ...]]:
         if b not in self._shapes:
@@ -524,6 +590,11 @@ class QKVNormRope:
         inputs = [x, w, scales, biases, q_norm, k_norm, positions]
         if self.cuda:
             inputs.append(counters)
+        if self._primitive is not None:
+            if poison and self._poisoned is None:
+                self._poisoned = cuda_ext.require().Kernel(*self._primitive_args, poison=True)
+            outs = (self._poisoned if poison else self._primitive)(inputs)
+            return outs[0], outs[1], outs[2]
         outs = self.kernel(
             inputs=inputs, template=self.template, grid=(self.grid_x, b, 1),
             threadgroup=(self.threads, 1, 1), output_shapes=self._out_shapes(b),

@@ -1,0 +1,299 @@
+// One CUDA kernel as an MLX primitive: compiled once (NVRTC, when it first runs), then every
+// call only builds the primitive and every evaluation adds one kernel node to MLX's CUDA graph.
+//
+// Why not mx.fast.cuda_kernel: that call assembles the kernel's whole source string and looks the
+// module up by name on every call (about 20 µs per layer on an H200 for an empty kernel, see
+// docs/perf-log.md). Here the source is compiled once per Kernel object and its CUfunction kept.
+//
+// Only symbols that libmlx.so exports are used (CommandEncoder, Device, allocator, array); MLX's
+// JIT module cache is not exported, so the compile is done here with NVRTC, with the options MLX
+// gives its own custom kernels (--gpu-architecture=sm_XY, CCCL and CUDA include paths), so the
+// machine code is the one mx.fast.cuda_kernel would get. NVRTC and the driver API resolve from
+// libnvrtc.so.13 and libcuda.so.1, which libmlx.so already loads.
+
+#include <dlfcn.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <cuda.h>
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "mlx/allocator.h"
+#include "mlx/array.h"
+#include "mlx/backend/cuda/device.h"
+#include "mlx/backend/cuda/utils.h"
+#include "mlx/primitives.h"
+#include "mlx/stream.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+
+// The NVRTC entry points used here (nvrtc.h's declarations; its result type is an int enum).
+extern "C" {
+typedef struct _nvrtcProgram* nvrtcProgram;
+int nvrtcCreateProgram(nvrtcProgram*, const char*, const char*, int, const char* const*,
+                       const char* const*);
+int nvrtcAddNameExpression(nvrtcProgram, const char*);
+int nvrtcCompileProgram(nvrtcProgram, int, const char* const*);
+int nvrtcGetProgramLogSize(nvrtcProgram, size_t*);
+int nvrtcGetProgramLog(nvrtcProgram, char*);
+int nvrtcGetCUBINSize(nvrtcProgram, size_t*);
+int nvrtcGetCUBIN(nvrtcProgram, char*);
+int nvrtcGetLoweredName(nvrtcProgram, const char*, const char**);
+int nvrtcDestroyProgram(nvrtcProgram*);
+const char* nvrtcGetErrorString(int);
+}
+
+namespace fusedqk {
+
+void check_nvrtc(int result, const char* what) {
+  if (result != 0) {
+    throw std::runtime_error(std::string("fusedqk primitive: ") + what + " failed: " +
+                             nvrtcGetErrorString(result));
+  }
+}
+
+void check_cu(CUresult result, const char* what) {
+  if (result != CUDA_SUCCESS) {
+    const char* text = nullptr;
+    cuGetErrorString(result, &text);
+    throw std::runtime_error(std::string("fusedqk primitive: ") + what + " failed: " +
+                             (text ? text : "unknown CUDA error"));
+  }
+}
+
+// The CUDA toolkit's headers: where MLX's JIT looks (CUDA_HOME, CUDA_PATH, /usr/local/cuda).
+std::string cuda_home() {
+  for (const char* name : {"CUDA_HOME", "CUDA_PATH"}) {
+    if (const char* v = std::getenv(name); v && *v) return v;
+  }
+  return "/usr/local/cuda";
+}
+
+// The CCCL headers that ship beside libmlx.so (mlx/include/cccl), as MLX's JIT finds them.
+std::string cccl_dir() {
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(&mx::cu::get_command_encoder), &info) && info.dli_fname) {
+    auto dir = std::filesystem::path(info.dli_fname).parent_path().parent_path() / "include" /
+               "cccl";
+    if (std::filesystem::exists(dir)) return dir.string();
+  }
+  return "";
+}
+
+struct CompiledModule {
+  CUmodule module = nullptr;
+  CUfunction function = nullptr;
+  size_t cubin_bytes = 0;
+};
+
+CompiledModule compile(const std::string& source, const std::string& file_name,
+                       const std::string& kernel_name, int major, int minor) {
+  nvrtcProgram prog = nullptr;
+  check_nvrtc(nvrtcCreateProgram(&prog, source.c_str(), file_name.c_str(), 0, nullptr, nullptr),
+              "nvrtcCreateProgram");
+  std::unique_ptr<nvrtcProgram, void (*)(nvrtcProgram*)> release(
+      &prog, [](nvrtcProgram* p) { nvrtcDestroyProgram(p); });
+  check_nvrtc(nvrtcAddNameExpression(prog, kernel_name.c_str()), "nvrtcAddNameExpression");
+  std::vector<std::string> options = {"--gpu-architecture=sm_" + std::to_string(major) +
+                                      std::to_string(minor)};
+  if (auto cccl = cccl_dir(); !cccl.empty()) options.push_back("--include-path=" + cccl);
+  options.push_back("--include-path=" + cuda_home() + "/include");
+  std::vector<const char*> argv;
+  for (auto& o : options) argv.push_back(o.c_str());
+  if (int r = nvrtcCompileProgram(prog, static_cast<int>(argv.size()), argv.data()); r != 0) {
+    size_t size = 0;
+    nvrtcGetProgramLogSize(prog, &size);
+    std::string log(size, '\0');
+    nvrtcGetProgramLog(prog, log.data());
+    throw std::runtime_error("fusedqk primitive: NVRTC could not compile " + file_name + ": " +
+                             log);
+  }
+  const char* lowered = nullptr;
+  check_nvrtc(nvrtcGetLoweredName(prog, kernel_name.c_str(), &lowered), "nvrtcGetLoweredName");
+  std::string mangled(lowered);
+  size_t size = 0;
+  check_nvrtc(nvrtcGetCUBINSize(prog, &size), "nvrtcGetCUBINSize");
+  std::string cubin(size, '\0');
+  check_nvrtc(nvrtcGetCUBIN(prog, cubin.data()), "nvrtcGetCUBIN");
+  CompiledModule out;
+  out.cubin_bytes = size;
+  check_cu(cuModuleLoadData(&out.module, cubin.data()), "cuModuleLoadData");
+  check_cu(cuModuleGetFunction(&out.function, out.module, mangled.c_str()),
+           "cuModuleGetFunction");
+  return out;
+}
+
+// Fills 16-bit outputs with one bit pattern (NaN) before the kernel: tests use it to catch
+// elements the kernel never writes.
+const char* kFillSource = R"(
+extern "C" __global__ void fusedqk_fill_u16(unsigned short* p, unsigned long long n,
+                                            unsigned short v) {
+  unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+  if (i < n) p[i] = v;
+}
+)";
+
+// Everything about one kernel that does not change from call to call.
+struct KernelSpec {
+  std::string kernel_name;  // NVRTC name expression, e.g. mlx::core::cu::fusedqk_...
+  std::string source;
+  int blocks_x;
+  int threads;
+  int max_batch;
+  std::vector<mx::Shape> output_tails;  // output shapes after the leading batch dimension
+  mx::Dtype dtype;
+  bool poison;
+  std::once_flag compiled;
+  CompiledModule module;
+  CompiledModule fill;
+
+  KernelSpec(std::string name, std::string src, int bx, int t, int mb,
+             std::vector<mx::Shape> tails, mx::Dtype dt, bool p)
+      : kernel_name(std::move(name)), source(std::move(src)), blocks_x(bx), threads(t),
+        max_batch(mb), output_tails(std::move(tails)), dtype(dt), poison(p) {}
+
+  void ensure_compiled(mx::cu::Device& device) {
+    std::call_once(compiled, [&] {
+      int major = device.compute_capability_major(), minor = device.compute_capability_minor();
+      module = compile(source, "fusedqk_kernel.cu", kernel_name, major, minor);
+      if (poison) fill = compile(kFillSource, "fusedqk_fill.cu", "fusedqk_fill_u16", major, minor);
+    });
+  }
+};
+
+class KernelPrimitive : public mx::Primitive {
+ public:
+  KernelPrimitive(mx::Stream stream, std::shared_ptr<KernelSpec> spec)
+      : mx::Primitive(stream), spec_(std::move(spec)) {}
+
+  void eval_cpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("fusedqk primitive: runs on the CUDA GPU only");
+  }
+
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& s = stream();
+    auto& device = mx::cu::device(s.device);
+    device.make_current();
+    spec_->ensure_compiled(device);
+    auto& encoder = mx::cu::get_command_encoder(s);
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      if (!inputs[i].flags().row_contiguous) {
+        throw std::invalid_argument("fusedqk primitive: input " + std::to_string(i) +
+                                    " is not row-contiguous");
+      }
+      encoder.set_input_array(inputs[i]);
+    }
+    for (auto& out : outputs) {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+      encoder.set_output_array(out);
+    }
+    std::vector<void*> pointers;
+    pointers.reserve(inputs.size() + outputs.size());
+    for (auto& in : inputs) pointers.push_back(mx::gpu_ptr<void>(in));
+    for (auto& out : outputs) pointers.push_back(mx::gpu_ptr<void>(out));
+    if (spec_->poison) {
+      unsigned short nan_bits = spec_->dtype == mx::bfloat16 ? 0x7FC0 : 0x7E00;
+      for (size_t i = inputs.size(); i < pointers.size(); ++i) {
+        unsigned long long n = outputs[i - inputs.size()].size();
+        void* args[] = {&pointers[i], &n, &nan_bits};
+        encoder.add_kernel_node_raw(spec_->fill.function,
+                                    dim3(static_cast<unsigned>((n + 255) / 256)), dim3(256),
+                                    dim3(), 0, args);
+      }
+    }
+    std::vector<void*> args;
+    args.reserve(pointers.size());
+    for (auto& p : pointers) args.push_back(&p);
+    const int batch = inputs[0].shape(0);
+    encoder.add_kernel_node_raw(spec_->module.function, dim3(spec_->blocks_x, batch, 1),
+                                dim3(spec_->threads, 1, 1), dim3(), 0, args.data());
+  }
+
+  const char* name() const override {
+    return "FusedQKKernel";
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return spec_ == static_cast<const KernelPrimitive&>(other).spec_;
+  }
+
+ private:
+  std::shared_ptr<KernelSpec> spec_;
+};
+
+mx::Dtype dtype_from_name(const std::string& name) {
+  if (name == "bfloat16") return mx::bfloat16;
+  if (name == "float16") return mx::float16;
+  throw std::invalid_argument("fusedqk primitive: dtype " + name +
+                              " is not accepted; use bfloat16 or float16");
+}
+
+// The Python-facing handle: built once per layer layout, called once per layer per step.
+class Kernel {
+ public:
+  Kernel(std::string kernel_name, std::string source, int blocks_x, int threads, int max_batch,
+         std::vector<std::vector<int>> output_tails, const std::string& dtype, bool poison) {
+    std::vector<mx::Shape> tails;
+    for (auto& t : output_tails) tails.emplace_back(t.begin(), t.end());
+    spec_ = std::make_shared<KernelSpec>(std::move(kernel_name), std::move(source), blocks_x,
+                                         threads, max_batch, std::move(tails),
+                                         dtype_from_name(dtype), poison);
+  }
+
+  std::vector<mx::array> operator()(const std::vector<mx::array>& inputs) const {
+    if (inputs.empty() || inputs[0].ndim() == 0) {
+      throw std::invalid_argument("fusedqk primitive: the first input must have a batch axis");
+    }
+    const int batch = inputs[0].shape(0);
+    if (batch < 1 || batch > spec_->max_batch) {
+      throw std::invalid_argument("fusedqk primitive: batch " + std::to_string(batch) +
+                                  " is outside 1.." + std::to_string(spec_->max_batch));
+    }
+    std::vector<mx::Shape> shapes;
+    shapes.reserve(spec_->output_tails.size());
+    for (auto& tail : spec_->output_tails) {
+      mx::Shape shape{batch};
+      shape.insert(shape.end(), tail.begin(), tail.end());
+      shapes.push_back(std::move(shape));
+    }
+    std::vector<mx::Dtype> dtypes(shapes.size(), spec_->dtype);
+    auto stream = mx::default_stream(mx::Device::gpu);
+    return mx::array::make_arrays(std::move(shapes), dtypes,
+                                  std::make_shared<KernelPrimitive>(stream, spec_), inputs);
+  }
+
+  // Bytes of machine code compiled (0 until the kernel first ran).
+  size_t cubin_bytes() const {
+    return spec_->module.cubin_bytes;
+  }
+
+ private:
+  std::shared_ptr<KernelSpec> spec_;
+};
+
+}  // namespace fusedqk
+
+NB_MODULE(_fusedqk_cuda, m) {
+  m.doc() = "fusedqk's fused decode kernel as an MLX primitive on CUDA (optional build)";
+  nb::class_<fusedqk::Kernel>(m, "Kernel")
+      .def(nb::init<std::string, std::string, int, int, int, std::vector<std::vector<int>>,
+                    const std::string&, bool>(),
+           nb::arg("kernel_name"), nb::arg("source"), nb::arg("blocks_x"), nb::arg("threads"),
+           nb::arg("max_batch"), nb::arg("output_tails"), nb::arg("dtype"),
+           nb::arg("poison") = false)
+      .def("__call__", &fusedqk::Kernel::operator(), nb::arg("inputs"))
+      .def_prop_ro("cubin_bytes", &fusedqk::Kernel::cubin_bytes);
+  // Proves at load time that this module and mlx.core share nanobind's type registry: if their
+  // nanobind ABIs differed, an mlx.core.array would not convert here.
+  m.def("array_ndim", [](const mx::array& a) { return a.ndim(); }, nb::arg("array"));
+}

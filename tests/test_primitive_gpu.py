@@ -1,0 +1,89 @@
+"""The C++ extension's primitive on the GPU: the mechanism on a trivial elementwise kernel, then
+the fused kernel through it under mx.compile and inside one CUDA graph of many launches.
+
+Skipped (with the reason) where MLX has no CUDA backend or the extension is not built
+(`fusedqk build-ext`); the fused kernel's full bitwise matrix runs through the primitive in
+tests/test_kernel_gpu.py.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+from fusedqk.kernels import cuda_ext, qkv_norm_rope
+
+EXT, WHY = cuda_ext.load() if mx.cuda.is_available() else (None, "no CUDA backend")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX's CUDA backend"),
+    pytest.mark.skipif(EXT is None, reason=f"the C++ extension is unavailable: {WHY}"),
+]
+
+# Doubles each element of a (B, N) bfloat16 array, one block of 256 threads per 256 columns:
+# exact in bfloat16, so the result must equal x * 2 bit for bit.
+DOUBLE = r"""
+#include <cuda_bf16.h>
+namespace mlx::core::cu {
+__global__ void fusedqk_test_double(const __nv_bfloat16* x, __nv_bfloat16* out) {
+  const int i = blockIdx.y * N + blockIdx.x * 256 + threadIdx.x;
+  out[i] = __float2bfloat16(__bfloat162float(x[i]) * 2.0f);
+}
+}
+"""
+N = 1024
+
+
+def double_kernel(poison: bool = False):
+    source = f"constexpr int N = {N};\n" + DOUBLE
+    return EXT.Kernel("mlx::core::cu::fusedqk_test_double", source, N // 256, 256, 8, [[N]],
+                      "bfloat16", poison)
+
+
+def test_trivial_primitive_is_bitwise_right_direct_compiled_and_graphed():
+    kernel = double_kernel()
+    x = mx.random.normal((3, N)).astype(mx.bfloat16)
+    want = x * 2
+    direct = kernel([x])[0]
+    compiled = mx.compile(lambda a: kernel([a])[0])(x)
+    # Forty launches in one evaluation: MLX records them into one CUDA graph.
+    chained = x
+    for _ in range(40):
+        chained = kernel([chained])[0]
+    mx.eval(want, direct, compiled, chained)
+    assert kernel.cubin_bytes > 0
+    assert mx.array_equal(direct, want).item()
+    assert mx.array_equal(compiled, want).item()
+    assert mx.array_equal(chained, x * (2.0 ** 40)).item()
+
+
+def test_poison_fills_unwritten_outputs():
+    source = f"constexpr int N = {N};\n" + DOUBLE.replace("out[i] =", "if (i % 2) out[i] =")
+    kernel = EXT.Kernel("mlx::core::cu::fusedqk_test_double", source, N // 256, 256, 8, [[N]],
+                        "bfloat16", True)
+    out = kernel([mx.ones((1, N), dtype=mx.bfloat16)])[0]
+    assert mx.isnan(out[0, ::2]).all().item() and (out[0, 1::2] == 2).all().item()
+
+
+def test_batch_beyond_the_limit_is_refused():
+    with pytest.raises(ValueError, match=r"batch 9 is outside 1\.\.8"):
+        double_kernel()([mx.zeros((9, N), dtype=mx.bfloat16)])
+
+
+def test_fused_kernel_through_the_primitive_under_compile_and_in_one_graph(monkeypatch):
+    from test_kernel_gpu import SHAPES, concatenated, make_case
+
+    monkeypatch.setenv("FUSEDQK_KERNEL_CALL", "primitive")
+    layout, x, ws, norms = make_case(SHAPES["qwen3-8b"], 4, 64, mx.bfloat16, 1, 21)
+    inputs = [x, *concatenated(ws), *norms, mx.array([77], dtype=mx.int32)]
+    want = qkv_norm_rope.reference_block(x, ws, norms, layout, 77)
+    kernel = qkv_norm_rope.QKVNormRope(layout, mx.bfloat16, "cuda")
+    assert kernel.call == "primitive"
+    compiled = mx.compile(kernel.__call__)(*inputs, qkv_norm_rope.new_counters(layout))
+    # Thirty-six layers' launches in one evaluation, each with its own counters (as decode does).
+    layers = [kernel(*inputs, qkv_norm_rope.new_counters(layout)) for _ in range(36)]
+    mx.eval(want, compiled, layers)
+    for got in (compiled, *layers):
+        for g, w in zip(got, want, strict=True):
+            assert mx.array_equal(g, w).item()
