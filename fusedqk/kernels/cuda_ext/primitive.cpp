@@ -186,6 +186,24 @@ class KernelPrimitive : public mx::Primitive {
     device.make_current();
     spec_->ensure_compiled(device);
     auto& encoder = mx::cu::get_command_encoder(s);
+    for (auto& out : outputs) out.set_data(mx::allocator::malloc(out.nbytes()));
+    std::vector<void*> pointers;
+    pointers.reserve(inputs.size() + outputs.size());
+    for (auto& in : inputs) pointers.push_back(mx::gpu_ptr<void>(in));
+    for (auto& out : outputs) pointers.push_back(mx::gpu_ptr<void>(out));
+    // The encoder gives each node the arrays registered since the previous node as its
+    // dependencies: register per node, and make the kernel depend on the fills before it.
+    if (spec_->poison) {
+      unsigned short nan_bits = spec_->dtype == mx::bfloat16 ? 0x7FC0 : 0x7E00;
+      for (size_t i = inputs.size(); i < pointers.size(); ++i) {
+        unsigned long long n = outputs[i - inputs.size()].size();
+        void* args[] = {&pointers[i], &n, &nan_bits};
+        encoder.set_output_array(outputs[i - inputs.size()]);
+        encoder.add_kernel_node_raw(spec_->fill.function,
+                                    dim3(static_cast<unsigned>((n + 255) / 256)), dim3(256),
+                                    dim3(), 0, args);
+      }
+    }
     for (size_t i = 0; i < inputs.size(); ++i) {
       if (!inputs[i].flags().row_contiguous) {
         throw std::invalid_argument("fusedqk primitive: input " + std::to_string(i) +
@@ -194,22 +212,8 @@ class KernelPrimitive : public mx::Primitive {
       encoder.set_input_array(inputs[i]);
     }
     for (auto& out : outputs) {
-      out.set_data(mx::allocator::malloc(out.nbytes()));
+      if (spec_->poison) encoder.set_input_array(out);
       encoder.set_output_array(out);
-    }
-    std::vector<void*> pointers;
-    pointers.reserve(inputs.size() + outputs.size());
-    for (auto& in : inputs) pointers.push_back(mx::gpu_ptr<void>(in));
-    for (auto& out : outputs) pointers.push_back(mx::gpu_ptr<void>(out));
-    if (spec_->poison) {
-      unsigned short nan_bits = spec_->dtype == mx::bfloat16 ? 0x7FC0 : 0x7E00;
-      for (size_t i = inputs.size(); i < pointers.size(); ++i) {
-        unsigned long long n = outputs[i - inputs.size()].size();
-        void* args[] = {&pointers[i], &n, &nan_bits};
-        encoder.add_kernel_node_raw(spec_->fill.function,
-                                    dim3(static_cast<unsigned>((n + 255) / 256)), dim3(256),
-                                    dim3(), 0, args);
-      }
     }
     std::vector<void*> args;
     args.reserve(pointers.size());
