@@ -6,9 +6,8 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
-
-
+# config/config.yaml is loaded at the top of common.smk (a malformed file is one line there);
+# --configfile and --config override it as usual.
 include: "workflow/rules/common.smk"
 include: "workflow/rules/containers.smk"
 include: "workflow/rules/measure.smk"

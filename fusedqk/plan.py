@@ -59,6 +59,24 @@ class ConfigError(Exception):
     """A configuration the workflow must refuse before any job: one line naming the key."""
 
 
+def load_config_file(path: str) -> dict:
+    """The workflow's base configuration file; a malformed one is one ConfigError line naming it."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"config error: {path}: cannot be read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config error: {path} is not valid YAML "
+                          f"({getattr(e, 'problem', None) or 'malformed'}{where})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error: {path} must hold a mapping of keys, got "
+                          f"{type(data).__name__}")
+    return data
+
+
 def coerce_numbers(value: object, schema: dict, defs: dict | None = None) -> object:
     """``value`` with the strings that the schema types as numbers turned into numbers.
 

@@ -113,6 +113,19 @@ def test_a_missing_key_is_one_line(tmp_path):
     assert proc.returncode != 0 and len(lines) == 1 and "decision" in lines[0], proc.stderr
 
 
+def test_a_malformed_config_file_is_one_line_naming_it(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text("backends: [cpu\nmodels: {\n")
+    proc = snakemake("-n", "--snakefile", str(ROOT / "Snakefile"), cwd=tmp_path)
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()
+             and not ln.startswith("Using workflow specific profile")]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stdout + proc.stderr
+    assert lines[0].startswith("config error: config/config.yaml is not valid YAML") and \
+        "line 2" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".snakemake", "config"] or \
+        sorted(p.name for p in tmp_path.iterdir()) == ["config"]
+
+
 def test_an_absent_backend_fails_with_a_clear_message(tmp_path):
     proc = snakemake("--cores", "1", "--config", "backends=[cuda]", f"results_dir={tmp_path}",
                      "device_label=absent")

@@ -9,7 +9,18 @@ import yaml
 from fusedqk import plan
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
+from snakemake.utils import update_config, validate
+
+# The base configuration, overridden by what --configfile and --config gave (already in
+# `config`), as a `configfile:` directive would do, but with a one-line error for a bad file.
+try:
+    _base = plan.load_config_file("config/config.yaml")  # relative to the working directory
+except plan.ConfigError as e:
+    sys.stderr.write(f"{e}\n")
+    sys.exit(1)
+update_config(_base, config)
+config.clear()
+config.update(_base)
 
 
 def _one_line_config_error(error):
