@@ -77,6 +77,27 @@ def load_config_file(path: str) -> dict:
     return data
 
 
+# Host memory a measuring job asks a scheduler for: a base for the process, plus the model's
+# weights in bf16 (synthetic weights are made at full precision, then quantized), twice for
+# identity (its fresh-process controls). Models outside the registry (checkpoint folders) get
+# UNKNOWN_MODEL_MB.
+BASE_JOB_MB = 2000
+UNKNOWN_MODEL_MB = 64000
+
+
+def job_mem_mb(model: str, job: str) -> int:
+    config = registry.configs().get(model)
+    weights_mb = (-(-registry.approx_parameters(config) * 2 // 2**20) if config
+                  else UNKNOWN_MODEL_MB)
+    return BASE_JOB_MB + weights_mb * (2 if job == "identity" else 1)
+
+
+def exclusive_flag(backend: str) -> str:
+    """sbatch's extra flag for a measuring job: the whole node where the CPU is measured (any
+    other job on it would share the cores); a GPU job already has its GPU to itself."""
+    return "--exclusive" if backend == "cpu" else ""
+
+
 def coerce_numbers(value: object, schema: dict, defs: dict | None = None) -> object:
     """``value`` with the strings that the schema types as numbers turned into numbers.
 

@@ -13,6 +13,11 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v podman >/
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap) \
     >/dev/null 2>&1 || echo "note: could not install podman/runc/debootstrap; the container test will skip"
 fi
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v slurmctld >/dev/null; then
+  # For the SLURM test (tests/test_slurm.py starts the daemons itself).
+  bash tests/slurm/cluster.sh install >/dev/null 2>&1 \
+    || echo "note: could not install SLURM's packages; the SLURM test will skip"
+fi
 .venv/bin/ruff check .
 set +e
 .venv/bin/python -m pytest -ra "$@"

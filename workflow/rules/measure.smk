@@ -37,6 +37,8 @@ rule bench:
         measure=1,
         gpu=lambda w: int(backend_of(w) == "cuda"),
         runtime=60,
+        mem_mb=lambda w: plan.job_mem_mb(w.model, "bench"),
+        slurm_extra=lambda w: plan.exclusive_flag(backend_of(w)),
     log:
         "{run}/logs/{model}-bench.log",
     shell:
@@ -59,6 +61,8 @@ rule identity:
         measure=1,
         gpu=lambda w: int(backend_of(w) == "cuda"),
         runtime=60,
+        mem_mb=lambda w: plan.job_mem_mb(w.model, "identity"),
+        slurm_extra=lambda w: plan.exclusive_flag(backend_of(w)),
     log:
         "{run}/logs/{model}-identity.log",
     shell:
@@ -80,6 +84,8 @@ rule blockbench:
         measure=1,
         gpu=lambda w: int(backend_of(w) == "cuda"),
         runtime=30,
+        mem_mb=lambda w: plan.job_mem_mb(w.model, "blockbench"),
+        slurm_extra=lambda w: plan.exclusive_flag(backend_of(w)),
     log:
         "{run}/logs/{model}-blockbench.log",
     shell:
