@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import shlex
 import subprocess
 from dataclasses import dataclass
@@ -180,6 +181,44 @@ def make_plan(config: dict) -> Plan:
     labels = {b: (config["device_label"] if config["device_label"] != "auto"
                   else slug(device_name(b))) for b in backends}
     return Plan(backends, name, commit, labels, config["results_dir"])
+
+
+def target_runs(argv: list[str]) -> list[str]:
+    """The run directories a job's ``--target-jobs rule:wildcard=value,...`` arguments name."""
+    runs, taking = [], False
+    for arg in argv:
+        if arg.startswith("-"):
+            taking = arg == "--target-jobs"
+            continue
+        if taking:
+            wildcards = dict(kv.split("=", 1) for kv in arg.split(":", 1)[-1].split(",") if "=" in kv)
+            if "run" in wildcards and wildcards["run"] not in runs:
+                runs.append(wildcards["run"])
+    return runs
+
+
+def plan_for_job(config: dict, run_dirs: list[str]) -> Plan:
+    """The plan inside a job a scheduler started (Snakemake's remote mode), read back from the
+    run directories its targets name: those were resolved on the host that started the
+    workflow, and a compute node must not detect again (it may see another device than a login
+    node, and would name another run directory)."""
+    backends, labels, names, roots = [], {}, set(), set()
+    for run in run_dirs:
+        parent, name = os.path.split(run.rstrip("/"))
+        root, group = os.path.split(parent)
+        backend, _, label = group.partition("-")
+        if not (name and label and backend in ("cpu", "cuda", "metal")):
+            raise ConfigError(f"a job's run directory {run!r} is not "
+                              "<results_dir>/<backend>-<device>/<run_name>")
+        if backend not in backends:
+            backends.append(backend)
+        labels[backend] = label
+        names.add(name)
+        roots.add(root)
+    if len(names) != 1 or len(roots) != 1:
+        raise ConfigError(f"a job's targets name more than one run: {', '.join(run_dirs)}")
+    check_config(config, backends)
+    return Plan(backends, names.pop(), source_state()[1], labels, roots.pop())
 
 
 def model_args(settings: dict, backend: str) -> list[str]:

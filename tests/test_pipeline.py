@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusedqk import archive
+from fusedqk import archive, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -198,3 +198,30 @@ def test_the_pipeline_runs_end_to_end_with_a_command_engine(engine, tmp_path):
         assert bench["format"] == "fusedqk-bench/2" and bench["speedups"][0]["path"] == "fused"
         ident = archive.read_json(run / model / "identity-fused.json", "identity")
         assert ident["verdict"] == "EQUAL", ident["controls"]
+
+
+def test_a_scheduled_job_reads_its_plan_from_its_run_directory(tmp_path):
+    """Inside a SLURM job the plan is the one the starting host made (its target's run
+    directory), not one detected again on the compute node."""
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    run = f"{tmp_path}/cuda-nvidia-h200/20261201-abc"
+    got = plan.plan_for_job(cfg, [run])
+    assert (got.backends, got.device_labels, got.run_name) == (["cuda"], {"cuda": "nvidia-h200"},
+                                                                "20261201-abc")
+    assert got.run_dir("cuda") == run
+    with pytest.raises(plan.ConfigError, match="more than one run"):
+        plan.plan_for_job(cfg, [run, f"{tmp_path}/cuda-nvidia-h200/other"])
+    with pytest.raises(plan.ConfigError, match="is not <results_dir>/<backend>-<device>"):
+        plan.plan_for_job(cfg, [f"{tmp_path}/gpu0/x"])
+
+
+def test_a_job_on_a_node_that_sees_another_device_keeps_the_submitters_plan(tmp_path):
+    """A job as the SLURM plugin starts it (remote mode, --target-jobs) for a run directory whose
+    device this host would not detect: it plans that run, where detecting again crashed."""
+    run = f"{tmp_path}/cpu-login-node-label/r1"
+    assert plan.target_runs(["x", "--target-jobs", f"environment:run={run}", "--cores", "1"]) == [run]
+    proc = snakemake("--target-jobs", f"environment:run={run}", "--allowed-rules", "environment",
+                     "--mode", "remote", "--cores", "1", "-n", "--config",
+                     f"results_dir={tmp_path}", "run_name=r1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "environment" in proc.stdout and run in proc.stdout

@@ -45,8 +45,16 @@ except WorkflowError as e:
 
 
 # The plan (backends, device labels, run name, job flags) is the package's: fusedqk/plan.py.
+# It is made once, on the host that starts the workflow; a job a scheduler runs reads it back
+# from the run directory its target names, and detects nothing.
+# (Snakemake has not parsed the job's targets when it reads this file: they come from its
+# command line, `--target-jobs rule:run=...`.)
+_TARGET_RUNS = plan.target_runs(sys.argv) if workflow.remote_exec else []
 try:
-    PLAN = plan.make_plan(config)
+    if workflow.remote_exec and _TARGET_RUNS:
+        PLAN = plan.plan_for_job(config, _TARGET_RUNS)
+    else:
+        PLAN = plan.make_plan(config)
 except plan.ConfigError as e:
     sys.stderr.write(f"{e}\n")
     sys.exit(1)
