@@ -3,15 +3,19 @@ takes before it measures, whoever started it (two pipelines, two SLURM jobs on o
 manual ``fusedqk bench``). What the lock saw goes into every result's environment.
 
 The lock files live in ``$FUSEDQK_LOCK_DIR`` (default ``<temp dir>/fusedqk-locks``), one per
-backend and device: ``<backend>-<device index>.lock``; the CPU has one for the whole host.
+backend and device: ``<backend>-<device index>.lock``; the CPU has one for the whole host. Each
+holder appends one JSON line to ``<lock>.history`` before it lets go (pid, command, when it
+took and released the lock, how long it waited): the host's record of who measured when.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -57,10 +61,20 @@ def exclusive(backend: str, device: int = 0) -> Iterator[dict]:
     start = time.perf_counter()
     with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
+        acquired = time.time()
         HELD.update(lock_file=str(path), waited_s=round(time.perf_counter() - start, 3),
                     at_start=others_measuring(backend))
         try:
             yield dict(HELD)
         finally:
+            # Written while still held, so holders' lines never interleave.
+            record = {"pid": os.getpid(), "command": " ".join(sys.argv[1:3]),
+                      "acquired": acquired, "released": time.time(),
+                      "waited_s": HELD.get("waited_s")}
+            try:
+                with path.with_suffix(".history").open("a") as history:
+                    history.write(json.dumps(record) + "\n")
+            except OSError:
+                pass  # the record is a convenience; the measurement stands without it
             fcntl.flock(handle, fcntl.LOCK_UN)
             HELD.clear()

@@ -22,3 +22,12 @@ def tiny(request):
 def dense_tiny():
     mx.set_default_device(mx.cpu)
     return prepare(tiny_args("qwen3-tiny"))
+
+
+@pytest.fixture
+def small_cpu_workload() -> str:
+    """A --config value that makes the cpu pipeline small: one tiny model, a few short rounds.
+    For tests of how jobs are run (scheduling, locking), not of what they measure."""
+    return ("backend_settings={cpu: {models: [qwen3-tiny], bench: {rounds: 3, prompt_tokens: 8, "
+            "generation_tokens: 8, chunk_tokens: 4}, identity: {prompt_tokens: 8, tokens: 8, "
+            "prompts: 1}, blockbench: {reps: 3}}}")

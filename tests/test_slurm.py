@@ -29,11 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "tests/slurm/cluster.sh"
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 MEASURING = ("bench", "identity", "blockbench")
-# Small workloads: this checks the submission, not the statistics.
-SMALL = ("backend_settings={cpu: {bench: {rounds: 3, prompt_tokens: 8, generation_tokens: 8, "
-         "chunk_tokens: 4}, identity: {prompt_tokens: 8, tokens: 8, prompts: 1}, "
-         "blockbench: {reps: 3}}}")
-
 pytestmark = [
     pytest.mark.slurm,
     pytest.mark.skipif(os.geteuid() != 0, reason="starts SLURM's daemons: needs root"),
@@ -57,9 +52,9 @@ def cluster():
         shutil.rmtree(state, ignore_errors=True)
 
 
-def pipeline(results: Path) -> list[str]:
+def pipeline(results: Path, workload: str) -> list[str]:
     return [*SNAKEMAKE, "--workflow-profile", "workflow/profiles/slurm", "--config",
-            f"results_dir={results}", "run_name=slurm", SMALL]
+            f"results_dir={results}", "run_name=slurm", workload]
 
 
 def site_env() -> dict[str, str]:
@@ -94,10 +89,10 @@ def running_measurement(timeout: float = 300) -> dict:
     raise AssertionError("no measurement job started running")
 
 
-def test_pipeline_through_slurm_cancel_and_rerun(cluster, tmp_path):
+def test_pipeline_through_slurm_cancel_and_rerun(cluster, tmp_path, small_cpu_workload):
     since = datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
     results = tmp_path / "results"
-    first = subprocess.Popen(pipeline(results), cwd=ROOT, env=site_env(), text=True,
+    first = subprocess.Popen(pipeline(results, small_cpu_workload), cwd=ROOT, env=site_env(), text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         victim = running_measurement()
@@ -108,7 +103,7 @@ def test_pipeline_through_slurm_cancel_and_rerun(cluster, tmp_path):
     assert first.returncode != 0, out[-3000:]
     assert "CANCELLED" in out, out[-3000:]
 
-    rerun = subprocess.run(pipeline(results), cwd=ROOT, env=site_env(), text=True,
+    rerun = subprocess.run(pipeline(results, small_cpu_workload), cwd=ROOT, env=site_env(), text=True,
                            capture_output=True, timeout=900)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     (run,) = [p for p in results.glob("cpu-*/slurm") if p.is_dir()]
@@ -116,9 +111,9 @@ def test_pipeline_through_slurm_cancel_and_rerun(cluster, tmp_path):
 
     jobs = sacct_jobs(since)
     rules = sorted(j["rule"] for j in jobs if j["state"] == "COMPLETED")
-    # One environment job, three measurements per model, all as SLURM jobs; the bookkeeping
-    # (aggregate, decide, report, manifest, failures) on the submitting host.
-    assert rules == sorted(["environment"] + [m for m in MEASURING for _ in range(2)]), jobs
+    # One environment job and the model's three measurements, each its own SLURM job; the
+    # bookkeeping (aggregate, decide, report, manifest, failures) on the submitting host.
+    assert rules == sorted(["environment", *MEASURING]), jobs
     assert [j["rule"] for j in jobs if j["state"].startswith("CANCELLED")] == [victim["rule"]]
     spans = sorted((j["start"], j["end"]) for j in jobs if j["rule"] in MEASURING
                    and j["start"] not in ("", "None", "Unknown"))
