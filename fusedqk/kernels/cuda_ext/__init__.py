@@ -28,8 +28,8 @@ def load() -> tuple[ModuleType | None, str]:
     try:
         _fusedqk_cuda.array_ndim(mx.zeros((2, 3)))
     except TypeError:
-        return None, ("built against a nanobind ABI that mlx.core does not share (rebuild with "
-                      "the nanobind 3.x that mlx.core was built with)")
+        return None, ("it does not see mlx.core's array type: rebuild with the nanobind mlx.core "
+                      "was built with (3.x) in nanobind domain mlx (CMakeLists.txt does)")
     return _fusedqk_cuda, f"built at {_fusedqk_cuda.__file__}"
 
 
