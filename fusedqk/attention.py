@@ -85,10 +85,7 @@ class FusedQKNormAttention(nn.Module):
         self.kernel_call: str | None = None
         if qkv_norm_rope.kernel_blocker(backend, self.layout, q.scales.dtype) is None:
             kernel = qkv_norm_rope.QKVNormRope(self.layout, q.scales.dtype, backend)
-            # Under mx.compile a call replays its traced graph instead of building the custom
-            # kernel's primitive again: 7-15% off the kernel block on the H100, same bits
-            # (docs/perf-log.md). The C++ primitive is built once already: called directly.
-            self._kernel = kernel if kernel.call == "primitive" else mx.compile(kernel.__call__)
+            self._kernel = qkv_norm_rope.decode_call(kernel)
             self.kernel_call = kernel.call
             self._counters = qkv_norm_rope.new_counters(self.layout)
 

@@ -33,7 +33,7 @@ from fusedqk.atomic import write_json, write_text
 from fusedqk.attention import FusedQKNormAttention
 from fusedqk.envinfo import environment
 from fusedqk.errors import UserError
-from fusedqk.kernels.qkv_norm_rope import QKVNormRope, has_kernel
+from fusedqk.kernels.qkv_norm_rope import QKVNormRope, decode_call, has_kernel
 
 if TYPE_CHECKING:
     from fusedqk.engines.builtin import Prepared
@@ -106,11 +106,9 @@ def interleaved_us(blocks: dict[str, Callable[[], object]], reps: int,
 
 
 def _kernel_fn(m: FusedQKNormAttention, backend: str, call: str | None, launch_only: bool):
-    """One layer's kernel as a decode step calls it (attention.py): the primitive directly,
-    mx.fast.cuda_kernel under mx.compile."""
-    kernel = QKVNormRope(m.layout, m.qkv_scales.dtype, backend, launch_only=launch_only,
-                         call=call)
-    return kernel if kernel.call == "primitive" else mx.compile(kernel.__call__)
+    """One layer's kernel called as a decode step calls it (attention.py)."""
+    return decode_call(QKVNormRope(m.layout, m.qkv_scales.dtype, backend,
+                                   launch_only=launch_only, call=call))
 
 
 def _build_us(fn, reps: int = 20) -> float:

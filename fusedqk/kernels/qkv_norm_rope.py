@@ -518,6 +518,13 @@ def _metal_kernel(eps: float, log2_base: float, launch_only: bool):
     )
 
 
+def decode_call(kernel: QKVNormRope):
+    """How a decode step calls one layer's kernel. Under mx.compile a call replays its traced
+    graph instead of building the custom kernel's primitive again: 7-15% off the kernel block on
+    the H100, same bits (docs/perf-log.md). The C++ primitive is built once already: direct."""
+    return kernel if kernel.call == "primitive" else mx.compile(kernel.__call__)
+
+
 def new_counters(layout: QKVLayout) -> mx.array:
     """Zeroed per-head counters for the last-block pattern. Each launch leaves them at zero, so
     one array serves every step of one layer; two launches that may run concurrently (MLX's CUDA
