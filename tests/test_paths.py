@@ -36,6 +36,21 @@ def test_fused_modules_are_installed_and_swapped(dense_tiny):
     assert not any(isinstance(layer.self_attn, FusedQKNormAttention) for layer in paths.layers)
 
 
+def test_step_inputs_are_the_modules_own_arrays_and_no_parameters(dense_tiny):
+    """A fused layer reads its per-step inputs from one plain object (StepInputs): the same
+    arrays as its parameters, held as an ordinary attribute, not in nn.Module's dict (which
+    Python searches only after its own lookup fails)."""
+    fused = next(m for m in dense_tiny.paths.fused if isinstance(m, FusedQKNormAttention))
+    a = fused.graph_attn
+    own = (fused.qkv_weight, fused.qkv_scales, fused.qkv_biases, a.q_norm.weight,
+           a.k_norm.weight)
+    assert all(s is o for s, o in zip(fused._step.weights, own, strict=True))
+    x = mx.zeros((2, 1, fused.layout.hidden), dtype=mx.bfloat16)
+    inputs = fused.kernel_inputs(x, 5)
+    assert inputs[0] is x and inputs[-2].tolist() == [5, 5] and inputs[-1] is None  # no kernel on cpu
+    assert "_step" not in fused and "_step" in vars(fused)
+
+
 def test_prefill_takes_the_graph_path(dense_tiny, monkeypatch):
     """L > 1 must never reach the fused call; L == 1 must."""
     calls = []

@@ -78,9 +78,14 @@ pipeline)
     mkdir -p .work/results && tar -C .work/results -xzf .work/resume.tar.gz
   fi
   # PIPELINE_ARGS: more Snakemake arguments, e.g. --configfile config/cuda-kernel-only.yaml.
-  timeout -s INT "${PIPELINE_TIMEOUT_S:-540}" $py -m snakemake --cores all --rerun-incomplete \
-    ${PIPELINE_ARGS:-} --config 'backends=[cuda]' results_dir=.work/results run_name="$RUN_NAME" 2>&1 \
-    | tee "$OUT/snakemake.log" | grep -E "Finished|Error|steps" | tail -30
+  # PIPELINE_TIMEOUT_S: at most 540 in a 600-second call. Snakemake takes up to ~40 s to stop its
+  # jobs after the interrupt, and the run comes back only if this script reaches its end: on
+  # 2026-12-01 a call with 560 was killed before packing, and left Snakemake's lock behind.
+  smk=($py -m snakemake --config 'backends=[cuda]' results_dir=.work/results run_name="$RUN_NAME")
+  # A lock left by a killed Snakemake blocks the resume; no other Snakemake runs on this machine.
+  pgrep -f "snakemake --cores" >/dev/null || "${smk[@]}" --unlock >/dev/null 2>&1
+  timeout -s INT "${PIPELINE_TIMEOUT_S:-540}" "${smk[@]}" --cores all --rerun-incomplete \
+    ${PIPELINE_ARGS:-} 2>&1 | tee "$OUT/snakemake.log" | grep -E "Finished|Error|steps" | tail -30
   run_dir=$(ls -d .work/results/cuda-*/"$RUN_NAME" 2>/dev/null | head -1)
   if [ -n "$run_dir" ]; then  # complete or not, it comes back
     tar -C .work/results -czf "$final/run.tar.gz" "$(basename "$(dirname "$run_dir")")/$RUN_NAME"
