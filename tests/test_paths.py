@@ -36,7 +36,7 @@ def test_fused_modules_are_installed_and_swapped(dense_tiny):
     assert not any(isinstance(layer.self_attn, FusedQKNormAttention) for layer in paths.layers)
 
 
-def test_step_inputs_are_the_modules_own_arrays_and_no_parameters(dense_tiny):
+def test_step_inputs_are_the_modules_own_arrays_outside_its_dict(dense_tiny):
     """A fused layer reads its per-step inputs from one plain object (StepInputs): the same
     arrays as its parameters, held as an ordinary attribute, not in nn.Module's dict (which
     Python searches only after its own lookup fails)."""

@@ -83,7 +83,7 @@ pipeline)
   # 2026-12-01 a call with 560 was killed before packing, and left Snakemake's lock behind.
   smk=($py -m snakemake --config 'backends=[cuda]' results_dir=.work/results run_name="$RUN_NAME")
   # A lock left by a killed Snakemake blocks the resume; no other Snakemake runs on this machine.
-  pgrep -f "snakemake --cores" >/dev/null || "${smk[@]}" --unlock >/dev/null 2>&1
+  pgrep -f "snakemake.*--cores" >/dev/null || "${smk[@]}" --unlock >/dev/null 2>&1
   timeout -s INT "${PIPELINE_TIMEOUT_S:-540}" "${smk[@]}" --cores all --rerun-incomplete \
     ${PIPELINE_ARGS:-} 2>&1 | tee "$OUT/snakemake.log" | grep -E "Finished|Error|steps" | tail -30
   run_dir=$(ls -d .work/results/cuda-*/"$RUN_NAME" 2>/dev/null | head -1)
