@@ -6,6 +6,7 @@
 #                                 Nsight Compute device time of one layer per path
 #   tools/device.sh profile       Nsight Compute sections of one fused-kernel launch
 #   tools/device.sh pipeline      the Snakemake pipeline, cuda backend, natively; archive packed
+#                                 (BUILD_EXT=1: build the C++ primitive first)
 #   tools/device.sh primitive     build the C++ primitive (fusedqk build-ext), GPU tests through
 #                                 both kernel calls, blockbench with the primitive's rows
 #   tools/device.sh launchfloor [N]  blockbench's graph, kernel and launch-floor rows, N (3)
@@ -32,6 +33,18 @@ export PATH="$PATH:${CUDA_BIN:-/usr/local/cuda/bin}:$NCU_DIR"
 export PYTHONPATH="$SITE_PACKAGES:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 MLX_PTX_CACHE_DIR="${PTX_CACHE:-/tmp/ptx-cache}"
 py=python3
+
+# The optional C++ primitive (fusedqk build-ext), with fmt's headers from the .deb that travels
+# in .whl/b; the module lands in the tree and stays there for later calls on a warm machine.
+build_ext() {
+  local fmt_deb fmt_args=()
+  fmt_deb="$(ls .whl/b/libfmt-dev_*.deb 2>/dev/null | head -1)"
+  if [ -n "$fmt_deb" ]; then
+    dpkg -x "$fmt_deb" /tmp/fmt && fmt_args=(--fmt-include /tmp/fmt/usr/include)
+  fi
+  $py -m fusedqk build-ext --build-dir /tmp/ext-build "${fmt_args[@]}" 2>&1 | tee "$OUT/build-ext.txt"
+  cp /tmp/ext-build/build.log "$OUT/build-ext.log" 2>/dev/null
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
 $py -m fusedqk env | tee "$OUT/env.txt"
 
@@ -73,7 +86,9 @@ pipeline)
   # machine that went cold resumes from the partial run a previous call brought back, carried
   # as .work/resume.tar.gz. RUN_NAME and FUSEDQK_GIT_COMMIT come from the caller (this copy of
   # the tree has no .git). Snakemake stops cleanly before the device tool's 10-minute limit.
+  # BUILD_EXT=1 builds the C++ primitive first, so that the run calls the kernel through it.
   : "${RUN_NAME:?set RUN_NAME}" "${FUSEDQK_GIT_COMMIT:?set FUSEDQK_GIT_COMMIT}"
+  [ "${BUILD_EXT:-0}" = 1 ] && build_ext && $py -m fusedqk env | grep "kernel call"
   if ! ls -d .work/results/cuda-*/"$RUN_NAME" >/dev/null 2>&1 && [ -f .work/resume.tar.gz ]; then
     mkdir -p .work/results && tar -C .work/results -xzf .work/resume.tar.gz
   fi
@@ -97,13 +112,7 @@ primitive)
   # The optional C++ primitive: built here (nanobind 3.x and fmt's headers travel in .whl/b),
   # then every GPU test through both kernel calls, then blockbench with the primitive's rows and
   # mx.fast.cuda_kernel's side by side. The module stays in the tree for later calls.
-  fmt_deb="$(ls .whl/b/libfmt-dev_*.deb 2>/dev/null | head -1)"
-  fmt_args=()
-  if [ -n "$fmt_deb" ]; then
-    dpkg -x "$fmt_deb" /tmp/fmt && fmt_args=(--fmt-include /tmp/fmt/usr/include)
-  fi
-  $py -m fusedqk build-ext --build-dir /tmp/ext-build "${fmt_args[@]}" 2>&1 | tee "$OUT/build-ext.txt"
-  cp /tmp/ext-build/build.log "$OUT/build-ext.log" 2>/dev/null
+  build_ext
   $py -m fusedqk env > "$OUT/env-primitive.txt" 2>&1; tail -1 "$OUT/env-primitive.txt"
   $py -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests 2>&1 \
     | tee "$OUT/gpu-tests.txt" | tail -15
