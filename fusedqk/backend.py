@@ -8,9 +8,7 @@ from dataclasses import asdict, dataclass
 import mlx.core as mx
 
 from fusedqk.errors import UserError
-from fusedqk.hostinfo import cuda_runtime_version, meminfo, nvidia_smi
-
-BACKENDS = ("cpu", "cuda", "metal")
+from fusedqk.hostinfo import BACKENDS, cuda_runtime_version, meminfo, nvidia_smi
 
 
 def available_backends() -> list[str]:

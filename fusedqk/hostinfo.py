@@ -10,6 +10,8 @@ import platform
 import shutil
 import subprocess
 
+BACKENDS = ("cpu", "cuda", "metal")  # every backend fusedqk knows, MLX present or not
+
 
 def nvidia_smi(query: str) -> str | None:
     """The first GPU's ``--query-gpu`` fields as nvidia-smi prints them, or None."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from fusedqk import registry
-from fusedqk.hostinfo import device_name, gpu_backends, slug
+from fusedqk.hostinfo import BACKENDS, device_name, gpu_backends, slug
 
 MEASUREMENTS = ("bench", "identity", "blockbench")
 
@@ -207,7 +207,7 @@ def plan_for_job(config: dict, run_dirs: list[str]) -> Plan:
         parent, name = os.path.split(run.rstrip("/"))
         root, group = os.path.split(parent)
         backend, _, label = group.partition("-")
-        if not (name and label and backend in ("cpu", "cuda", "metal")):
+        if not (name and label and backend in BACKENDS):
             raise ConfigError(f"a job's run directory {run!r} is not "
                               "<results_dir>/<backend>-<device>/<run_name>")
         if backend not in backends:
