@@ -51,7 +51,7 @@ except WorkflowError as e:
 # command line, `--target-jobs rule:run=...`.)
 _TARGET_RUNS = plan.target_runs(sys.argv) if workflow.remote_exec else []
 try:
-    if workflow.remote_exec and _TARGET_RUNS:
+    if _TARGET_RUNS:
         PLAN = plan.plan_for_job(config, _TARGET_RUNS)
     else:
         PLAN = plan.make_plan(config)
@@ -131,6 +131,18 @@ wildcard_constraints:
 
 def backend_of(wildcards):
     return RUNS[wildcards.run]
+
+
+def measuring_resources(job, runtime):
+    """What a measuring job asks a scheduler for: the host's one measurement slot, a GPU on
+    cuda, memory for its model (plan.job_mem_mb), the whole node on cpu (plan.exclusive_flag)."""
+    return dict(
+        measure=1,
+        gpu=lambda w: int(backend_of(w) == "cuda"),
+        runtime=runtime,
+        mem_mb=lambda w: plan.job_mem_mb(w.model, job),
+        slurm_extra=lambda w: plan.exclusive_flag(backend_of(w)),
+    )
 
 
 def measurements(run):

@@ -34,11 +34,7 @@ rule bench:
         cmd=lambda w: fusedqk(backend_of(w)),
         flags=job_flags("bench"),
     resources:
-        measure=1,
-        gpu=lambda w: int(backend_of(w) == "cuda"),
-        runtime=60,
-        mem_mb=lambda w: plan.job_mem_mb(w.model, "bench"),
-        slurm_extra=lambda w: plan.exclusive_flag(backend_of(w)),
+        **measuring_resources("bench", runtime=60),
     log:
         "{run}/logs/{model}-bench.log",
     shell:
@@ -58,11 +54,7 @@ rule identity:
         cmd=lambda w: fusedqk(backend_of(w)),
         flags=job_flags("identity"),
     resources:
-        measure=1,
-        gpu=lambda w: int(backend_of(w) == "cuda"),
-        runtime=60,
-        mem_mb=lambda w: plan.job_mem_mb(w.model, "identity"),
-        slurm_extra=lambda w: plan.exclusive_flag(backend_of(w)),
+        **measuring_resources("identity", runtime=60),
     log:
         "{run}/logs/{model}-identity.log",
     shell:
@@ -81,11 +73,7 @@ rule blockbench:
         cmd=lambda w: fusedqk(backend_of(w)),
         flags=job_flags("blockbench"),
     resources:
-        measure=1,
-        gpu=lambda w: int(backend_of(w) == "cuda"),
-        runtime=30,
-        mem_mb=lambda w: plan.job_mem_mb(w.model, "blockbench"),
-        slurm_extra=lambda w: plan.exclusive_flag(backend_of(w)),
+        **measuring_resources("blockbench", runtime=30),
     log:
         "{run}/logs/{model}-blockbench.log",
     shell:
