@@ -43,6 +43,21 @@ def test_runs_whose_intervals_do_not_overlap_are_marked_with_what_differs():
     assert compare.render(table, "csv").startswith("backend,model,impl,")
 
 
+def test_the_kernel_call_is_part_of_a_runs_provenance_and_of_what_supersedes_it():
+    # The same card, engine and models: through the C++ primitive one run does not supersede
+    # the other, made through mx.fast.cuda_kernel, and where their intervals part it is named.
+    runs = [compare.summarize(H200 / n) for n in ("20261201-a81f3a50c1", "20261201-b31ecd0bb5")]
+    assert [r.kernel_call for r in runs] == ["cuda_kernel", "primitive"]
+    row = next(r for r in compare.compare(runs)["rows"]
+               if r["model"] == "qwen3-0.6b" and r["impl"] == "kernel")
+    assert "kernel_call" in row["apart"][0]["settings_that_differ"]
+    lines = {ln.split("`")[1]: ln for ln in compare.index(Path("results")).splitlines()
+             if ln.startswith("| [`")}
+    assert lines["cuda-nvidia-h200/20261201-a81f3a50c1"].endswith("| current |")
+    assert "| cuda_kernel |" in lines["cuda-nvidia-h200/20261201-e3538ceb0b-mlx-lm"]
+    assert "| — |" in lines[f"cpu-x86-64/{CPU.name}"]
+
+
 def _sealed_copy_with(tmp_path: Path, edit) -> Path:
     copy = tmp_path / CPU.name
     shutil.copytree(CPU, copy)
