@@ -40,7 +40,6 @@ class RunSummary:
     driver: str
     mlx: str
     mlx_lm: str
-    kernel_call: str  # primitive, cuda_kernel or metal_kernel; "—" where no kernel ran
     instrument: str
     engine: str
     workload: str
@@ -50,6 +49,7 @@ class RunSummary:
     sealed: bool
     failed: list[str] = field(default_factory=list)
     speedups: dict[tuple[str, str], dict] = field(default_factory=dict)  # (model, impl) -> CI
+    kernel_call: str = "—"  # primitive, cuda_kernel or metal_kernel; "—" where no kernel ran
 
 
 def summarize(run_dir: Path, require_seal: bool = True) -> RunSummary:
@@ -85,7 +85,6 @@ def summarize(run_dir: Path, require_seal: bool = True) -> RunSummary:
         finished=max((str(b["meta"].get("finished_at", "")) for b in benches), default=""),
         driver=str(env.get("driver_version") or "—"), mlx=str(env.get("mlx")),
         mlx_lm=str(env.get("mlx_lm")),
-        kernel_call=_kernel_call(run.backend, env, run.models.values()),
         instrument=meta.get("instrument", "in-process, turn-paired") if meta else "none",
         engine=engine, workload=workload,
         rounds="/".join(str(s["rounds"]) for b in benches for s in b["speedups"][:1]),
@@ -96,12 +95,12 @@ def summarize(run_dir: Path, require_seal: bool = True) -> RunSummary:
             ident = (m.identity.get(s["path"]) or {}).get("verdict", "—")
             summary.speedups[(name, s["path"])] = {"point": s["point"], "lo": s["lo"],
                                                    "hi": s["hi"], "identity": ident}
+    summary.kernel_call = _kernel_call(run.backend, env, {path for _, path in summary.speedups})
     return summary
 
 
-def _kernel_call(backend: str, env: dict, models) -> str:
+def _kernel_call(backend: str, env: dict, paths: set[str]) -> str:
     # A run measured the kernel as its own path, or as what "fused" meant (engine runs).
-    paths = {s["path"] for m in models for s in (m.bench or {}).get("speedups", [])}
     if "kernel" not in paths and not ("fused" in paths and env.get("impl") == "kernel"):
         return "—"
     return env.get("kernel_call") or KERNEL_CALL_BEFORE_RECORDED.get(backend, "—")
