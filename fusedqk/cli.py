@@ -272,7 +272,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from fusedqk.engines import measure
 
         spec, backend, where = _engine_target(args)
-        run = measure.bench(spec, args.model, where, backend, settings, argv=sys.argv)
+        run = measure.bench(spec, args.model, where, backend, measure.vocab_size(where), settings,
+                            argv=sys.argv)
     else:
         bench.size_graph_cache()
         prep = _prepare(args)
@@ -332,8 +333,8 @@ def _engine_identity(args: argparse.Namespace) -> int:
 
         os.environ[MLX_CUDNN_SDPA_ENV] = "0"
     spec, backend, where = _engine_target(args)
-    vocab = json.loads((where / "config.json").read_text())["vocab_size"]
-    result = measure.identity(spec, args.model, where, backend, vocab, args.prompt_tokens,
+    result = measure.identity(spec, args.model, where, backend, measure.vocab_size(where),
+                              args.prompt_tokens,
                               args.tokens, args.prompts, args.seed)
     if args.out_dir:
         write_json(Path(args.out_dir) / "identity-fused.json", formats.stamp("identity", result))

@@ -13,11 +13,11 @@ import os
 import shlex
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 
 import yaml
 
 from fusedqk import registry
+from fusedqk.errors import UserError
 from fusedqk.hostinfo import BACKENDS, device_name, gpu_backends, slug
 
 MEASUREMENTS = ("bench", "identity", "blockbench")
@@ -137,24 +137,29 @@ def check_config(config: dict, backends: list[str]) -> None:
         if bench.get("max_rounds") is not None and bench["max_rounds"] < bench["rounds"]:
             raise ConfigError(f"config error: {key}.bench.max_rounds {bench['max_rounds']} is "
                               f"below rounds {bench['rounds']}; accepted: at least rounds")
-        known = names | set(_engine_models(s, key))
+        if engine(s) != "builtin":
+            mapped = _engine_models(s, key)
+            for model in s["models"]:
+                if model not in mapped:
+                    raise ConfigError(f"config error: {key}.models: {model!r} has no entry in the "
+                                      f"engine file's models ({', '.join(mapped)}); add "
+                                      f"`{model}: export` or `{model}: <checkpoint directory>`")
+            continue
         for model in s["models"]:
-            if model not in known:
+            if model not in names:
                 raise ConfigError(f"config error: {key}.models: {model!r} is not a registry model "
-                                  f"({', '.join(sorted(names))}) nor one the engine file names")
+                                  f"({', '.join(sorted(names))})")
 
 
 def _engine_models(settings: dict, key: str) -> list[str]:
-    """The model names a command engine's file maps (to a directory or to ``export``)."""
-    if engine(settings) == "builtin":
-        return []
-    path = Path(engine(settings))
+    """The model names a command engine's file maps (to a directory or to ``export``), after
+    the whole file is checked: a broken engine file stops the run before any job."""
+    from fusedqk.engines.command import load_engine
+
     try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"config error: {key}.engine {str(path)!r}: cannot be read "
-                          f"({str(e).strip().splitlines()[0]})") from None
-    return list((doc or {}).get("models") or {}) if isinstance(doc, dict) else []
+        return list(load_engine(engine(settings)).models)
+    except UserError as e:
+        raise ConfigError(f"config error: {key}.engine: {e}") from None
 
 
 def check_backends(config: dict, backends: list[str]) -> None:

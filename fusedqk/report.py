@@ -23,6 +23,7 @@ from fusedqk.archive import MANIFEST, RunData, load_run, read_json, verify, writ
 from fusedqk.atomic import write_bytes, write_text
 from fusedqk.errors import UserError
 from fusedqk.registry import size_order
+from fusedqk.toggle import ENV_TOGGLE
 
 PLOT_META = {"Software": None}  # no version strings in the PNGs: re-renders are byte-identical
 
@@ -248,6 +249,8 @@ def context(run: RunData) -> dict:
             "latency": latency_rows(run), "env_rows": main_env, "env_folded": folded_env,
             "bench": bench_rows, "identity": ident_rows,
             "engine_identity": engine_rows, "instrument": instrument, "engine": engine,
+            "toggle_variable": (engine or {}).get("toggle") or ("the engine's toggle" if engine
+                                                                 else ENV_TOGGLE),
             "round_notes": round_notes, "lock_notes": lock_notes, "drift_notes": drift_notes,
             "estimator": estimator,
             "blockbench": block_rows, "failed": failed, "env": run.environment,
@@ -258,7 +261,7 @@ def context(run: RunData) -> dict:
 def _env() -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.PackageLoader("fusedqk", "templates"),
-        autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True,
+        autoescape=jinja2.select_autoescape(["html", "html.j2"]), trim_blocks=True, lstrip_blocks=True,
         undefined=jinja2.StrictUndefined)
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import pytest
 
@@ -31,3 +35,19 @@ def small_cpu_workload() -> str:
     return ("backend_settings={cpu: {models: [qwen3-tiny], bench: {rounds: 3, prompt_tokens: 8, "
             "generation_tokens: 8, chunk_tokens: 4}, identity: {prompt_tokens: 8, tokens: 8, "
             "prompts: 1}, blockbench: {reps: 3}}}")
+
+
+@pytest.fixture
+def fake_mlxcel(tmp_path, monkeypatch) -> Path:
+    """`mlxcel` and `mlxcel-bench-decode` in front of PATH: wrapper scripts (a process tree, as
+    a launcher-installed binary would be) around tests/fakes/mlxcel.py, the strict stand-in made
+    from mlxcel's source."""
+    fake = Path(__file__).resolve().parent / "fakes" / "mlxcel.py"
+    bin_dir = tmp_path / "fake-mlxcel-bin"
+    bin_dir.mkdir()
+    for name in ("mlxcel", "mlxcel-bench-decode"):
+        script = bin_dir / name
+        script.write_text(f'#!/bin/sh\nexec {sys.executable} {fake} {name} "$@"\n')
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return bin_dir

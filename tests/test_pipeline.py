@@ -178,11 +178,14 @@ def test_a_run_whose_every_model_fails_is_still_reported_and_sealed(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine, model", [("mlx-lm", "qwen3-moe-tiny"),
-                                           ("fusedqk-generate", "qwen3-tiny")])
-def test_the_pipeline_runs_end_to_end_with_a_command_engine(engine, model, tmp_path):
-    # A tiny model through an engine's own command line (each engine one of the two, so both
-    # architectures are covered): bench, identity, decide, report and manifest; the checkpoint
-    # is fusedqk's export, made once by the first job that needs it.
+                                           ("fusedqk-generate", "qwen3-tiny"),
+                                           ("mlxcel", "qwen3-tiny")])
+def test_the_pipeline_runs_end_to_end_with_a_command_engine(engine, model, tmp_path, request):
+    # A tiny model through an engine's own command line (mlx-lm and fusedqk-generate one of the
+    # two architectures each; mlxcel through its strict stand-in): bench, identity, decide,
+    # report and manifest; the checkpoint is fusedqk's export, made once by the first job.
+    if engine == "mlxcel":
+        request.getfixturevalue("fake_mlxcel")
     overlay = {"checkpoints_dir": str(tmp_path / "ckpt"), "backend_settings": {"cpu": {
         "engine": f"config/engines/{engine}.yaml", "models": [model],
         "bench": {"prompt_tokens": 8, "generation_tokens": 16, "rounds": 2, "warmup": 1,

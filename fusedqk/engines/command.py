@@ -1,58 +1,80 @@
 """Command engines: any engine measured through its command line, defined by a YAML file.
 
 An engine file (``config/engines/*.yaml``, docs/engines.md) names two **arms**, the graph path
-and the fused path, as environment settings of the same commands; a **bench** command template
-and how to read decode tok/s (and, where printed, prompt tok/s and peak memory) from its
-output; an **identity** command template (greedy decoding) and what to compare from its output;
-and where each model's checkpoint is. Templates are argument lists: placeholders are replaced
-inside single arguments and nothing passes through a shell, so no value can inject a command.
+and the fused path, as environment settings of the same commands (and, with ``toggle``, which
+variable is the switch and which of its values mean on and off); a **bench** command template
+and how to read decode tok/s (and, where printed, prompt tok/s, peak memory and the number of
+tokens decoded) from its output; an **identity** command template (greedy decoding) and how to
+find the generated tokens in its output; and where each model's checkpoint is. Templates are
+argument lists: placeholders are replaced inside single arguments and nothing passes through a
+shell, so no value can inject a command.
+
+Every key is checked at load against ``fusedqk/data/engine.schema.json`` and then for what a
+schema cannot say (regular expressions, placeholders per command, the arms against the toggle),
+each problem one line naming the file and the key.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
+import jsonschema
+import regex
 import yaml
 
+from fusedqk.engines.process import MAX_OUTPUT_BYTES, EngineFailure, Finished, run_bounded
 from fusedqk.errors import UserError
 
 ARMS = ("graph", "fused")
+_COMMON = {"python": "the Python running fusedqk", "model": "the registry name",
+           "model_path": "the checkpoint directory", "prompt_tokens": "prompt length",
+           "seed": "the run's seed"}
 PLACEHOLDERS = {
-    "python": "the Python running fusedqk", "model": "the registry name",
-    "model_path": "the checkpoint directory", "prompt_tokens": "prompt length",
-    "generation_tokens": "tokens to generate (bench)", "warmup_tokens": "warm-up tokens (bench)",
-    "seed": "the run's seed", "prompt": "the identity prompt's text",
-    "prompt_seed": "the identity prompt's seed", "max_tokens": "tokens to generate (identity)",
+    "bench": {**_COMMON, "generation_tokens": "tokens to generate",
+              "warmup_tokens": "warm-up tokens (bench.warmup x generation_tokens)",
+              "prompt": "a seeded prompt of prompt_tokens words"},
+    "identity": {**_COMMON, "prompt": "the identity prompt's text",
+                 "prompt_seed": "the identity prompt's seed", "max_tokens": "tokens to generate"},
+    "version": {"python": _COMMON["python"]},
 }
-METRICS = ("decode_tok_s", "prefill_tok_s", "peak_memory_gb", "peak_memory_bytes")
-_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+METRICS = ("decode_tok_s", "prefill_tok_s", "peak_memory_gb", "peak_memory_bytes", "generated_tokens")
+_PLACEHOLDER = regex.compile(r"\{(\w+)\}")
 TIMEOUT_S = 600
+ON, OFF, DEFAULT = "on", "off", "default"
 
 
-class EngineFailure(Exception):
-    """One run of an engine's command failed: the message is the one line the report shows."""
+def _schema() -> dict:
+    return json.loads(resources.files("fusedqk").joinpath("data/engine.schema.json").read_text())
 
 
 @dataclass(frozen=True)
 class Reader:
     """How to read values from a command's output: regexes with a group ``value`` (the last
-    match counts), or fields of the last JSON line that has them."""
+    match counts), or fields of the last JSON line that has them. Matching runs under the time
+    the run has left, so no pattern can hang a measurement."""
 
-    regex: dict[str, re.Pattern] = field(default_factory=dict)
+    label: str  # "engine <name>, <key>": names the reader in every failure
+    regex: dict[str, regex.Pattern] = field(default_factory=dict)
     json_fields: dict[str, str] = field(default_factory=dict)
 
-    def read(self, output: str, names: tuple[str, ...], required: tuple[str, ...]) -> dict:
+    def reads(self, name: str) -> bool:
+        return name in self.regex or name in self.json_fields
+
+    def read(self, output: str, names: tuple[str, ...], required: tuple[str, ...],
+             timeout_s: float) -> dict:
         found: dict = {}
         for name in names:
             if name in self.regex:
-                matches = list(self.regex[name].finditer(output))
+                try:
+                    matches = list(self.regex[name].finditer(output, timeout=max(timeout_s, 0.01)))
+                except TimeoutError:
+                    raise EngineFailure(f"{self.label}.regex.{name}: reading the output took "
+                                        "longer than the run's timeout_s") from None
                 if matches:
                     found[name] = matches[-1].group("value")
             elif name in self.json_fields:
@@ -64,7 +86,8 @@ class Reader:
         missing = [n for n in required if n not in found]
         if missing:
             tail = (output.strip().splitlines() or ["no output"])[-1][:160]
-            raise EngineFailure(f"output has no {', '.join(missing)} (last line: {tail!r})")
+            raise EngineFailure(f"{self.label}: the output has no {', '.join(missing)} "
+                                f"(last line: {tail!r})")
         return found
 
 
@@ -74,9 +97,37 @@ def _json_object(line: str) -> dict | None:
         return None
     try:
         doc = json.loads(line)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None
+
+
+@dataclass(frozen=True)
+class Toggle:
+    """The engine's switch: the variable, the values it takes as on, as off (None: anything not
+    on), and what it does when the variable is unset (``default``: the engine decides)."""
+
+    variable: str
+    on: tuple[str, ...]
+    off: tuple[str, ...] | None = None
+    unset: str = OFF
+    case_insensitive: bool = False
+
+    def meaning(self, env: dict[str, str]) -> str | None:
+        """on, off or default for this environment; None where the value means neither."""
+        if self.variable not in env:
+            return self.unset
+        norm = (lambda v: v.lower()) if self.case_insensitive else (lambda v: v)
+        value = norm(env[self.variable])
+        if value in {norm(v) for v in self.on}:
+            return ON
+        if self.off is None or value in {norm(v) for v in self.off}:
+            return OFF
+        return None
+
+    def accepted(self) -> str:
+        off = ", ".join(map(repr, self.off)) if self.off else "anything else"
+        return f"on: {', '.join(map(repr, self.on))}; off: {off}; unset means {self.unset}"
 
 
 @dataclass(frozen=True)
@@ -89,7 +140,8 @@ class Command:
 @dataclass(frozen=True)
 class IdentityCommand(Command):
     compare: str = "text"  # "tokens" (a list of ids read from a JSON field) or "text"
-    strip: tuple[re.Pattern, ...] = ()  # lines dropped from the text before comparing
+    generated: regex.Pattern | None = None  # finds the generated text in standard output
+    echoes_prompt: bool = False  # the generated text starts with the prompt, dropped before comparing
 
 
 @dataclass(frozen=True)
@@ -97,14 +149,23 @@ class EngineSpec:
     name: str
     source: str
     arms: dict[str, dict[str, str]]  # arm -> environment it sets
-    expect: dict[str, re.Pattern]  # arm -> a line its output must hold (the toggle took effect)
+    expect: dict[str, regex.Pattern]  # arm -> a line its output must hold (the toggle took effect)
     bench: Command
     identity: IdentityCommand
     models: dict[str, str]  # registry name -> checkpoint directory, or "export"
+    toggle: Toggle | None = None
     version_command: list[str] | None = None
+    derived_from: str = ""
+    max_output_bytes: int = MAX_OUTPUT_BYTES
+
+    @property
+    def variable(self) -> str | None:
+        """The environment variable that switches the fused path, where the file declares it."""
+        return self.toggle.variable if self.toggle else None
 
     def describe(self) -> dict:
         return {"name": self.name, "file": self.source, "arms": self.arms,
+                "toggle": self.variable, "derived_from": self.derived_from or None,
                 "expect": {arm: p.pattern for arm, p in self.expect.items()},
                 "bench": self.bench.argv, "identity": self.identity.argv,
                 "version": self.version()}
@@ -114,12 +175,13 @@ class EngineSpec:
         if not self.version_command:
             return None
         try:
-            out = subprocess.run(render(self.version_command, {"python": sys.executable}),
-                                 capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.SubprocessError):
+            out = run_bounded(render(self.version_command, {"python": sys.executable}),
+                              dict(os.environ), 60, f"engine {self.name}, version",
+                              self.max_output_bytes)
+        except EngineFailure:
             return None
         text = (out.stdout.strip() or out.stderr.strip()).splitlines()
-        return text[0][:200] if out.returncode == 0 and text else None
+        return text[0][:200] if text else None
 
     def checkpoint(self, model: str) -> str:
         if model not in self.models:
@@ -135,154 +197,192 @@ def render(template: list[str], values: dict[str, object]) -> list[str]:
     return [one(a) for a in template]
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (the second would silently win)."""
+
+
+def _mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
 def _fail(source: str, key: str, message: str) -> UserError:
     return UserError(f"engine {source}: {key}: {message}")
 
 
-def _str_list(source: str, key: str, value: object) -> list[str]:
-    if not isinstance(value, list) or not value or not all(isinstance(v, str | int) for v in value):
-        raise _fail(source, key, "give the command as a non-empty list of arguments")
-    argv = [str(v) for v in value]
-    for arg in argv:
-        for name in _PLACEHOLDER.findall(arg):
-            if name not in PLACEHOLDERS:
-                raise _fail(source, key, f"placeholder {{{name}}} is unknown; accepted: "
-                            + ", ".join("{" + p + "}" for p in PLACEHOLDERS))
-    return argv
-
-
-def _reader(source: str, key: str, doc: dict, names: tuple[str, ...]) -> Reader:
-    regex, fields = {}, {}
-    for name, pattern in (doc.get("regex") or {}).items():
-        if name not in names:
-            raise _fail(source, f"{key}.regex.{name}", f"not a value it reads; accepted: {', '.join(names)}")
-        try:
-            compiled = re.compile(pattern, re.MULTILINE)
-        except (re.error, TypeError) as e:
-            raise _fail(source, f"{key}.regex.{name}", f"not a regular expression ({e})") from None
-        if "value" not in compiled.groupindex:
-            raise _fail(source, f"{key}.regex.{name}", "needs a named group (?P<value>...)")
-        regex[name] = compiled
-    for name, json_field in (doc.get("json") or {}).items():
-        if name not in names or not isinstance(json_field, str):
-            raise _fail(source, f"{key}.json.{name}", f"map one of {', '.join(names)} to a field name")
-        fields[name] = json_field
-    return Reader(regex, fields)
-
-
-def _timeout(source: str, key: str, doc: dict) -> float:
-    value = doc.get("timeout_s", TIMEOUT_S)
-    if not isinstance(value, int | float) or isinstance(value, bool) or not 1 <= value <= 86400:
-        raise _fail(source, f"{key}.timeout_s", "give seconds from 1 to 86400")
-    return float(value)
-
-
-def load_engine(path: str | Path) -> EngineSpec:
-    """Read and check an engine file; every problem is one line naming the key."""
-    path = Path(path)
+def _read_doc(path: Path) -> dict:
     source = str(path)
     if not path.is_file():
         raise UserError(f"--engine {source!r}: no such file; give `builtin` or an engine YAML "
                         "file (config/engines/*.yaml)")
     try:
-        doc = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"engine {source}: not a text file (UTF-8 YAML expected)") from None
+    except OSError as e:
+        raise UserError(f"engine {source}: cannot be read ({e.strerror})") from None
+    try:
+        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader that refuses duplicate keys
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"engine {source}: not valid YAML{where}") from None
+        problem = getattr(e, "problem", None) or "malformed"
+        raise UserError(f"engine {source}: not valid YAML{where} ({problem})") from None
     if not isinstance(doc, dict):
         raise UserError(f"engine {source}: expected a mapping with name, arms, bench, identity, models")
-    known = {"name", "arms", "bench", "identity", "models", "version", "about"}
-    for key in doc:
-        if key not in known:
-            raise _fail(source, str(key), f"unknown key; accepted: {', '.join(sorted(known))}")
-    for key in ("name", "arms", "bench", "identity", "models"):
-        if key not in doc:
-            raise _fail(source, key, "missing")
-    arms = doc["arms"]
-    if not isinstance(arms, dict) or set(arms) != set(ARMS):
-        raise _fail(source, "arms", "give exactly two arms, graph and fused, each {env: {VAR: value}}")
-    envs, expect = {}, {}
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(_schema()).iter_errors(doc))
+    if error is not None:
+        raise _fail(source, ".".join(str(p) for p in error.absolute_path) or "file",
+                    _schema_message(error))
+    return doc
+
+
+def _schema_message(error: jsonschema.ValidationError) -> str:
+    """jsonschema's complaint in a user's words: unknown keys with the accepted ones, and what
+    the key holds (the schema's description) where it has one."""
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        known = error.schema.get("properties", {})
+        extra = sorted(str(k) for k in error.instance if k not in known)
+        return (f"unknown key {', '.join(map(repr, extra))}; accepted: "
+                f"{', '.join(sorted(known))}")
+    message = error.message if len(error.message) <= 160 else error.message[:157] + "..."
+    hint = error.schema.get("description") if isinstance(error.schema, dict) else None
+    return f"{message}; {hint}" if hint else message
+
+
+def _pattern(source: str, key: str, text: str, group: bool = True) -> regex.Pattern:
+    try:
+        compiled = regex.compile(text, regex.MULTILINE)
+    except regex.error as e:
+        raise _fail(source, key, f"not a regular expression ({e})") from None
+    if group and "value" not in compiled.groupindex:
+        raise _fail(source, key, "needs a named group (?P<value>...)")
+    return compiled
+
+
+def _argv(source: str, key: str, value: list, allowed: dict[str, str]) -> list[str]:
+    argv = [str(v) for v in value]
+    for arg in argv:
+        if "\0" in arg:
+            raise _fail(source, key, "an argument holds a NUL byte")
+        for name in _PLACEHOLDER.findall(arg):
+            if name not in allowed:
+                raise _fail(source, key, f"placeholder {{{name}}} is not one of this command's; "
+                            "accepted: " + ", ".join("{" + p + "}" for p in allowed))
+    return argv
+
+
+def _reader(source: str, key: str, doc: dict, name: str) -> Reader:
+    regexes = {k: _pattern(source, f"{key}.regex.{k}", v) for k, v in (doc.get("regex") or {}).items()}
+    both = set(regexes) & set(doc.get("json") or {})
+    if both:
+        raise _fail(source, key, f"{', '.join(sorted(both))} read both by regex and json: give one")
+    return Reader(f"engine {name}, {key}", regexes, dict(doc.get("json") or {}))
+
+
+def _env(source: str, key: str, env: dict) -> dict[str, str]:
+    out = {}
+    for k, v in env.items():
+        if isinstance(v, bool):
+            raise _fail(source, f"{key}.{k}", "quote the value (a YAML true/false is not a value)")
+        if "\0" in str(v):
+            raise _fail(source, f"{key}.{k}", "the value holds a NUL byte")
+        out[str(k)] = str(v)
+    return out
+
+
+def _toggle(doc: dict | None) -> Toggle | None:
+    if doc is None:
+        return None
+    return Toggle(doc["variable"], tuple(doc["on_values"]),
+                  tuple(doc["off_values"]) if "off_values" in doc else None,
+                  doc.get("unset", OFF), doc.get("case_insensitive", False))
+
+
+def _check_arms(source: str, envs: dict[str, dict[str, str]], toggle: Toggle | None) -> None:
+    if toggle is None:
+        if envs["graph"] == envs["fused"]:
+            raise _fail(source, "arms", "the graph and fused arms set the same environment, so they "
+                        "run the same command: nothing would be compared (make the toggle differ)")
+        return
+    wanted = {"graph": OFF, "fused": ON}
     for arm in ARMS:
-        if isinstance(arms[arm], dict) and arms[arm].get("expect") is not None:
-            try:
-                expect[arm] = re.compile(str(arms[arm]["expect"]), re.MULTILINE)
-            except re.error as e:
-                raise _fail(source, f"arms.{arm}.expect", f"not a regular expression ({e})") from None
-        env = (arms[arm] or {}).get("env", {}) if isinstance(arms[arm], dict) else None
-        if not isinstance(env, dict) or not all(isinstance(v, str | int | float) and not isinstance(v, bool)
-                                                for v in env.values()):
-            raise _fail(source, f"arms.{arm}.env", "give a mapping of variable -> value (quote values)")
-        envs[arm] = {str(k): str(v) for k, v in env.items()}
-    if envs["graph"] == envs["fused"]:
-        raise _fail(source, "arms", "the graph and fused arms set the same environment, so they run "
-                    "the same command: nothing would be compared (make the toggle differ)")
+        meaning = toggle.meaning(envs[arm])
+        if meaning != wanted[arm]:
+            shown = envs[arm].get(toggle.variable)
+            value = "unset" if shown is None else repr(shown)
+            says = "means neither" if meaning is None else f"means {meaning}"
+            raise _fail(source, f"arms.{arm}.env.{toggle.variable}",
+                        f"{value} {says} to the engine, and the {arm} arm must be {wanted[arm]} "
+                        f"({toggle.accepted()})")
+
+
+def load_engine(path: str | Path) -> EngineSpec:
+    """Read and check an engine file; every problem is one line naming the file and the key."""
+    path = Path(path)
+    source = str(path)
+    doc = _read_doc(path)
+    name = doc["name"]
+    toggle = _toggle(doc.get("toggle"))
+    envs = {arm: _env(source, f"arms.{arm}.env", (doc["arms"][arm] or {}).get("env", {}))
+            for arm in ARMS}
+    _check_arms(source, envs, toggle)
+    expect = {arm: _pattern(source, f"arms.{arm}.expect", doc["arms"][arm]["expect"], group=False)
+              for arm in ARMS if doc["arms"][arm].get("expect")}
     bench, ident = doc["bench"], doc["identity"]
-    if not isinstance(bench, dict) or not isinstance(ident, dict):
-        raise _fail(source, "bench/identity", "each is a mapping with a command")
-    bench_reader = _reader(source, "bench", bench, METRICS)
-    if "decode_tok_s" not in {**bench_reader.regex, **bench_reader.json_fields}:
+    bench_reader = _reader(source, "bench", bench, name)
+    if not bench_reader.reads("decode_tok_s"):
         raise _fail(source, "bench", "say how to read decode_tok_s (regex or json)")
     compare = ident.get("compare", "text")
-    if compare not in ("text", "tokens"):
-        raise _fail(source, "identity.compare", "accepted: text, tokens")
-    ident_reader = _reader(source, "identity", ident, ("tokens",))
+    ident_reader = _reader(source, "identity", ident, name)
     if compare == "tokens" and "tokens" not in ident_reader.json_fields:
         raise _fail(source, "identity", "compare: tokens needs json: {tokens: <field>}")
-    strip = []
-    for i, pattern in enumerate(ident.get("strip", []) or []):
-        try:
-            strip.append(re.compile(pattern))
-        except (re.error, TypeError) as e:
-            raise _fail(source, f"identity.strip[{i}]", f"not a regular expression ({e})") from None
-    models = doc["models"]
-    if not isinstance(models, dict) or not models:
-        raise _fail(source, "models", "give registry model -> `export` or a checkpoint directory")
-    version = doc.get("version")
+    if compare == "text" and "generated" not in ident:
+        raise _fail(source, "identity.generated", "compare: text needs a regular expression whose "
+                    "group (?P<value>...) is the generated text alone (banners and timing lines "
+                    "are not the engine's output)")
+    generated = (_pattern(source, "identity.generated", ident["generated"])
+                 if "generated" in ident else None)
     return EngineSpec(
-        name=str(doc["name"]), source=source, arms=envs, expect=expect,
-        bench=Command(_str_list(source, "bench.command", bench.get("command")),
-                      _timeout(source, "bench", bench), bench_reader),
-        identity=IdentityCommand(_str_list(source, "identity.command", ident.get("command")),
-                                 _timeout(source, "identity", ident), ident_reader, compare,
-                                 tuple(strip)),
-        models={str(k): str(v) for k, v in models.items()},
-        version_command=_str_list(source, "version", version) if version else None)
+        name=name, source=source, arms=envs, expect=expect, toggle=toggle,
+        bench=Command(_argv(source, "bench.command", bench["command"], PLACEHOLDERS["bench"]),
+                      float(bench.get("timeout_s", TIMEOUT_S)), bench_reader),
+        identity=IdentityCommand(
+            _argv(source, "identity.command", ident["command"], PLACEHOLDERS["identity"]),
+            float(ident.get("timeout_s", TIMEOUT_S)), ident_reader, compare, generated,
+            bool(ident.get("echoes_prompt", False))),
+        models=dict(doc["models"]),
+        version_command=(_argv(source, "version", doc["version"], PLACEHOLDERS["version"])
+                         if doc.get("version") else None),
+        derived_from=doc.get("source", ""),
+        max_output_bytes=doc.get("max_output_bytes", MAX_OUTPUT_BYTES))
 
 
-@dataclass
-class Outcome:
-    stdout: str
-    stderr: str
-    wall_s: float
-
-    @property
-    def output(self) -> str:
-        """Both streams: where a bench's figures are read (engines print them on either)."""
-        return self.stdout + "\n" + self.stderr
-
-
-def run_arm(spec: EngineSpec, command: Command, arm: str, values: dict[str, object]) -> Outcome:
-    """One fresh process of ``command`` for ``arm``; a missing binary, a non-zero exit or a hang
-    is an ``EngineFailure`` naming it."""
+def run_arm(spec: EngineSpec, command: Command, arm: str, values: dict[str, object]) -> Finished:
+    """One fresh process of ``command`` for ``arm``, bounded (``engines.process``); a missing
+    binary, a non-zero exit, a hang, an output flood or a missing ``expect`` line is an
+    ``EngineFailure`` naming the engine, the command and the arm."""
+    key = "bench" if command is spec.bench else "identity"
     argv = render(command.argv, {"python": sys.executable, **values})
-    env = {**os.environ, **spec.arms[arm]}
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=command.timeout_s,
-                              env=env, stdin=subprocess.DEVNULL)
-    except FileNotFoundError:
-        raise EngineFailure(f"{arm} arm: command {argv[0]!r} not found") from None
-    except subprocess.TimeoutExpired:
-        raise EngineFailure(f"{arm} arm: {argv[0]} did not finish in {command.timeout_s:g} s "
-                            "(timeout_s)") from None
-    except OSError as e:
-        raise EngineFailure(f"{arm} arm: {argv[0]} could not start ({e.strerror})") from None
-    if proc.returncode != 0:
-        last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1][:200]
-        raise EngineFailure(f"{arm} arm: {argv[0]} exited with status {proc.returncode}: {last}")
-    out = Outcome(proc.stdout, proc.stderr, time.perf_counter() - start)
-    if arm in spec.expect and not spec.expect[arm].search(out.output):
-        raise EngineFailure(f"{arm} arm: its output lacks {spec.expect[arm].pattern!r} (arms.{arm}."
-                            "expect): the toggle did not take effect, so the arms may not differ")
+    out = run_bounded(argv, {**os.environ, **spec.arms[arm]}, command.timeout_s,
+                      f"engine {spec.name}, {key}, {arm} arm", spec.max_output_bytes)
+    if arm in spec.expect:
+        try:
+            seen = spec.expect[arm].search(out.output, timeout=max(out.time_left(), 0.01))
+        except TimeoutError:
+            raise EngineFailure(f"engine {spec.name}, arms.{arm}.expect: matching took longer than "
+                                "the run's timeout_s") from None
+        if not seen:
+            raise EngineFailure(f"engine {spec.name}, {key}, {arm} arm: its output lacks "
+                                f"{spec.expect[arm].pattern!r} (arms.{arm}.expect): the toggle did "
+                                "not take effect, so the arms may not differ")
     return out

@@ -13,6 +13,7 @@ first prompt again in a fresh process. EQUAL / DIFFERS / INCONCLUSIVE as ``fused
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -24,7 +25,8 @@ import pandas as pd
 from fusedqk import stats
 from fusedqk.bench import BenchRun, BenchSettings, stop_reason
 from fusedqk.decide import variety_line
-from fusedqk.engines.command import ARMS, METRICS, EngineFailure, EngineSpec, Outcome, run_arm
+from fusedqk.engines.command import ARMS, METRICS, EngineSpec, run_arm
+from fusedqk.engines.process import EngineFailure, Finished
 from fusedqk.envinfo import environment, now_utc
 from fusedqk.errors import UserError
 from fusedqk.identity import first_divergence, verdict
@@ -56,51 +58,70 @@ def checkpoint_dir(spec: EngineSpec, model: str, bits: int, group_size: int, dty
     return out
 
 
+def vocab_size(checkpoint: Path) -> int:
+    """The checkpoint's vocabulary size (its config.json), for the seeded prompts."""
+    path = Path(checkpoint) / "config.json"
+    try:
+        value = json.loads(path.read_text()).get("vocab_size")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        raise UserError(f"checkpoint {str(checkpoint)!r}: no readable config.json (an MLX checkpoint "
+                        "directory has one)") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 3:
+        raise UserError(f"checkpoint {str(checkpoint)!r}: config.json vocab_size {value!r} is not a "
+                        "vocabulary size")
+    return value
+
+
 def _note(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def bench(spec: EngineSpec, model: str, path: Path, backend: str, settings: BenchSettings,
-          argv: list[str] | None = None) -> BenchRun:
-    """Whole-process rounds of both arms; raises EngineFailure on the first failed run."""
+def bench(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size: int,
+          settings: BenchSettings, argv: list[str] | None = None) -> BenchRun:
+    """Whole-process rounds of both arms; raises EngineFailure on the first failed run. A round
+    whose arms decoded different numbers of tokens (an early end of sequence in one of them) is
+    refused, recorded in ``meta.refused_rounds``, and never enters the speedup."""
     result = BenchRun(settings, list(ARMS))
     result.meta = {"started_at": now_utc(), "argv": argv or [], "instrument": INSTRUMENT,
-                   "engine": spec.describe(), "model_path": str(path)}
+                   "engine": spec.describe(), "model_path": str(path), "round_wall_s": [],
+                   "refused_rounds": []}
     values = {"model": model, "model_path": path, "prompt_tokens": settings.prompt_tokens,
               "generation_tokens": settings.generation_tokens,
-              "warmup_tokens": settings.warmup * settings.generation_tokens, "seed": settings.seed}
+              "warmup_tokens": settings.warmup * settings.generation_tokens, "seed": settings.seed,
+              "prompt": prompt_text(vocab_size, settings.prompt_tokens, settings.seed)}
     order_rng = np.random.default_rng(settings.seed)
     ratios: list[float] = []
-    result.meta["round_wall_s"] = []
     speedup = None
     for rnd in range(settings.round_limit):
         start = time.perf_counter()
-        tok_s = {}
-        for slot, i in enumerate(order_rng.permutation(len(ARMS))):
-            arm = ARMS[i]
-            out = run_arm(spec, spec.bench, arm, values)
-            read = spec.bench.reader.read(out.output, METRICS, ("decode_tok_s",))
-            tok_s[arm] = _positive(read["decode_tok_s"], "decode_tok_s", arm)
-            prefill = read.get("prefill_tok_s")
-            memory = (float(read["peak_memory_bytes"]) if "peak_memory_bytes" in read else
-                      float(read["peak_memory_gb"]) * 1e9 if "peak_memory_gb" in read else None)
-            result.trials.append({
-                "model": model, "backend": backend, "path": arm, "round": rnd, "slot": slot,
-                "prompt_tokens": settings.prompt_tokens,
-                "generation_tokens": settings.generation_tokens,
-                "prefill_tok_s": float(prefill) if prefill is not None else None,
-                "decode_s": settings.generation_tokens / tok_s[arm], "decode_tok_s": tok_s[arm],
-                "process_wall_s": out.wall_s,
-                "peak_memory_bytes": int(memory) if memory is not None else None,
-            })
+        trials = [_bench_trial(spec, arm, slot, rnd, values, settings, model, backend)
+                  for slot, arm in enumerate(ARMS[i] for i in order_rng.permutation(len(ARMS)))]
+        result.meta["round_wall_s"].append(time.perf_counter() - start)
+        decoded = {t["path"]: t["generated_tokens"] for t in trials}
+        if len(set(decoded.values())) > 1:
+            result.meta["refused_rounds"].append({"round": rnd, "generated_tokens": decoded})
+            _note(f"round {rnd + 1}: refused, the arms decoded {decoded} tokens (an early end "
+                  "of sequence); its speeds are not comparable")
+            if len(result.meta["refused_rounds"]) > settings.round_limit // 2:
+                raise EngineFailure(f"engine {spec.name}, bench: {len(result.meta['refused_rounds'])}"
+                                    " rounds refused because the arms decoded different numbers of "
+                                    f"tokens (last: {decoded}); check the engine's end-of-sequence "
+                                    "handling")
+            continue
+        result.trials += trials
+        tok_s = {t["path"]: t["decode_tok_s"] for t in trials}
         ratios.append(tok_s["fused"] / tok_s["graph"])
         speedup = stats.speedup_ci(ratios, seed=settings.seed, p_value=stats.paired_p(ratios))
-        result.meta["round_wall_s"].append(time.perf_counter() - start)
         _note(f"round {rnd + 1} of at most {settings.round_limit}: fused {speedup.point:.3f} "
               f"± {speedup.relative_half_width:.1%}")
-        result.meta["stopped"] = stop_reason(settings, rnd + 1, {"fused": speedup})
+        result.meta["stopped"] = stop_reason(settings, len(ratios), {"fused": speedup})
         if result.meta["stopped"]:
             break
+    if speedup is None:
+        raise EngineFailure(f"engine {spec.name}, bench: every round was refused")
+    if result.meta["refused_rounds"]:
+        result.warnings.append(f"{len(result.meta['refused_rounds'])} round(s) refused: the arms "
+                               "decoded different numbers of tokens")
     result.meta.update({"finished_at": now_utc(), "environment": environment()})
     df = pd.DataFrame(result.trials)
     for arm in ARMS:
@@ -124,19 +145,51 @@ def bench(spec: EngineSpec, model: str, path: Path, backend: str, settings: Benc
     return result
 
 
+def _bench_trial(spec: EngineSpec, arm: str, slot: int, rnd: int, values: dict, settings: BenchSettings,
+                 model: str, backend: str) -> dict:
+    """One fresh process of the bench command for ``arm``, and what it reported."""
+    who = f"engine {spec.name}, bench, {arm} arm"
+    out = run_arm(spec, spec.bench, arm, values)
+    read = spec.bench.reader.read(out.output, METRICS, ("decode_tok_s",), out.time_left())
+    tok_s = _positive(read["decode_tok_s"], "decode_tok_s", who)
+    decoded = (_count(read["generated_tokens"], who) if "generated_tokens" in read
+               else settings.generation_tokens)
+    prefill = read.get("prefill_tok_s")
+    memory = (_positive(read["peak_memory_bytes"], "peak_memory_bytes", who)
+              if "peak_memory_bytes" in read else
+              _positive(read["peak_memory_gb"], "peak_memory_gb", who) * 1e9
+              if "peak_memory_gb" in read else None)
+    return {"model": model, "backend": backend, "path": arm, "round": rnd, "slot": slot,
+            "prompt_tokens": settings.prompt_tokens, "generation_tokens": settings.generation_tokens,
+            "generated_tokens": decoded,
+            "prefill_tok_s": _positive(prefill, "prefill_tok_s", who) if prefill is not None else None,
+            "decode_s": decoded / tok_s, "decode_tok_s": tok_s, "process_wall_s": out.wall_s,
+            "peak_memory_bytes": int(memory) if memory is not None else None}
+
+
 ESTIMATOR = ("geometric mean over rounds of fused / graph decode tok/s, both arms run back to back "
              "in fresh processes each round; 95% CI: bootstrap over rounds")
 PAIRED_TEST = "Wilcoxon signed-rank on the rounds' log speedups (paired by round)"
 
 
 def _positive(value: object, name: str, arm: str) -> float:
+    """A reported figure as a finite positive number (a JSON true is not 1.0)."""
+    if isinstance(value, bool):
+        raise EngineFailure(f"{arm}: {name} {value!r} is not a number")
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise EngineFailure(f"{arm} arm: {name} {value!r} is not a number") from None
+    except (TypeError, ValueError, OverflowError):
+        raise EngineFailure(f"{arm}: {name} {str(value)[:40]!r} is not a number") from None
     if not number > 0 or not np.isfinite(number):
-        raise EngineFailure(f"{arm} arm: {name} {value!r} is not a positive number")
+        raise EngineFailure(f"{arm}: {name} {str(value)[:40]!r} is not a finite positive number")
     return number
+
+
+def _count(value: object, arm: str) -> int:
+    """A reported token count as a non-negative integer."""
+    if isinstance(value, bool) or not str(value).strip().isdigit():
+        raise EngineFailure(f"{arm}: generated_tokens {str(value)[:40]!r} is not a count")
+    return int(str(value).strip())
 
 
 def _median(column: pd.Series) -> float | None:
@@ -157,52 +210,69 @@ def prompt_text(vocab_size: int, length: int, seed: int) -> str:
     return " ".join(word(int(i)) for i in ids)
 
 
-def _compared(spec: EngineSpec, out: Outcome) -> list | str:
-    """What identity compares from one run's standard output: token ids, or the text with the
-    lines the engine file strips (banners, timing) removed."""
+def _compared(spec: EngineSpec, out: Finished, prompt: str) -> list:
+    """What identity compares from one run's standard output: the token ids, or the generated
+    text's words (``identity.generated``, the prompt's echo dropped), never banners or timing.
+    The exported tokenizer is word-level, so on its checkpoints words are tokens."""
     ident = spec.identity
-    output = out.stdout
+    who = f"engine {spec.name}, identity"
     if ident.compare == "tokens":
-        tokens = ident.reader.read(output, ("tokens",), ("tokens",))["tokens"]
-        if not isinstance(tokens, list):
-            raise EngineFailure(f"identity output field {ident.reader.json_fields['tokens']!r} is not a list")
+        tokens = ident.reader.read(out.stdout, ("tokens",), ("tokens",), out.time_left())["tokens"]
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                    for t in tokens):
+            raise EngineFailure(f"{who}: json.tokens field {ident.reader.json_fields['tokens']!r} "
+                                "is not a list of token ids")
         return tokens
-    lines = [ln for ln in output.splitlines() if not any(p.search(ln) for p in ident.strip)]
-    return "\n".join(lines).strip()
+    try:
+        found = ident.generated.search(out.stdout, timeout=max(out.time_left(), 0.01))
+    except TimeoutError:
+        raise EngineFailure(f"{who}.generated: matching took longer than the run's timeout_s") from None
+    if found is None:
+        first = (out.stdout.strip().splitlines() or ["no output"])[0][:120]
+        raise EngineFailure(f"{who}.generated: no generated text found in the output (first line: "
+                            f"{first!r}); the engine's output format may have changed")
+    text = found.group("value")
+    if ident.echoes_prompt:
+        if not text.startswith(prompt):
+            raise EngineFailure(f"{who}: identity.echoes_prompt is set but the generated text does "
+                                f"not start with the prompt (it starts {text[:60]!r})")
+        text = text[len(prompt):]
+    return text.split()
 
 
 def identity(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size: int,
              prompt_tokens: int, tokens: int, prompts: int, seed: int) -> dict:
     start = time.perf_counter()
-    def values(k: int) -> dict[str, object]:  # the placeholders of prompt k
-        return {"model": model, "model_path": path, "prompt_tokens": prompt_tokens,
-                "max_tokens": tokens, "seed": seed, "prompt_seed": seed + k,
-                "prompt": prompt_text(vocab_size, prompt_tokens, seed + k)}
+    prompt_texts = [prompt_text(vocab_size, prompt_tokens, seed + k) for k in range(prompts)]
 
-    outputs: dict[str, list] = {arm: [] for arm in ARMS}
+    def decode(arm: str, k: int) -> list:
+        values = {"model": model, "model_path": path, "prompt_tokens": prompt_tokens,
+                  "max_tokens": tokens, "seed": seed, "prompt_seed": seed + k,
+                  "prompt": prompt_texts[k]}
+        return _compared(spec, run_arm(spec, spec.identity, arm, values), prompt_texts[k])
+
+    outputs = {arm: [] for arm in ARMS}
     for k in range(prompts):
         for arm in ARMS:
-            outputs[arm].append(_compared(spec, run_arm(spec, spec.identity, arm, values(k))))
+            outputs[arm].append(decode(arm, k))
     if any(not o for arm in ARMS for o in outputs[arm]):
-        raise EngineFailure("identity: an arm printed nothing to compare (check identity.strip)")
-    controls = {arm: _compared(spec, run_arm(spec, spec.identity, arm, values(0))) for arm in ARMS}
-    divergence = [first_divergence(list(g), list(f))
-                  for g, f in zip(outputs["graph"], outputs["fused"], strict=True)]
+        raise EngineFailure(f"engine {spec.name}, identity: an arm generated nothing to compare")
+    controls = {arm: decode(arm, 0) for arm in ARMS}
+    divergence = [first_divergence(g, f) for g, f in zip(outputs["graph"], outputs["fused"], strict=True)]
     equal = all(d is None for d in divergence)
     control = {arm: {"identical": controls[arm] == outputs[arm][0],
-                     "first_difference": first_divergence(list(controls[arm]), list(outputs[arm][0]))}
+                     "first_difference": first_divergence(controls[arm], outputs[arm][0])}
                for arm in ARMS}
-    distinct = sorted({len(set(o if isinstance(o, list) else o.split())) for o in outputs["graph"]})
+    unit = "token" if spec.identity.compare == "tokens" else "word"
     return {
         "model": model, "backend": backend, "impl": "fused",
         "verdict": verdict(equal, control["graph"]["identical"], control["fused"]["identical"]),
-        "engine": spec.describe(), "compared": spec.identity.compare,
+        "engine": spec.describe(), "compared": spec.identity.compare, "divergence_unit": unit,
         "free_running": {"identical": equal, "greedy_first_divergence": divergence,
                          "sampled_first_divergence": None},
-        "controls": {"run": True, "scope": f"greedy output of prompt 0 ({spec.identity.compare})",
-                     **control},
-        "graph_distinct_greedy_tokens": distinct,
-        "outputs": {arm: [o if isinstance(o, list) else o[:2000] for o in outputs[arm]] for arm in ARMS},
+        "controls": {"run": True, "scope": f"greedy output of prompt 0 ({unit}s)", **control},
+        "graph_distinct_greedy_tokens": sorted({len(set(o)) for o in outputs["graph"]}),
+        "outputs": {arm: [o[:2000] for o in outputs[arm]] for arm in ARMS},
         "settings": {"prompt_tokens": prompt_tokens, "tokens": tokens, "prompts": prompts,
                      "seed": seed},
         "model_path": str(path), "wall_s": time.perf_counter() - start, "finished_at": now_utc(),
@@ -210,13 +280,13 @@ def identity(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size:
     }
 
 
-
 def render_identity(result: dict) -> str:
     fr, c = result["free_running"], result["controls"]
     lines = [f"{result['model']} on {result['backend']} ({result['engine']['name']}), graph vs fused "
              f"arm: {result['verdict']}",
              f"  greedy {result['compared']} identical={fr['identical']} over "
-             f"{result['settings']['prompts']} prompts; first divergence {fr['greedy_first_divergence']}"]
+             f"{result['settings']['prompts']} prompts; first differing "
+             f"{result.get('divergence_unit', 'token')} {fr['greedy_first_divergence']}"]
     lines.append(variety_line(result))
     for arm in ARMS:
         lines.append(f"  control {arm} vs fresh process: identical={c[arm]['identical']}"

@@ -1,0 +1,152 @@
+"""One engine process, bounded: its whole process tree ends with it, whatever ends the run.
+
+An engine may start children (a wrapper script, a server, a tokenizer pool). Each run gets its
+own process group; on success, failure, timeout, an output flood, Ctrl-C or SIGTERM the whole
+group is terminated, then killed. Where the orchestrator itself is killed outright (SIGKILL,
+OOM), a small watchdog process notices its pipe closing and ends the group, so no engine process
+outlives fusedqk and measures beside the next holder of the device lock.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from fusedqk.errors import UserError
+
+MAX_OUTPUT_BYTES = 16 * 2**20
+_POLL_S = 0.05
+_GRACE_S = 3.0
+
+# Waits on its standard input; EOF without "done" means the orchestrator died: end the group.
+_WATCHDOG = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+pgid = int(sys.argv[1])
+if sys.stdin.buffer.read() != b"done":
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except OSError:
+            break
+        time.sleep(1.0)
+"""
+
+
+class EngineFailure(UserError):
+    """One run of an engine failed: the message is the one line the report shows."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    stdout: str
+    stderr: str
+    wall_s: float
+    deadline: float  # time.monotonic() by which reading the output must also be done
+
+    @property
+    def output(self) -> str:
+        """Both streams: where a bench's figures are read (engines print them on either)."""
+        return self.stdout + "\n" + self.stderr
+
+    def time_left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+
+def end_group(pgid: int) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left after a grace period."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except OSError:
+        return
+    stop = time.monotonic() + _GRACE_S
+    while time.monotonic() < stop:
+        try:
+            os.killpg(pgid, 0)
+        except OSError:
+            return
+        time.sleep(_POLL_S)
+    with suppress(OSError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+@contextmanager
+def _watched(pgid: int):
+    """A watchdog that ends group ``pgid`` if this process dies before the block ends."""
+    read_end, write_end = os.pipe()
+    try:
+        watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(pgid)], stdin=read_end,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
+    finally:
+        os.close(read_end)
+    try:
+        yield
+    finally:
+        os.write(write_end, b"done")
+        os.close(write_end)
+        watchdog.wait()
+
+
+def _size(handle: IO[bytes]) -> int:
+    return os.fstat(handle.fileno()).st_size
+
+
+def _text(handle: IO[bytes]) -> str:
+    handle.seek(0)
+    return handle.read().decode("utf-8", errors="replace")
+
+
+def _telling_line(text: str) -> str:
+    """The line that says why a process failed: its last ``error`` line (argument parsers put
+    usage and hints after it), else its last line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()] or ["no output"]
+    errors = [ln for ln in lines if ln.lower().startswith(("error", "fatal"))]
+    return (errors or lines)[-1][:200]
+
+
+def run_bounded(argv: list[str], env: dict[str, str], timeout_s: float, label: str,
+                max_output_bytes: int = MAX_OUTPUT_BYTES, cwd: str | Path | None = None) -> Finished:
+    """Run ``argv`` to its end within ``timeout_s`` (which also bounds reading its output
+    afterwards: ``Finished.deadline``) and ``max_output_bytes`` of output; ``label`` starts every
+    failure's line. A non-zero exit is an ``EngineFailure`` with the last line it printed."""
+    start = time.monotonic()
+    deadline = start + timeout_s
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
+                                    cwd=cwd, start_new_session=True)
+        except FileNotFoundError:
+            raise EngineFailure(f"{label}: command {argv[0]!r} not found") from None
+        except OSError as e:
+            raise EngineFailure(f"{label}: {argv[0]} could not start ({e.strerror})") from None
+        flood = EngineFailure(f"{label}: {argv[0]} printed more than "
+                              f"{max_output_bytes / 2**20:g} MiB (max_output_bytes)")
+        with _watched(proc.pid):
+            try:
+                while proc.poll() is None:
+                    if time.monotonic() > deadline:
+                        raise EngineFailure(f"{label}: {argv[0]} did not finish in {timeout_s:g} s "
+                                            "(timeout_s)")
+                    if _size(out) + _size(err) > max_output_bytes:
+                        raise flood
+                    time.sleep(_POLL_S)
+            finally:
+                end_group(proc.pid)  # the children it left behind, or the whole tree on failure
+                proc.wait()
+        if _size(out) + _size(err) > max_output_bytes:
+            raise flood
+        stdout, stderr = _text(out), _text(err)
+    if proc.returncode != 0:
+        raise EngineFailure(f"{label}: {argv[0]} exited with status {proc.returncode}: "
+                            f"{_telling_line(stderr.strip() or stdout.strip())}")
+    return Finished(stdout, stderr, time.monotonic() - start, deadline)
