@@ -17,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import stat
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pandas as pd
 import yaml
@@ -154,10 +156,47 @@ def aggregate(run_dir: Path) -> None:
     write_text(run_dir / "summaries.csv", pd.DataFrame(rows).to_csv(index=False))
 
 
+def _tree(run_dir: Path) -> tuple[list[Path], list[str]]:
+    """Every regular file of a run but the manifest itself (dotfiles included), and a problem
+    for every entry that is not a regular file or a real directory: a symlink (to anything,
+    dangling or not), a FIFO, a socket, a device. Nothing is followed outside the run."""
+    files, problems = [], []
+    for top, dirs, names in os.walk(run_dir, followlinks=False):
+        for name in sorted(dirs + names):
+            path = Path(top) / name
+            rel = path.relative_to(run_dir).as_posix()
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                problems.append(f"not a regular file (a symlink): {rel}")
+            elif stat.S_ISREG(mode):
+                if rel != MANIFEST:
+                    files.append(path)
+            elif not stat.S_ISDIR(mode):
+                problems.append(f"not a regular file: {rel}")
+        dirs[:] = [d for d in dirs if not (Path(top) / d).is_symlink()]
+    return sorted(files), problems
+
+
 def _files(run_dir: Path) -> list[Path]:
-    """Every file of a run but the manifest itself, dotfiles included."""
-    return sorted(p for p in run_dir.rglob("*") if p.is_file()
-                  and p.relative_to(run_dir).as_posix() != MANIFEST)
+    """Every regular file of a run but the manifest; a run holding anything else is refused."""
+    files, problems = _tree(run_dir)
+    if problems:
+        raise UserError(f"{run_dir}: {problems[0]}; a run holds only regular files and folders")
+    return files
+
+
+def _listed_name(name: str) -> str | None:
+    """Why a manifest entry's name is not a normalised relative path inside the run, or None."""
+    if not name or "\0" in name or "\\" in name:
+        return "not a path"
+    if name.startswith("/") or PurePosixPath(name).is_absolute():
+        return "outside the run (an absolute path)"
+    parts = name.split("/")
+    if ".." in parts:
+        return "outside the run (a .. component)"
+    if any(p in ("", ".") for p in parts):
+        return "not a normalised path"
+    return None
 
 
 def _sha256(path: Path) -> str:
@@ -176,22 +215,52 @@ def write_manifest(run_dir: Path) -> int:
 
 
 def verify(run_dir: Path) -> list[str]:
-    """Problems with the manifest: missing, changed or unlisted files (empty when all is well)."""
+    """Problems with a sealed run: manifest entries that are not normalised paths inside the
+    run, missing, changed or unlisted files, and anything that is not a regular file (empty when
+    all is well). ``verify``, ``report --from`` and ``compare`` all read runs through this."""
     manifest = run_dir / MANIFEST
-    if not manifest.is_file():
+    if manifest.is_symlink() or not manifest.is_file():
         raise UserError(f"{run_dir}: no {MANIFEST} (write one with `fusedqk verify --write DIR`)")
+    try:
+        text = manifest.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return [f"{MANIFEST}: not UTF-8 text"]
+    files, problems = _tree(run_dir)
     listed = {}
-    for line in manifest.read_text().splitlines():
-        digest, _, name = line.partition("  ")
+    for number, line in enumerate(text.splitlines(), 1):
+        digest, sep, name = line.partition("  ")
+        why = _listed_name(name) if sep and len(digest) == 64 and all(
+            c in "0123456789abcdef" for c in digest) else "not a '<sha256>  <path>' line"
+        if why:
+            problems.append(f"{MANIFEST} line {number}: {why}: {line[:80]!r}")
+            continue
         listed[name] = digest
-    problems = []
+    present = {p.relative_to(run_dir).as_posix(): p for p in files}
     for name, digest in listed.items():
-        p = run_dir / name
-        if not p.is_file():
+        if name not in present:
             problems.append(f"missing: {name}")
-        elif _sha256(p) != digest:
+        elif _sha256(present[name]) != digest:
             problems.append(f"changed: {name}")
-    for p in _files(run_dir):
-        if p.relative_to(run_dir).as_posix() not in listed:
-            problems.append(f"not in manifest: {p.relative_to(run_dir).as_posix()}")
+    problems += [f"not in manifest: {name}" for name in present if name not in listed]
     return problems
+
+
+def sealed_run_of(path: Path) -> Path | None:
+    """The sealed run ``path`` is, or lies inside (the nearest folder with a manifest), or None."""
+    for folder in [path, *path.parents] if path.is_dir() else list(path.parents):
+        if (folder / MANIFEST).is_file():
+            return folder
+    return None
+
+
+def refuse_sealed(path: Path, flag: str, rewrite: bool = False) -> None:
+    """Writing ``path`` must not change a sealed run behind its manifest: refused unless
+    ``rewrite``, which unseals the run (its manifest goes; the pipeline or ``verify --write``
+    seals it again)."""
+    run = sealed_run_of(path.resolve())
+    if run is None:
+        return
+    if not rewrite:
+        raise UserError(f"{flag} {str(path)!r}: inside the sealed run {str(run)!r} ({MANIFEST}); "
+                        "give --rewrite to redo it (then seal it again with `fusedqk verify --write`)")
+    (run / MANIFEST).unlink()

@@ -356,9 +356,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_decide(args: argparse.Namespace) -> int:
     from fusedqk import decide
+    from fusedqk.archive import refuse_sealed
 
     if args.out and Path(args.out).is_dir():
         raise UserError(f"--out {args.out!r} is a directory; name the decisions file")
+    refuse_sealed(Path(args.out or Path(args.run_dir) / "decisions.json"), "--out" if args.out
+                  else "decide", args.rewrite)
     rule = decide.Rule(min_gain=args.min_gain, identity_policy=args.identity_policy,
                        min_distinct=args.min_distinct)
     decisions = decide.decide(Path(args.run_dir), rule)
@@ -390,6 +393,7 @@ def cmd_blockbench(args: argparse.Namespace) -> int:
 def cmd_aggregate(args: argparse.Namespace) -> int:
     from fusedqk import archive
 
+    archive.refuse_sealed(Path(args.run_dir), "aggregate", args.rewrite)
     archive.aggregate(Path(args.run_dir))
     return 0
 
@@ -408,8 +412,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fusedqk import compare
 
     if args.index:
-        print(compare.index(Path(args.index)), end="")
+        if args.runs:
+            raise UserError("compare: give run directories or --index RESULTS_DIR, not both")
+        print(compare.index(Path(args.index), committed_only=args.committed), end="")
         return 0
+    if args.committed:
+        raise UserError("--committed: only with --index")
     if not args.runs:
         raise UserError("compare: name one or more archived run directories, or --index DIR")
     runs = [compare.summarize(Path(r)) for r in args.runs]
@@ -551,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an identity check passes only over greedy sequences of at least this "
                         "many distinct tokens (default 8)")
     p.add_argument("--out", help="default: RUN_DIR/decisions.json")
+    p.add_argument("--rewrite", action="store_true",
+                   help="redo the decision of a sealed run (unseals it; seal again with verify --write)")
     p.set_defaults(func=cmd_decide)
 
     p = sub.add_parser("blockbench", help="time the QKV+norm+RoPE block of all layers, per path")
@@ -569,6 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("aggregate", help="tidy tables of every trial and summary in a run")
     p.add_argument("run_dir")
+    p.add_argument("--rewrite", action="store_true",
+                   help="redo a sealed run's tables (unseals it; seal again with verify --write)")
     p.set_defaults(func=cmd_aggregate)
 
     p = sub.add_parser("report", help="render report.md and report.html from a run's raw data")
@@ -587,7 +599,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-workloads", action="store_true",
                    help="put runs with different workloads in one table")
     p.add_argument("--index", metavar="RESULTS_DIR",
-                   help="print the list of every run under RESULTS_DIR (results/README.md)")
+                   help="print the list of every run under RESULTS_DIR, marking those git does not "
+                        "track as yours (results/README.md)")
+    p.add_argument("--committed", action="store_true",
+                   help="with --index: only the runs git tracks (how results/README.md is made)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("failures", help="name the models of finished runs that failed; exit 1 "

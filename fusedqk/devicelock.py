@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from fusedqk.errors import UserError
@@ -30,7 +30,26 @@ HELD: dict = {}
 
 
 def lock_dir() -> Path:
-    return Path(os.environ.get(ENV_LOCK_DIR) or Path(tempfile.gettempdir()) / "fusedqk-locks")
+    """``$FUSEDQK_LOCK_DIR``, which must be absolute: a relative one would name a different
+    lock for every working directory, and two measurements would both hold "the" lock."""
+    value = os.environ.get(ENV_LOCK_DIR)
+    if value is None or value == "":
+        return Path(tempfile.gettempdir()) / "fusedqk-locks"
+    if not os.path.isabs(value) or value != value.strip() or "\0" in value:
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        raise UserError(f"{ENV_LOCK_DIR}={shown!r}: not an absolute path; give the absolute path "
+                        "of a directory every measuring process on this host shares, or unset it")
+    return Path(value)
+
+
+def _holder(path: Path) -> str:
+    """Who holds the lock at ``path`` (what the holder wrote into its .holder file)."""
+    try:
+        doc = json.loads(path.with_suffix(".holder").read_text())
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(doc["acquired"]))
+        return f"pid {doc['pid']} ({doc['command']}) since {since}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
 
 
 def others_measuring(backend: str) -> str:
@@ -60,8 +79,17 @@ def exclusive(backend: str, device: int = 0) -> Iterator[dict]:
                         f"({e.strerror}); give a writable directory") from None
     start = time.perf_counter()
     with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"fusedqk: waiting for the {backend} device lock {path}, held by {_holder(path)}",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         acquired = time.time()
+        command = " ".join(sys.argv[1:5])
+        with suppress(OSError):  # a convenience for whoever waits next
+            path.with_suffix(".holder").write_text(json.dumps(
+                {"pid": os.getpid(), "command": f"fusedqk {command}", "acquired": acquired}))
         HELD.update(lock_file=str(path), waited_s=round(time.perf_counter() - start, 3),
                     at_start=others_measuring(backend))
         try:

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from fusedqk import stats
-from fusedqk.archive import MANIFEST, RunData, load_run, read_json, verify, write_manifest
+from fusedqk.archive import MANIFEST, RunData, load_run, read_json, refuse_sealed, verify, write_manifest
 from fusedqk.atomic import write_bytes, write_text
 from fusedqk.errors import UserError
 from fusedqk.registry import size_order
@@ -192,6 +192,17 @@ def environment_rows(env: dict) -> tuple[list[tuple[str, str]], list[tuple[str, 
     return main, folded
 
 
+def toggle_variable(engine: dict | None) -> str:
+    """The variable whose default the decision is about: fusedqk's own, the engine file's
+    declared toggle, or (runs made before engine files declared one) the one variable both arms set."""
+    if not engine:
+        return ENV_TOGGLE
+    if engine.get("toggle"):
+        return engine["toggle"]
+    shared = set(engine["arms"]["graph"]) & set(engine["arms"]["fused"])
+    return shared.pop() if len(shared) == 1 else "the engine's toggle"
+
+
 def context(run: RunData) -> dict:
     decisions = read_json(run.path / "decisions.json", "decisions")
     bench_rows, ident_rows, block_rows, failed, round_notes, drift_notes = [], [], [], [], [], []
@@ -249,8 +260,9 @@ def context(run: RunData) -> dict:
             "latency": latency_rows(run), "env_rows": main_env, "env_folded": folded_env,
             "bench": bench_rows, "identity": ident_rows,
             "engine_identity": engine_rows, "instrument": instrument, "engine": engine,
-            "toggle_variable": (engine or {}).get("toggle") or ("the engine's toggle" if engine
-                                                                 else ENV_TOGGLE),
+            "toggle_variable": toggle_variable(engine),
+            "counts_checked": any("refused_rounds" in m.bench["meta"] for m in run.models.values()
+                                  if m.bench),
             "round_notes": round_notes, "lock_notes": lock_notes, "drift_notes": drift_notes,
             "estimator": estimator,
             "blockbench": block_rows, "failed": failed, "env": run.environment,
@@ -280,6 +292,8 @@ def render_run(run_dir: Path, out_dir: Path | None = None, rewrite: bool = False
         if out_dir is None and not rewrite:
             raise UserError(f"{run_dir}: sealed run ({MANIFEST} holds); give --out DIR to render "
                             "elsewhere, or --rewrite to re-render in place and seal it again")
+    if out_dir is not None and out_dir.resolve() != run_dir.resolve():
+        refuse_sealed(out_dir, "--out")  # never into another sealed run, nor inside this one
     run = load_run(run_dir)
     if not (run_dir / "decisions.json").is_file():
         raise UserError(f"{run_dir}: no decisions.json (run `fusedqk decide {run_dir}` first)")

@@ -9,11 +9,38 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from fusedqk.compare import committed_runs
 from fusedqk.engines.builtin import ModelRef, prepare
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results"
+
+
+def committed_archives(pattern: str = "*/*") -> list[Path]:
+    """The sealed runs under results/ that git tracks: a user's own runs there are theirs, and
+    no test reads them."""
+    tracked = committed_runs(RESULTS) or set()
+    return sorted(p for p in RESULTS.glob(pattern)
+                  if (p / "MANIFEST.sha256").is_file() and p.resolve() in tracked)
 
 
 def tiny_args(model: str = "qwen3-tiny", **kw) -> ModelRef:
     return ModelRef(**{"model": model, "backend": "cpu", **kw})
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_lock_dir(tmp_path_factory):
+    """Every measurement the tests start takes its device lock in a directory of this test
+    session (of this worker, under pytest-xdist): nothing else on the host holds the tests up,
+    and the tests never hold up anything else. Tests about the lock itself set their own."""
+    path = tmp_path_factory.mktemp("locks")
+    old = os.environ.get("FUSEDQK_LOCK_DIR")
+    os.environ["FUSEDQK_LOCK_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("FUSEDQK_LOCK_DIR", None)
+    else:
+        os.environ["FUSEDQK_LOCK_DIR"] = old
 
 
 @pytest.fixture(scope="session", params=["qwen3-tiny", "qwen3-moe-tiny"])

@@ -19,8 +19,15 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v slurmctld
     || echo "note: could not install SLURM's packages; the SLURM test will skip"
 fi
 .venv/bin/ruff check .
+# Two workers (pytest-xdist) on the 2-core machine: most tests wait on subprocesses and Python
+# start-up, not on both cores. PYTEST_WORKERS=0 runs them in one process.
+workers="${PYTEST_WORKERS:-2}"
 set +e
-.venv/bin/python -m pytest -ra "$@"
+if [ "$workers" = 0 ]; then
+  .venv/bin/python -m pytest -ra "$@"
+else
+  .venv/bin/python -m pytest -ra -n "$workers" --dist worksteal "$@"
+fi
 status=$?
 set -e
 # pytest's 5 means no test ran: that is a failure here, never a pass.

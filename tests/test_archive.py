@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from conftest import committed_archives
+
 from fusedqk import archive, report
 
-ARCHIVES = sorted(p for p in Path("results").glob("*/*") if (p / "MANIFEST.sha256").is_file())
+ARCHIVES = committed_archives()
 
 
 @pytest.mark.parametrize("run", ARCHIVES, ids=[str(p) for p in ARCHIVES])
@@ -21,7 +24,12 @@ def test_committed_archives_verify_and_re_render_identically(run, tmp_path):
     # The text is rendered from the raw files alone: byte for byte the archived one. The HTML
     # embeds PNGs, whose bytes depend on the matplotlib build, so it must only come back.
     assert (out / "report.md").read_bytes() == (run / "report.md").read_bytes()
-    assert (out / "report.html").stat().st_size > 0
+    html = (out / "report.html").read_text()
+    decisions = json.loads((run / "decisions.json").read_text())
+    for backend, d in decisions["backends"].items():
+        assert f"{backend}: {d['recommendation'].upper()}" in html
+    for model in {p.parent.name for p in run.glob("*/status-bench.json")}:
+        assert f"<td>{model}</td>" in html
     assert archive.verify(run) == []  # the sealed run itself was not touched
 
 
@@ -118,3 +126,18 @@ def test_the_html_report_says_what_was_measured_and_how(tmp_path):
     table = html.split("</table>")[0]
     assert table.index("qwen3-tiny") < table.index("qwen3-moe-tiny")
     assert html.count('<img alt="') == 3
+
+
+def test_result_files_get_the_callers_umask(tmp_path):
+    from fusedqk.atomic import write_json, write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.md", "a")
+        write_json(tmp_path / "b.json", {"b": 1})
+        os.umask(0o027)
+        write_text(tmp_path / "c.md", "c")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"a.md": 0o644, "b.json": 0o644, "c.md": 0o640}

@@ -13,10 +13,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import committed_archives
 
 from fusedqk import archive, cli
 
-CPU_ARCHIVE = sorted(p for p in Path("results").glob("cpu-*/*") if (p / archive.MANIFEST).is_file())[-1]
+CPU_ARCHIVE = committed_archives("cpu-*/*")[-1]
 TINY_CONTEXT = 4096  # qwen3-tiny's max_position_embeddings
 
 

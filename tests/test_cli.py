@@ -26,6 +26,7 @@ def assert_one_line_error(proc, *needles):
         assert n in lines[0], lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["qwen3-tiny", "qwen3-moe-tiny"])
 def test_generate_graph_and_composite_print_identical_varied_ids(model):
     graph = fusedqk("generate", "-m", model, "--path", "graph", "--backend", "cpu")
@@ -70,6 +71,7 @@ def test_bench_sizes_mlx_graph_cache_unless_the_caller_did(monkeypatch):
     assert os.environ[bench.GRAPH_CACHE_ENV] == "400"
 
 
+@pytest.mark.slow
 def test_bench_records_the_graph_cache_it_ran_with(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLX_CUDA_GRAPH_CACHE_SIZE"}
     proc = subprocess.run([sys.executable, "-m", "fusedqk", "bench", "-m", "qwen3-tiny",
@@ -81,6 +83,7 @@ def test_bench_records_the_graph_cache_it_ran_with(tmp_path):
     assert meta["environment"]["mlx_environment"]["MLX_CUDA_GRAPH_CACHE_SIZE"] == "4000"
 
 
+@pytest.mark.slow
 def test_bench_adds_rounds_up_to_the_maximum_while_the_ci_is_wider_than_asked(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fusedqk", "bench", "-m", "qwen3-tiny",
                            "--backend", "cpu", "--paths", "graph,composite", "-p", "4", "-g", "4",

@@ -11,17 +11,35 @@ import pytest
 from fusedqk import archive, cli, compare
 from fusedqk.errors import UserError
 
-H100 = Path("results/cuda-nvidia-h100-80gb-hbm3")
-H200 = Path("results/cuda-nvidia-h200")
-CPU = Path("results/cpu-x86-64/20261126-bc15596bc7")
+from conftest import RESULTS, committed_archives
+
+H100 = RESULTS / "cuda-nvidia-h100-80gb-hbm3"
+H200 = RESULTS / "cuda-nvidia-h200"
+CPU = RESULTS / "cpu-x86-64/20261126-bc15596bc7"
 
 
-def test_results_readme_lists_every_run_and_is_current():
-    text = Path("results/README.md").read_text()
-    assert compare.index(Path("results")) == text, "run `fusedqk compare --index results > results/README.md`"
-    for run in Path("results").glob("*/*"):
-        if (run / "decisions.json").is_file():
-            assert f"`{run.relative_to('results').as_posix()}`" in text
+def test_results_readme_lists_every_committed_run_and_is_current():
+    text = (RESULTS / "README.md").read_text()
+    assert compare.index(RESULTS, committed_only=True) == text, \
+        "run `fusedqk compare --index results --committed > results/README.md`"
+    runs = committed_archives()
+    assert len(runs) >= 14
+    for run in runs:
+        assert f"`{run.relative_to(RESULTS).as_posix()}`" in text
+
+
+def test_a_users_own_run_is_listed_as_theirs_and_keeps_the_readme_current(tmp_path):
+    # A run the user made lands in results/ beside the committed ones: the index marks it as
+    # theirs, and the committed list (results/README.md) does not change.
+    mine = RESULTS / "cpu-x86-64" / "29991231-usersrun00"
+    shutil.copytree(CPU, mine)
+    try:
+        lines = [ln for ln in compare.index(RESULTS).splitlines() if "29991231-usersrun00" in ln]
+        assert len(lines) == 1 and "yours: not tracked by git" in lines[0]
+        assert "29991231-usersrun00" not in compare.index(RESULTS, committed_only=True)
+        assert compare.index(RESULTS, committed_only=True) == (RESULTS / "README.md").read_text()
+    finally:
+        shutil.rmtree(mine)
 
 
 def test_h100_and_h200_runs_side_by_side(capsys):
@@ -51,7 +69,7 @@ def test_the_kernel_call_is_part_of_a_runs_provenance_and_of_what_supersedes_it(
     row = next(r for r in compare.compare(runs)["rows"]
                if r["model"] == "qwen3-0.6b" and r["impl"] == "kernel")
     assert "kernel_call" in row["apart"][0]["settings_that_differ"]
-    lines = {ln.split("`")[1]: ln for ln in compare.index(Path("results")).splitlines()
+    lines = {ln.split("`")[1]: ln for ln in compare.index(RESULTS).splitlines()
              if ln.startswith("| [`")}
     assert lines["cuda-nvidia-h200/20261201-a81f3a50c1"].endswith("| current |")
     assert "| cuda_kernel |" in lines["cuda-nvidia-h200/20261201-e3538ceb0b-mlx-lm"]
@@ -89,12 +107,12 @@ def test_compare_reads_only_archives_that_verify(tmp_path):
 
 
 def test_readme_answer_table_matches_the_archives():
-    readme = Path("README.md").read_text()
+    readme = (RESULTS.parent / "README.md").read_text()
     assert len(readme.splitlines()) < 120
     rows = [ln for ln in readme.splitlines() if ln.startswith("| ") and "`" in ln and "/20" in ln]
     assert len(rows) >= 5
     for row in rows:
-        run = Path("results") / row.split("`")[1]
+        run = RESULTS / row.split("`")[1]
         cells = {f"{c['point']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]"
                  for c in compare.summarize(run).speedups.values()}
         figures = [c.strip() for c in row.split("|")[5:] if "[" in c]

@@ -17,6 +17,7 @@ with devicelock.exclusive("cpu"):
 """
 
 
+@pytest.mark.slow
 def test_a_second_measurement_waits_for_the_first_and_says_how_long(tmp_path):
     env = {**os.environ, "FUSEDQK_LOCK_DIR": str(tmp_path / "locks")}
     holder = subprocess.Popen([sys.executable, "-c", HOLD, "4"], env=env, stdout=subprocess.PIPE,

@@ -77,3 +77,14 @@ def test_the_workflow_planner_does_not_import_mlx():
                            "print('mlx' in sys.modules)"], capture_output=True, text=True,
                           timeout=60)
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_the_readmes_one_decode_step_follows_the_imports():
+    # README's "one decode step" row names files, each importing the next.
+    readme = (PACKAGE.parent / "README.md").read_text()
+    (row,) = [ln for ln in readme.splitlines() if ln.endswith("| one decode step |")]
+    names = [c.strip("` ") for c in row.split("|")[1].split("→")]
+    paths = [PACKAGE.parent / names[0]] + [PACKAGE / n for n in names[1:]]
+    assert len(paths) <= 5 and all(p.is_file() for p in paths), names
+    for here, there in zip(paths, paths[1:], strict=False):
+        assert module_name(there) in imports(here), f"{here.name} does not import {there.name}"

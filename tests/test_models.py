@@ -81,6 +81,7 @@ def test_the_pairwise_quantizations_cover_every_pair():
         assert {(c[i], c[j]) for c in PAIRWISE} == set(itertools.product(values[i], values[j]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen3-tiny", "qwen3-moe-tiny"])
 @pytest.mark.parametrize("bits, group_size, dtype", PAIRWISE)
 def test_greedy_decoding_is_not_degenerate(name, bits, group_size, dtype):

@@ -13,6 +13,7 @@ from fusedqk.errors import UserError
 from fusedqk.models import get_spec
 
 
+@pytest.mark.slow
 def test_composite_tokens_and_logits_equal_graph(tiny):
     vocab = tiny.loaded.config["vocab_size"]
     out = {}

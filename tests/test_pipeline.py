@@ -150,8 +150,8 @@ def test_embedded_default_runs_end_to_end_and_archives(tmp_path):
     text = (run / "report.md").read_text()
     assert "## Recommendation" in text and "qwen3-moe-tiny" in text and "EQUAL" in text
     assert "Speedup: geometric mean over rounds" in text
-    assert "Rounds per model:\n- qwen3-moe-tiny: 9 rounds (fixed)\n- qwen3-tiny: 9 rounds (fixed)" in text \
-        or "Rounds per model:\n- qwen3-tiny: 9 rounds (fixed)\n- qwen3-moe-tiny: 9 rounds (fixed)" in text
+    assert "Rounds per model:\n- qwen3-moe-tiny: 5 rounds (fixed)\n- qwen3-tiny: 5 rounds (fixed)" in text \
+        or "Rounds per model:\n- qwen3-tiny: 5 rounds (fixed)\n- qwen3-moe-tiny: 5 rounds (fixed)" in text
     before = (run / "report.md").read_bytes()
     subprocess.run([sys.executable, "-m", "fusedqk", "report", "--from", str(run), "--rewrite"],
                    check=True)

@@ -23,7 +23,9 @@ rule aggregate:
     log:
         "{run}/logs/aggregate.log",
     shell:
-        "{params.fusedqk} aggregate {wildcards.run} > {log} 2>&1"
+        # --rewrite: a resumed run redoes its tables after its measurements changed, so the old
+        # seal no longer holds; the manifest rule seals it again.
+        "{params.fusedqk} aggregate {wildcards.run} --rewrite > {log} 2>&1"
 
 
 rule decide:
@@ -41,7 +43,7 @@ rule decide:
     shell:
         "{params.fusedqk} decide {wildcards.run} --min-gain {params.d[min_gain]}"
         " --identity-policy {params.d[identity_policy]} --min-distinct {params.d[min_distinct]}"
-        " > {log} 2>&1"
+        " --rewrite > {log} 2>&1"
 
 
 rule report:
@@ -59,10 +61,7 @@ rule report:
     log:
         "{run}/logs/report.log",
     shell:
-        # A resumed run re-renders after its measurements changed: the old seal no longer
-        # holds, and the manifest rule writes a new one.
-        "rm -f {wildcards.run}/MANIFEST.sha256 && {params.fusedqk} report --from {wildcards.run}"
-        " > {log} 2>&1"
+        "{params.fusedqk} report --from {wildcards.run} --rewrite > {log} 2>&1"
 
 
 rule manifest:
