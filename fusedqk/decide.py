@@ -45,6 +45,11 @@ class Rule:
                 "identity DIFFERS or its CI upper bound < 1; otherwise inconclusive")
 
 
+# The most rounds a bench accepts (fusedqk bench --rounds, bench.max_rounds): beyond it a
+# "rounds needed" figure is no advice.
+MAX_USEFUL_ROUNDS = 10000
+
+
 def fewest_distinct(result: dict | None) -> int | None:
     """The fewest distinct ids in any of the graph path's greedy sequences (None: not recorded)."""
     counts = (result or {}).get("graph_distinct_greedy_tokens")
@@ -100,8 +105,11 @@ def decide_model(speedup: dict | None, ident: dict | None, rule: Rule) -> dict:
                 "why": f"identity {verdict}; the speed alone would say on ({ci} >= "
                        f"{1 + rule.min_gain:.3f}), more rounds do not change the identity result"}
     need = rounds_to_decide(s, rule.min_gain)
-    more = ("the gain sits below the min-gain threshold; more rounds would not make it `on`"
+    more = ("the gain sits below the min-gain threshold; more rounds would not make it on"
             if need is None else
+            f"more than {MAX_USEFUL_ROUNDS} rounds would be needed (now {s.rounds}): the point "
+            "estimate sits too close to a threshold for its spread, so more rounds will not decide it"
+            if need > MAX_USEFUL_ROUNDS else
             f"about {need} rounds (now {s.rounds}) would likely decide the speed")
     why = f"identity {verdict}; {ci}" if not ok else f"{ci} straddles the thresholds"
     return {"recommendation": "inconclusive", "why": f"{why}; {more}", "rounds_needed": need}

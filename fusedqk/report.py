@@ -123,11 +123,29 @@ def _gain_words(points: list[float]) -> str:
     if not points:
         return "no speedup measured"
     lo, hi = min(points), max(points)
+    # Whole per cent, or one decimal where a change is under 1 %: never a "-0 %".
+    digits = 1 if min(abs(lo - 1), abs(hi - 1)) < 0.01 else 0
     if lo >= 1:
-        a, b = f"{100 * (lo - 1):.0f}", f"{100 * (hi - 1):.0f}"
+        a, b = f"{100 * (lo - 1):.{digits}f}", f"{100 * (hi - 1):.{digits}f}"
         return f"{a if a == b else f'{a}–{b}'} % faster decode"
-    a, b = f"{100 * (lo - 1):+.0f}", f"{100 * (hi - 1):+.0f}"
+
+    def signed(x: float) -> str:
+        text = f"{100 * (x - 1):+.{digits}f}"
+        return "±" + text[1:] if float(text) == 0 else text
+
+    a, b = signed(lo), signed(hi)
     return f"decode speed {a if a == b else f'{a} to {b}'} %"
+
+
+def _identity_words(run: RunData) -> str:
+    """What the identity check showed equal: logits bit for bit (built-in), or what an engine
+    printed (its token ids, or its generated text)."""
+    compared = {i.get("compared") for m in run.models.values() for i in m.identity.values()}
+    if compared == {"text"}:
+        return "identical generated text"
+    if compared == {"tokens"}:
+        return "identical greedy tokens"
+    return "bit-identical output"
 
 
 def headline(decisions: dict | None, run: RunData) -> str:
@@ -147,7 +165,7 @@ def headline(decisions: dict | None, run: RunData) -> str:
             why = (f"; preferred over {', '.join(others)}, which passes too, because its worst "
                    f"model gains most (CI lower bound {chosen['worst_ci_lower']:.3f})") if others else ""
             parts.append(f"Turn the {d['impl']} on for {backend}: {gain} on {n_on} of {n_all} "
-                         f"models, bit-identical output{why}.")
+                         f"models, {_identity_words(run)}{why}.")
         elif d["recommendation"] == "off":
             parts.append(f"Keep the fused path off for {backend}: {d['reason']}.")
         else:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
-
 from conftest import committed_archives
 
 from fusedqk import archive, report

@@ -7,11 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import RESULTS, committed_archives
 
 from fusedqk import archive, cli, compare
 from fusedqk.errors import UserError
-
-from conftest import RESULTS, committed_archives
 
 H100 = RESULTS / "cuda-nvidia-h100-80gb-hbm3"
 H200 = RESULTS / "cuda-nvidia-h200"

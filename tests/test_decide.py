@@ -88,3 +88,17 @@ def test_decisions_are_a_valid_defaults_file(tmp_path, point):
     out.write_text(json.dumps(decide(tmp_path, Rule())))
     table = load_defaults(str(out))
     assert table.backends["cuda"].fused_qk_norm is (point > 1)
+
+
+def test_gain_words_never_say_minus_zero():
+    from fusedqk.report import _gain_words
+
+    assert _gain_words([0.9996, 1.0004]) == "decode speed ±0.0 %"
+    assert _gain_words([1.0004, 1.2]) == "0.0–20.0 % faster decode"
+    assert _gain_words([0.92, 1.28]) == "decode speed -8 to +28 %"
+
+
+def test_an_absurd_round_count_is_not_offered_as_advice(tmp_path):
+    write_model(tmp_path, "a", 1.0105, 0.5, 1.9)
+    why = rec(tmp_path)["per_impl"]["kernel"]["models"]["a"]["why"]
+    assert "more than 10000 rounds would be needed" in why and "about" not in why

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 HOLD = """
 import sys, time
 from fusedqk import devicelock

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -86,5 +87,5 @@ def test_the_readmes_one_decode_step_follows_the_imports():
     names = [c.strip("` ") for c in row.split("|")[1].split("→")]
     paths = [PACKAGE.parent / names[0]] + [PACKAGE / n for n in names[1:]]
     assert len(paths) <= 5 and all(p.is_file() for p in paths), names
-    for here, there in zip(paths, paths[1:], strict=False):
+    for here, there in itertools.pairwise(paths):
         assert module_name(there) in imports(here), f"{here.name} does not import {there.name}"
