@@ -35,6 +35,15 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+# One colour per path in every plot (and in the HTML's key beside them).
+PATH_COLOURS = {"graph": "#1f77b4", "kernel": "#ff7f0e", "composite": "#2ca02c", "fused": "#d62728",
+                "launch": "#7f7f7f"}
+
+
+def path_colour(path: str) -> str:
+    return PATH_COLOURS.get(path, "#9467bd")
+
+
 def throughput_plot(run: RunData) -> bytes | None:
     rows = [s for m in run.models.values() if m.bench for s in m.bench["summary"]]
     if not rows:
@@ -46,7 +55,7 @@ def throughput_plot(run: RunData) -> bytes | None:
     for i, path in enumerate(paths):
         sub = df[df.path == path].set_index("model").reindex(models)
         xs = [j + i * width for j in range(len(models))]
-        ax.bar(xs, sub.decode_tok_s_median, width, label=path,
+        ax.bar(xs, sub.decode_tok_s_median, width, label=path, color=path_colour(path),
                yerr=sub.decode_tok_s_sd, capsize=3)
     ax.set_xticks([j + width * (len(paths) - 1) / 2 for j in range(len(models))], models)
     ax.set_ylabel("decode tok/s (median, ±sd)")
@@ -62,8 +71,9 @@ def speedup_plot(run: RunData, threshold: float | None = None) -> bytes | None:
     df = pd.DataFrame(rows)
     fig, ax = plt.subplots(figsize=(6, 0.6 + 0.45 * len(df)))
     labels = [f"{r.model} {r.path}" for r in df.itertuples()]
-    ax.errorbar(df.point, range(len(df)), xerr=[df.point - df.lo, df.hi - df.point], fmt="o",
-                capsize=3)
+    for i, r in enumerate(df.itertuples()):
+        ax.errorbar([r.point], [i], xerr=[[r.point - r.lo], [r.hi - r.point]], fmt="o", capsize=3,
+                    color=path_colour(r.path))
     ax.axvline(1.0, color="grey", lw=1)
     if threshold is not None:  # the rule's `on`: every CI lower bound at or above this line
         ax.axvline(threshold, color="green", lw=1, ls="--", label=f"on at CI lower bound ≥ {threshold:.3f}")
@@ -85,7 +95,8 @@ def latency_plot(run: RunData) -> bytes | None:
     for ax, model in zip(axes[0], models, strict=True):
         for path, g in df[df.model == model].groupby("path", sort=False):
             ms = (g.latency_s * 1e3).sort_values()
-            ax.step(ms, [(i + 1) / len(ms) for i in range(len(ms))], where="post", label=path)
+            ax.step(ms, [(i + 1) / len(ms) for i in range(len(ms))], where="post", label=path,
+                    color=path_colour(path))
         ax.set_title(model, fontsize=9)
         ax.set_xlabel("per-token latency (ms)")
         ax.legend(fontsize=7)
@@ -279,6 +290,8 @@ def context(run: RunData) -> dict:
             "bench": bench_rows, "identity": ident_rows,
             "engine_identity": engine_rows, "instrument": instrument, "engine": engine,
             "toggle_variable": toggle_variable(engine),
+            "path_colours": {p: path_colour(p) for p in dict.fromkeys(
+                s["path"] for m in run.models.values() if m.bench for s in m.bench["summary"])},
             "counts_checked": any("refused_rounds" in m.bench["meta"] for m in run.models.values()
                                   if m.bench),
             "round_notes": round_notes, "lock_notes": lock_notes, "drift_notes": drift_notes,

@@ -139,3 +139,12 @@ def test_result_files_get_the_callers_umask(tmp_path):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert modes == {"a.md": 0o644, "b.json": 0o644, "c.md": 0o640}
+
+
+def test_the_html_report_keys_one_colour_per_path_in_every_plot(tmp_path):
+    run = committed_archives("cuda-nvidia-h200/*")[0]
+    report.render_run(run, tmp_path / "out")
+    html = (tmp_path / "out" / "report.html").read_text()
+    for path in ("graph", "kernel", "composite"):
+        assert f'data-path="{path}" style="color:{report.PATH_COLOURS[path]}"' in html
+    assert len(set(report.PATH_COLOURS.values())) == len(report.PATH_COLOURS)
