@@ -38,6 +38,7 @@ def test_generate_graph_and_composite_print_identical_varied_ids(model):
     assert graph.stdout == fused.stdout
 
 
+@pytest.mark.slow
 def test_generate_json_and_env_and_models():
     out = json.loads(fusedqk("generate", "-m", "qwen3-tiny", "-n", "8", "--json").stdout)
     assert len(out["tokens"]) == 8 and out["path"] == "graph"

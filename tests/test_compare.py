@@ -29,16 +29,22 @@ def test_results_readme_lists_every_committed_run_and_is_current():
 
 def test_a_users_own_run_is_listed_as_theirs_and_keeps_the_readme_current(tmp_path):
     # A run the user made lands in results/ beside the committed ones: the index marks it as
-    # theirs, and the committed list (results/README.md) does not change.
-    mine = RESULTS / "cpu-x86-64" / "29991231-usersrun00"
-    shutil.copytree(CPU, mine)
-    try:
-        lines = [ln for ln in compare.index(RESULTS).splitlines() if "29991231-usersrun00" in ln]
-        assert len(lines) == 1 and "yours: not tracked by git" in lines[0]
-        assert "29991231-usersrun00" not in compare.index(RESULTS, committed_only=True)
-        assert compare.index(RESULTS, committed_only=True) == (RESULTS / "README.md").read_text()
-    finally:
-        shutil.rmtree(mine)
+    # theirs, and the committed list does not change. (In a git checkout of its own, so that no
+    # other test sees the repository's results/ change.)
+    import subprocess
+
+    results = tmp_path / "results"
+    shutil.copytree(CPU, results / "cpu-x86-64" / CPU.name)
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "committed"], check=True)
+    committed = compare.index(results, committed_only=True)
+    shutil.copytree(CPU, results / "cpu-x86-64" / "29991231-usersrun00")
+    lines = [ln for ln in compare.index(results).splitlines() if "29991231-usersrun00" in ln]
+    assert len(lines) == 1 and "yours: not tracked by git" in lines[0]
+    assert compare.index(results, committed_only=True) == committed
+    assert "29991231-usersrun00" not in committed and CPU.name in committed
 
 
 def test_h100_and_h200_runs_side_by_side(capsys):

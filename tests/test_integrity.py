@@ -104,6 +104,7 @@ def test_a_non_utf8_manifest_is_a_problem_not_a_traceback(sealed):
     assert archive.verify(sealed) == [f"{archive.MANIFEST}: not UTF-8 text"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, needle", [
     (["decide", "{run}", "--min-gain", "0.001"], "inside the sealed run"),
     (["aggregate", "{run}"], "inside the sealed run"),
@@ -140,6 +141,7 @@ def test_run_names_and_device_labels_are_one_safe_path_component(tmp_path, name)
     assert not (tmp_path / "R").exists()
 
 
+@pytest.mark.slow
 def test_the_html_report_escapes_hostile_text(sealed):
     hostile = "<img src=x onerror=alert(document.domain)>"
     model = next(p for p in sealed.iterdir() if p.is_dir() and (p / "status-bench.json").is_file())
@@ -154,6 +156,7 @@ def test_the_html_report_escapes_hostile_text(sealed):
     assert hostile not in html and "&lt;img src=x onerror=alert(document.domain)&gt;" in html
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", [" ", "locks", "./locks", "../x"])
 def test_a_relative_lock_directory_is_refused(tmp_path, value):
     proc = fusedqk("bench", "-m", "qwen3-tiny", "--backend", "cpu", "-r", "2", cwd=tmp_path,

@@ -169,6 +169,7 @@ def _wait_gone(pid: int, seconds: float = 10.0) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_a_timeout_ends_the_whole_process_tree(tmp_path):
     script, pid_file = tmp_path / "tree.py", tmp_path / "child.pid"
     script.write_text(TREE)
@@ -195,6 +196,7 @@ def test_a_pathological_pattern_cannot_hang_the_reader(tmp_path):
     assert time.monotonic() - start < 10
 
 
+@pytest.mark.slow
 def test_sigkill_of_the_orchestrator_leaves_no_engine_process(tmp_path):
     script, pid_file = tmp_path / "tree.py", tmp_path / "child.pid"
     script.write_text(TREE)

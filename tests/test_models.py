@@ -100,6 +100,7 @@ def test_memory_check_fails_before_allocating():
     assert mx.get_active_memory() - before < 1 << 20
 
 
+@pytest.mark.slow
 def test_local_checkpoint_round_trip(tmp_path):
     quant = Quantization()
     original = load_model("qwen3-tiny", quant, 5)

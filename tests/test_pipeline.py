@@ -96,6 +96,7 @@ def test_a_broken_config_stops_before_any_job_with_one_line(what, breaks, needle
     assert needle in lines[0] and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_nested_numbers_on_the_command_line_validate_as_numbers(tmp_path):
     proc = snakemake("-n", "--config", "backend_settings={cpu: {bench: {rounds: 5}}}",
                      f"results_dir={tmp_path}")
@@ -129,6 +130,7 @@ def test_a_malformed_config_file_is_one_line_naming_it(tmp_path):
         sorted(p.name for p in tmp_path.iterdir()) == ["config"]
 
 
+@pytest.mark.slow
 def test_an_absent_backend_fails_with_a_clear_message(tmp_path):
     proc = snakemake("--cores", "1", "--config", "backends=[cuda]", f"results_dir={tmp_path}",
                      "device_label=absent")

@@ -31,6 +31,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 MEASURING = ("bench", "identity", "blockbench")
 pytestmark = [
     pytest.mark.slurm,
+    pytest.mark.slow,
     pytest.mark.skipif(os.geteuid() != 0, reason="starts SLURM's daemons: needs root"),
     pytest.mark.skipif(not all(shutil.which(d) for d in ("slurmctld", "slurmd", "slurmdbd",
                                                          "munged", "mariadbd")),
