@@ -72,7 +72,7 @@ def fake_mlxcel(tmp_path, monkeypatch) -> Path:
     fake = Path(__file__).resolve().parent / "fakes" / "mlxcel.py"
     bin_dir = tmp_path / "fake-mlxcel-bin"
     bin_dir.mkdir()
-    for name in ("mlxcel", "mlxcel-bench-decode"):
+    for name in ("mlxcel", "mlxcel-bench-decode", "mlxcel-server"):
         script = bin_dir / name
         script.write_text(f'#!/bin/sh\nexec {sys.executable} {fake} {name} "$@"\n')
         script.chmod(0o755)

@@ -179,14 +179,15 @@ def test_a_run_whose_every_model_fails_is_still_reported_and_sealed(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine, model", [("mlx-lm", "qwen3-moe-tiny"),
-                                           ("fusedqk-generate", "qwen3-tiny"),
-                                           ("mlxcel", "qwen3-tiny")])
-def test_the_pipeline_runs_end_to_end_with_a_command_engine(engine, model, tmp_path, request):
-    # A tiny model through an engine's own command line (mlx-lm and fusedqk-generate one of the
-    # two architectures each; mlxcel through its strict stand-in): bench, identity, decide,
-    # report and manifest; the checkpoint is fusedqk's export, made once by the first job.
-    if engine == "mlxcel":
+@pytest.mark.parametrize("engine, model, instrument", [
+    ("mlx-lm", "qwen3-moe-tiny", "whole-process"), ("fusedqk-generate", "qwen3-tiny", "whole-process"),
+    ("mlxcel", "qwen3-tiny", "whole-process"), ("mlx-lm-server", "qwen3-tiny", "server"),
+    ("mlxcel-server", "qwen3-moe-tiny", "server")])
+def test_the_pipeline_runs_end_to_end_with_an_engine(engine, model, instrument, tmp_path, request):
+    # A tiny model through an engine's own command line or server (mlx-lm, its server and
+    # fusedqk-generate; mlxcel and mlxcel-server through their strict stand-in): bench, identity,
+    # decide, report and manifest; the checkpoint is fusedqk's export, made once by the first job.
+    if engine.startswith("mlxcel"):
         request.getfixturevalue("fake_mlxcel")
     overlay = {"checkpoints_dir": str(tmp_path / "ckpt"), "backend_settings": {"cpu": {
         "engine": f"config/engines/{engine}.yaml", "models": [model],
@@ -202,7 +203,7 @@ def test_the_pipeline_runs_end_to_end_with_a_command_engine(engine, model, tmp_p
     assert archive.verify(run) == []
     assert not list(run.glob("*/blockbench"))  # a command engine has no block benchmark
     report = (run / "report.md").read_text()
-    assert f"Engine: **{engine}**" in report and "Instrument: whole-process" in report
+    assert f"Engine: **{engine}**" in report and f"Instrument: {instrument}" in report
     bench = archive.read_json(run / model / "bench" / "bench.json", "bench")
     assert bench["format"] == "fusedqk-bench/2" and bench["speedups"][0]["path"] == "fused"
     ident = archive.read_json(run / model / "identity-fused.json", "identity")

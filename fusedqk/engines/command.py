@@ -1,11 +1,14 @@
-"""Command engines: any engine measured through its command line, defined by a YAML file.
+"""Engine files: any engine measured through its command line or its HTTP server, defined by a
+YAML file.
 
 An engine file (``config/engines/*.yaml``, docs/engines.md) names two **arms**, the graph path
 and the fused path, as environment settings of the same commands (and, with ``toggle``, which
 variable is the switch and which of its values mean on and off); a **bench** command template
 and how to read decode tok/s (and, where printed, prompt tok/s, peak memory and the number of
 tokens decoded) from its output; an **identity** command template (greedy decoding) and how to
-find the generated tokens in its output; and where each model's checkpoint is. Templates are
+find the generated tokens in its output; and where each model's checkpoint is. A server engine
+(``kind: server``) gives instead the command that starts its server and how to talk to it
+(``fusedqk.engines.server``). Templates are
 argument lists: placeholders are replaced inside single arguments and nothing passes through a
 shell, so no value can inject a command.
 
@@ -28,6 +31,7 @@ import regex
 import yaml
 
 from fusedqk.engines.process import MAX_OUTPUT_BYTES, EngineFailure, Finished, run_bounded
+from fusedqk.engines.server import RESERVED_FIELDS, ServerCommand
 from fusedqk.errors import UserError
 
 ARMS = ("graph", "fused")
@@ -41,11 +45,15 @@ PLACEHOLDERS = {
     "identity": {**_COMMON, "prompt": "the identity prompt's text",
                  "prompt_seed": "the identity prompt's seed", "max_tokens": "tokens to generate"},
     "version": {"python": _COMMON["python"]},
+    "server": {"python": _COMMON["python"], "model": _COMMON["model"],
+               "model_path": _COMMON["model_path"], "seed": _COMMON["seed"],
+               "host": "the address it listens on (127.0.0.1)", "port": "a free port"},
 }
 METRICS = ("decode_tok_s", "prefill_tok_s", "peak_memory_gb", "peak_memory_bytes", "generated_tokens")
 _PLACEHOLDER = regex.compile(r"\{(\w+)\}")
 TIMEOUT_S = 600
 ON, OFF, DEFAULT = "on", "off", "default"
+COMMAND, SERVER = "command", "server"
 
 
 def _schema() -> dict:
@@ -150,9 +158,10 @@ class EngineSpec:
     source: str
     arms: dict[str, dict[str, str]]  # arm -> environment it sets
     expect: dict[str, regex.Pattern]  # arm -> a line its output must hold (the toggle took effect)
-    bench: Command
-    identity: IdentityCommand
     models: dict[str, str]  # registry name -> checkpoint directory, or "export"
+    bench: Command | None = None  # a command engine's
+    identity: IdentityCommand | None = None  # a command engine's
+    server: ServerCommand | None = None  # a server engine's
     toggle: Toggle | None = None
     version_command: list[str] | None = None
     derived_from: str = ""
@@ -163,11 +172,17 @@ class EngineSpec:
         """The environment variable that switches the fused path, where the file declares it."""
         return self.toggle.variable if self.toggle else None
 
+    @property
+    def kind(self) -> str:
+        return SERVER if self.server is not None else COMMAND
+
     def describe(self) -> dict:
-        return {"name": self.name, "file": self.source, "arms": self.arms,
+        commands = ({"server": self.server.argv, "routes": {"health": self.server.health,
+                                                            "completions": self.server.completions}}
+                    if self.server else {"bench": self.bench.argv, "identity": self.identity.argv})
+        return {"name": self.name, "kind": self.kind, "file": self.source, "arms": self.arms,
                 "toggle": self.variable, "derived_from": self.derived_from or None,
-                "expect": {arm: p.pattern for arm, p in self.expect.items()},
-                "bench": self.bench.argv, "identity": self.identity.argv,
+                "expect": {arm: p.pattern for arm, p in self.expect.items()}, **commands,
                 "version": self.version()}
 
     def version(self) -> str | None:
@@ -338,7 +353,29 @@ def load_engine(path: str | Path) -> EngineSpec:
     _check_arms(source, envs, toggle)
     expect = {arm: _pattern(source, f"arms.{arm}.expect", doc["arms"][arm]["expect"], group=False)
               for arm in ARMS if doc["arms"][arm].get("expect")}
-    bench, ident = doc["bench"], doc["identity"]
+    kind = doc.get("kind", COMMAND)
+    wanted, unwanted = (("server",), ("bench", "identity")) if kind == SERVER else \
+        (("bench", "identity"), ("server",))
+    for key in wanted:
+        if key not in doc:
+            raise _fail(source, key, f"required for kind {kind}")
+    for key in unwanted:
+        if key in doc:
+            raise _fail(source, key, f"not a key of kind {kind} (kind: "
+                        f"{SERVER if kind == COMMAND else COMMAND} has it)")
+    commands = ({"server": _server(source, doc["server"])} if kind == SERVER
+                else _commands(source, name, doc["bench"], doc["identity"]))
+    return EngineSpec(
+        name=name, source=source, arms=envs, expect=expect, toggle=toggle,
+        models=dict(doc["models"]), **commands,
+        version_command=(_argv(source, "version", doc["version"], PLACEHOLDERS["version"])
+                         if doc.get("version") else None),
+        derived_from=doc.get("source", ""),
+        max_output_bytes=doc.get("max_output_bytes", MAX_OUTPUT_BYTES))
+
+
+def _commands(source: str, name: str, bench: dict, ident: dict) -> dict:
+    """A command engine's bench and identity commands."""
     bench_reader = _reader(source, "bench", bench, name)
     if not bench_reader.reads("decode_tok_s"):
         raise _fail(source, "bench", "say how to read decode_tok_s (regex or json)")
@@ -352,19 +389,30 @@ def load_engine(path: str | Path) -> EngineSpec:
                     "are not the engine's output)")
     generated = (_pattern(source, "identity.generated", ident["generated"])
                  if "generated" in ident else None)
-    return EngineSpec(
-        name=name, source=source, arms=envs, expect=expect, toggle=toggle,
-        bench=Command(_argv(source, "bench.command", bench["command"], PLACEHOLDERS["bench"]),
-                      float(bench.get("timeout_s", TIMEOUT_S)), bench_reader),
-        identity=IdentityCommand(
+    return {
+        "bench": Command(_argv(source, "bench.command", bench["command"], PLACEHOLDERS["bench"]),
+                         float(bench.get("timeout_s", TIMEOUT_S)), bench_reader),
+        "identity": IdentityCommand(
             _argv(source, "identity.command", ident["command"], PLACEHOLDERS["identity"]),
             float(ident.get("timeout_s", TIMEOUT_S)), ident_reader, compare, generated,
-            bool(ident.get("echoes_prompt", False))),
-        models=dict(doc["models"]),
-        version_command=(_argv(source, "version", doc["version"], PLACEHOLDERS["version"])
-                         if doc.get("version") else None),
-        derived_from=doc.get("source", ""),
-        max_output_bytes=doc.get("max_output_bytes", MAX_OUTPUT_BYTES))
+            bool(ident.get("echoes_prompt", False)))}
+
+
+def _server(source: str, doc: dict) -> ServerCommand:
+    """A server engine's command and routes."""
+    argv = _argv(source, "server.command", doc["command"], PLACEHOLDERS["server"])
+    if not any("{port}" in a for a in argv):
+        raise _fail(source, "server.command", "needs {port}: fusedqk picks a free port per arm")
+    for key in ("request", "identity_request"):
+        taken = sorted(set(doc.get(key) or {}) & set(RESERVED_FIELDS))
+        if taken:
+            raise _fail(source, f"server.{key}", f"{', '.join(taken)} are set by fusedqk; accepted: "
+                        f"any other request field (fusedqk sets {', '.join(RESERVED_FIELDS)})")
+    return ServerCommand(
+        argv, doc.get("health", "/health"), doc.get("completions", "/v1/completions"),
+        float(doc.get("startup_timeout_s", 900)), float(doc.get("request_timeout_s", TIMEOUT_S)),
+        dict(doc.get("request") or {}), dict(doc.get("identity_request") or {}),
+        doc.get("identity_tokens"), doc.get("timing_field"))
 
 
 def run_arm(spec: EngineSpec, command: Command, arm: str, values: dict[str, object]) -> Finished:

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +26,17 @@ import pandas as pd
 from fusedqk import stats
 from fusedqk.bench import BenchRun, BenchSettings, stop_reason
 from fusedqk.decide import variety_line
-from fusedqk.engines.command import ARMS, METRICS, EngineSpec, run_arm
+from fusedqk.engines import server
+from fusedqk.engines.command import ARMS, COMMAND, METRICS, SERVER, EngineSpec, render, run_arm
 from fusedqk.engines.process import EngineFailure, Finished
 from fusedqk.envinfo import environment, now_utc
 from fusedqk.errors import UserError
 from fusedqk.identity import first_divergence, verdict
 
 INSTRUMENT = "whole-process: each arm in a fresh process per round, rounds paired"
+SERVER_INSTRUMENT = ("server: one long-lived server per arm, streamed completions alternating "
+                     "ABBA, rounds paired")
+INSTRUMENTS = {COMMAND: INSTRUMENT, SERVER: SERVER_INSTRUMENT}
 ENV_CHECKPOINTS = "FUSEDQK_CHECKPOINTS"
 
 
@@ -78,24 +83,49 @@ def _note(text: str) -> None:
 
 def bench(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size: int,
           settings: BenchSettings, argv: list[str] | None = None) -> BenchRun:
-    """Whole-process rounds of both arms; raises EngineFailure on the first failed run. A round
-    whose arms decoded different numbers of tokens (an early end of sequence in one of them) is
-    refused, recorded in ``meta.refused_rounds``, and never enters the speedup."""
+    """Paired rounds of both arms: fresh processes each round for a command engine, one
+    streamed completion per arm and round, in ABBA order, from each arm's long-lived server for a
+    server engine. Raises EngineFailure on the first failed run. A round whose arms decoded
+    different numbers of tokens (an early end of sequence in one of them) is refused, recorded
+    in ``meta.refused_rounds``, and never enters the speedup."""
     result = BenchRun(settings, list(ARMS))
-    result.meta = {"started_at": now_utc(), "argv": argv or [], "instrument": INSTRUMENT,
+    result.meta = {"started_at": now_utc(), "argv": argv or [], "instrument": INSTRUMENTS[spec.kind],
                    "engine": spec.describe(), "model_path": str(path), "round_wall_s": [],
                    "refused_rounds": []}
     values = {"model": model, "model_path": path, "prompt_tokens": settings.prompt_tokens,
               "generation_tokens": settings.generation_tokens,
               "warmup_tokens": settings.warmup * settings.generation_tokens, "seed": settings.seed,
               "prompt": prompt_text(vocab_size, settings.prompt_tokens, settings.seed)}
-    order_rng = np.random.default_rng(settings.seed)
+    if spec.kind == SERVER:
+        with _arm_servers(spec, values, vocab_size, settings.prompt_tokens) as servers:
+            result.meta["server_start_s"] = {arm: s.started_s for arm, s in servers.items()}
+            for arm in ARMS:  # untimed: compilation, caches, the allocator's first growth
+                for w in range(max(1, settings.warmup)):
+                    seed = settings.seed + settings.round_limit + w  # no round's prompt
+                    servers[arm].stream(prompt_text(vocab_size, settings.prompt_tokens, seed),
+                                        settings.generation_tokens)
+            ratios, speedup = _paired_rounds(
+                spec, settings, result,
+                lambda rnd: _server_round(servers, rnd, vocab_size, settings, model, backend))
+    else:
+        order_rng = np.random.default_rng(settings.seed)
+        ratios, speedup = _paired_rounds(
+            spec, settings, result,
+            lambda rnd: [_bench_trial(spec, arm, slot, rnd, values, settings, model, backend)
+                         for slot, arm in enumerate(ARMS[i] for i in order_rng.permutation(len(ARMS)))])
+    _summarise(result, ratios, speedup, settings, model, backend)
+    return result
+
+
+def _paired_rounds(spec: EngineSpec, settings: BenchSettings, result: BenchRun,
+                   run_round) -> tuple[list[float], stats.Speedup]:
+    """Rounds from ``run_round(rnd)`` (one trial per arm) until the bench's stopping rule says
+    enough; refused rounds are recorded and skipped."""
     ratios: list[float] = []
     speedup = None
     for rnd in range(settings.round_limit):
         start = time.perf_counter()
-        trials = [_bench_trial(spec, arm, slot, rnd, values, settings, model, backend)
-                  for slot, arm in enumerate(ARMS[i] for i in order_rng.permutation(len(ARMS)))]
+        trials = run_round(rnd)
         result.meta["round_wall_s"].append(time.perf_counter() - start)
         decoded = {t["path"]: t["generated_tokens"] for t in trials}
         if len(set(decoded.values())) > 1:
@@ -119,6 +149,11 @@ def bench(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size: in
             break
     if speedup is None:
         raise EngineFailure(f"engine {spec.name}, bench: every round was refused")
+    return ratios, speedup
+
+
+def _summarise(result: BenchRun, ratios: list[float], speedup: stats.Speedup,
+               settings: BenchSettings, model: str, backend: str) -> None:
     if result.meta["refused_rounds"]:
         result.warnings.append(f"{len(result.meta['refused_rounds'])} round(s) refused: the arms "
                                "decoded different numbers of tokens")
@@ -139,10 +174,52 @@ def bench(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size: in
     halves = stats.halves(ratios, seed=settings.seed)
     result.warnings += stats.drift_warnings("fused", halves)
     result.speedups.append({"model": model, "backend": backend, "path": "fused",
-                            **speedup.as_dict(), "estimator": ESTIMATOR, "p_test": PAIRED_TEST,
-                            "round_speedups": ratios,
+                            **speedup.as_dict(), "estimator": ESTIMATORS[result.meta["instrument"]],
+                            "p_test": PAIRED_TEST, "round_speedups": ratios,
                             "halves": halves.as_dict() if halves else None})
-    return result
+
+
+@contextmanager
+def _arm_servers(spec: EngineSpec, values: dict, vocab_size: int, prompt_tokens: int):
+    """Both arms' servers, started one after the other, running for the block."""
+    def argv_for(host: str, port: int) -> list[str]:
+        return render(spec.server.argv, {"python": sys.executable, **values, "host": host,
+                                         "port": port})
+    warm = prompt_text(vocab_size, min(prompt_tokens, 8), 0)
+    with ExitStack() as stack:
+        servers = {arm: stack.enter_context(server.running(
+            spec.server, argv_for, {**os.environ, **spec.arms[arm]},
+            f"engine {spec.name}, server, {arm} arm", spec.expect.get(arm), f"arms.{arm}.expect",
+            warm, spec.max_output_bytes)) for arm in ARMS}
+        yield servers
+
+
+def _server_round(servers: dict, rnd: int, vocab_size: int, settings: BenchSettings, model: str,
+                  backend: str) -> list[dict]:
+    """One streamed completion per arm, graph first in even rounds and fused first in odd ones
+    (ABBA over two rounds), both of the round's own seeded prompt."""
+    prompt = prompt_text(vocab_size, settings.prompt_tokens, settings.seed + rnd)
+    order = ARMS if rnd % 2 == 0 else ARMS[::-1]
+    trials = []
+    for slot, arm in enumerate(order):
+        start = time.perf_counter()
+        out = servers[arm].stream(prompt, settings.generation_tokens)
+        wall = time.perf_counter() - start
+        tok_s = out.server_tok_s if out.server_tok_s is not None else out.stream_tok_s
+        if tok_s is None or not tok_s > 0:
+            raise EngineFailure(f"{servers[arm].label}: no decode rate (the stream's text events "
+                                "arrived all at once)")
+        decoded = out.completion_tokens if out.completion_tokens is not None else out.chunks
+        trials.append({
+            "model": model, "backend": backend, "path": arm, "round": rnd, "slot": slot,
+            "prompt_tokens": settings.prompt_tokens, "generation_tokens": settings.generation_tokens,
+            "generated_tokens": decoded,
+            "prefill_tok_s": settings.prompt_tokens / out.first_token_s,
+            "decode_s": (out.chunks - 1) / tok_s, "decode_tok_s": tok_s, "process_wall_s": wall,
+            "peak_memory_bytes": None, "first_token_s": out.first_token_s,
+            "stream_events": out.chunks,
+            "timing": "server" if out.server_tok_s is not None else "stream"})
+    return trials
 
 
 def _bench_trial(spec: EngineSpec, arm: str, slot: int, rnd: int, values: dict, settings: BenchSettings,
@@ -169,6 +246,11 @@ def _bench_trial(spec: EngineSpec, arm: str, slot: int, rnd: int, values: dict, 
 
 ESTIMATOR = ("geometric mean over rounds of fused / graph decode tok/s, both arms run back to back "
              "in fresh processes each round; 95% CI: bootstrap over rounds")
+SERVER_ESTIMATOR = ("geometric mean over rounds of fused / graph decode tok/s, one streamed "
+                    "completion per arm and round from each arm's long-lived server, in ABBA order; "
+                    "decode tok/s from the stream's event times (or the server's own timing field); "
+                    "95% CI: bootstrap over rounds")
+ESTIMATORS = {INSTRUMENT: ESTIMATOR, SERVER_INSTRUMENT: SERVER_ESTIMATOR}
 PAIRED_TEST = "Wilcoxon signed-rank on the rounds' log speedups (paired by round)"
 
 
@@ -245,32 +327,33 @@ def identity(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size:
     start = time.perf_counter()
     prompt_texts = [prompt_text(vocab_size, prompt_tokens, seed + k) for k in range(prompts)]
 
-    def decode(arm: str, k: int) -> list:
-        values = {"model": model, "model_path": path, "prompt_tokens": prompt_tokens,
-                  "max_tokens": tokens, "seed": seed, "prompt_seed": seed + k,
-                  "prompt": prompt_texts[k]}
-        return _compared(spec, run_arm(spec, spec.identity, arm, values), prompt_texts[k])
+    if spec.kind == SERVER:
+        outputs, controls = _server_identity(spec, model, path, vocab_size, prompt_texts, tokens, seed)
+    else:
+        def decode(arm: str, k: int) -> list:
+            values = {"model": model, "model_path": path, "prompt_tokens": prompt_tokens,
+                      "max_tokens": tokens, "seed": seed, "prompt_seed": seed + k,
+                      "prompt": prompt_texts[k]}
+            return _compared(spec, run_arm(spec, spec.identity, arm, values), prompt_texts[k])
 
-    outputs = {arm: [] for arm in ARMS}
-    for k in range(prompts):
-        for arm in ARMS:
-            outputs[arm].append(decode(arm, k))
+        outputs = {arm: [decode(arm, k) for k in range(prompts)] for arm in ARMS}
+        controls = {arm: decode(arm, 0) for arm in ARMS}
     if any(not o for arm in ARMS for o in outputs[arm]):
         raise EngineFailure(f"engine {spec.name}, identity: an arm generated nothing to compare")
-    controls = {arm: decode(arm, 0) for arm in ARMS}
     divergence = [first_divergence(g, f) for g, f in zip(outputs["graph"], outputs["fused"], strict=True)]
     equal = all(d is None for d in divergence)
     control = {arm: {"identical": controls[arm] == outputs[arm][0],
                      "first_difference": first_divergence(controls[arm], outputs[arm][0])}
                for arm in ARMS}
-    unit = "token" if spec.identity.compare == "tokens" else "word"
+    unit = "token" if _compares(spec) == "tokens" else "word"
     return {
         "model": model, "backend": backend, "impl": "fused",
         "verdict": verdict(equal, control["graph"]["identical"], control["fused"]["identical"]),
-        "engine": spec.describe(), "compared": spec.identity.compare, "divergence_unit": unit,
+        "engine": spec.describe(), "compared": _compares(spec), "divergence_unit": unit,
         "free_running": {"identical": equal, "greedy_first_divergence": divergence,
                          "sampled_first_divergence": None},
-        "controls": {"run": True, "scope": f"greedy output of prompt 0 ({unit}s)", **control},
+        "controls": {"run": True, "scope": f"greedy output of prompt 0 ({unit}s) in a fresh "
+                     f"{'server' if spec.kind == SERVER else 'process'}", **control},
         "graph_distinct_greedy_tokens": sorted({len(set(o)) for o in outputs["graph"]}),
         "outputs": {arm: [o[:2000] for o in outputs[arm]] for arm in ARMS},
         "settings": {"prompt_tokens": prompt_tokens, "tokens": tokens, "prompts": prompts,
@@ -278,6 +361,24 @@ def identity(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size:
         "model_path": str(path), "wall_s": time.perf_counter() - start, "finished_at": now_utc(),
         "environment": environment(),
     }
+
+
+def _compares(spec: EngineSpec) -> str:
+    if spec.kind == SERVER:
+        return "tokens" if spec.server.identity_tokens else "text"
+    return spec.identity.compare
+
+
+def _server_identity(spec: EngineSpec, model: str, path: Path, vocab_size: int,
+                     prompt_texts: list[str], tokens: int, seed: int) -> tuple[dict, dict]:
+    """Greedy completions of every prompt from both arms' servers, then prompt 0 again from a
+    fresh pair of servers (the control: does a server agree with a fresh one of itself?)."""
+    values = {"model": model, "model_path": path, "seed": seed}
+    with _arm_servers(spec, values, vocab_size, len(prompt_texts[0].split())) as servers:
+        outputs = {arm: [servers[arm].greedy(p, tokens) for p in prompt_texts] for arm in ARMS}
+    with _arm_servers(spec, values, vocab_size, len(prompt_texts[0].split())) as servers:
+        controls = {arm: servers[arm].greedy(prompt_texts[0], tokens) for arm in ARMS}
+    return outputs, controls
 
 
 def render_identity(result: dict) -> str:
@@ -288,7 +389,8 @@ def render_identity(result: dict) -> str:
              f"{result['settings']['prompts']} prompts; first differing "
              f"{result.get('divergence_unit', 'token')} {fr['greedy_first_divergence']}"]
     lines.append(variety_line(result))
+    where = "server" if result["engine"].get("kind") == SERVER else "process"
     for arm in ARMS:
-        lines.append(f"  control {arm} vs fresh process: identical={c[arm]['identical']}"
+        lines.append(f"  control {arm} vs fresh {where}: identical={c[arm]['identical']}"
                      f" (first difference: {c[arm]['first_difference']})")
     return "\n".join(lines)

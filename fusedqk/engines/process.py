@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,3 +151,52 @@ def run_bounded(argv: list[str], env: dict[str, str], timeout_s: float, label: s
         raise EngineFailure(f"{label}: {argv[0]} exited with status {proc.returncode}: "
                             f"{_telling_line(stderr.strip() or stdout.strip())}")
     return Finished(stdout, stderr, time.monotonic() - start, deadline)
+
+
+@dataclass
+class Background:
+    """A long-lived engine process (a server) started by ``background``: its log is both streams
+    in one file, read back with ``log()``."""
+
+    proc: subprocess.Popen
+    label: str
+    log_file: IO[bytes]
+    max_output_bytes: int
+
+    def exited(self) -> int | None:
+        """Its exit status once it has ended, else None."""
+        return self.proc.poll()
+
+    def log(self) -> str:
+        return _text(self.log_file)
+
+    def check(self) -> None:
+        """Fail with one line if it has ended or printed more than it may."""
+        if _size(self.log_file) > self.max_output_bytes:
+            raise EngineFailure(f"{self.label}: {self.proc.args[0]} printed more than "
+                                f"{self.max_output_bytes / 2**20:g} MiB (max_output_bytes)")
+        status = self.proc.poll()
+        if status is not None:
+            raise EngineFailure(f"{self.label}: {self.proc.args[0]} exited with status {status}: "
+                                f"{_telling_line(self.log())}")
+
+
+@contextmanager
+def background(argv: list[str], env: dict[str, str], label: str,
+               max_output_bytes: int = MAX_OUTPUT_BYTES) -> Iterator[Background]:
+    """Start ``argv`` in its own process group for the length of the block; however the block
+    ends (or this process, through the watchdog), the whole group is terminated, then killed."""
+    with tempfile.TemporaryFile() as log:
+        try:
+            proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)
+        except FileNotFoundError:
+            raise EngineFailure(f"{label}: command {argv[0]!r} not found") from None
+        except OSError as e:
+            raise EngineFailure(f"{label}: {argv[0]} could not start ({e.strerror})") from None
+        with _watched(proc.pid):
+            try:
+                yield Background(proc, label, log, max_output_bytes)
+            finally:
+                end_group(proc.pid)
+                proc.wait()

@@ -1,0 +1,247 @@
+"""Server engines: one long-lived HTTP server per arm, spoken to through OpenAI-style completions.
+
+A server engine's file (``kind: server``, docs/engines.md) gives the command that starts the
+server (with ``{host}`` and ``{port}``), its health route and its completions route. fusedqk
+starts each arm's server in its own process group on 127.0.0.1 and a free port, waits until the
+health route answers 200 (or the startup timeout passes, or the server exits), and then sends it
+completions: streamed ones for the bench, timed chunk by chunk as they arrive, and greedy
+non-streamed ones for identity. The servers end with the measurement, however it ends
+(``engines.process.background``).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import regex
+import requests
+
+from fusedqk.engines.process import MAX_OUTPUT_BYTES, Background, EngineFailure, background
+
+HOST = "127.0.0.1"
+_HEALTH_POLL_S = 0.25
+# What fusedqk sets in every completion request; an engine file's extra fields may not.
+RESERVED_FIELDS = ("prompt", "max_tokens", "temperature", "stream", "stream_options")
+
+
+@dataclass(frozen=True)
+class ServerCommand:
+    """How to start one arm's server and how to talk to it (the ``server`` key)."""
+
+    argv: list[str]
+    health: str = "/health"
+    completions: str = "/v1/completions"
+    startup_timeout_s: float = 900
+    request_timeout_s: float = 600
+    request: dict = field(default_factory=dict)  # extra JSON fields of every completion request
+    identity_request: dict = field(default_factory=dict)  # and of identity's greedy ones
+    identity_tokens: str | None = None  # where the greedy tokens are in choices[0]; None: text
+    timing_field: str | None = None  # the server's own decode tok/s in the last event, if any
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """One streamed completion as the client saw it."""
+
+    text: str
+    chunk_times: list[float]  # time.perf_counter() of each event that carried text
+    started: float
+    completion_tokens: int | None  # the server's usage count, where it sends one
+    server_tok_s: float | None  # the server's own decode rate (``timing_field``), where set
+
+    @property
+    def chunks(self) -> int:
+        return len(self.chunk_times)
+
+    @property
+    def first_token_s(self) -> float:
+        return self.chunk_times[0] - self.started
+
+    @property
+    def stream_tok_s(self) -> float | None:
+        """Decode tokens per second from the chunks' arrival times: (chunks - 1) over the time
+        from the first to the last. mlx-lm's and mlxcel's servers send one event per token."""
+        if self.chunks < 2 or self.chunk_times[-1] <= self.chunk_times[0]:
+            return None
+        return (self.chunks - 1) / (self.chunk_times[-1] - self.chunk_times[0])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the server binds it right after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def field_path(doc: object, path: str) -> object:
+    """``a.b.c`` into nested JSON; a list on the way maps the rest of the path over its items
+    (``logprobs.content.id``: the id of every entry). Raises KeyError where a step is missing."""
+    head, _, rest = path.partition(".")
+    if isinstance(doc, list):
+        return [field_path(item, path) for item in doc]
+    if not isinstance(doc, dict) or head not in doc:
+        raise KeyError(head)
+    return field_path(doc[head], rest) if rest else doc[head]
+
+
+class ArmServer:
+    """One arm's running server: the process, its address and an HTTP session to it."""
+
+    def __init__(self, process: Background, port: int, command: ServerCommand, label: str):
+        self.process = process
+        self.base = f"http://{HOST}:{port}"
+        self.command = command
+        self.label = label
+        self.http = requests.Session()
+        self.started_s = 0.0  # seconds from start to healthy
+
+    def wait_healthy(self) -> None:
+        start = time.monotonic()
+        url = self.base + self.command.health
+        while True:
+            self.process.check()
+            try:
+                if self.http.get(url, timeout=5).status_code == 200:
+                    self.started_s = time.monotonic() - start
+                    return
+            except requests.RequestException:
+                pass  # not listening yet
+            if time.monotonic() - start > self.command.startup_timeout_s:
+                raise EngineFailure(f"{self.label}: {self.command.health} did not answer 200 within "
+                                    f"{self.command.startup_timeout_s:g} s (server.startup_timeout_s)")
+            time.sleep(_HEALTH_POLL_S)
+
+    def expect(self, pattern: regex.Pattern | None, key: str) -> None:
+        """The server's log must match ``pattern`` once it is healthy (the toggle took effect)."""
+        if pattern is None:
+            return
+        try:
+            seen = pattern.search(self.process.log(), timeout=10)
+        except TimeoutError:
+            raise EngineFailure(f"{self.label}: {key}: matching took longer than 10 s") from None
+        if not seen:
+            raise EngineFailure(f"{self.label}: its log lacks {pattern.pattern!r} ({key}): the toggle "
+                                "did not take effect, so the arms may not differ")
+
+    def _post(self, body: dict, stream: bool) -> requests.Response:
+        url = self.base + self.command.completions
+        try:
+            response = self.http.post(url, json=body, stream=stream,
+                                      timeout=(10, self.command.request_timeout_s))
+        except requests.RequestException as e:
+            self.process.check()
+            raise EngineFailure(f"{self.label}: POST {self.command.completions} failed "
+                                f"({type(e).__name__})") from None
+        if response.status_code != 200:
+            text = response.text.strip().replace("\n", " ")[:160]
+            raise EngineFailure(f"{self.label}: POST {self.command.completions} answered "
+                                f"{response.status_code}: {text}")
+        return response
+
+    def stream(self, prompt: str, max_tokens: int) -> Streamed:
+        """A streamed greedy completion, timed as its events arrive. No seed is sent: greedy
+        decoding needs none, and mlx-lm's server serves a request with a seed outside its
+        batched generator, which is not the path its users get."""
+        body = {**self.command.request, "prompt": prompt, "max_tokens": max_tokens,
+                "temperature": 0.0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        started = time.perf_counter()
+        response = self._post(body, stream=True)
+        text, times, usage, server_rate, last = [], [], None, None, None
+        with response:
+            for event in self._events(response):
+                choices = event.get("choices") or []
+                piece = choices[0].get("text") if choices and isinstance(choices[0], dict) else None
+                if isinstance(piece, str) and piece:
+                    times.append(time.perf_counter())
+                    text.append(piece)
+                if isinstance(event.get("usage"), dict):
+                    usage = event["usage"].get("completion_tokens")
+                last = event
+        if self.command.timing_field and last is not None:
+            try:
+                server_rate = float(field_path(last, self.command.timing_field))
+            except (KeyError, TypeError, ValueError):
+                raise EngineFailure(f"{self.label}: the stream's last event has no "
+                                    f"{self.command.timing_field} (server.timing_field)") from None
+        if len(times) < 2:
+            raise EngineFailure(f"{self.label}: the stream carried {len(times)} text event(s); "
+                                "at least 2 are needed to time decoding")
+        count = usage if isinstance(usage, int) and not isinstance(usage, bool) else None
+        return Streamed("".join(text), times, started, count, server_rate)
+
+    def _events(self, response: requests.Response) -> Iterator[dict]:
+        """The JSON events of a server-sent-event stream, each as soon as its line is complete
+        (``read1`` returns what has arrived, so no event waits for a buffer to fill)."""
+        raw, buffer, seen = response.raw, b"", 0
+        while True:
+            chunk = raw.read1(65536)
+            if not chunk:
+                return
+            seen += len(chunk)
+            if seen > self.process.max_output_bytes:
+                raise EngineFailure(f"{self.label}: the stream exceeded max_output_bytes")
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                line = line.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    return
+                try:
+                    event = json.loads(data)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise EngineFailure(f"{self.label}: a stream event is not JSON: "
+                                        f"{data[:80]!r}") from None
+                if isinstance(event, dict):
+                    yield event
+
+    def greedy(self, prompt: str, max_tokens: int) -> list:
+        """A greedy non-streamed completion: its tokens (``identity_tokens``) or its words."""
+        body = {**self.command.request, **self.command.identity_request, "prompt": prompt,
+                "max_tokens": max_tokens, "temperature": 0.0, "stream": False}
+        try:
+            doc = self._post(body, stream=False).json()
+            choice = doc["choices"][0]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise EngineFailure(f"{self.label}: the completion is not an OpenAI-style JSON object "
+                                "with choices") from None
+        if self.command.identity_tokens:
+            try:
+                tokens = field_path(choice, self.command.identity_tokens)
+            except KeyError as e:
+                raise EngineFailure(f"{self.label}: choices[0] has no {self.command.identity_tokens}"
+                                    f" (missing {e.args[0]!r}; server.identity_tokens)") from None
+            if not isinstance(tokens, list) or not all(isinstance(t, (int, str)) for t in tokens):
+                raise EngineFailure(f"{self.label}: {self.command.identity_tokens} is not a list of "
+                                    "tokens (server.identity_tokens)")
+            return tokens
+        text = choice.get("text") if isinstance(choice, dict) else None
+        if not isinstance(text, str):
+            raise EngineFailure(f"{self.label}: choices[0] has no text")
+        return text.split()
+
+
+@contextmanager
+def running(command: ServerCommand, argv_for, env: dict[str, str], label: str,
+            expect: regex.Pattern | None, expect_key: str, warm_up_prompt: str,
+            max_output_bytes: int = MAX_OUTPUT_BYTES) -> Iterator[ArmServer]:
+    """One arm's server, healthy, loaded and checked, for the length of the block.
+    ``argv_for(host, port)`` is its command line. A server may answer its health route before
+    its model is loaded (mlx-lm's does), so one short completion goes first; the ``expect``
+    line is looked for after it."""
+    port = free_port()
+    with background(argv_for(HOST, port), env, label, max_output_bytes) as process:
+        server = ArmServer(process, port, command, label)
+        server.wait_healthy()
+        server.greedy(warm_up_prompt, 2)
+        server.expect(expect, expect_key)
+        yield server
+        server.process.check()  # a server that died during the block failed it

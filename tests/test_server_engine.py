@@ -1,0 +1,217 @@
+"""Server engines (``kind: server``): one long-lived server per arm, streamed completions in
+ABBA order, greedy identity with a fresh-server control, and servers that never outlive the
+measurement. Most tests run against the stand-in mlxcel-server (tests/fakes/mlxcel.py); the
+pipeline test and one kill test run mlx-lm's own server on a tiny exported model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fusedqk.bench import BenchSettings
+from fusedqk.engines import measure
+from fusedqk.engines.command import load_engine
+from fusedqk.engines.process import EngineFailure
+from fusedqk.engines.server import field_path
+from fusedqk.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+MLXCEL_SERVER = ROOT / "config" / "engines" / "mlxcel-server.yaml"
+MLX_LM_SERVER = ROOT / "config" / "engines" / "mlx-lm-server.yaml"
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    where = tmp_path / "server-ckpt"
+    where.mkdir()
+    (where / "config.json").write_text(json.dumps({"vocab_size": 997, "model_type": "qwen3"}))
+    return where
+
+
+@pytest.fixture
+def mlxcel_server(fake_mlxcel):
+    return load_engine(MLXCEL_SERVER)
+
+
+def edited(tmp_path: Path, source: Path, edit) -> Path:
+    doc = yaml.safe_load(source.read_text())
+    edit(doc)
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def servers_of(marker: str, besides: int | None = None) -> list[int]:
+    """Live processes whose command line holds ``marker`` (a test's own checkpoint path), but
+    this one and ``besides`` (the orchestrator)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in (os.getpid(), besides):
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def test_the_mlxcel_server_file_names_the_source_it_was_derived_from():
+    spec = load_engine(MLXCEL_SERVER)
+    assert spec.kind == "server" and spec.variable == "MLXCEL_FUSED_QK_NORM"
+    assert "lablup/mlxcel@01c2035" in spec.derived_from
+    assert "mlxcel-server" in (ROOT / "docs" / "engines.md").read_text()
+
+
+def test_bench_alternates_the_arms_abba_and_reads_the_stream(mlxcel_server, checkpoint):
+    run = measure.bench(mlxcel_server, "qwen3-tiny", checkpoint, "cpu", 997,
+                        BenchSettings(8, 16, rounds=4))
+    (sp,) = run.speedups
+    assert 1.15 < sp["point"] < 1.35  # the fake's 150 vs 120 tok/s
+    assert run.meta["instrument"].startswith("server:")
+    first = [next(t["path"] for t in run.trials if t["round"] == r and t["slot"] == 0)
+             for r in range(4)]
+    assert first == ["graph", "fused", "graph", "fused"]  # A B | B A | A B | B A
+    assert {t["generated_tokens"] for t in run.trials} == {16}
+    assert {t["timing"] for t in run.trials} == {"stream"}
+    assert set(run.meta["server_start_s"]) == {"graph", "fused"}
+    assert servers_of(str(checkpoint)) == []
+
+
+def test_identity_equal_with_a_fresh_server_control(mlxcel_server, checkpoint):
+    result = measure.identity(mlxcel_server, "qwen3-tiny", checkpoint, "cpu", 997, 8, 12, 2, 0)
+    assert result["verdict"] == "EQUAL" and result["compared"] == "tokens"
+    assert "fresh server" in result["controls"]["scope"]
+    assert result["outputs"]["graph"][0][0].startswith(" t")  # mlxcel's token texts
+    assert servers_of(str(checkpoint)) == []
+
+
+def test_identity_sees_a_fused_arm_that_differs(mlxcel_server, checkpoint, monkeypatch):
+    monkeypatch.setenv("FAKE_MLXCEL_DIFFER", "1")
+    result = measure.identity(mlxcel_server, "qwen3-tiny", checkpoint, "cpu", 997, 8, 12, 1, 0)
+    assert result["verdict"] == "DIFFERS"
+    assert result["free_running"]["greedy_first_divergence"] == [3]
+
+
+def test_a_server_that_fails_to_start_is_one_line(mlxcel_server, checkpoint, monkeypatch):
+    monkeypatch.setenv("FAKE_MLXCEL_SERVER_FAIL", "1")
+    with pytest.raises(EngineFailure, match=r"server, graph arm: mlxcel-server exited with status 1:"
+                                            r" Error: failed to initialise the CUDA backend"):
+        measure.bench(mlxcel_server, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16, rounds=2))
+
+
+def test_a_server_that_never_becomes_healthy_times_out(fake_mlxcel, checkpoint, tmp_path):
+    def never(doc):
+        doc["server"].update(health="/never", startup_timeout_s=2)
+    spec = load_engine(edited(tmp_path, MLXCEL_SERVER, never))
+    start = time.monotonic()
+    with pytest.raises(EngineFailure, match=r"/never did not answer 200 within 2 s"):
+        measure.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16, rounds=2))
+    assert time.monotonic() - start < 20
+    assert servers_of(str(checkpoint)) == []
+
+
+def test_a_wrong_token_path_is_one_line(fake_mlxcel, checkpoint, tmp_path):
+    def wrong(doc):
+        doc["server"]["identity_tokens"] = "logprobs.content.id"  # mlx-lm's, not mlxcel's
+    spec = load_engine(edited(tmp_path, MLXCEL_SERVER, wrong))
+    with pytest.raises(EngineFailure, match=r"choices\[0\] has no logprobs.content.id"):
+        measure.identity(spec, "qwen3-tiny", checkpoint, "cpu", 997, 8, 12, 1, 0)
+
+
+BAD_FILES = [
+    ("server kind with bench", lambda d: d.update(bench={"command": ["x"]}),
+     "bench: not a key of kind server"),
+    ("no server", lambda d: d.pop("server"), "server: required for kind server"),
+    ("no port", lambda d: d["server"].update(command=["mlxcel-server", "-m", "{model_path}"]),
+     "server.command: needs {port}"),
+    ("a bench placeholder", lambda d: d["server"]["command"].append("{generation_tokens}"),
+     "placeholder {generation_tokens} is not one of this command's"),
+    ("a reserved field", lambda d: d["server"].update(request={"stream": False}),
+     "server.request: stream are set by fusedqk"),
+    ("an unknown key", lambda d: d["server"].update(url="http://x"), "unknown key 'url'"),
+    ("a route without /", lambda d: d["server"].update(health="health"), "server.health"),
+    ("a bad field path", lambda d: d["server"].update(identity_tokens="a..b"), "server.identity_tokens"),
+    ("an unknown kind", lambda d: d.update(kind="rpc"), "kind"),
+]
+
+
+@pytest.mark.parametrize("what, edit, needle", BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_a_broken_server_file_is_one_line_naming_the_key(what, edit, needle, tmp_path):
+    with pytest.raises(UserError, match=None) as e:
+        load_engine(edited(tmp_path, MLXCEL_SERVER, edit))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_command_file_may_not_carry_a_server_key(tmp_path):
+    path = edited(tmp_path, ROOT / "config" / "engines" / "mlxcel.yaml",
+                  lambda d: d.update(server={"command": ["x", "{port}"]}))
+    with pytest.raises(UserError, match="server: not a key of kind command"):
+        load_engine(path)
+
+
+def test_field_paths_map_over_lists():
+    choice = {"logprobs": {"content": [{"id": 5}, {"id": 7}]}}
+    assert field_path(choice, "logprobs.content.id") == [5, 7]
+    with pytest.raises(KeyError):
+        field_path(choice, "logprobs.tokens")
+
+
+def _orchestrator(engine: Path, checkpoint: Path, tmp_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "FUSEDQK_LOCK_DIR": str(tmp_path / "lock")}
+    return subprocess.Popen([sys.executable, "-m", "fusedqk", "bench", "-m", str(checkpoint),
+                             "--engine", str(engine), "--backend", "cpu", "-p", "8", "-g", "64",
+                             "--rounds", "500"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _kill_once_both_serve(orchestrator: subprocess.Popen, marker: str, sig: int,
+                          wait_s: float) -> list[int]:
+    stop = time.monotonic() + wait_s
+    servers: list[int] = []
+    while time.monotonic() < stop and orchestrator.poll() is None:
+        servers = servers_of(marker, besides=orchestrator.pid)
+        if len(servers) >= 2:
+            break
+        time.sleep(0.2)
+    assert orchestrator.poll() is None, "the bench ended before both servers ran"
+    time.sleep(1.0)  # into the measured rounds
+    orchestrator.send_signal(sig)
+    orchestrator.wait()
+    return servers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killing_the_orchestrator_leaves_no_server(sig, fake_mlxcel, checkpoint, tmp_path):
+    orchestrator = _orchestrator(MLXCEL_SERVER, checkpoint, tmp_path)
+    assert _kill_once_both_serve(orchestrator, str(checkpoint), sig, 60)
+    stop = time.monotonic() + 15
+    while servers_of(str(checkpoint)) and time.monotonic() < stop:
+        time.sleep(0.2)
+    assert servers_of(str(checkpoint)) == [], "a server outlived its orchestrator"
+
+
+@pytest.mark.slow
+def test_killing_the_orchestrator_leaves_no_mlx_lm_server(tmp_path):
+    from fusedqk.export import export
+    from fusedqk.models import Quantization
+
+    checkpoint = tmp_path / "mlx-lm-ckpt"
+    export("qwen3-tiny", checkpoint, Quantization(4, 64, "bfloat16"), 0)
+    orchestrator = _orchestrator(MLX_LM_SERVER, checkpoint, tmp_path)
+    assert _kill_once_both_serve(orchestrator, str(checkpoint), signal.SIGKILL, 180)
+    stop = time.monotonic() + 15
+    while servers_of(str(checkpoint)) and time.monotonic() < stop:
+        time.sleep(0.2)
+    assert servers_of(str(checkpoint)) == [], "an mlx-lm server outlived its orchestrator"
