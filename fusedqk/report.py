@@ -289,6 +289,7 @@ def context(run: RunData) -> dict:
             "latency": latency_rows(run), "env_rows": main_env, "env_folded": folded_env,
             "bench": bench_rows, "identity": ident_rows,
             "engine_identity": engine_rows, "instrument": instrument, "engine": engine,
+            "server": (engine or {}).get("kind") == "server",
             "toggle_variable": toggle_variable(engine),
             "path_colours": {p: path_colour(p) for p in dict.fromkeys(
                 s["path"] for m in run.models.values() if m.bench for s in m.bench["summary"])},
