@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -115,6 +115,14 @@ def _label(run: RunSummary, by: str) -> str:
     return run.name
 
 
+def _unique_name(run: RunSummary, runs: list[RunSummary]) -> RunSummary:
+    """A run keyed by its folder name, or, where another run has the same name (the same commit
+    measured on two devices), by its results folder and name, so no run hides another."""
+    if sum(r.name == run.name for r in runs) == 1:
+        return run
+    return replace(run, name=f"{Path(run.path).parent.name}/{run.name}")
+
+
 def compare(runs: list[RunSummary], by: str = "model", mixed_workloads: bool = False) -> dict:
     """The side-by-side table: rows (backend, model, impl), one column per run."""
     if by not in BY:
@@ -123,9 +131,13 @@ def compare(runs: list[RunSummary], by: str = "model", mixed_workloads: bool = F
     if len(workloads) > 1 and not mixed_workloads:
         raise UserError(f"the runs have different workloads ({'; '.join(sorted(workloads))}); "
                         "give --mixed-workloads to put them in one table anyway")
+    seen = [Path(r.path).resolve() for r in runs]
+    twice = sorted({str(p) for p in seen if seen.count(p) > 1})
+    if twice:
+        raise UserError(f"compare: {twice[0]!r} is given more than once; name each run once")
     order = {"device": lambda r: (r.device, r.finished), "commit": lambda r: (r.finished, r.commit),
              "model": lambda r: (r.finished, r.name)}[by]
-    runs = sorted(runs, key=order)
+    runs = [_unique_name(r, runs) for r in sorted(runs, key=order)]
     keys = sorted({(r.backend, *k) for r in runs for k in r.speedups},
                   key=lambda k: (k[0], size_order(k[1]), k[2]))
     rows = []

@@ -31,6 +31,11 @@ DEFAULTS_SCHEMA = "fusedqk-defaults/1"
 SHIPPED = "fusedqk/data/defaults.json"
 
 
+def shown(value: str, limit: int = 60) -> str:
+    """An environment value as an error line quotes it: repr'd, and cut where it is long."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
+
+
 def parse_toggle(value: str, name: str = ENV_TOGGLE) -> bool:
     """``1/true/on/yes`` → True, ``0/false/off/no`` → False (trimmed, any case); else an error."""
     word = value.strip().lower()
@@ -38,21 +43,21 @@ def parse_toggle(value: str, name: str = ENV_TOGGLE) -> bool:
         return True
     if word in FALSE_WORDS:
         return False
-    raise UserError(f"{name}={value!r} is not accepted; use one of {'/'.join(TRUE_WORDS)} to enable "
+    raise UserError(f"{name}={shown(value)} is not accepted; use one of {'/'.join(TRUE_WORDS)} to enable "
                     f"or {'/'.join(FALSE_WORDS)} to disable, or leave it unset for the default")
 
 
 def parse_impl(value: str, name: str = ENV_IMPL) -> str:
     word = value.strip().lower()
     if word not in IMPLS:
-        raise UserError(f"{name}={value!r} is not accepted; use one of {', '.join(IMPLS)}")
+        raise UserError(f"{name}={shown(value)} is not accepted; use one of {', '.join(IMPLS)}")
     return word
 
 
 def parse_kernel_call(value: str, name: str = ENV_KERNEL_CALL) -> str:
     word = value.strip().lower()
     if word not in KERNEL_CALLS:
-        raise UserError(f"{name}={value!r} is not accepted; use one of {', '.join(KERNEL_CALLS)}")
+        raise UserError(f"{name}={shown(value)} is not accepted; use one of {', '.join(KERNEL_CALLS)}")
     return word
 
 
@@ -86,8 +91,11 @@ def load_defaults(path: str | None = None) -> DefaultsTable:
         text, source = resources.files("fusedqk").joinpath("data/defaults.json").read_text(), SHIPPED
     else:
         file = Path(path)
+        if not path.strip():
+            raise UserError(f"{ENV_DEFAULTS}={shown(path)} is empty; give the path of a defaults table "
+                            "or of a pipeline decisions.json, or leave it unset for the shipped table")
         if not file.is_file():
-            raise UserError(f"{ENV_DEFAULTS}={path!r}: no such file; give the path of a defaults "
+            raise UserError(f"{ENV_DEFAULTS}={shown(path)}: no such file; give the path of a defaults "
                             "table or of a pipeline decisions.json")
         text, source = file.read_text(), str(file)
     try:
@@ -132,7 +140,9 @@ class Resolution:
 def resolve(backend: str, has_kernel: bool, env: Mapping[str, str] | None = None) -> Resolution:
     """Resolve the path and implementation from the environment, else the defaults table."""
     env = os.environ if env is None else env
-    table = load_defaults(env.get(ENV_DEFAULTS) or None)
+    table = load_defaults(env.get(ENV_DEFAULTS))
+    if ENV_KERNEL_CALL in env:  # read only where a kernel runs, checked everywhere
+        parse_kernel_call(env[ENV_KERNEL_CALL])
     entry = table.backends.get(backend)
     if ENV_TOGGLE in env:
         enabled = parse_toggle(env[ENV_TOGGLE])

@@ -137,6 +137,10 @@ def _defaults_cut(tmp: Path) -> Path:
     return f
 
 
+def _mlx_lm_engine(tmp: Path) -> Path:
+    return Path(__file__).resolve().parents[1] / "config" / "engines" / "mlx-lm.yaml"
+
+
 FIXTURES = {name.lstrip("_"): fn for name, fn in globals().items()
             if name.startswith("_") and callable(fn) and not name.startswith("__")}
 
@@ -196,6 +200,15 @@ CASES = [
     (["env"], {"FUSEDQK_FUSED_IMPL": "fast"}, ["FUSEDQK_FUSED_IMPL"]),
     (["env"], {"FUSEDQK_DEFAULTS": "/no/such.json"}, ["FUSEDQK_DEFAULTS", "no such file"]),
     (["env"], {"FUSEDQK_DEFAULTS": "{defaults_cut}"}, ["FUSEDQK_DEFAULTS"]),
+    (["env"], {"FUSEDQK_DEFAULTS": ""}, ["FUSEDQK_DEFAULTS", "is empty"]),
+    (["env"], {"FUSEDQK_KERNEL_CALL": "bogus"}, ["FUSEDQK_KERNEL_CALL", "auto, primitive, cuda_kernel"]),
+    (["env"], {"FUSEDQK_KERNEL_CALL": ""}, ["FUSEDQK_KERNEL_CALL"]),
+    (["env"], {"FUSEDQK_FUSED_QK_NORM": "x" * 100_000}, ["FUSEDQK_FUSED_QK_NORM", "(100000 characters)"]),
+    (["bench", "-m", "qwen3-tiny", "--engine", "{mlx_lm_engine}"], {"FUSEDQK_CHECKPOINTS": "   "},
+     ["FUSEDQK_CHECKPOINTS", "absolute folder"]),
+    (["bench", "-m", "qwen3-tiny", "--engine", "{mlx_lm_engine}"], {"FUSEDQK_CHECKPOINTS": "rel/dir"},
+     ["FUSEDQK_CHECKPOINTS", "absolute folder"]),
+    (["compare", "{sealed}", "{sealed}"], None, ["given more than once"]),
     # files: missing, damaged, or of the wrong kind
     (["generate", "-m", "{ckpt_config_cut}"], None, ["config.json is not valid JSON"]),
     (["generate", "-m", "{ckpt_llama}"], None, ["model_type 'llama' is not supported"]),
@@ -252,9 +265,9 @@ def test_bad_input_is_one_line(argv, env, needles, tmp_path, monkeypatch, capsys
     repo = Path.cwd()
     before = _tree(repo / "results")
     argv, env = _expand(argv, env, tmp_path)
+    monkeypatch.setenv("FUSEDQK_CHECKPOINTS", str(tmp_path / "checkpoints"))
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setenv("FUSEDQK_CHECKPOINTS", str(tmp_path / "checkpoints"))
     monkeypatch.chdir(tmp_path)  # relative outputs ("x") land here, never in the repository
     capsys.readouterr()
     code = cli.main(argv)

@@ -55,12 +55,25 @@ def checkpoint_dir(spec: EngineSpec, model: str, bits: int, group_size: int, dty
     from fusedqk.export import export
     from fusedqk.models import Quantization
 
-    base = Path(root or os.environ.get(ENV_CHECKPOINTS) or Path.home() / ".cache/fusedqk/checkpoints")
+    base = Path(root or _checkpoints_from_env() or Path.home() / ".cache/fusedqk/checkpoints")
     out = base / f"{model}-q{bits}g{group_size}-{dtype}-s{seed}"
     if not (out / "config.json").is_file():
         print(f"fusedqk: exporting {model} to {out}", file=sys.stderr, flush=True)
         export(model, out, Quantization(bits, group_size, dtype), seed)
     return out
+
+
+def _checkpoints_from_env() -> str | None:
+    """$FUSEDQK_CHECKPOINTS, which must name an absolute folder when it is set."""
+    value = os.environ.get(ENV_CHECKPOINTS)
+    if value is None:
+        return None
+    if not value.strip() or not Path(value).is_absolute():
+        from fusedqk.toggle import shown
+
+        raise UserError(f"{ENV_CHECKPOINTS}={shown(value)} is not accepted; give an absolute folder "
+                        "for exported checkpoints, or leave it unset for ~/.cache/fusedqk/checkpoints")
+    return value
 
 
 def vocab_size(checkpoint: Path) -> int:
