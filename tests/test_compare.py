@@ -134,3 +134,17 @@ def test_readme_and_docs_speak_of_the_project_only():
                  Path("docs/engines.md"), Path("docs/formats.md"), Path("docs/kernels.md")]:
         hits = [ln for ln in path.read_text().splitlines() if words.search(ln)]
         assert not hits, (path, hits[:3])
+
+
+def test_runs_of_one_folder_name_on_two_devices_keep_a_column_each(tmp_path):
+    # The same commit measured on two devices: both folders are named <date>-<commit>.
+    other = tmp_path / "cpu-other-device" / CPU.name
+    shutil.copytree(CPU, other)
+    table = compare.compare([compare.summarize(CPU), compare.summarize(other)])
+    assert set(table["labels"]) == {f"cpu-x86-64/{CPU.name}", f"cpu-other-device/{CPU.name}"}
+    assert all(len([c for c in row["cells"].values() if c]) == 2 for row in table["rows"])
+
+
+def test_a_run_named_twice_is_refused():
+    with pytest.raises(UserError, match="more than once"):
+        compare.compare([compare.summarize(CPU), compare.summarize(Path(f"{CPU}/"))])
