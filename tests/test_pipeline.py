@@ -181,12 +181,11 @@ def test_a_run_whose_every_model_fails_is_still_reported_and_sealed(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("engine, model, instrument", [
     ("mlx-lm", "qwen3-moe-tiny", "whole-process"), ("fusedqk-generate", "qwen3-tiny", "whole-process"),
-    ("mlxcel", "qwen3-tiny", "whole-process"), ("mlx-lm-server", "qwen3-tiny", "server"),
-    ("mlxcel-server", "qwen3-moe-tiny", "server")])
+    ("mlxcel", "qwen3-tiny", "whole-process"), ("mlx-lm-server", "qwen3-tiny", "server")])
 def test_the_pipeline_runs_end_to_end_with_an_engine(engine, model, instrument, tmp_path, request):
     # A tiny model through an engine's own command line or server (mlx-lm, its server and
-    # fusedqk-generate; mlxcel and mlxcel-server through their strict stand-in): bench, identity,
-    # decide, report and manifest; the checkpoint is fusedqk's export, made once by the first job.
+    # fusedqk-generate; mlxcel through its strict stand-in, whose server tests/test_server_engine.py
+    # drives): bench, identity, decide, report and manifest; the checkpoint is fusedqk's export.
     if engine.startswith("mlxcel"):
         request.getfixturevalue("fake_mlxcel")
     overlay = {"checkpoints_dir": str(tmp_path / "ckpt"), "backend_settings": {"cpu": {

@@ -88,6 +88,7 @@ def test_bench_alternates_the_arms_abba_and_reads_the_stream(mlxcel_server, chec
     assert servers_of(str(checkpoint)) == []
 
 
+@pytest.mark.slow
 def test_identity_equal_with_a_fresh_server_control(mlxcel_server, checkpoint):
     result = measure.identity(mlxcel_server, "qwen3-tiny", checkpoint, "cpu", 997, 8, 12, 2, 0)
     assert result["verdict"] == "EQUAL" and result["compared"] == "tokens"
@@ -96,6 +97,7 @@ def test_identity_equal_with_a_fresh_server_control(mlxcel_server, checkpoint):
     assert servers_of(str(checkpoint)) == []
 
 
+@pytest.mark.slow
 def test_identity_sees_a_fused_arm_that_differs(mlxcel_server, checkpoint, monkeypatch):
     monkeypatch.setenv("FAKE_MLXCEL_DIFFER", "1")
     result = measure.identity(mlxcel_server, "qwen3-tiny", checkpoint, "cpu", 997, 8, 12, 1, 0)
@@ -110,6 +112,7 @@ def test_a_server_that_fails_to_start_is_one_line(mlxcel_server, checkpoint, mon
         measure.bench(mlxcel_server, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16, rounds=2))
 
 
+@pytest.mark.slow
 def test_a_server_that_never_becomes_healthy_times_out(fake_mlxcel, checkpoint, tmp_path):
     def never(doc):
         doc["server"].update(health="/never", startup_timeout_s=2)
@@ -121,6 +124,7 @@ def test_a_server_that_never_becomes_healthy_times_out(fake_mlxcel, checkpoint, 
     assert servers_of(str(checkpoint)) == []
 
 
+@pytest.mark.slow
 def test_a_wrong_token_path_is_one_line(fake_mlxcel, checkpoint, tmp_path):
     def wrong(doc):
         doc["server"]["identity_tokens"] = "logprobs.content.id"  # mlx-lm's, not mlxcel's
