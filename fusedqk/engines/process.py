@@ -115,6 +115,18 @@ def _telling_line(text: str) -> str:
     return (errors or lines)[-1][:200]
 
 
+def _start(argv: list[str], env: dict[str, str], label: str, out: IO[bytes], err: IO[bytes],
+           cwd: str | Path | None = None) -> subprocess.Popen:
+    """``argv`` in a process group of its own; a command that cannot start is one line."""
+    try:
+        return subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
+                                cwd=cwd, start_new_session=True)
+    except FileNotFoundError:
+        raise EngineFailure(f"{label}: command {argv[0]!r} not found") from None
+    except OSError as e:
+        raise EngineFailure(f"{label}: {argv[0]} could not start ({e.strerror})") from None
+
+
 def run_bounded(argv: list[str], env: dict[str, str], timeout_s: float, label: str,
                 max_output_bytes: int = MAX_OUTPUT_BYTES, cwd: str | Path | None = None) -> Finished:
     """Run ``argv`` to its end within ``timeout_s`` (which also bounds reading its output
@@ -123,13 +135,7 @@ def run_bounded(argv: list[str], env: dict[str, str], timeout_s: float, label: s
     start = time.monotonic()
     deadline = start + timeout_s
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        try:
-            proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
-                                    cwd=cwd, start_new_session=True)
-        except FileNotFoundError:
-            raise EngineFailure(f"{label}: command {argv[0]!r} not found") from None
-        except OSError as e:
-            raise EngineFailure(f"{label}: {argv[0]} could not start ({e.strerror})") from None
+        proc = _start(argv, env, label, out, err, cwd)
         flood = EngineFailure(f"{label}: {argv[0]} printed more than "
                               f"{max_output_bytes / 2**20:g} MiB (max_output_bytes)")
         with _watched(proc.pid):
@@ -187,13 +193,7 @@ def background(argv: list[str], env: dict[str, str], label: str,
     """Start ``argv`` in its own process group for the length of the block; however the block
     ends (or this process, through the watchdog), the whole group is terminated, then killed."""
     with tempfile.TemporaryFile() as log:
-        try:
-            proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True)
-        except FileNotFoundError:
-            raise EngineFailure(f"{label}: command {argv[0]!r} not found") from None
-        except OSError as e:
-            raise EngineFailure(f"{label}: {argv[0]} could not start ({e.strerror})") from None
+        proc = _start(argv, env, label, log, log)
         with _watched(proc.pid):
             try:
                 yield Background(proc, label, log, max_output_bytes)
