@@ -221,6 +221,15 @@ def environment_rows(env: dict) -> tuple[list[tuple[str, str]], list[tuple[str, 
     return main, folded
 
 
+def server_turns(instrument: str | None, settings: dict) -> int | None:
+    """The timed tokens per turn of a server engine's rounds, or None where each round was one
+    completion per arm (and in runs made before server rounds took turns)."""
+    if not instrument or "taking turns" not in instrument or not settings:
+        return None
+    chunk = settings.get("chunk_tokens", settings["generation_tokens"])
+    return chunk if chunk < settings["generation_tokens"] else None
+
+
 def toggle_variable(engine: dict | None) -> str:
     """The variable whose default the decision is about: fusedqk's own, the engine file's
     declared toggle, or (runs made before engine files declared one) the one variable both arms set."""
@@ -290,6 +299,7 @@ def context(run: RunData) -> dict:
             "bench": bench_rows, "identity": ident_rows,
             "engine_identity": engine_rows, "instrument": instrument, "engine": engine,
             "server": (engine or {}).get("kind") == "server",
+            "server_turns": server_turns(instrument, settings),
             "toggle_variable": toggle_variable(engine),
             "path_colours": {p: path_colour(p) for p in dict.fromkeys(
                 s["path"] for m in run.models.values() if m.bench for s in m.bench["summary"])},

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -85,6 +86,20 @@ def test_bench_alternates_the_arms_abba_and_reads_the_stream(mlxcel_server, chec
     assert {t["generated_tokens"] for t in run.trials} == {16}
     assert {t["timing"] for t in run.trials} == {"stream"}
     assert set(run.meta["server_start_s"]) == {"graph", "fused"}
+    assert servers_of(str(checkpoint)) == []
+
+
+def test_bench_turns_alternate_abba_and_every_gap_is_kept(mlxcel_server, checkpoint):
+    run = measure.bench(mlxcel_server, "qwen3-tiny", checkpoint, "cpu", 997,
+                        BenchSettings(8, 16, rounds=2, chunk_tokens=4))
+    (sp,) = run.speedups
+    assert 1.15 < sp["point"] < 1.35
+    assert {(t["turns"], t["chunk_tokens"], t["timed_tokens"], t["generated_tokens"])
+            for t in run.trials} == {(4, 4, 16, 20)}  # 4 completions of 5 tokens, 4 gaps timed each
+    tokens = pd.DataFrame(run.tokens)
+    assert tokens.groupby(["path", "round"]).size().to_dict() == {
+        (arm, r): 16 for arm in ("graph", "fused") for r in (0, 1)}
+    assert (tokens.latency_s > 0).all() and "turn_decode_s" not in run.trials[0]
     assert servers_of(str(checkpoint)) == []
 
 

@@ -11,6 +11,8 @@
 #                                 both kernel calls, blockbench with the primitive's rows
 #   tools/device.sh launchfloor [N]  blockbench's graph, kernel and launch-floor rows, N (3)
 #                                 times per model: the launch floor across host states
+#   tools/device.sh breakdown     mlx-lm's single-sequence and batched decode loops in-process,
+#                                 per arm (tools/server_breakdown.py): what the server adds
 #   tools/device.sh variety       distinct ids in greedy decodes of the seed models' synthetic
 #                                 weights, per quantization (tools/variety.py)
 #
@@ -152,6 +154,32 @@ for f in sorted(Path(sys.argv[1]).glob("lf-*/blockbench.json")):
     rows = {r["path"]: r for r in json.loads(f.read_text())["rows"]}
     g, k, l = (rows[p]["layer_us"] for p in ("graph", "kernel", "launch"))
     print(f"| {rep} | {model} | {g:.1f} | {k:.1f} | {l:.1f} | {g / k:.2f} | {g / l:.2f} |")
+PY
+  ;;
+breakdown)
+  # mlx-lm's single-sequence and batched loops in-process (no HTTP), per arm, twice each
+  # (tools/server_breakdown.py), from the checkpoints a server-engine pipeline exported.
+  for m in ${BREAKDOWN_MODELS:-qwen3-0.6b qwen3-8b}; do
+    ck="$HOME/.cache/fusedqk/checkpoints/$m-q4g64-bfloat16-s0"
+    [ -f "$ck/config.json" ] || $py -m fusedqk export "$m" --out "$ck" > /dev/null
+    for arm in 0 1 0 1; do
+      FUSEDQK_FUSED_QK_NORM=$arm $py tools/server_breakdown.py "$ck" >> "$OUT/breakdown.jsonl" \
+        2>> "$OUT/breakdown.err"
+    done
+  done
+  $py - "$OUT/breakdown.jsonl" <<'PY' | tee "$OUT/breakdown.md"
+import json, sys
+from collections import defaultdict
+rows = defaultdict(list)
+for line in open(sys.argv[1]):
+    doc = json.loads(line)
+    rows[(doc["checkpoint"].rsplit("/", 1)[-1], doc["toggle"])].append(doc)
+print("| checkpoint | FUSEDQK_FUSED_QK_NORM | single-sequence ms/token | batched ms/token |")
+print("|---|---|---|---|")
+for (ck, arm), docs in sorted(rows.items()):
+    single = " / ".join(f"{d['single_ms_per_token']:.3f}" for d in docs)
+    batched = " / ".join(f"{d['batched_ms_per_token']:.3f}" for d in docs)
+    print(f"| {ck} | {arm} | {single} | {batched} |")
 PY
   ;;
 variety)

@@ -34,8 +34,8 @@ from fusedqk.errors import UserError
 from fusedqk.identity import first_divergence, verdict
 
 INSTRUMENT = "whole-process: each arm in a fresh process per round, rounds paired"
-SERVER_INSTRUMENT = ("server: one long-lived server per arm, streamed completions alternating "
-                     "ABBA, rounds paired")
+SERVER_INSTRUMENT = ("server: one long-lived server per arm, the arms taking turns of streamed "
+                     "completions ABBA, rounds paired")
 INSTRUMENTS = {COMMAND: INSTRUMENT, SERVER: SERVER_INSTRUMENT}
 ENV_CHECKPOINTS = "FUSEDQK_CHECKPOINTS"
 
@@ -119,7 +119,8 @@ def bench(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size: in
                                         settings.generation_tokens)
             ratios, speedup = _paired_rounds(
                 spec, settings, result,
-                lambda rnd: _server_round(servers, rnd, vocab_size, settings, model, backend))
+                lambda rnd: _server_round(servers, rnd, vocab_size, settings, model, backend,
+                                          result.tokens))
     else:
         order_rng = np.random.default_rng(settings.seed)
         ratios, speedup = _paired_rounds(
@@ -143,6 +144,7 @@ def _paired_rounds(spec: EngineSpec, settings: BenchSettings, result: BenchRun,
         decoded = {t["path"]: t["generated_tokens"] for t in trials}
         if len(set(decoded.values())) > 1:
             result.meta["refused_rounds"].append({"round": rnd, "generated_tokens": decoded})
+            result.tokens = [t for t in result.tokens if t["round"] != rnd]
             _note(f"round {rnd + 1}: refused, the arms decoded {decoded} tokens (an early end "
                   "of sequence); its speeds are not comparable")
             if len(result.meta["refused_rounds"]) > settings.round_limit // 2:
@@ -152,8 +154,7 @@ def _paired_rounds(spec: EngineSpec, settings: BenchSettings, result: BenchRun,
                                     "handling")
             continue
         result.trials += trials
-        tok_s = {t["path"]: t["decode_tok_s"] for t in trials}
-        ratios.append(tok_s["fused"] / tok_s["graph"])
+        ratios.append(_round_ratio(trials))
         speedup = stats.speedup_ci(ratios, seed=settings.seed, p_value=stats.paired_p(ratios))
         _note(f"round {rnd + 1} of at most {settings.round_limit}: fused {speedup.point:.3f} "
               f"± {speedup.relative_half_width:.1%}")
@@ -163,6 +164,17 @@ def _paired_rounds(spec: EngineSpec, settings: BenchSettings, result: BenchRun,
     if speedup is None:
         raise EngineFailure(f"engine {spec.name}, bench: every round was refused")
     return ratios, speedup
+
+
+def _round_ratio(trials: list[dict]) -> float:
+    """A round's speedup: turn-paired (``stats.round_speedup``) where the arms took turns, else
+    fused over graph decode tok/s. The per-turn times leave the trial rows here (tokens.csv keeps
+    every gap)."""
+    by_arm = {t["path"]: t for t in trials}
+    turns = {arm: t.pop("turn_decode_s", None) for arm, t in by_arm.items()}
+    if turns["graph"] is not None and turns["fused"] is not None:
+        return stats.round_speedup(turns["graph"], turns["fused"])
+    return by_arm["fused"]["decode_tok_s"] / by_arm["graph"]["decode_tok_s"]
 
 
 def _summarise(result: BenchRun, ratios: list[float], speedup: stats.Speedup,
@@ -208,31 +220,59 @@ def _arm_servers(spec: EngineSpec, values: dict, vocab_size: int, prompt_tokens:
 
 
 def _server_round(servers: dict, rnd: int, vocab_size: int, settings: BenchSettings, model: str,
-                  backend: str) -> list[dict]:
-    """One streamed completion per arm, graph first in even rounds and fused first in odd ones
-    (ABBA over two rounds), both of the round's own seeded prompt."""
+                  backend: str, tokens: list[dict]) -> list[dict]:
+    """One round: each arm decodes ``generation_tokens`` in turns of ``chunk_tokens``, the arms
+    alternating ABBA turn by turn, so both see the same moment's host state, as the built-in's
+    turns do. A turn is one streamed completion of the round's seeded prompt with ``chunk_tokens``
+    + 1 tokens: its first event (after prefill) starts the clock and the next ``chunk_tokens``
+    gaps are timed. ``chunk_tokens`` >= ``generation_tokens`` is one completion per arm and round.
+    Each gap is appended to ``tokens`` (tokens.csv)."""
     prompt = prompt_text(vocab_size, settings.prompt_tokens, settings.seed + rnd)
-    order = ARMS if rnd % 2 == 0 else ARMS[::-1]
+    chunk = min(settings.chunk_tokens, settings.generation_tokens)
+    turns = -(-settings.generation_tokens // chunk)
+    runs: dict[str, list] = {arm: [] for arm in ARMS}
+    walls = dict.fromkeys(ARMS, 0.0)
+    first_order = ARMS if rnd % 2 == 0 else ARMS[::-1]
+    for turn in range(turns):
+        for arm in first_order if turn % 2 == 0 else first_order[::-1]:
+            start = time.perf_counter()
+            runs[arm].append(servers[arm].stream(prompt, chunk + 1 if turns > 1 else chunk))
+            walls[arm] += time.perf_counter() - start
     trials = []
-    for slot, arm in enumerate(order):
-        start = time.perf_counter()
-        out = servers[arm].stream(prompt, settings.generation_tokens)
-        wall = time.perf_counter() - start
-        tok_s = out.server_tok_s if out.server_tok_s is not None else out.stream_tok_s
-        if tok_s is None or not tok_s > 0:
-            raise EngineFailure(f"{servers[arm].label}: no decode rate (the stream's text events "
-                                "arrived all at once)")
-        decoded = out.completion_tokens if out.completion_tokens is not None else out.chunks
+    for slot, arm in enumerate(first_order):
+        decode_s = [_turn_decode_s(servers[arm], out) for out in runs[arm]]
+        timed = sum(out.chunks - 1 for out in runs[arm])
+        step = 0
+        for out in runs[arm]:
+            for gap in out.gaps:
+                step += 1
+                tokens.append({"model": model, "path": arm, "round": rnd, "step": step,
+                               "latency_s": gap})
+        counts = [out.completion_tokens if out.completion_tokens is not None else out.chunks
+                  for out in runs[arm]]
+        first_s = float(np.median([out.first_token_s for out in runs[arm]]))
         trials.append({
             "model": model, "backend": backend, "path": arm, "round": rnd, "slot": slot,
             "prompt_tokens": settings.prompt_tokens, "generation_tokens": settings.generation_tokens,
-            "generated_tokens": decoded,
-            "prefill_tok_s": settings.prompt_tokens / out.first_token_s,
-            "decode_s": (out.chunks - 1) / tok_s, "decode_tok_s": tok_s, "process_wall_s": wall,
-            "peak_memory_bytes": None, "first_token_s": out.first_token_s,
-            "stream_events": out.chunks,
-            "timing": "server" if out.server_tok_s is not None else "stream"})
+            "chunk_tokens": chunk, "turns": turns, "generated_tokens": sum(counts),
+            "timed_tokens": timed,
+            "prefill_tok_s": settings.prompt_tokens / first_s,
+            "decode_s": sum(decode_s), "decode_tok_s": timed / sum(decode_s),
+            "process_wall_s": walls[arm], "peak_memory_bytes": None, "first_token_s": first_s,
+            "stream_events": sum(out.chunks for out in runs[arm]),
+            "timing": "server" if runs[arm][0].server_tok_s is not None else "stream",
+            "turn_decode_s": decode_s})
     return trials
+
+
+def _turn_decode_s(arm: server.ArmServer, out: server.Streamed) -> float:
+    """One completion's decode time: its timed gaps, or its token count at the server's own
+    rate where ``server.timing_field`` names one."""
+    tok_s = out.server_tok_s if out.server_tok_s is not None else out.stream_tok_s
+    if tok_s is None or not tok_s > 0:
+        raise EngineFailure(f"{arm.label}: no decode rate (the stream's text events arrived all "
+                            "at once)")
+    return (out.chunks - 1) / tok_s
 
 
 def _bench_trial(spec: EngineSpec, arm: str, slot: int, rnd: int, values: dict, settings: BenchSettings,
@@ -259,9 +299,11 @@ def _bench_trial(spec: EngineSpec, arm: str, slot: int, rnd: int, values: dict, 
 
 ESTIMATOR = ("geometric mean over rounds of fused / graph decode tok/s, both arms run back to back "
              "in fresh processes each round; 95% CI: bootstrap over rounds")
-SERVER_ESTIMATOR = ("geometric mean over rounds of fused / graph decode tok/s, one streamed "
-                    "completion per arm and round from each arm's long-lived server, in ABBA order; "
-                    "decode tok/s from the stream's event times (or the server's own timing field); "
+SERVER_ESTIMATOR = ("geometric mean over rounds of the round's speedup (the median over turns of "
+                    "graph / fused turn decode time), the arms taking turns ABBA, a turn being one "
+                    "streamed completion of chunk_tokens + 1 tokens from the arm's long-lived "
+                    "server (one completion per arm where chunk_tokens >= generation_tokens); "
+                    "decode time from the stream's event gaps (or the server's own timing field); "
                     "95% CI: bootstrap over rounds")
 ESTIMATORS = {INSTRUMENT: ESTIMATOR, SERVER_INSTRUMENT: SERVER_ESTIMATOR}
 PAIRED_TEST = "Wilcoxon signed-rank on the rounds' log speedups (paired by round)"

@@ -63,6 +63,11 @@ class Streamed:
         return self.chunk_times[0] - self.started
 
     @property
+    def gaps(self) -> list[float]:
+        """Seconds between consecutive text events: one per decoded token after the first."""
+        return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:], strict=False)]
+
+    @property
     def stream_tok_s(self) -> float | None:
         """Decode tokens per second from the chunks' arrival times: (chunks - 1) over the time
         from the first to the last. mlx-lm's and mlxcel's servers send one event per token."""
