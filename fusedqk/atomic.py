@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 
-def _umask() -> int:
+def caller_mode(directory: bool = False) -> int:
+    """The mode a new file (0666) or folder (0777) of the caller's gets under its umask."""
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
+    return (0o777 if directory else 0o666) & ~mask
 
 
 def write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
@@ -23,7 +24,7 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     # mkstemp makes the file private (0600); a result file gets the mode any file of the
     # caller's gets (0666 less the umask), so others and web servers can read an archive.
-    os.fchmod(fd, 0o666 & ~_umask())
+    os.fchmod(fd, caller_mode())
     os.close(fd)
     try:
         writer(Path(tmp))

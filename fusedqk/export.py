@@ -18,9 +18,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from fusedqk.atomic import caller_mode
 from fusedqk.errors import UserError
 from fusedqk.models import Quantization, get_spec, synthetic_layers
 
+TRANSFORMERS_VERSION = "4.51.0"
 SHARD_BYTES = 4 << 30  # mlx-lm's own shard size is 5 GB; smaller shards keep peak memory low
 UNK, EOS = "<unk>", "<eos>"
 # Disk beyond the weights: tokenizer, index, and a margin for the filesystem.
@@ -59,6 +61,10 @@ def _config(spec_config: dict, quant: Quantization, seed: int) -> dict:
     q = {"group_size": quant.group_size, "bits": quant.bits, "mode": "affine"}
     return {**spec_config, "quantization": q, "quantization_config": q,
             "torch_dtype": quant.dtype, "eos_token_id": 1,
+            # What Qwen's published Qwen3 configs name. transformers 4.57.3 and later warn about
+            # a Mistral tokenizer regex for a local large-vocabulary tokenizer whose config names
+            # no version (or a newer one) unless its model_type is checked first.
+            "transformers_version": TRANSFORMERS_VERSION,
             "fusedqk": {"weights": "synthetic", "seed": seed}}
 
 
@@ -77,6 +83,7 @@ def export(model: str, out: Path, quant: Quantization, seed: int = 0,
         raise UserError(f"--out {str(out)!r}: {model} needs {need / 2**30:.1f} GiB of disk "
                         f"({quant.bits}-bit g{quant.group_size}) but {free / 2**30:.1f} GiB are free there")
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    staging.chmod(caller_mode(directory=True))  # mkdtemp's 0700 would stay on the checkpoint
     try:
         shards = _write_shards(staging, synthetic_layers(spec, quant, seed), shard_bytes)
         _tokenizer_files(staging, spec.config["vocab_size"])

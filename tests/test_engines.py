@@ -159,11 +159,13 @@ def test_a_missing_binary_is_one_line_in_the_status_file(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["qwen3-tiny", "qwen3-moe-tiny"])
-def test_export_loads_in_mlx_lm_and_patch_keeps_its_tokens(tmp_path, model, monkeypatch):
+def test_export_loads_in_mlx_lm_and_patch_keeps_its_tokens(tmp_path, model, monkeypatch, capfd):
     import mlx.core as mx
     from mlx_lm import generate, load
+    from packaging.version import Version
 
     import fusedqk
+    from fusedqk.atomic import caller_mode
     from fusedqk.export import export, word
     from fusedqk.models import Quantization
 
@@ -174,7 +176,12 @@ def test_export_loads_in_mlx_lm_and_patch_keeps_its_tokens(tmp_path, model, monk
     assert {"config.json", "tokenizer.json", "model.safetensors.index.json"} <= names
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine"}
+    # transformers 4.57.3+ skip their Mistral-regex warning for a local qwen3 tokenizer only when
+    # config.json names a version up to 4.57.2 (as Qwen's own configs do: 4.51.0).
+    assert Version(config["transformers_version"]) <= Version("4.57.2")
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == caller_mode(directory=True)
     loaded, tokenizer = load(str(tmp_path / "ckpt"))
+    assert "incorrect regex" not in capfd.readouterr().err
     prompt = " ".join(word(i) for i in (5, 17, 99, 300, 1234))
     plain = generate(loaded, tokenizer, prompt, max_tokens=24, verbose=False)
     assert len(set(plain.split())) > 5  # varied output, not one repeated token
