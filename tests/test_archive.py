@@ -14,6 +14,11 @@ from fusedqk import archive, report
 ARCHIVES = committed_archives()
 
 
+def test_the_committed_archives_are_found():
+    # Without this an empty list (a relative glob from another folder, say) would pass them all.
+    assert len(ARCHIVES) >= 10 and {p.parent.name.split("-")[0] for p in ARCHIVES} >= {"cpu", "cuda"}
+
+
 @pytest.mark.parametrize("run", ARCHIVES, ids=[str(p) for p in ARCHIVES])
 def test_committed_archives_verify_and_re_render_identically(run, tmp_path):
     assert archive.verify(run) == []
