@@ -11,6 +11,7 @@ one layer at a time; the directory appears whole (written beside it, then rename
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -77,23 +78,53 @@ def export(model: str, out: Path, quant: Quantization, seed: int = 0,
                         "never written over another)")
     params, need = spec.sizes(quant)
     parent = out.parent if out.parent != Path("") else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(parent).free
-    if need + DISK_HEADROOM_BYTES > free:
-        raise UserError(f"--out {str(out)!r}: {model} needs {need / 2**30:.1f} GiB of disk "
-                        f"({quant.bits}-bit g{quant.group_size}) but {free / 2**30:.1f} GiB are free there")
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-    staging.chmod(caller_mode(directory=True))  # mkdtemp's 0700 would stay on the checkpoint
     try:
-        shards = _write_shards(staging, synthetic_layers(spec, quant, seed), shard_bytes)
-        _tokenizer_files(staging, spec.config["vocab_size"])
-        (staging / "config.json").write_text(json.dumps(_config(spec.config, quant, seed),
-                                                        indent=4) + "\n")
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(parent, out.name)
+        free = shutil.disk_usage(parent).free
+        if need + DISK_HEADROOM_BYTES > free:
+            raise UserError(f"--out {str(out)!r}: {model} needs {_gib(need)} of disk ({quant.bits}-bit "
+                            f"g{quant.group_size}) but {_gib(free)} are free there")
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", dir=parent))
+        staging.chmod(caller_mode(directory=True))  # mkdtemp's 0700 would stay on the checkpoint
+        try:
+            shards = _write_shards(staging, synthetic_layers(spec, quant, seed), shard_bytes)
+            _tokenizer_files(staging, spec.config["vocab_size"])
+            (staging / "config.json").write_text(json.dumps(_config(spec.config, quant, seed),
+                                                            indent=4) + "\n")
+            if out.exists():  # another export of the same --out finished first
+                raise UserError(f"--out {str(out)!r} was written by another export meanwhile")
+            staging.rename(out)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+    except OSError as e:
+        raise UserError(f"--out {str(out)!r}: cannot write the checkpoint there "
+                        f"({e.strerror or type(e).__name__})") from None
     return ExportReport(out, shards, need, params)
+
+
+def _gib(n: int) -> str:
+    """Bytes in GiB, with enough digits that a small figure is not shown as 0.0."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _remove_stale_staging(parent: Path, name: str) -> None:
+    """Staging folders of exports to ``name`` whose process is gone (killed mid-export)."""
+    for folder in parent.glob(f".{name}.*"):
+        pid = folder.name[len(name) + 2:].split(".", 1)[0]
+        if folder.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _write_shards(out: Path, layers, shard_bytes: int) -> int:

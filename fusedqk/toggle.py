@@ -94,10 +94,15 @@ def load_defaults(path: str | None = None) -> DefaultsTable:
         if not path.strip():
             raise UserError(f"{ENV_DEFAULTS}={shown(path)} is empty; give the path of a defaults table "
                             "or of a pipeline decisions.json, or leave it unset for the shipped table")
-        if not file.is_file():
-            raise UserError(f"{ENV_DEFAULTS}={shown(path)}: no such file; give the path of a defaults "
-                            "table or of a pipeline decisions.json")
-        text, source = file.read_text(), str(file)
+        try:
+            if not file.is_file():
+                raise UserError(f"{ENV_DEFAULTS}={shown(path)}: no such file; give the path of a "
+                                "defaults table or of a pipeline decisions.json")
+            text, source = file.read_text(encoding="utf-8"), str(file)
+        except (OSError, UnicodeDecodeError) as e:
+            why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror
+            raise UserError(f"{ENV_DEFAULTS}={shown(path)}: cannot be read ({why}); give the path of "
+                            "a defaults table or of a pipeline decisions.json") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

@@ -125,6 +125,22 @@ def _a_file(tmp: Path) -> Path:
     return f
 
 
+def _a_dir(tmp: Path) -> Path:
+    d = tmp / "a-dir"
+    d.mkdir()
+    return d
+
+
+def _not_utf8(tmp: Path) -> Path:
+    f = tmp / "latin1.json"
+    f.write_bytes(b'{"schema": "\xff\xfe"}')
+    return f
+
+
+def _mlx_lm_engine(tmp: Path) -> Path:
+    return Path(__file__).resolve().parent.parent / "config" / "engines" / "mlx-lm.yaml"
+
+
 def _engine_bad_yaml(tmp: Path) -> Path:
     f = tmp / "engine.yaml"
     f.write_text("name: [unclosed\n")
@@ -184,7 +200,7 @@ CASES = [
     (["export", "qwen3-9000", "--out", "x"], None, ["qwen3-9000"]),
     (["generate", "--bits", "5"], None, ["--bits", "choose from"]),
     (["generate", "--group-size", "48"], None, ["--group-size", "choose from"]),
-    (["generate", "--dtype", "float32"], None, ["--dtype", "choose from"]),
+    (["generate", "--dtype", "float64"], None, ["--dtype", "choose from"]),
     (["generate", "--backend", "cuda"], None, ["backend 'cuda' is not available", "cpu"]),
     (["generate", "--backend", "tpu"], None, ["accepted: auto, cpu, cuda, metal"]),
     (["generate", "--path", "fused", "--impl", "kernel"], None, ["no cpu version"]),
@@ -232,7 +248,25 @@ CASES = [
     (["identity", "--out-dir", "{a_file}"], None, ["--out-dir", "existing file"]),
     (["export", "qwen3-tiny", "--out", "{a_file}"], None, ["--out", "existing file"]),
     (["report", "--from", "{run}", "--out", "{a_file}"], None, ["--out", "existing file"]),
-    (["decide", "{run}", "--out", "{run}"], None, ["--out", "is a directory"]),
+    (["decide", "{run}", "--out", "{run}"], None, ["--out", "is a folder"]),
+    (["bench", "--out-dir", "{a_file}/sub"], None, ["--out-dir", "is a file, not a folder"]),
+    (["identity", "--out-dir", "{a_file}/sub/deeper"], None, ["--out-dir", "is a file, not a folder"]),
+    (["bench", "--status", "{a_dir}"], None, ["--status", "is a folder; name a file"]),
+    (["bench", "--status", "{a_file}/status.json"], None, ["--status", "is a file, not a folder"]),
+    (["bench", "--out-dir", ""], None, ["--out-dir ''", "is empty"]),
+    (["bench", "--status", ""], None, ["--status ''", "is empty"]),
+    (["identity", "--status", " "], None, ["--status ' '", "is empty"]),
+    (["bench", "--out-dir", "b" * 300], None, ["--out-dir", "too long"]),
+    (["export", "qwen3-tiny", "--out", "{a_file}/x"], None, ["--out", "is a file, not a folder"]),
+    (["decide", "{run}", "--out", "{a_file}/d.json"], None, ["--out", "is a file, not a folder"]),
+    (["report", "--from", "{run}", "--out", ""], None, ["--out ''", "is empty"]),
+    (["bench", "--engine", "{mlx_lm_engine}", "--checkpoint-dir", "{a_file}"], None,
+     ["--checkpoint-dir", "existing file"]),
+    (["bench", "--engine", "{mlx_lm_engine}", "-r", "2"], {"FUSEDQK_CHECKPOINTS": "{a_file}"},
+     ["FUSEDQK_CHECKPOINTS", "is an existing file"]),
+    (["env"], {"FUSEDQK_DEFAULTS": "{not_utf8}"}, ["FUSEDQK_DEFAULTS", "not UTF-8"]),
+    (["env"], {"FUSEDQK_DEFAULTS": "d" * 100_000}, ["FUSEDQK_DEFAULTS", "(100000 characters)",
+                                                    "cannot be read"]),
     # sealed archives stay sealed
     (["report", "--from", "{sealed_tampered}"], None, ["does not match", "changed: summaries.csv"]),
     (["report", "--from", "{sealed_tampered}", "--rewrite"], None, ["does not match"]),
@@ -283,7 +317,7 @@ def test_bad_input_is_one_line(argv, env, needles, tmp_path, monkeypatch, capsys
 
 
 def test_the_battery_is_large():
-    assert len(CASES) >= 40
+    assert len(CASES) >= 90
 
 
 def test_a_sealed_run_re_renders_elsewhere_and_in_place_only_when_asked(tmp_path, capsys):

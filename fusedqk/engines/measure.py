@@ -32,6 +32,7 @@ from fusedqk.engines.process import EngineFailure, Finished
 from fusedqk.envinfo import environment, now_utc
 from fusedqk.errors import UserError
 from fusedqk.identity import first_divergence, verdict
+from fusedqk.outputs import check_dir
 
 INSTRUMENT = "whole-process: each arm in a fresh process per round, rounds paired"
 SERVER_INSTRUMENT = ("server: one long-lived server per arm, the arms taking turns of streamed "
@@ -73,6 +74,7 @@ def _checkpoints_from_env() -> str | None:
 
         raise UserError(f"{ENV_CHECKPOINTS}={shown(value)} is not accepted; give an absolute folder "
                         "for exported checkpoints, or leave it unset for ~/.cache/fusedqk/checkpoints")
+    check_dir(ENV_CHECKPOINTS, value)
     return value
 
 
