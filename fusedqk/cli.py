@@ -20,6 +20,9 @@ from typing import TYPE_CHECKING
 
 from fusedqk import __version__
 from fusedqk.errors import UserError
+from fusedqk.outputs import check_dir, check_file
+
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
 if TYPE_CHECKING:  # the heavy modules load only in the subcommands that need them
     from fusedqk.engines.builtin import ModelRef, Prepared
@@ -87,12 +90,6 @@ def _fraction(value: str) -> float:
 _non_negative_float = _number(float, 0.0, "a number")
 
 
-def _new_dir(flag: str, value: str | None) -> None:
-    """Refuse an output directory that names an existing file before anything is measured."""
-    if value and Path(value).exists() and not Path(value).is_dir():
-        raise UserError(f"{flag} {value!r} is an existing file; name a directory (new or existing)")
-
-
 def _check_context(args: argparse.Namespace, new_tokens: int) -> None:
     """Prompt plus generated tokens must fit the model's context, before any decoding. (A name
     that only a command engine's file maps is checked by the engine once it resolves it.)"""
@@ -131,8 +128,8 @@ def _model_flags(p: argparse.ArgumentParser, default_model: str = "qwen3-tiny") 
     p.add_argument("--bits", type=int, default=4, choices=(4, 8), help="weight bits (default 4)")
     p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128),
                    help="quantization group size (default 64)")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"),
-                   help="activation dtype (default bfloat16)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="activation dtype (default auto: float32 on cpu, bfloat16 on a GPU)")
     p.add_argument("--seed", type=_seed, default=0,
                    help=f"seed of weights and prompts, 0 to {MAX_SEED} (default 0)")
 
@@ -262,7 +259,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.max_rounds is not None and args.max_rounds < args.rounds:
         raise UserError(f"--max-rounds {args.max_rounds} is below --rounds {args.rounds}; accepted: "
                         "at least --rounds")
-    _new_dir("--out-dir", args.out_dir)
     _check_context(args, args.generation_tokens)
     settings = bench.BenchSettings(
         prompt_tokens=args.prompt_tokens, generation_tokens=args.generation_tokens,
@@ -287,7 +283,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_identity(args: argparse.Namespace) -> int:
     from fusedqk import formats, identity
-    _new_dir("--out-dir", args.out_dir)
     _check_context(args, args.tokens)
     if args.engine != "builtin":
         return _engine_identity(args)
@@ -315,11 +310,12 @@ def _engine_target(args: argparse.Namespace):
     from fusedqk.backend import select_backend
     from fusedqk.engines import measure
     from fusedqk.engines.command import load_engine
+    from fusedqk.models import resolve_dtype
 
     spec = load_engine(args.engine)
     backend = select_backend(args.backend)
-    where = measure.checkpoint_dir(spec, args.model, args.bits, args.group_size, args.dtype,
-                                   args.seed, args.checkpoint_dir)
+    where = measure.checkpoint_dir(spec, args.model, args.bits, args.group_size,
+                                   resolve_dtype(args.dtype, backend), args.seed, args.checkpoint_dir)
     return spec, backend, where
 
 
@@ -343,11 +339,12 @@ def _engine_identity(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from fusedqk.backend import current_backend
     from fusedqk.export import export
-    from fusedqk.models import Quantization
+    from fusedqk.models import Quantization, resolve_dtype
 
-    _new_dir("--out", args.out)
-    report = export(args.model, Path(args.out), Quantization(args.bits, args.group_size, args.dtype),
+    dtype = resolve_dtype(args.dtype, current_backend())
+    report = export(args.model, Path(args.out), Quantization(args.bits, args.group_size, dtype),
                     args.seed)
     print(f"wrote {report.path}: {report.parameters / 1e6:.1f}M parameters, "
           f"{report.weight_bytes / 2**30:.2f} GiB in {report.shards} shard(s), word-level tokenizer")
@@ -380,7 +377,6 @@ def cmd_blockbench(args: argparse.Namespace) -> int:
         if not names or any(n not in blockbench.BLOCK_PATHS for n in names):
             raise UserError(f"--paths {args.paths!r}: accepted names are "
                             f"{', '.join(blockbench.BLOCK_PATHS)}")
-    _new_dir("--out-dir", args.out_dir)
     prep = _prepare(args)
     result = blockbench.run(prep, blockbench.Settings(args.batch, args.reps, args.warmup,
                                                       args.bandwidth, names))
@@ -401,7 +397,6 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from fusedqk import report
 
-    _new_dir("--out", args.out)
     out = report.render_run(Path(args.from_dir), Path(args.out) if args.out else None,
                             rewrite=args.rewrite)
     print(f"wrote {', '.join(str(p) for p in out)}")
@@ -500,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the new checkpoint directory")
     p.add_argument("--bits", type=int, default=4, choices=(4, 8))
     p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="activation dtype (default auto: float32 on cpu, bfloat16 on a GPU)")
     p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(func=cmd_export)
 
@@ -644,9 +640,23 @@ def _with_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# Output flags and what they name, checked before any work (``fusedqk.outputs``).
+OUTPUT_FLAGS = {"out_dir": ("--out-dir", check_dir), "status": ("--status", check_file),
+                "checkpoint_dir": ("--checkpoint-dir", check_dir)}
+OUT_FLAG = {"export": check_dir, "decide": check_file, "report": check_dir}
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    for attr, (flag, check) in OUTPUT_FLAGS.items():
+        check(flag, getattr(args, attr, None))
+    if args.command in OUT_FLAG:
+        OUT_FLAG[args.command]("--out", args.out)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        _check_outputs(args)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="fusedqk: %(message)s", stream=sys.stderr)
         if getattr(args, "status", None):

@@ -209,7 +209,7 @@ def test_patch_off_by_the_toggle_changes_nothing(monkeypatch):
     from fusedqk.models import load_model
 
     monkeypatch.setenv("FUSEDQK_FUSED_QK_NORM", "0")
-    model = load_model(ModelRef("qwen3-tiny", "cpu").model, ModelRef().quantization).model
+    model = load_model(ModelRef("qwen3-tiny", "cpu").model, ModelRef().quantization("cpu")).model
     before = [type(layer.self_attn) for layer in model.layers]
     report = fusedqk.patch(model)
     assert not report.is_fused and report.reason.startswith("FUSEDQK_FUSED_QK_NORM=0")

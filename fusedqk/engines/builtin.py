@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from fusedqk.attention import DecodePaths
 from fusedqk.backend import select_backend
-from fusedqk.models import LoadedModel, Quantization, load_model
+from fusedqk.models import AUTO_DTYPE, LoadedModel, Quantization, load_model, resolve_dtype
 
 
 @dataclass(frozen=True)
@@ -22,12 +22,11 @@ class ModelRef:
     backend: str = "auto"
     bits: int = 4
     group_size: int = 64
-    dtype: str = "bfloat16"
+    dtype: str = AUTO_DTYPE  # or bfloat16, float16, float32
     seed: int = 0
 
-    @property
-    def quantization(self) -> Quantization:
-        return Quantization(self.bits, self.group_size, self.dtype)
+    def quantization(self, backend: str) -> Quantization:
+        return Quantization(self.bits, self.group_size, resolve_dtype(self.dtype, backend))
 
     def as_args(self) -> list[str]:
         """The ``fusedqk`` flags that name this model (``_model_flags`` in cli.py)."""
@@ -49,6 +48,6 @@ class Prepared:
 def prepare(ref: ModelRef) -> Prepared:
     """Select the backend, build or load the model, and install its decode paths."""
     backend = select_backend(ref.backend)
-    quant = ref.quantization
+    quant = ref.quantization(backend)
     loaded = load_model(ref.model, quant, ref.seed)
     return Prepared(backend, loaded, DecodePaths(loaded.model, backend), quant)
