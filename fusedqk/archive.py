@@ -68,7 +68,9 @@ def read_json(path: Path, kind: str | None = None) -> dict | None:
         raise UserError(f"{path}: not valid JSON ({getattr(e, 'msg', e)}); the file is damaged or "
                         "was cut short: rerun the job that writes it") from None
     if kind is not None:
-        formats.version(kind, doc, str(path))
+        if kind in formats.CURRENT:
+            formats.version(kind, doc, str(path))
+        formats.check_shape(kind, doc, str(path))
     return doc
 
 
@@ -117,14 +119,14 @@ def load_run(run_dir: Path) -> RunData:
             m.identity[f.stem.removeprefix("identity-")] = read_json(f, "identity")
         m.blockbench = read_json(d / "blockbench" / "blockbench.json", "blockbench")
         errors = [f"{st.stem.removeprefix('status-')}: {doc['error']}"
-                  for st in sorted(d.glob("status-*.json")) if not (doc := read_json(st))["ok"]]
+                  for st in sorted(d.glob("status-*.json")) if not (doc := read_json(st, "status"))["ok"]]
         if errors:
             m.failed = "; ".join(errors)
         if m.bench or m.identity or m.blockbench or m.failed:
             models[d.name] = m
     if not models:
         raise UserError(f"{run_dir}: holds no model results (expected <model>/bench/bench.json)")
-    env = read_json(run_dir / "environment.json") or {}
+    env = read_json(run_dir / "environment.json", "environment") or {}
     if not env:
         env = next((m.bench["meta"]["environment"] for m in models.values() if m.bench), {})
     config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""

@@ -6,6 +6,8 @@ no ``format`` key and read as version 1. The history of each format is docs/form
 
 from __future__ import annotations
 
+import jsonschema
+
 from fusedqk.errors import UserError
 
 # The version each writer stamps now; readers accept every version from 1 to this one.
@@ -34,3 +36,57 @@ def version(kind: str, doc: object, source: str) -> int:
         raise UserError(f"{source}: format {tag} is newer than this fusedqk reads "
                         f"(up to {prefix}{CURRENT[kind]}); upgrade fusedqk")
     return int(number)
+
+
+_NUMBER = {"type": "number"}
+_ROWS = {"type": "array", "items": {"type": "object"}}
+# What every reader relies on in each kind of file, checked when it is read, so that a damaged or
+# foreign file is one line naming it and the key, never a traceback from deep in a reader.
+SHAPES = {
+    "bench": {"type": "object", "required": ["summary", "speedups"],
+              "properties": {
+                  "settings": {"type": "object"},
+                  "paths": {"type": "array", "items": {"type": "string"}},
+                  "summary": {"type": "array", "items": {
+                      "type": "object", "required": ["model", "path", "decode_tok_s_mean"],
+                      "properties": {"model": {"type": "string"}, "path": {"type": "string"},
+                                     "decode_tok_s_mean": _NUMBER}}},
+                  "speedups": {"type": "array", "items": {
+                      "type": "object", "required": ["path", "point", "lo", "hi"],
+                      "properties": {"path": {"type": "string"}, "point": _NUMBER, "lo": _NUMBER,
+                                     "hi": _NUMBER}}},
+                  "warnings": {"type": "array", "items": {"type": "string"}},
+                  "meta": {"type": "object"}}},
+    "identity": {"type": "object", "required": ["verdict"],
+                 "properties": {"model": {"type": "string"}, "impl": {"type": "string"},
+                                "verdict": {"enum": ["EQUAL", "DIFFERS", "INCONCLUSIVE"]},
+                                "graph_distinct_greedy_tokens": {"type": "array"},
+                                "settings": {"type": "object"}, "controls": {"type": "object"},
+                                "free_running": {"type": "object"}}},
+    "blockbench": {"type": "object", "required": ["rows"],
+                   "properties": {"rows": {"type": "array", "items": {
+                       "type": "object", "required": ["model", "path", "layer_us"],
+                       "properties": {"layer_us": _NUMBER}}}}},
+    "decisions": {"type": "object", "required": ["backends"],
+                  "properties": {
+                      "rule": {"type": "object"},
+                      "backends": {"type": "object", "additionalProperties": {
+                          "type": "object", "required": ["recommendation", "impl"],
+                          "properties": {"recommendation": {"type": "string"},
+                                         "impl": {"type": "string"},
+                                         "per_impl": {"type": "object"}}}}}},
+    "status": {"type": "object", "required": ["ok"],
+               "properties": {"ok": {"type": "boolean"}, "error": {"type": ["string", "null"]}}},
+    "environment": {"type": "object"},
+}
+
+
+def check_shape(kind: str, doc: object, source: str) -> None:
+    """``doc`` has what readers of a ``kind`` file rely on, or one line naming the first gap."""
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(SHAPES[kind]).iter_errors(doc))
+    if error is not None:
+        where = ".".join(str(k) for k in error.absolute_path) or "the top level"
+        message = error.message if len(error.message) <= 120 else error.message[:117] + "..."
+        raise UserError(f"{source}: not a fusedqk {kind} file ({where}: {message}); the file is "
+                        "damaged or foreign: rerun the job that writes it")
