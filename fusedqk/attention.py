@@ -79,7 +79,8 @@ class StepInputs:
 class FusedQKNormAttention(nn.Module):
     """mlx-lm's attention with the decode-step q/k/v + norm + RoPE block replaced by one call."""
 
-    def __init__(self, graph_attn: nn.Module, impl: str, backend: str):
+    def __init__(self, graph_attn: nn.Module, impl: str, backend: str,
+                 kernel_call: str | None = None):
         super().__init__()
         self.graph_attn = graph_attn
         q, k, v = graph_attn.q_proj, graph_attn.k_proj, graph_attn.v_proj
@@ -96,7 +97,8 @@ class FusedQKNormAttention(nn.Module):
         self._kernel = None
         self.kernel_call: str | None = None
         if qkv_norm_rope.kernel_blocker(backend, self.layout, q.scales.dtype) is None:
-            kernel = qkv_norm_rope.QKVNormRope(self.layout, q.scales.dtype, backend)
+            kernel = qkv_norm_rope.QKVNormRope(self.layout, q.scales.dtype, backend,
+                                               call=kernel_call)
             self._kernel = qkv_norm_rope.decode_call(kernel)
             self.kernel_call = kernel.call
         self._step = StepInputs(
@@ -160,12 +162,12 @@ class DecodePaths:
     layer's ``self_attn`` between mlx-lm's module and its fused wrapper.
     """
 
-    def __init__(self, model: nn.Module, backend: str):
+    def __init__(self, model: nn.Module, backend: str, kernel_call: str | None = None):
         self.backend = backend
         self.layers = list(model.layers)
         self.graph = [layer.self_attn for layer in self.layers]
         blockers = [fusion_blocker(a) for a in self.graph]
-        self.fused = [a if why else FusedQKNormAttention(a, "composite", backend)
+        self.fused = [a if why else FusedQKNormAttention(a, "composite", backend, kernel_call)
                       for a, why in zip(self.graph, blockers, strict=True)]
         fused = [m for m in self.fused if isinstance(m, FusedQKNormAttention)]
         kernel_fallback = None

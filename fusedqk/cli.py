@@ -151,8 +151,8 @@ def _prepare(args: argparse.Namespace) -> Prepared:
 def cmd_env(args: argparse.Namespace) -> int:
     from fusedqk.backend import available_backends, select_backend
     from fusedqk.envinfo import environment
-    from fusedqk.kernels.qkv_norm_rope import has_kernel, kernel_call
-    from fusedqk.toggle import load_defaults, resolve
+    from fusedqk.kernels.qkv_norm_rope import has_kernel
+    from fusedqk.toggle import kernel_call, load_defaults, resolve
 
     backend = select_backend(args.backend)
     res = resolve(backend, has_kernel(backend))
@@ -163,7 +163,7 @@ def cmd_env(args: argparse.Namespace) -> int:
         "kernel_available": has_kernel(backend),
     }
     if backend == "cuda":
-        report["kernel_call"], report["kernel_call_source"] = kernel_call()
+        report["kernel_call"], report["kernel_call_source"] = kernel_call(backend)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -663,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
             return _with_status(args)
         return _run(args)
     except UserError as e:
-        print(f"fusedqk: error: {e}", file=sys.stderr)
+        # One line always, whatever text the input carried into the message.
+        print(f"fusedqk: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

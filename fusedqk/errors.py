@@ -6,3 +6,9 @@ class UserError(Exception):
 
     The message names the input and what is accepted; the CLI prints it on one line and exits 2.
     """
+
+
+def key_path(parts) -> str:
+    """A dotted path of keys for an error line; a key that would not print as itself on one
+    line (a newline in it, say) is shown quoted and escaped."""
+    return ".".join(str(p) if str(p).isprintable() else repr(p) for p in parts)

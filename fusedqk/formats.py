@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jsonschema
 
-from fusedqk.errors import UserError
+from fusedqk.errors import UserError, key_path
 
 # The version each writer stamps now; readers accept every version from 1 to this one.
 CURRENT = {"bench": 2, "identity": 2, "blockbench": 2, "decisions": 2}
@@ -86,7 +86,7 @@ def check_shape(kind: str, doc: object, source: str) -> None:
     error = jsonschema.exceptions.best_match(
         jsonschema.Draft202012Validator(SHAPES[kind]).iter_errors(doc))
     if error is not None:
-        where = ".".join(str(k) for k in error.absolute_path) or "the top level"
+        where = key_path(error.absolute_path) or "the top level"
         message = error.message if len(error.message) <= 120 else error.message[:117] + "..."
         raise UserError(f"{source}: not a fusedqk {kind} file ({where}: {message}); the file is "
                         "damaged or foreign: rerun the job that writes it")

@@ -18,7 +18,7 @@ import mlx.nn as nn
 from fusedqk.attention import FusedQKNormAttention, fusion_blocker
 from fusedqk.backend import current_backend
 from fusedqk.kernels.qkv_norm_rope import has_kernel, kernel_blocker
-from fusedqk.toggle import resolve
+from fusedqk.toggle import kernel_call, resolve
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
 
@@ -68,12 +68,13 @@ def patch(model: nn.Module, env: Mapping[str, str] | None = None) -> PatchReport
     if not report.enabled:
         return report
     impl = resolution.impl
+    call = kernel_call(backend, env)[0]
     for i, layer in enumerate(layers):
         why = fusion_blocker(layer.self_attn)
         if why:
             report.skipped[i] = why
             continue
-        fused = FusedQKNormAttention(layer.self_attn, impl, backend)
+        fused = FusedQKNormAttention(layer.self_attn, impl, backend, call)
         if impl == "kernel" and not fused.kernel_ready:
             fused.impl = "composite"
             report.kernel_fallback = kernel_blocker(backend, fused.layout, fused.qkv_scales.dtype)

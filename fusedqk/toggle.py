@@ -54,6 +54,29 @@ def parse_impl(value: str, name: str = ENV_IMPL) -> str:
     return word
 
 
+def kernel_call(backend: str, env: Mapping[str, str] | None = None) -> tuple[str | None, str]:
+    """How the kernel is called on ``backend``, and why. On cuda: ``primitive`` (the C++
+    extension, where it is built and loads) or ``cuda_kernel`` (``mx.fast.cuda_kernel``), from
+    FUSEDQK_KERNEL_CALL; ``metal_kernel`` on metal; None where no kernel exists. The kernel is
+    told this; it never reads the environment."""
+    if backend == "metal":
+        return "metal_kernel", "the Metal kernel has one call"
+    if backend != "cuda":
+        return None, f"no kernel for {backend}"
+    env = os.environ if env is None else env
+    wanted = parse_kernel_call(env.get(ENV_KERNEL_CALL, "auto"))
+    if wanted == "cuda_kernel":
+        return "cuda_kernel", f"{ENV_KERNEL_CALL}=cuda_kernel"
+    from fusedqk.kernels import cuda_ext
+
+    module, why = cuda_ext.load()
+    if module is not None:
+        return "primitive", f"the C++ extension loads ({why})"
+    if wanted == "primitive":
+        raise UserError(f"{ENV_KERNEL_CALL}=primitive: the extension is unavailable: {why}")
+    return "cuda_kernel", f"the C++ extension is unavailable: {why}"
+
+
 def parse_kernel_call(value: str, name: str = ENV_KERNEL_CALL) -> str:
     word = value.strip().lower()
     if word not in KERNEL_CALLS:

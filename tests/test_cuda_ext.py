@@ -5,6 +5,7 @@ cannot be had, and the source it would compile."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -12,7 +13,8 @@ import pytest
 from fusedqk.cli import main
 from fusedqk.errors import UserError
 from fusedqk.kernels import cuda_ext, qkv_norm_rope
-from fusedqk.kernels.qkv_norm_rope import CUDA_SOURCE, QKVLayout, kernel_call, primitive_source
+from fusedqk.kernels.qkv_norm_rope import CUDA_SOURCE, QKVLayout, primitive_source
+from fusedqk.toggle import kernel_call
 
 BUILT = cuda_ext.load()[0] is not None
 absent = pytest.mark.skipif(BUILT, reason="the extension is built here")
@@ -21,25 +23,32 @@ absent = pytest.mark.skipif(BUILT, reason="the extension is built here")
 @absent
 def test_absent_extension_falls_back_to_cuda_kernel_with_the_reason():
     assert cuda_ext.load() == (None, "not built (`fusedqk build-ext` builds it on a CUDA machine)")
-    call, why = kernel_call({})
+    call, why = kernel_call("cuda", {})
     assert call == "cuda_kernel" and "not built" in why
-    assert kernel_call({"FUSEDQK_KERNEL_CALL": "cuda_kernel"})[0] == "cuda_kernel"
+    assert kernel_call("cuda", {"FUSEDQK_KERNEL_CALL": "cuda_kernel"})[0] == "cuda_kernel"
 
 
 @absent
 def test_asking_for_the_absent_primitive_is_one_line():
     with pytest.raises(UserError, match="FUSEDQK_KERNEL_CALL=primitive: the extension is "
                                         "unavailable: not built"):
-        kernel_call({"FUSEDQK_KERNEL_CALL": "primitive"})
+        kernel_call("cuda", {"FUSEDQK_KERNEL_CALL": "primitive"})
     with pytest.raises(UserError, match="unavailable"):
         cuda_ext.require()
+
+
+def test_the_kernel_is_told_its_call_and_never_reads_the_environment():
+    # The kernel module does not import toggle (the policy room) nor os; toggle tells it.
+    source = Path(qkv_norm_rope.__file__).read_text()
+    assert "from fusedqk.toggle" not in source and "import os" not in source and "environ" not in source
+    assert kernel_call("metal")[0] == "metal_kernel" and kernel_call("cpu")[0] is None
 
 
 @pytest.mark.parametrize("value", ["fast", "", "kernel"])
 def test_unknown_kernel_call_names_the_variable_and_the_accepted_values(value):
     with pytest.raises(UserError, match=r"FUSEDQK_KERNEL_CALL=.* is not accepted; use one of "
                                         "auto, primitive, cuda_kernel"):
-        kernel_call({"FUSEDQK_KERNEL_CALL": value})
+        kernel_call("cuda", {"FUSEDQK_KERNEL_CALL": value})
 
 
 def test_build_ext_without_mlx_cuda_headers_is_one_line(tmp_path, capsys):

@@ -15,7 +15,7 @@ import pytest
 
 from fusedqk.kernels import cuda_ext, qkv_norm_rope
 from fusedqk.kernels.qkv_norm_rope import QKVLayout, reference_block
-from fusedqk.toggle import ENV_KERNEL_CALL
+from fusedqk.toggle import ENV_KERNEL_CALL, kernel_call
 
 pytestmark = [
     pytest.mark.gpu,
@@ -32,7 +32,7 @@ CALLS = ((["cuda_kernel"] + (["primitive"] if cuda_ext.load()[0] else []))
 
 
 @pytest.fixture(autouse=True, params=CALLS)
-def kernel_call(request, monkeypatch):
+def each_kernel_call(request, monkeypatch):
     if BACKEND == "cuda":
         monkeypatch.setenv(ENV_KERNEL_CALL, request.param)
     return request.param
@@ -87,7 +87,7 @@ def run_both(shape, bits, group_size, dtype_name, batch, seed=0, offset=None, co
     w, s, bias = concatenated(ws)
     if counters is None:
         counters = qkv_norm_rope.new_counters(layout)
-    kernel = qkv_norm_rope.QKVNormRope(layout, dtype, BACKEND)
+    kernel = qkv_norm_rope.QKVNormRope(layout, dtype, BACKEND, call=kernel_call(BACKEND)[0])
     assert kernel.call == os.environ.get(ENV_KERNEL_CALL, "metal_kernel")
     got = kernel(x, w, s, bias, norms[0], norms[1], mx.full((batch,), offset, dtype=mx.int32),
                  counters, poison=True)
@@ -154,8 +154,9 @@ def test_launch_only_has_the_kernels_outputs_and_writes_none():
     (every poisoned element stays NaN), so its time is the launch's alone."""
     dtype = mx.bfloat16
     layout, x, ws, norms = make_case(SHAPES["qwen3-8b"], 4, 64, dtype, 2, 5)
-    full = qkv_norm_rope.QKVNormRope(layout, dtype, BACKEND)
-    empty = qkv_norm_rope.QKVNormRope(layout, dtype, BACKEND, launch_only=True)
+    call = kernel_call(BACKEND)[0]
+    full = qkv_norm_rope.QKVNormRope(layout, dtype, BACKEND, call=call)
+    empty = qkv_norm_rope.QKVNormRope(layout, dtype, BACKEND, launch_only=True, call=call)
     assert (empty.template, empty.grid_x, empty.threads) == (full.template, full.grid_x, full.threads)
     inputs = [x, *concatenated(ws), *norms,
               mx.array([3, 9], dtype=mx.int32), qkv_norm_rope.new_counters(layout)]

@@ -12,6 +12,7 @@ import mlx.core as mx
 import pytest
 
 from fusedqk.kernels import cuda_ext, qkv_norm_rope
+from fusedqk.toggle import kernel_call
 
 EXT, WHY = cuda_ext.load() if mx.cuda.is_available() else (None, "no CUDA backend")
 
@@ -78,7 +79,7 @@ def test_fused_kernel_through_the_primitive_under_compile_and_in_one_graph(monke
     layout, x, ws, norms = make_case(SHAPES["qwen3-8b"], 4, 64, mx.bfloat16, 1, 21)
     inputs = [x, *concatenated(ws), *norms, mx.array([77], dtype=mx.int32)]
     want = qkv_norm_rope.reference_block(x, ws, norms, layout, 77)
-    kernel = qkv_norm_rope.QKVNormRope(layout, mx.bfloat16, "cuda")
+    kernel = qkv_norm_rope.QKVNormRope(layout, mx.bfloat16, "cuda", call=kernel_call("cuda")[0])
     assert kernel.call == "primitive"
     compiled = mx.compile(kernel.__call__)(*inputs, qkv_norm_rope.new_counters(layout))
     # Thirty-six layers' launches in one evaluation, each with its own counters (as decode does).

@@ -17,6 +17,7 @@ import mlx.core as mx
 
 from fusedqk.kernels.qkv_norm_rope import QKVLayout, QKVNormRope, new_counters
 from fusedqk.models import get_spec
+from fusedqk.toggle import kernel_call
 
 LAUNCHES = 5
 
@@ -64,7 +65,8 @@ def graph_block(case: LayerCase, offset: int | mx.array):
 
 def main(model: str) -> None:
     case = layer_case(model)
-    kernel, counters = QKVNormRope(case.layout, mx.bfloat16, "cuda"), new_counters(case.layout)
+    kernel = QKVNormRope(case.layout, mx.bfloat16, "cuda", call=kernel_call("cuda")[0])
+    counters = new_counters(case.layout)
     pos = mx.array([5], mx.int32)
     args = (case.x, case.w, case.scales, case.biases, case.norm, case.norm)
     for _ in range(LAUNCHES):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from fusedqk.attention import DecodePaths
 from fusedqk.backend import select_backend
 from fusedqk.models import AUTO_DTYPE, LoadedModel, Quantization, load_model, resolve_dtype
+from fusedqk.toggle import kernel_call
 
 
 @dataclass(frozen=True)
@@ -50,4 +51,5 @@ def prepare(ref: ModelRef) -> Prepared:
     backend = select_backend(ref.backend)
     quant = ref.quantization(backend)
     loaded = load_model(ref.model, quant, ref.seed)
-    return Prepared(backend, loaded, DecodePaths(loaded.model, backend), quant)
+    return Prepared(backend, loaded, DecodePaths(loaded.model, backend, kernel_call(backend)[0]),
+                    quant)

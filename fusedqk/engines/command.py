@@ -32,7 +32,7 @@ import yaml
 
 from fusedqk.engines.process import MAX_OUTPUT_BYTES, EngineFailure, Finished, run_bounded
 from fusedqk.engines.server import RESERVED_FIELDS, ServerCommand
-from fusedqk.errors import UserError
+from fusedqk.errors import UserError, key_path
 
 ARMS = ("graph", "fused")
 _COMMON = {"python": "the Python running fusedqk", "model": "the registry name",
@@ -256,7 +256,7 @@ def _read_doc(path: Path) -> dict:
         raise UserError(f"engine {source}: expected a mapping with name, arms, bench, identity, models")
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(_schema()).iter_errors(doc))
     if error is not None:
-        raise _fail(source, ".".join(str(p) for p in error.absolute_path) or "file",
+        raise _fail(source, key_path(error.absolute_path) or "file",
                     _schema_message(error))
     return doc
 
