@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -289,11 +288,6 @@ def cmd_identity(args: argparse.Namespace) -> int:
     ref = _model_ref(args)
     s = identity.IdentitySettings(args.prompt_tokens, args.tokens, args.prompts, args.seed,
                                   not args.no_cudnn_sdpa, args.concurrent_controls)
-    if args.trace_only:
-        prep = identity.prepare(ref, s)
-        print(json.dumps([asdict(identity.control_trace(prep, path, s))
-                          for path in args.trace_only.split(",")]))
-        return 0
     from fusedqk.atomic import write_json
 
     for result in identity.run(ref, s, args.impls, controls=not args.no_controls):
@@ -543,7 +537,6 @@ def build_parser() -> argparse.ArgumentParser:
     _result_flags(p, "identity-<impl>.json", table=False)
     # Internal: the controls' fresh process; a comma list of paths whose teacher-forced logits
     # it runs, in that order.
-    p.add_argument("--trace-only", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_identity)
 
     p = sub.add_parser("decide", help="apply the decision rule to a run directory")
@@ -615,8 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     """The subcommand; a measuring one under the host-wide lock of its device (identity's
-    control processes, ``--trace-only``, run under their parent's)."""
-    if args.command not in MEASURING or getattr(args, "trace_only", None):
+    control workers, ``fusedqk.identity_worker``, run under their parent's)."""
+    if args.command not in MEASURING:
         return args.func(args)
     from fusedqk import devicelock
     from fusedqk.backend import select_backend

@@ -174,13 +174,35 @@ def verdict(comparison_equal: bool, graph_deterministic: bool | None,
     return "INCONCLUSIVE"
 
 
+WORKER_FORMAT = "fusedqk-identity-worker/1"
+
+
+def worker_spec(ref: ModelRef, s: IdentitySettings, paths: list[str]) -> str:
+    """What the control worker (``python -m fusedqk.identity_worker``) reads on stdin: the model
+    reference and the settings as their dataclasses' fields, so no flag is ever copied."""
+    return json.dumps({"format": WORKER_FORMAT, "model": asdict(ref), "settings": asdict(s),
+                       "paths": paths})
+
+
+def read_worker_spec(text: str) -> tuple[ModelRef, IdentitySettings, list[str]]:
+    try:
+        doc = json.loads(text)
+        if doc.get("format") != WORKER_FORMAT:
+            raise ValueError(f"format {doc.get('format')!r}, expected {WORKER_FORMAT}")
+        return ModelRef(**doc["model"]), IdentitySettings(**doc["settings"]), list(doc["paths"])
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise UserError(f"identity worker: the spec on stdin is not a {WORKER_FORMAT} object ({e})") from None
+
+
 def _start_controls(ref: ModelRef, s: IdentitySettings, paths: list[str]) -> subprocess.Popen:
     """The same traces from one new process (the controls), one model build for all paths. It
     inherits this process's environment, the attention switch included."""
-    cmd = [sys.executable, "-m", "fusedqk", "identity", "--trace-only", ",".join(paths),
-           *ref.as_args(), "-p", str(s.prompt_tokens), "-n", str(s.tokens), "-k", str(s.prompts),
-           *([] if s.cudnn_sdpa else ["--no-cudnn-sdpa"])]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "fusedqk.identity_worker"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdin.write(worker_spec(ref, s, paths))
+    proc.stdin.close()
+    proc.stdin = None  # written and closed: communicate() only reads
+    return proc
 
 
 def _control_traces(proc: subprocess.Popen, paths: list[str]) -> dict[str, Trace]:

@@ -92,8 +92,29 @@ def test_tiny_model_is_equal_with_deterministic_controls(monkeypatch, concurrent
     assert result["settings"]["cudnn_sdpa"] is False
     assert result["settings"]["concurrent_controls"] is concurrent
     assert result["environment"]["mlx_environment"][identity.MLX_CUDNN_SDPA_ENV] == "0"
-    controls = [cmd for cmd in commands if "--trace-only" in cmd]
-    assert len(controls) == 1 and "--no-cudnn-sdpa" in controls[0]
+    controls = [cmd for cmd in commands if "fusedqk.identity_worker" in cmd]
+    assert len(controls) == 1
+
+
+def test_the_worker_spec_round_trips_every_model_and_settings_field():
+    from dataclasses import fields
+
+    # A value unlike each field's default, so that a field the spec dropped would show.
+    ref = ModelRef("qwen3-moe-tiny", "cpu", 8, 32, "float16", 7)
+    s = identity.IdentitySettings(9, 11, 2, 5, False, True)
+    assert all(getattr(ref, f.name) != f.default for f in fields(ModelRef))
+    assert all(getattr(s, f.name) != f.default for f in fields(identity.IdentitySettings))
+    assert identity.read_worker_spec(identity.worker_spec(ref, s, ["graph", "composite"])) == (
+        ref, s, ["graph", "composite"])
+
+
+@pytest.mark.parametrize("spec", ["", "[]", '{"format": "other"}',
+                                  '{"format": "fusedqk-identity-worker/1", "model": {"colour": 1}}'])
+def test_a_bad_worker_spec_is_one_line(spec):
+    proc = subprocess.run([sys.executable, "-m", "fusedqk.identity_worker"], input=spec,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "fusedqk-identity-worker/1" in proc.stderr
 
 
 NOISY_GRAPH = textwrap.dedent('''

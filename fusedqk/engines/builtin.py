@@ -29,11 +29,6 @@ class ModelRef:
     def quantization(self, backend: str) -> Quantization:
         return Quantization(self.bits, self.group_size, resolve_dtype(self.dtype, backend))
 
-    def as_args(self) -> list[str]:
-        """The ``fusedqk`` flags that name this model (``_model_flags`` in cli.py)."""
-        return ["--model", self.model, "--backend", self.backend, "--bits", str(self.bits),
-                "--group-size", str(self.group_size), "--dtype", self.dtype,
-                "--seed", str(self.seed)]
 
 
 @dataclass
