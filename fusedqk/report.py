@@ -204,6 +204,20 @@ def workload(run: RunData, settings: dict, engine: dict | None) -> str:
 
 
 GIB = 1 << 30
+# The environment table's row names, in words; a key not here is shown with its underscores as
+# spaces (a key added later still renders).
+ENV_LABELS = {
+    "backend": "backend", "backends_available": "backends available",
+    "container_image_id": "container image", "cuda_version": "CUDA", "device_lock": "device lock",
+    "device_name": "device", "driver_version": "driver", "fused_qk_norm": "fused path on",
+    "fusedqk": "fusedqk", "git_commit": "git commit", "git_dirty": "uncommitted changes",
+    "hostname": "host", "impl": "fused implementation", "impl_source": "implementation from",
+    "kernel_available": "kernel for this backend", "kernel_call": "kernel call",
+    "kernel_call_source": "kernel call from", "memory_free_bytes": "memory free",
+    "memory_total_bytes": "memory total", "mlx": "MLX", "mlx_environment": "MLX environment",
+    "mlx_lm": "mlx-lm", "path_source": "fused path from", "platform": "platform",
+    "python": "Python", "recorded_at": "recorded at",
+}
 
 
 def environment_rows(env: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -217,7 +231,9 @@ def environment_rows(env: dict) -> tuple[list[tuple[str, str]], list[tuple[str, 
                 ", ".join(map(str, value))
         else:
             text = "—" if value is None else str(value)
-        (folded if len(text) > 80 or key in ("platform", "mlx_environment") else main).append((key, text))
+        label = ENV_LABELS.get(key, key.replace("_", " "))
+        (folded if len(text) > 80 or key in ("platform", "mlx_environment") else main).append(
+            (label, text))
     return main, folded
 
 

@@ -153,3 +153,11 @@ def test_the_html_report_keys_one_colour_per_path_in_every_plot(tmp_path):
     for path in ("graph", "kernel", "composite"):
         assert f'data-path="{path}" style="color:{report.PATH_COLOURS[path]}"' in html
     assert len(set(report.PATH_COLOURS.values())) == len(report.PATH_COLOURS)
+
+
+def test_the_report_names_environment_rows_in_words_and_explains_the_floor(tmp_path):
+    run = next(p for p in ARCHIVES if p.parent.name.startswith("cpu-"))
+    report.render_run(run, tmp_path / "out")
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "<th>memory total</th><td>23.5 GiB</td>" in html and "memory_total_bytes" not in html
+    assert "Floor µs: the time to read the block's QKV weight" in html and "× floor is" in html
