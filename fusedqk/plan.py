@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import re
 import shlex
 import subprocess
 from dataclasses import dataclass
@@ -76,6 +77,30 @@ def load_config_file(path: str) -> dict:
         raise ConfigError(f"config error: {path} must hold a mapping of keys, got "
                           f"{type(data).__name__}")
     return data
+
+
+def config_error_line(error_text: str) -> str:
+    """A config validation error (Snakemake's wrapping of jsonschema's text) as one line: the
+    message and the key it is about."""
+    text = [ln.strip() for ln in error_text.strip().splitlines() if ln.strip()]
+    message = next((ln.split(":", 1)[1].strip() for ln in text if ln.startswith("ValidationError")),
+                   text[-1] if text else "invalid")
+    where = next((ln.split("On instance", 1)[1].strip(" :") for ln in text if "On instance" in ln),
+                 "")
+    key = ".".join(re.findall(r"\['([^']+)'\]", where)) or "config"
+    return f"config error: {key}: {message}"
+
+
+def container_command(container: dict, backend: str, image: str, results_dir: str) -> list[str]:
+    """The command that runs ``fusedqk`` inside ``image``: the engine's run with the config's
+    arguments (and GPU arguments on cuda), the results folder mounted at the same relative path
+    it has here (or the same absolute one), the image's tag recorded in FUSEDQK_IMAGE_ID."""
+    args = [container["engine"], "run", "--rm", *container["run_args"]]
+    if backend == "cuda":
+        args += container["gpu_args"]
+    inside = results_dir if os.path.isabs(results_dir) else f"{container['workdir']}/{results_dir}"
+    return [*args, "-v", f"{os.path.abspath(results_dir)}:{inside}", "-w", container["workdir"],
+            "-e", f"FUSEDQK_IMAGE_ID={image}", image, "fusedqk"]
 
 
 # Host memory a measuring job asks a scheduler for: a base for the process, plus the model's

@@ -23,24 +23,13 @@ config.clear()
 config.update(_base)
 
 
-def _one_line_config_error(error):
-    """jsonschema's message and the key it is about, on one line."""
-    text = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
-    message = next((ln.split(":", 1)[1].strip() for ln in text if ln.startswith("ValidationError")),
-                   text[-1])
-    where = next((ln.split("On instance", 1)[1].strip(" :") for ln in text if "On instance" in ln),
-                 "")
-    key = ".".join(re.findall(r"\['([^']+)'\]", where)) or "config"
-    return f"config error: {key}: {message}"
-
-
 _SCHEMA = os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml")
 with open(_SCHEMA) as _f:
     config.update(plan.coerce_numbers(config, yaml.safe_load(_f)))
 try:
     validate(config, _SCHEMA)
 except WorkflowError as e:
-    sys.stderr.write(_one_line_config_error(e.args[0] if e.args else e) + "\n")
+    sys.stderr.write(plan.config_error_line(str(e.args[0] if e.args else e)) + "\n")
     sys.exit(1)
 
 
@@ -100,16 +89,8 @@ def fusedqk(backend):
     """The command that runs `fusedqk` for this backend: natively, or inside its image."""
     if not uses_container(backend):
         return FUSEDQK_NATIVE
-    c = config["container"]
-    args = [ENGINE, "run", "--rm", *c["run_args"]]
-    if backend == "cuda":
-        args += c["gpu_args"]
-    # Rules name result paths as given (relative to here, or absolute): mount them the same way.
-    results = config["results_dir"]
-    inside = results if os.path.isabs(results) else f"{c['workdir']}/{results}"
-    args += ["-v", f"{os.path.abspath(results)}:{inside}", "-w", c["workdir"], "-e", f"FUSEDQK_IMAGE_ID={image_tag(backend)}", image_tag(backend),
-             "fusedqk"]
-    return shlex.join(args)
+    return shlex.join(plan.container_command(config["container"], backend, image_tag(backend),
+                                             config["results_dir"]))
 
 
 def image_stamp(backend):
