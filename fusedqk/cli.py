@@ -148,38 +148,12 @@ def _prepare(args: argparse.Namespace) -> Prepared:
 # --- subcommands -------------------------------------------------------------------------------
 
 def cmd_env(args: argparse.Namespace) -> int:
-    from fusedqk.backend import available_backends, select_backend
-    from fusedqk.envinfo import environment
-    from fusedqk.kernels.qkv_norm_rope import has_kernel
-    from fusedqk.toggle import kernel_call, load_defaults, resolve
+    from fusedqk.backend import select_backend
+    from fusedqk.envinfo import env_report, render_env
 
     backend = select_backend(args.backend)
-    res = resolve(backend, has_kernel(backend))
-    report = {
-        "backends_available": available_backends(), **environment(),
-        "fused_qk_norm": res.path == "fused", "impl": res.impl,
-        "path_source": res.path_source, "impl_source": res.impl_source,
-        "kernel_available": has_kernel(backend),
-    }
-    if backend == "cuda":
-        report["kernel_call"], report["kernel_call_source"] = kernel_call(backend)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    gib = lambda b: f"{b / 2**30:.1f} GiB" if b else "unknown"  # noqa: E731
-    print(f"fusedqk {report['fusedqk']}  mlx {report['mlx']}  mlx-lm {report['mlx_lm']}")
-    print(f"backend      {backend} (available: {', '.join(report['backends_available'])})")
-    print(f"device       {report['device_name']}  memory {gib(report['memory_total_bytes'])} total, "
-          f"{gib(report['memory_free_bytes'])} free")
-    if report["driver_version"]:
-        print(f"driver       {report['driver_version']}  CUDA {report['cuda_version']}")
-    print(f"fused path   {'on' if res.path == 'fused' else 'off'}  ({res.path_source})")
-    shipped = load_defaults().backends.get(backend)
-    if shipped is not None:
-        print(f"this card    {shipped.card_evidence(report['device_name'])}")
-    print(f"impl         {res.impl}  ({res.impl_source})")
-    if backend == "cuda":
-        print(f"kernel call  {report['kernel_call']}  ({report['kernel_call_source']})")
+    report = env_report(backend)
+    print(json.dumps(report, indent=2) if args.json else render_env(report, backend))
     return 0
 
 
@@ -193,61 +167,20 @@ def cmd_build_ext(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from fusedqk.models import REGISTRY, Quantization
+    from fusedqk.models import registry_rows, render_registry
 
-    quant = Quantization(4, 64, "bfloat16")
-    rows = []
-    for spec in REGISTRY.values():
-        params, nbytes = spec.sizes(quant)
-        c = spec.config
-        rows.append({
-            "model": spec.name, "type": c["model_type"], "layers": c["num_hidden_layers"],
-            "hidden": c["hidden_size"], "heads": c["num_attention_heads"],
-            "kv_heads": c["num_key_value_heads"], "head_dim": c["head_dim"],
-            "experts": c.get("num_experts", 0), "active": c.get("num_experts_per_tok", 0),
-            "params": params, "q4_bytes": nbytes,
-        })
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    print(f"{'model':<17} {'type':<10} {'layers':>6} {'hidden':>6} {'heads':>5} {'kv':>3} "
-          f"{'experts':>9} {'params':>9} {'4-bit g64':>10}")
-    for r in rows:
-        experts = f"{r['active']}/{r['experts']}" if r["experts"] else "-"
-        print(f"{r['model']:<17} {r['type']:<10} {r['layers']:>6} {r['hidden']:>6} {r['heads']:>5} "
-              f"{r['kv_heads']:>3} {experts:>9} {r['params'] / 1e9:>8.2f}B "
-              f"{r['q4_bytes'] / 2**30:>7.2f} GiB")
+    rows = registry_rows()
+    print(json.dumps(rows, indent=2) if args.json else render_registry(rows))
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import mlx.core as mx
-
-    from fusedqk.decode import generate, make_sampler, random_prompt
-    from fusedqk.kernels.qkv_norm_rope import has_kernel
-    from fusedqk.toggle import concrete_path
+    from fusedqk.engines.builtin import generate_once
 
     _check_context(args, args.max_tokens)
-    prep = _prepare(args)
-    path = concrete_path(args.path, prep.backend, has_kernel(prep.backend), args.impl)
-    prep.paths.use(path)
-    prompt = random_prompt(prep.loaded.config["vocab_size"], args.prompt_tokens, args.seed)
-    for _ in range(args.warmup):  # untimed: MLX compiles its kernels on the first run
-        generate(prep.loaded.model, prompt, args.max_tokens, make_sampler(args.temp, args.seed))
-    mx.reset_peak_memory()
-    result = generate(prep.loaded.model, prompt, args.max_tokens,
-                      make_sampler(args.temp, args.seed))
-    if args.json:
-        decode_s = result.decode_s
-        print(json.dumps({
-            "model": prep.loaded.name, "backend": prep.backend, "path": path,
-            "tokens": result.tokens, "prefill_s": result.prefill_s,
-            "prefill_tok_s": args.prompt_tokens / result.prefill_s, "decode_s": decode_s,
-            "decode_tok_s": (len(result.tokens) - 1) / decode_s if decode_s else None,
-            "peak_memory_bytes": mx.get_peak_memory(),
-        }))
-    else:
-        print(" ".join(map(str, result.tokens)))
+    result = generate_once(_prepare(args), args.path, args.impl, args.prompt_tokens,
+                           args.max_tokens, args.temp, args.seed, args.warmup)
+    print(json.dumps(result) if args.json else " ".join(map(str, result["tokens"])))
     return 0
 
 

@@ -71,3 +71,46 @@ def environment(prep: Prepared | None = None) -> dict:
             "kernel_call": prep.paths.report.kernel_call,
         })
     return env
+
+
+def env_report(backend: str) -> dict:
+    """What ``fusedqk env`` reports: the environment, the backends here, and what the toggle
+    resolves to on ``backend`` (the kernel call too, on cuda)."""
+    from fusedqk.backend import available_backends
+    from fusedqk.kernels.qkv_norm_rope import has_kernel
+    from fusedqk.toggle import kernel_call, resolve
+
+    res = resolve(backend, has_kernel(backend))
+    report = {
+        "backends_available": available_backends(), **environment(),
+        "fused_qk_norm": res.path == "fused", "impl": res.impl,
+        "path_source": res.path_source, "impl_source": res.impl_source,
+        "kernel_available": has_kernel(backend),
+    }
+    if backend == "cuda":
+        report["kernel_call"], report["kernel_call_source"] = kernel_call(backend)
+    return report
+
+
+def render_env(report: dict, backend: str) -> str:
+    """``env_report``'s lines for a reader: versions, device, the fused path on ``backend`` and
+    why."""
+    from fusedqk.toggle import load_defaults
+
+    def gib(b: int | None) -> str:
+        return f"{b / 2**30:.1f} GiB" if b else "unknown"
+
+    lines = [f"fusedqk {report['fusedqk']}  mlx {report['mlx']}  mlx-lm {report['mlx_lm']}",
+             f"backend      {backend} (available: {', '.join(report['backends_available'])})",
+             f"device       {report['device_name']}  memory {gib(report['memory_total_bytes'])} "
+             f"total, {gib(report['memory_free_bytes'])} free"]
+    if report["driver_version"]:
+        lines.append(f"driver       {report['driver_version']}  CUDA {report['cuda_version']}")
+    lines.append(f"fused path   {'on' if report['fused_qk_norm'] else 'off'}  ({report['path_source']})")
+    shipped = load_defaults().backends.get(backend)
+    if shipped is not None:
+        lines.append(f"this card    {shipped.card_evidence(report['device_name'])}")
+    lines.append(f"impl         {report['impl']}  ({report['impl_source']})")
+    if "kernel_call" in report:
+        lines.append(f"kernel call  {report['kernel_call']}  ({report['kernel_call_source']})")
+    return "\n".join(lines)

@@ -285,3 +285,31 @@ def build_synthetic(spec: ModelSpec, quant: Quantization, seed: int = 0) -> nn.M
         mx.eval([v for _, v in items])
     model.eval()
     return model
+
+
+def registry_rows() -> list[dict]:
+    """The registry with each model's sizes at 4-bit, group 64 (``fusedqk models``)."""
+    quant = Quantization(4, 64, "bfloat16")
+    rows = []
+    for spec in REGISTRY.values():
+        params, nbytes = spec.sizes(quant)
+        c = spec.config
+        rows.append({
+            "model": spec.name, "type": c["model_type"], "layers": c["num_hidden_layers"],
+            "hidden": c["hidden_size"], "heads": c["num_attention_heads"],
+            "kv_heads": c["num_key_value_heads"], "head_dim": c["head_dim"],
+            "experts": c.get("num_experts", 0), "active": c.get("num_experts_per_tok", 0),
+            "params": params, "q4_bytes": nbytes,
+        })
+    return rows
+
+
+def render_registry(rows: list[dict]) -> str:
+    lines = [f"{'model':<17} {'type':<10} {'layers':>6} {'hidden':>6} {'heads':>5} {'kv':>3} "
+             f"{'experts':>9} {'params':>9} {'4-bit g64':>10}"]
+    for r in rows:
+        experts = f"{r['active']}/{r['experts']}" if r["experts"] else "-"
+        lines.append(f"{r['model']:<17} {r['type']:<10} {r['layers']:>6} {r['hidden']:>6} "
+                     f"{r['heads']:>5} {r['kv_heads']:>3} {experts:>9} {r['params'] / 1e9:>8.2f}B "
+                     f"{r['q4_bytes'] / 2**30:>7.2f} GiB")
+    return "\n".join(lines)

@@ -48,3 +48,28 @@ def prepare(ref: ModelRef) -> Prepared:
     loaded = load_model(ref.model, quant, ref.seed)
     return Prepared(backend, loaded, DecodePaths(loaded.model, backend, kernel_call(backend)[0]),
                     quant)
+
+
+def generate_once(prep: Prepared, path: str | None, impl: str | None, prompt_tokens: int,
+                  max_tokens: int, temp: float, seed: int, warmup: int) -> dict:
+    """``fusedqk generate``: the seeded prompt decoded on ``path`` (None: what the toggle says)
+    after ``warmup`` untimed runs; the tokens, the timings and the peak memory."""
+    import mlx.core as mx
+
+    from fusedqk.decode import generate, make_sampler, random_prompt
+    from fusedqk.kernels.qkv_norm_rope import has_kernel
+    from fusedqk.toggle import concrete_path
+
+    path = concrete_path(path, prep.backend, has_kernel(prep.backend), impl)
+    prep.paths.use(path)
+    prompt = random_prompt(prep.loaded.config["vocab_size"], prompt_tokens, seed)
+    for _ in range(warmup):  # untimed: MLX compiles its kernels on the first run
+        generate(prep.loaded.model, prompt, max_tokens, make_sampler(temp, seed))
+    mx.reset_peak_memory()
+    result = generate(prep.loaded.model, prompt, max_tokens, make_sampler(temp, seed))
+    decode_s = result.decode_s
+    return {"model": prep.loaded.name, "backend": prep.backend, "path": path,
+            "tokens": result.tokens, "prefill_s": result.prefill_s,
+            "prefill_tok_s": prompt_tokens / result.prefill_s, "decode_s": decode_s,
+            "decode_tok_s": (len(result.tokens) - 1) / decode_s if decode_s else None,
+            "peak_memory_bytes": mx.get_peak_memory()}
