@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fusedqk"
-# Modules that parse command lines: the CLI and mlx-lm's launcher (which hands argv to mlx-lm).
-COMMAND_MODULES = {"fusedqk.cli", "fusedqk.mlx_lm", "fusedqk.__main__"}
 
 
 def module_name(path: Path) -> str:
@@ -33,6 +31,10 @@ def imports(path: Path) -> set[str]:
 
 
 MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+# Modules that parse command lines: the CLI, its commands, and mlx-lm's launcher (which hands
+# argv to mlx-lm).
+COMMAND_MODULES = {"fusedqk.cli", "fusedqk.mlx_lm", "fusedqk.__main__",
+                   *(m for m in MODULES if m.startswith("fusedqk.commands"))}
 GRAPH = {m: {i for i in imports(p) if i in MODULES and i != m} for m, p in MODULES.items()}
 
 

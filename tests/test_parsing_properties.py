@@ -11,11 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fusedqk import cli, plan
+from fusedqk.commands import flags
 from fusedqk.errors import UserError
 
-COUNTS = [("generate", "--prompt-tokens", 1, cli.MAX_TOKENS), ("generate", "--max-tokens", 1, cli.MAX_TOKENS),
-          ("bench", "--rounds", 1, cli.MAX_ROUNDS), ("identity", "--prompts", 1, cli.MAX_PROMPTS),
-          ("generate", "--seed", 0, cli.MAX_SEED), ("blockbench", "--reps", 1, cli.MAX_REPS)]
+COUNTS = [("generate", "--prompt-tokens", 1, flags.MAX_TOKENS),
+          ("generate", "--max-tokens", 1, flags.MAX_TOKENS),
+          ("bench", "--rounds", 1, flags.MAX_ROUNDS), ("identity", "--prompts", 1, flags.MAX_PROMPTS),
+          ("generate", "--seed", 0, flags.MAX_SEED), ("blockbench", "--reps", 1, flags.MAX_REPS)]
 
 
 def _refused(argv: list[str]) -> str:
