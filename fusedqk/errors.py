@@ -12,3 +12,8 @@ def key_path(parts) -> str:
     """A dotted path of keys for an error line; a key that would not print as itself on one
     line (a newline in it, say) is shown quoted and escaped."""
     return ".".join(str(p) if str(p).isprintable() else repr(p) for p in parts)
+
+
+def shown(value: str, limit: int = 60) -> str:
+    """A user's value as an error line quotes it: repr'd, and cut where it is long."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"

@@ -39,7 +39,6 @@ def version(kind: str, doc: object, source: str) -> int:
 
 
 _NUMBER = {"type": "number"}
-_ROWS = {"type": "array", "items": {"type": "object"}}
 # What every reader relies on in each kind of file, checked when it is read, so that a damaged or
 # foreign file is one line naming it and the key, never a traceback from deep in a reader.
 SHAPES = {

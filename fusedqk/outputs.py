@@ -6,24 +6,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fusedqk.errors import UserError
+from fusedqk.errors import UserError, shown
 
 NAME_MAX = 255  # bytes in one path component on Linux and macOS file systems
 PATH_MAX = 4096
 
 
-def _shown(value: str) -> str:
-    return repr(value if len(value) <= 80 else value[:77] + "...")
-
-
 def _named(flag: str, value: str) -> Path:
     """A non-empty path of a length the file system takes."""
     if not value.strip():
-        raise UserError(f"{flag} {_shown(value)} is empty; name a path, or leave the flag out")
+        raise UserError(f"{flag} {shown(value)} is empty; name a path, or leave the flag out")
     path = Path(value)
     if len(os.fsencode(value)) > PATH_MAX or any(
             len(os.fsencode(part)) > NAME_MAX for part in path.parts):
-        raise UserError(f"{flag} {_shown(value)}: the name is too long (at most {NAME_MAX} bytes "
+        raise UserError(f"{flag} {shown(value)}: the name is too long (at most {NAME_MAX} bytes "
                         f"per component, {PATH_MAX} in all)")
     return path
 
@@ -34,9 +30,9 @@ def _reachable(flag: str, path: Path, value: str) -> None:
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise UserError(f"{flag} {_shown(value)}: {str(ancestor)!r} is a file, not a folder")
+        raise UserError(f"{flag} {shown(value)}: {str(ancestor)!r} is a file, not a folder")
     if not path.exists() and not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {_shown(value)}: {str(ancestor)!r} is not writable here")
+        raise UserError(f"{flag} {shown(value)}: {str(ancestor)!r} is not writable here")
 
 
 def check_dir(flag: str, value: str | None) -> None:
@@ -45,11 +41,11 @@ def check_dir(flag: str, value: str | None) -> None:
         return
     path = _named(flag, value)
     if path.exists() and not path.is_dir():
-        raise UserError(f"{flag} {_shown(value)} is an existing file; name a folder (new or "
+        raise UserError(f"{flag} {shown(value)} is an existing file; name a folder (new or "
                         "existing)")
     _reachable(flag, path, value)
     if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {_shown(value)} is not writable here")
+        raise UserError(f"{flag} {shown(value)} is not writable here")
 
 
 def check_file(flag: str, value: str | None) -> None:
@@ -58,5 +54,5 @@ def check_file(flag: str, value: str | None) -> None:
         return
     path = _named(flag, value)
     if path.is_dir():
-        raise UserError(f"{flag} {_shown(value)} is a folder; name a file")
+        raise UserError(f"{flag} {shown(value)} is a folder; name a file")
     _reachable(flag, path, value)

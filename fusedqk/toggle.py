@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from fusedqk.errors import UserError
+from fusedqk.errors import UserError, shown
 
 ENV_TOGGLE = "FUSEDQK_FUSED_QK_NORM"
 ENV_IMPL = "FUSEDQK_FUSED_IMPL"
@@ -29,11 +29,6 @@ KERNEL_CALLS = ("auto", "primitive", "cuda_kernel")
 PATH_NAMES = ("graph", "fused", "composite", "kernel")
 DEFAULTS_SCHEMA = "fusedqk-defaults/1"
 SHIPPED = "fusedqk/data/defaults.json"
-
-
-def shown(value: str, limit: int = 60) -> str:
-    """An environment value as an error line quotes it: repr'd, and cut where it is long."""
-    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
 
 
 def parse_toggle(value: str, name: str = ENV_TOGGLE) -> bool:

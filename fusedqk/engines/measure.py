@@ -30,7 +30,7 @@ from fusedqk.engines import server
 from fusedqk.engines.command import ARMS, COMMAND, METRICS, SERVER, EngineSpec, render, run_arm
 from fusedqk.engines.process import EngineFailure, Finished
 from fusedqk.envinfo import environment, now_utc
-from fusedqk.errors import UserError
+from fusedqk.errors import UserError, shown
 from fusedqk.identity import first_divergence, verdict
 from fusedqk.outputs import check_dir
 
@@ -70,8 +70,6 @@ def _checkpoints_from_env() -> str | None:
     if value is None:
         return None
     if not value.strip() or not Path(value).is_absolute():
-        from fusedqk.toggle import shown
-
         raise UserError(f"{ENV_CHECKPOINTS}={shown(value)} is not accepted; give an absolute folder "
                         "for exported checkpoints, or leave it unset for ~/.cache/fusedqk/checkpoints")
     check_dir(ENV_CHECKPOINTS, value)
