@@ -42,6 +42,7 @@ class ModelResults:
     identity: dict[str, dict] = field(default_factory=dict)  # impl -> identity result
     blockbench: dict | None = None
     failed: str | None = None
+    seconds: dict[str, dict] = field(default_factory=dict)  # job -> where its time went
 
 
 @dataclass
@@ -118,8 +119,10 @@ def load_run(run_dir: Path) -> RunData:
         for f in sorted(d.glob("identity-*.json")):
             m.identity[f.stem.removeprefix("identity-")] = read_json(f, "identity")
         m.blockbench = read_json(d / "blockbench" / "blockbench.json", "blockbench")
-        errors = [f"{st.stem.removeprefix('status-')}: {doc['error']}"
-                  for st in sorted(d.glob("status-*.json")) if not (doc := read_json(st, "status"))["ok"]]
+        statuses = {st.stem.removeprefix("status-"): read_json(st, "status")
+                    for st in sorted(d.glob("status-*.json"))}
+        errors = [f"{job}: {doc['error']}" for job, doc in statuses.items() if not doc["ok"]]
+        m.seconds = {job: doc["seconds"] for job, doc in statuses.items() if doc.get("seconds")}
         if errors:
             m.failed = "; ".join(errors)
         if m.bench or m.identity or m.blockbench or m.failed:

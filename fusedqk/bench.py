@@ -26,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 import pandas as pd
 
-from fusedqk import formats, stats
+from fusedqk import formats, phases, stats
 from fusedqk.atomic import write_json, write_text
 from fusedqk.decode import Decoder, generate, make_sampler, random_prompt
 from fusedqk.envinfo import environment, now_utc
@@ -111,15 +111,30 @@ def run(prep: Prepared, paths: list[str], settings: BenchSettings, argv: list[st
     result.meta = {"started_at": now_utc(), "argv": argv or []}
     bar = _progress(len(paths) * (settings.warmup + settings.round_limit), prep.loaded.name)
     peak_memory = {}
-    for path in paths:
-        # Turns share the device's memory, so each path's peak comes from its own warm-up.
-        prep.paths.use(path)
-        mx.reset_peak_memory()
-        for _ in range(settings.warmup):
-            generate(model, prompt, settings.generation_tokens + 1, greedy)
-            if bar:
-                bar.update()
-        peak_memory[path] = mx.get_peak_memory()
+    with phases.phase("warmup"):
+        for path in paths:
+            # Turns share the device's memory, so each path's peak comes from its own warm-up.
+            prep.paths.use(path)
+            mx.reset_peak_memory()
+            for _ in range(settings.warmup):
+                generate(model, prompt, settings.generation_tokens + 1, greedy)
+                if bar:
+                    bar.update()
+            peak_memory[path] = mx.get_peak_memory()
+    with phases.phase("measure"):
+        speedups, per_round = _rounds(prep, paths, prompt, greedy, peak_memory, result, bar)
+    if bar:
+        bar.close()
+    prep.paths.use("graph")
+    result.meta.update({"finished_at": now_utc(), "environment": environment(prep)})
+    summarize(result, speedups, per_round)
+    return result
+
+
+def _rounds(prep: Prepared, paths: list[str], prompt: list[int], greedy, peak_memory: dict,
+            result: BenchRun, bar) -> tuple[dict, dict]:
+    """Rounds until the settings say stop: (the last speedups, the per-round ratios)."""
+    settings = result.settings
     order_rng = np.random.default_rng(settings.seed)
     result.meta["round_wall_s"] = []
     for rnd in range(settings.round_limit):
@@ -135,12 +150,7 @@ def run(prep: Prepared, paths: list[str], settings: BenchSettings, argv: list[st
         result.meta["round_wall_s"].append(time.perf_counter() - start)
         if result.meta["stopped"]:
             break
-    if bar:
-        bar.close()
-    prep.paths.use("graph")
-    result.meta.update({"finished_at": now_utc(), "environment": environment(prep)})
-    summarize(result, speedups, per_round)
-    return result
+    return speedups, per_round
 
 
 def _run_round(prep: Prepared, prompt: list[int], sampler, order: list[str], rnd: int,

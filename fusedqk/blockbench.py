@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import pandas as pd
 
-from fusedqk import formats
+from fusedqk import formats, phases
 from fusedqk.atomic import write_json, write_text
 from fusedqk.attention import FusedQKNormAttention
 from fusedqk.envinfo import environment
@@ -88,16 +88,18 @@ def interleaved_us(blocks: dict[str, Callable[[], object]], reps: int,
     rotated per repetition, so that the paths share the host's slow and fast spells: timed one
     path after another, a spell lands on one path only (2026-11-27, H100: the empty kernel once timed
     slower than the kernel, docs/perf-log.md)."""
-    for fn in blocks.values():
-        for _ in range(warmup):
-            mx.eval(fn())
+    with phases.phase("warmup"):
+        for fn in blocks.values():
+            for _ in range(warmup):
+                mx.eval(fn())
     names = list(blocks)
     times: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(reps):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            t = time.perf_counter()
-            mx.eval(blocks[name]())
-            times[name].append((time.perf_counter() - t) * 1e6)
+    with phases.phase("measure"):
+        for i in range(reps):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                t = time.perf_counter()
+                mx.eval(blocks[name]())
+                times[name].append((time.perf_counter() - t) * 1e6)
     out = {}
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
@@ -119,6 +121,19 @@ def _build_us(fn, reps: int = 20) -> float:
     return (time.perf_counter() - t) / reps * 1e6
 
 
+KERNEL_ROWS = ("kernel", "launch", *CUDA_KERNEL_ROWS)
+
+
+def check_backend(names: tuple[str, ...], backend: str) -> None:
+    """Refuse, before any weights are made, rows that need a kernel where the backend has none
+    (``run`` refuses the rest: a layout the kernel does not cover, a missing primitive)."""
+    missing = [n for n in names if n in KERNEL_ROWS and not has_kernel(backend)]
+    if missing:
+        raise UserError(f"--paths {','.join(names)}: {', '.join(missing)} cannot run on {backend} "
+                        "(kernel and launch run where a kernel exists: cuda, metal); accepted "
+                        "here: graph, composite")
+
+
 def run(prep: Prepared, settings: Settings) -> dict:
     """Time every path's block; returns rows (one per path) plus the environment."""
     paths = prep.paths
@@ -132,8 +147,9 @@ def run(prep: Prepared, settings: Settings) -> dict:
     offset = 100
     mx.eval(x)
     layer_bytes = [m.qkv_weight.nbytes + m.qkv_scales.nbytes + m.qkv_biases.nbytes for m in fused]
-    bw = (measure_bandwidth_gbs() if settings.bandwidth == "measure"
-          else _parse_bandwidth(settings.bandwidth))
+    with phases.phase("measure"):
+        bw = (measure_bandwidth_gbs() if settings.bandwidth == "measure"
+              else _parse_bandwidth(settings.bandwidth))
     # kernel runs where the backend has one; the launch floor is the kernel's own launch, so only
     # where the kernel itself runs. Paths asked for by name must all run; the default (None)
     # times what this backend has.
@@ -178,7 +194,8 @@ def run(prep: Prepared, settings: Settings) -> dict:
     rows = []
     for name, block in blocks.items():
         med, p10, p90 = timed[name]
-        build_us = _build_us(block)
+        with phases.phase("measure"):
+            build_us = _build_us(block)
         rows.append({
             "model": prep.loaded.name, "backend": prep.backend, "path": name,
             "batch": settings.batch, "layers": len(fused),

@@ -49,15 +49,18 @@ def _run(args: argparse.Namespace) -> int:
 def _with_status(args: argparse.Namespace) -> int:
     """Run a measurement and record how it ended in ``args.status`` instead of failing: one model
     that runs out of memory or fails to compile must not stop a pipeline's other models."""
+    from fusedqk import phases
     from fusedqk.atomic import write_json
 
     try:
         code = _run(args)
-        write_json(args.status, {"ok": code == 0, "command": args.command, "error": None})
+        status = {"ok": code == 0, "command": args.command, "error": None}
     except Exception as e:  # recorded, reported, and the pipeline goes on
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"fusedqk: error: {message}", file=sys.stderr)
-        write_json(args.status, {"ok": False, "command": args.command, "error": message})
+        status = {"ok": False, "command": args.command, "error": message}
+    # Where the job's time went (weights, warm-up, measurement), for the run's report.
+    write_json(args.status, {**status, "seconds": phases.snapshot()})
     return 0
 
 

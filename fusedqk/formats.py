@@ -75,7 +75,9 @@ SHAPES = {
                                          "impl": {"type": "string"},
                                          "per_impl": {"type": "object"}}}}}},
     "status": {"type": "object", "required": ["ok"],
-               "properties": {"ok": {"type": "boolean"}, "error": {"type": ["string", "null"]}}},
+               "properties": {"ok": {"type": "boolean"}, "error": {"type": ["string", "null"]},
+                              "seconds": {"type": "object",
+                                          "additionalProperties": {"type": "number"}}}},
     "environment": {"type": "object"},
 }
 

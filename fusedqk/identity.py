@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import numpy as np
 
+from fusedqk import phases
+from fusedqk.backend import select_backend
 from fusedqk.decide import variety_line
 from fusedqk.decode import generate, make_sampler, random_prompt, teacher_forced_logits
 from fusedqk.engines.builtin import ModelRef
@@ -219,23 +221,25 @@ def run(ref: ModelRef, s: IdentitySettings, impls: str = "fused", controls: bool
     from fusedqk.bench import expand_paths
 
     start = time.perf_counter()
+    fused_paths = expand_paths(f"graph,{impls}", select_backend(ref.backend), "auto",
+                               flag="--impls")[1:]  # refused before any weights are made
     prep = prepare(ref, s)
-    fused_paths = expand_paths(f"graph,{impls}", prep.backend, "auto", flag="--impls")[1:]
     paths = ["graph", *fused_paths]
     # Concurrent controls share the device with this run (two model copies must fit); decode
     # is mostly host-bound, so the check takes about the longer of the two instead of the sum.
     concurrent = s.concurrent_controls and controls
     control = _start_controls(ref, s, paths) if concurrent else None
-    graph_logits = _logits(prep, "graph", s)
-    graph_trace = trace(prep, "graph", s, graph_logits)
-    compared = []
-    for fused in fused_paths:
-        fused_logits = _logits(prep, fused, s)
-        logits_cmp = compare_logits(graph_logits, fused_logits)
-        fused_trace = trace(prep, fused, s, fused_logits)
-        del fused_logits
-        free = compare_free_running(graph_trace, fused_trace)
-        compared.append((fused, logits_cmp, free, fused_trace))
+    with phases.phase("measure"):
+        graph_logits = _logits(prep, "graph", s)
+        graph_trace = trace(prep, "graph", s, graph_logits)
+        compared = []
+        for fused in fused_paths:
+            fused_logits = _logits(prep, fused, s)
+            logits_cmp = compare_logits(graph_logits, fused_logits)
+            fused_trace = trace(prep, fused, s, fused_logits)
+            del fused_logits
+            free = compare_free_running(graph_trace, fused_trace)
+            compared.append((fused, logits_cmp, free, fused_trace))
     env = environment(prep)
     if control is None and controls:
         # Sequential controls: free this model first, or two copies of a large model (and
@@ -244,7 +248,8 @@ def run(ref: ModelRef, s: IdentitySettings, impls: str = "fused", controls: bool
         gc.collect()
         mx.clear_cache()
         control = _start_controls(ref, s, paths)
-    fresh = _control_traces(control, paths) if control else {}
+    with phases.phase("controls"):  # what is left of them once the check is done
+        fresh = _control_traces(control, paths) if control else {}
     graph_control = compare_control(graph_trace, fresh["graph"]) if fresh else {}
     results = []
     for fused, logits_cmp, free, fused_trace in compared:

@@ -287,6 +287,22 @@ def build_synthetic(spec: ModelSpec, quant: Quantization, seed: int = 0) -> nn.M
     return model
 
 
+def load_synthetic_checkpoint(spec: ModelSpec, quant: Quantization, path: Path) -> nn.Module:
+    """``spec`` with the weights of its synthetic checkpoint at ``path`` (``fusedqk export``'s
+    layout), built as ``build_synthetic`` builds it; raises ValueError or RuntimeError when the
+    files do not hold exactly the skeleton's parameters."""
+    _, need = spec.sizes(quant)
+    check_fits(spec.name, need)
+    model = spec.skeleton(quant)
+    weights: dict[str, mx.array] = {}
+    for shard in sorted(path.glob("model*.safetensors")):
+        weights.update(mx.load(str(shard)))
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
 def registry_rows() -> list[dict]:
     """The registry with each model's sizes at 4-bit, group 64 (``fusedqk models``)."""
     quant = Quantization(4, 64, "bfloat16")

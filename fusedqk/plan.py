@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import yaml
 
 from fusedqk import registry
+from fusedqk.caches import ENV_CACHE_DIR, cache_root
 from fusedqk.errors import UserError
 from fusedqk.hostinfo import BACKENDS, device_name, gpu_backends, slug
 
@@ -91,15 +92,39 @@ def config_error_line(error_text: str) -> str:
     return f"config error: {key}: {message}"
 
 
-def container_command(container: dict, backend: str, image: str, results_dir: str) -> list[str]:
+def check_cache_dir(cache_dir: str) -> None:
+    """``auto`` takes the environment's FUSEDQK_CACHE_DIR: refuse a bad one before any job."""
+    if cache_dir == "auto":
+        try:
+            cache_root()
+        except UserError as e:
+            raise ConfigError(f"cache_dir: auto: {e}") from None
+
+
+def native_command(python: str, cache_dir: str) -> list[str]:
+    """The command that runs ``fusedqk`` on the host, with the configuration's cache folder
+    (``auto``: the job's own default, nothing set)."""
+    env = [] if cache_dir == "auto" else ["env", f"{ENV_CACHE_DIR}={cache_dir}"]
+    return [*env, python, "-m", "fusedqk"]
+
+
+def container_command(container: dict, backend: str, image: str, results_dir: str,
+                      cache_dir: str = "auto") -> list[str]:
     """The command that runs ``fusedqk`` inside ``image``: the engine's run with the config's
     arguments (and GPU arguments on cuda), the results folder mounted at the same relative path
-    it has here (or the same absolute one), the image's tag recorded in FUSEDQK_IMAGE_ID."""
+    it has here (or the same absolute one), the cache folder (``auto``: the host's default)
+    mounted at its own path, the image's tag recorded in FUSEDQK_IMAGE_ID."""
     args = [container["engine"], "run", "--rm", *container["run_args"]]
     if backend == "cuda":
         args += container["gpu_args"]
     inside = results_dir if os.path.isabs(results_dir) else f"{container['workdir']}/{results_dir}"
-    return [*args, "-v", f"{os.path.abspath(results_dir)}:{inside}", "-w", container["workdir"],
+    args += ["-v", f"{os.path.abspath(results_dir)}:{inside}"]
+    if cache_dir != "off":
+        host = str(cache_root()) if cache_dir == "auto" else cache_dir
+        os.makedirs(host, exist_ok=True)
+        args += ["-v", f"{host}:{host}"]
+        cache_dir = host
+    return [*args, "-w", container["workdir"], "-e", f"{ENV_CACHE_DIR}={cache_dir}",
             "-e", f"FUSEDQK_IMAGE_ID={image}", image, "fusedqk"]
 
 

@@ -22,6 +22,7 @@ from fusedqk import stats
 from fusedqk.archive import MANIFEST, RunData, load_run, read_json, refuse_sealed, verify, write_manifest
 from fusedqk.atomic import write_bytes, write_text
 from fusedqk.errors import UserError
+from fusedqk.phases import PHASES
 from fusedqk.registry import size_order
 from fusedqk.toggle import ENV_TOGGLE
 
@@ -257,6 +258,20 @@ def toggle_variable(engine: dict | None) -> str:
     return shared.pop() if len(shared) == 1 else "the engine's toggle"
 
 
+def time_rows(run: RunData) -> list[dict]:
+    """Per job, where its seconds went (the status files' ``seconds``; runs before they were
+    recorded have none): the process's wall time, its phases, and what is left of it (start-up,
+    imports, writing results)."""
+    rows = []
+    for name, m in run.models.items():
+        for job, s in m.seconds.items():
+            phases = {p: s.get(f"{p}_s") for p in PHASES}
+            other = s["process_s"] - sum(v for v in phases.values() if v)
+            rows.append({"model": name, "job": job, "wall": s["process_s"], **phases,
+                         "other": max(other, 0.0)})
+    return rows
+
+
 def context(run: RunData) -> dict:
     decisions = read_json(run.path / "decisions.json", "decisions")
     bench_rows, ident_rows, block_rows, failed, round_notes, drift_notes = [], [], [], [], [], []
@@ -324,6 +339,7 @@ def context(run: RunData) -> dict:
             "round_notes": round_notes, "lock_notes": lock_notes, "drift_notes": drift_notes,
             "estimator": estimator,
             "blockbench": block_rows, "failed": failed, "env": run.environment,
+            "times": time_rows(run),
             "settings": settings, "raw_files": sorted(
                 p.relative_to(run.path).as_posix() for p in run.path.rglob("*.csv"))}
 

@@ -43,6 +43,22 @@ def own_lock_dir(tmp_path_factory):
         os.environ["FUSEDQK_LOCK_DIR"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache_dir(tmp_path_factory):
+    """The tests' synthetic checkpoints and compiled kernels go to a folder of this session (of
+    this worker), shared by every test and process it starts: never the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("cache")
+    saved = {k: os.environ.get(k) for k in ("FUSEDQK_CACHE_DIR", "FUSEDQK_CHECKPOINTS")}
+    os.environ["FUSEDQK_CACHE_DIR"] = str(path)
+    os.environ.pop("FUSEDQK_CHECKPOINTS", None)
+    yield path
+    for key, old in saved.items():
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
 @pytest.fixture(scope="session", params=["qwen3-tiny", "qwen3-moe-tiny"])
 def tiny(request):
     mx.set_default_device(mx.cpu)

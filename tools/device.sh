@@ -15,11 +15,14 @@
 #                                 per arm (tools/server_breakdown.py): what the server adds
 #   tools/device.sh variety       distinct ids in greedy decodes of the seed models' synthetic
 #                                 weights, per quantization (tools/variety.py)
+#   tools/device.sh after         the GPU tests through both kernel calls (the primitive built
+#                                 first), then qwen3-30b-a3b's start to first token, twice
+#   tools/device.sh server M...   the mlx-lm server engine's pipeline on models M (PIN=N: each
+#                                 arm's server on N cores of its own, server.cpus_per_arm)
 #
 # Machine-specific places, from variables (defaults in brackets):
 #   SITE_PACKAGES  where MLX's CUDA build is installed [/tmp/site] (../shared/device/README.md)
 #   NCU_DIR        Nsight Compute's folder [the newest /opt/nvidia/nsight-compute/*]
-#   PTX_CACHE      MLX's compiled-kernel cache, MLX_PTX_CACHE_DIR [/tmp/ptx-cache]
 #   CUDA_BIN       nvcc's folder [/usr/local/cuda/bin]
 set -uo pipefail
 stage="${1:?usage: tools/device.sh kernel|pipeline}"
@@ -33,7 +36,9 @@ SITE_PACKAGES="${SITE_PACKAGES:-/tmp/site}"
 NCU_DIR="${NCU_DIR:-$(ls -d /opt/nvidia/nsight-compute/*/ 2>/dev/null | tail -1)}"
 export PATH="$PATH:${CUDA_BIN:-/usr/local/cuda/bin}:$NCU_DIR"
 export PYTHONPATH="$SITE_PACKAGES:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1 MLX_PTX_CACHE_DIR="${PTX_CACHE:-/tmp/ptx-cache}"
+# fusedqk's processes keep synthetic checkpoints and MLX's compiled kernels in ~/.cache/fusedqk
+# (FUSEDQK_CACHE_DIR, docs/configuration.md): empty on a freshly started machine.
+export PYTHONUNBUFFERED=1
 py=python3
 
 # The optional C++ primitive (fusedqk build-ext), with fmt's headers from the .deb that travels
@@ -101,13 +106,61 @@ pipeline)
   smk=($py -m snakemake --config 'backends=[cuda]' results_dir=.work/results run_name="$RUN_NAME")
   # A lock left by a killed Snakemake blocks the resume; no other Snakemake runs on this machine.
   pgrep -f "snakemake.*--cores" >/dev/null || "${smk[@]}" --unlock >/dev/null 2>&1
+  started=$SECONDS
   timeout -s INT "${PIPELINE_TIMEOUT_S:-540}" "${smk[@]}" --cores all --rerun-incomplete \
     ${PIPELINE_ARGS:-} 2>&1 | tee "$OUT/snakemake.log" | grep -E "Finished|Error|steps" | tail -30
+  echo "pipeline wall time: $((SECONDS - started)) s" | tee "$OUT/pipeline-wall.txt"
+  du -sh ~/.cache/fusedqk/* 2>/dev/null | tee -a "$OUT/pipeline-wall.txt"
   run_dir=$(ls -d .work/results/cuda-*/"$RUN_NAME" 2>/dev/null | head -1)
   if [ -n "$run_dir" ]; then  # complete or not, it comes back
     tar -C .work/results -czf "$final/run.tar.gz" "$(basename "$(dirname "$run_dir")")/$RUN_NAME"
     ls "$run_dir"/*/status-*.json 2>/dev/null
-    [ -f "$run_dir/report.md" ] && sed -n '1,40p' "$run_dir/report.md"
+    [ -f "$run_dir/report.md" ] && sed -n '1,30p;/^## Where the time went/,/^Wall:/p' "$run_dir/report.md"
+  fi
+  ;;
+after)
+  build_ext
+  $py -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests 2>&1 \
+    | tee "$OUT/gpu-tests.txt" | tail -8
+  FUSEDQK_KERNEL_CALL=cuda_kernel $py -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_gpu.py \
+    2>&1 | tee "$OUT/gpu-tests-cuda_kernel.txt" | tail -3
+  $py -m pytest -q -p no:cacheprovider tests/test_server_engine.py -k pinned 2>&1 | tail -2
+  # A process's start to its first decoded token, with the caches the pipeline left.
+  for i in 1 2; do
+    $py -m fusedqk generate -m qwen3-30b-a3b -p 64 -n 128 --json > "$OUT/first-token-$i.json"
+  done
+  $py - "$OUT" <<'PY' | tee "$OUT/first-token.md"
+import json, sys
+from pathlib import Path
+print("| run | start to first token s | weights s | warm-up s | decode tok/s | process s |")
+print("|---|---|---|---|---|---|")
+for f in sorted(Path(sys.argv[1]).glob("first-token-*.json")):
+    d = json.loads(f.read_text()); s = d["seconds"]
+    print(f"| {f.stem[-1]} | {d['start_to_first_token_s']:.2f} | {s['weights_s']:.2f} | "
+          f"{s.get('warmup_s', 0):.2f} | {d['decode_tok_s']:.1f} | {s['process_s']:.2f} |")
+PY
+  ;;
+server)
+  # The mlx-lm server engine on the models named, into .work/server-results; PIN=N writes a
+  # copy of its engine file with server.cpus_per_arm N.
+  shift
+  engine=config/engines/mlx-lm-server.yaml
+  if [ -n "${PIN:-}" ]; then
+    engine=.work/mlx-lm-server-pinned.yaml
+    $py -c "import sys, yaml; d = yaml.safe_load(open('config/engines/mlx-lm-server.yaml'));
+d['server']['cpus_per_arm'] = int(sys.argv[1]); yaml.safe_dump(d, open(sys.argv[2], 'w'))" "$PIN" "$engine"
+  fi
+  models="[$(echo "$@" | tr ' ' ',')]"
+  timeout -s INT "${PIPELINE_TIMEOUT_S:-540}" $py -m snakemake --cores all \
+    --configfile config/cuda-mlx-lm-server.yaml \
+    --config 'backends=[cuda]' results_dir=.work/server-results run_name="${RUN_NAME:-server}" \
+    "backend_settings={cuda: {engine: $engine, models: $models}}" 2>&1 \
+    | tee "$OUT/snakemake.log" | grep -E "Finished|Error|steps" | tail -20
+  run_dir=$(ls -d .work/server-results/cuda-*/"${RUN_NAME:-server}" 2>/dev/null | head -1)
+  if [ -n "$run_dir" ]; then
+    tar -C .work/server-results -czf "$final/server-run.tar.gz" "$(basename "$(dirname "$run_dir")")/${RUN_NAME:-server}"
+    grep -h "rounds\|half-width\|speedup" "$run_dir"/logs/*-bench.log | tail -12
+    [ -f "$run_dir/report.md" ] && sed -n '1,25p' "$run_dir/report.md"
   fi
   ;;
 primitive)

@@ -100,7 +100,7 @@ def engine_flags(p: argparse.ArgumentParser) -> None:
                    help="builtin (fusedqk's in-process decode) or an engine YAML file "
                         "(config/engines/*.yaml, docs/engines.md)")
     p.add_argument("--checkpoint-dir", help="where a command engine's exported checkpoints go "
-                   "(default $FUSEDQK_CHECKPOINTS, else ~/.cache/fusedqk/checkpoints)")
+                   "(default $FUSEDQK_CHECKPOINTS, else $FUSEDQK_CACHE_DIR/checkpoints)")
 
 
 def model_flags(p: argparse.ArgumentParser, default_model: str = "qwen3-tiny") -> None:

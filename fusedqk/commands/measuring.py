@@ -39,7 +39,8 @@ def _engine_target(args: argparse.Namespace):
     spec = load_engine(args.engine)
     backend = select_backend(args.backend)
     where = measure.checkpoint_dir(spec, args.model, args.bits, args.group_size,
-                                   resolve_dtype(args.dtype, backend), args.seed, args.checkpoint_dir)
+                                   resolve_dtype(args.dtype, backend), args.seed, backend,
+                                   args.checkpoint_dir)
     return spec, backend, where
 
 
@@ -66,7 +67,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from fusedqk.engines.builtin import generate_once
 
     check_context(args, args.max_tokens)
-    result = generate_once(prepare(args), args.path, args.impl, args.prompt_tokens,
+    result = generate_once(model_ref(args), args.path, args.impl, args.prompt_tokens,
                            args.max_tokens, args.temp, args.seed, args.warmup)
     print(json.dumps(result) if args.json else " ".join(map(str, result["tokens"])))
     return 0
@@ -91,10 +92,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run = measure.bench(spec, args.model, where, backend, measure.vocab_size(where), settings,
                             argv=sys.argv)
     else:
+        from fusedqk.backend import select_backend
+
         bench.size_graph_cache()
-        prep = prepare(args)
-        paths = bench.expand_paths(args.paths, prep.backend, args.impl)
-        run = bench.run(prep, paths, settings, argv=sys.argv)
+        paths = bench.expand_paths(args.paths, select_backend(args.backend), args.impl)
+        run = bench.run(prepare(args), paths, settings, argv=sys.argv)
     if args.out_dir:
         bench.write(run, Path(args.out_dir))
     print(bench.render(run, args.output))
@@ -128,6 +130,9 @@ def cmd_blockbench(args: argparse.Namespace) -> int:
         if not names or any(n not in blockbench.BLOCK_PATHS for n in names):
             raise UserError(f"--paths {args.paths!r}: accepted names are "
                             f"{', '.join(blockbench.BLOCK_PATHS)}")
+        from fusedqk.backend import select_backend
+
+        blockbench.check_backend(names, select_backend(args.backend))
     prep = prepare(args)
     result = blockbench.run(prep, blockbench.Settings(args.batch, args.reps, args.warmup,
                                                       args.bandwidth, names))
@@ -151,7 +156,8 @@ def add_parsers(sub) -> None:
     p.add_argument("-w", "--warmup", type=count(MAX_ROUNDS, low=0), default=0,
                    help="untimed generations before the one printed (default 0)")
     p.add_argument("--json", action="store_true",
-                   help="one JSON line: tokens, prefill and decode tok/s, peak memory")
+                   help="one JSON line: tokens, prefill and decode tok/s, peak memory, seconds from "
+                        "the process's start to its first decoded token, and where they went")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="decode throughput, fused vs graph, interleaved rounds")
@@ -195,8 +201,6 @@ def add_parsers(sub) -> None:
                         "itself across processes")
     engine_flags(p)
     result_flags(p, "identity-<impl>.json", table=False)
-    # Internal: the controls' fresh process; a comma list of paths whose teacher-forced logits
-    # it runs, in that order.
     p.set_defaults(func=cmd_identity)
 
     p = sub.add_parser("blockbench", help="time the QKV+norm+RoPE block of all layers, per path")

@@ -1,17 +1,26 @@
 """The in-process engine: build or load a model and install its decode paths, from plain values.
 
 Every measuring module (bench, blockbench, identity, envinfo) takes a ``Prepared`` from here; the
-command line only turns flags into a ``ModelRef``. A ``ModelRef`` also renders itself back as
-flags, so a measurement can start a fresh process on the same model (identity's controls).
+command line only turns flags into a ``ModelRef`` (identity's fresh-process controls get theirs
+as JSON, ``fusedqk.identity_worker``). A registry model's weights come from the machine's
+checkpoint cache (``fusedqk.caches``), made once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fusedqk import caches, phases
 from fusedqk.attention import DecodePaths
 from fusedqk.backend import select_backend
-from fusedqk.models import AUTO_DTYPE, LoadedModel, Quantization, load_model, resolve_dtype
+from fusedqk.models import (
+    AUTO_DTYPE,
+    REGISTRY,
+    LoadedModel,
+    Quantization,
+    load_model,
+    resolve_dtype,
+)
 from fusedqk.toggle import kernel_call
 
 
@@ -43,33 +52,49 @@ class Prepared:
 
 def prepare(ref: ModelRef) -> Prepared:
     """Select the backend, build or load the model, and install its decode paths."""
+    import mlx.core as mx
+
     backend = select_backend(ref.backend)
     quant = ref.quantization(backend)
-    loaded = load_model(ref.model, quant, ref.seed)
+    caches.use_shared_kernel_cache(backend, str(mx.device_info().get("device_name", backend)))
+    with phases.phase("weights"):
+        loaded = (caches.load_synthetic(ref.model, quant, ref.seed, backend)
+                  if ref.model in REGISTRY else load_model(ref.model, quant, ref.seed))
     return Prepared(backend, loaded, DecodePaths(loaded.model, backend, kernel_call(backend)[0]),
                     quant)
 
 
-def generate_once(prep: Prepared, path: str | None, impl: str | None, prompt_tokens: int,
+def generate_once(ref: ModelRef, path: str | None, impl: str | None, prompt_tokens: int,
                   max_tokens: int, temp: float, seed: int, warmup: int) -> dict:
     """``fusedqk generate``: the seeded prompt decoded on ``path`` (None: what the toggle says)
-    after ``warmup`` untimed runs; the tokens, the timings and the peak memory."""
+    after ``warmup`` untimed runs; the tokens, the timings, the peak memory, and the seconds from
+    the process's start to its first decoded token."""
     import mlx.core as mx
 
     from fusedqk.decode import generate, make_sampler, random_prompt
     from fusedqk.kernels.qkv_norm_rope import has_kernel
     from fusedqk.toggle import concrete_path
 
-    path = concrete_path(path, prep.backend, has_kernel(prep.backend), impl)
+    backend = select_backend(ref.backend)
+    path = concrete_path(path, backend, has_kernel(backend), impl)  # before any weights
+    prep = prepare(ref)
     prep.paths.use(path)
     prompt = random_prompt(prep.loaded.config["vocab_size"], prompt_tokens, seed)
-    for _ in range(warmup):  # untimed: MLX compiles its kernels on the first run
-        generate(prep.loaded.model, prompt, max_tokens, make_sampler(temp, seed))
+    first_token_s = None
+    with phases.phase("warmup"):
+        for _ in range(warmup):  # untimed: MLX compiles its kernels on the first run
+            started = phases.since_start()
+            run = generate(prep.loaded.model, prompt, max_tokens, make_sampler(temp, seed))
+            first_token_s = first_token_s or started + run.prefill_s
     mx.reset_peak_memory()
-    result = generate(prep.loaded.model, prompt, max_tokens, make_sampler(temp, seed))
+    started = phases.since_start()
+    with phases.phase("measure"):
+        result = generate(prep.loaded.model, prompt, max_tokens, make_sampler(temp, seed))
     decode_s = result.decode_s
     return {"model": prep.loaded.name, "backend": prep.backend, "path": path,
             "tokens": result.tokens, "prefill_s": result.prefill_s,
             "prefill_tok_s": prompt_tokens / result.prefill_s, "decode_s": decode_s,
             "decode_tok_s": (len(result.tokens) - 1) / decode_s if decode_s else None,
-            "peak_memory_bytes": mx.get_peak_memory()}
+            "peak_memory_bytes": mx.get_peak_memory(),
+            "start_to_first_token_s": first_token_s or started + result.prefill_s,
+            "seconds": phases.snapshot()}

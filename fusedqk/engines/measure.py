@@ -30,22 +30,20 @@ from fusedqk.engines import server
 from fusedqk.engines.command import ARMS, COMMAND, METRICS, SERVER, EngineSpec, render, run_arm
 from fusedqk.engines.process import EngineFailure, Finished
 from fusedqk.envinfo import environment, now_utc
-from fusedqk.errors import UserError, shown
+from fusedqk.errors import UserError
 from fusedqk.identity import first_divergence, verdict
-from fusedqk.outputs import check_dir
 
 INSTRUMENT = "whole-process: each arm in a fresh process per round, rounds paired"
 SERVER_INSTRUMENT = ("server: one long-lived server per arm, the arms taking turns of streamed "
                      "completions ABBA, rounds paired")
 INSTRUMENTS = {COMMAND: INSTRUMENT, SERVER: SERVER_INSTRUMENT}
-ENV_CHECKPOINTS = "FUSEDQK_CHECKPOINTS"
 
 
 def checkpoint_dir(spec: EngineSpec, model: str, bits: int, group_size: int, dtype: str,
-                   seed: int, root: str | None = None) -> Path:
+                   seed: int, backend: str, root: str | None = None) -> Path:
     """The checkpoint an engine runs ``model`` from: a directory the engine file names, the
-    model itself when it is a directory, or fusedqk's export (made here once, outside any timed
-    region) under ``root`` (default $FUSEDQK_CHECKPOINTS, else ~/.cache/fusedqk/checkpoints)."""
+    model itself when it is a directory, or fusedqk's cached export of its synthetic weights
+    (``fusedqk.caches``, made once, outside any timed region) under ``root`` when given."""
     if Path(model).is_dir():
         return Path(model)
     where = spec.checkpoint(model)
@@ -53,27 +51,10 @@ def checkpoint_dir(spec: EngineSpec, model: str, bits: int, group_size: int, dty
         if not Path(where).is_dir():
             raise UserError(f"engine {spec.source}: models.{model}: {where!r} is not a directory")
         return Path(where)
-    from fusedqk.export import export
-    from fusedqk.models import Quantization
+    from fusedqk.caches import checkpoints_root, synthetic_checkpoint
 
-    base = Path(root or _checkpoints_from_env() or Path.home() / ".cache/fusedqk/checkpoints")
-    out = base / f"{model}-q{bits}g{group_size}-{dtype}-s{seed}"
-    if not (out / "config.json").is_file():
-        print(f"fusedqk: exporting {model} to {out}", file=sys.stderr, flush=True)
-        export(model, out, Quantization(bits, group_size, dtype), seed)
-    return out
-
-
-def _checkpoints_from_env() -> str | None:
-    """$FUSEDQK_CHECKPOINTS, which must name an absolute folder when it is set."""
-    value = os.environ.get(ENV_CHECKPOINTS)
-    if value is None:
-        return None
-    if not value.strip() or not Path(value).is_absolute():
-        raise UserError(f"{ENV_CHECKPOINTS}={shown(value)} is not accepted; give an absolute folder "
-                        "for exported checkpoints, or leave it unset for ~/.cache/fusedqk/checkpoints")
-    check_dir(ENV_CHECKPOINTS, value)
-    return value
+    return synthetic_checkpoint(model, bits, group_size, dtype, seed, backend,
+                                checkpoints_root(root))[0]
 
 
 def vocab_size(checkpoint: Path) -> int:

@@ -44,6 +44,7 @@ try:
         PLAN = plan.plan_for_job(config, _TARGET_RUNS)
     else:
         PLAN = plan.make_plan(config)
+    plan.check_cache_dir(config["cache_dir"])
 except plan.ConfigError as e:
     sys.stderr.write(f"{e}\n")
     sys.exit(1)
@@ -82,7 +83,7 @@ def uses_container(backend):
 
 
 # Native runs use the Python that runs Snakemake, so an unactivated virtual environment works.
-FUSEDQK_NATIVE = f"{shlex.quote(sys.executable)} -m fusedqk"
+FUSEDQK_NATIVE = shlex.join(plan.native_command(sys.executable, config["cache_dir"]))
 
 
 def fusedqk(backend):
@@ -90,7 +91,7 @@ def fusedqk(backend):
     if not uses_container(backend):
         return FUSEDQK_NATIVE
     return shlex.join(plan.container_command(config["container"], backend, image_tag(backend),
-                                             config["results_dir"]))
+                                             config["results_dir"], config["cache_dir"]))
 
 
 def image_stamp(backend):
