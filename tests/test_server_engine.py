@@ -234,3 +234,24 @@ def test_killing_the_orchestrator_leaves_no_mlx_lm_server(tmp_path):
     while servers_of(str(checkpoint)) and time.monotonic() < stop:
         time.sleep(0.2)
     assert servers_of(str(checkpoint)) == [], "an mlx-lm server outlived its orchestrator"
+
+
+def test_pinned_arms_get_disjoint_cores_and_the_client_the_rest():
+    cpus = measure.arm_cpus(2, [0, 1, 2, 3, 4, 5, 6], "e.yaml")
+    assert cpus == {"graph": {0, 1}, "fused": {2, 3}, "client": {4, 5, 6}}
+    assert measure.arm_cpus(None, [0, 1], "e.yaml") == {}
+    with pytest.raises(UserError, match=r"e\.yaml: server\.cpus_per_arm 2 needs 5 cores .* "
+                                         r"may use 4; accepted here: at most 1"):
+        measure.arm_cpus(2, [0, 1, 2, 3], "e.yaml")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 3, reason="pinning needs 3 cores: two servers "
+                    "and the client")
+def test_pinned_servers_run_on_their_own_cores(fake_mlxcel, checkpoint, tmp_path):
+    spec = load_engine(edited(tmp_path, MLXCEL_SERVER,
+                              lambda d: d["server"].update(cpus_per_arm=1)))
+    before = os.sched_getaffinity(0)
+    run = measure.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 8, rounds=2))
+    cores = sorted(before)
+    assert run.meta["cpus"] == {"graph": [cores[0]], "fused": [cores[1]], "client": cores[2:]}
+    assert os.sched_getaffinity(0) == before  # the client's own cores are given back

@@ -412,7 +412,7 @@ def _server(source: str, doc: dict) -> ServerCommand:
         argv, doc.get("health", "/health"), doc.get("completions", "/v1/completions"),
         float(doc.get("startup_timeout_s", 900)), float(doc.get("request_timeout_s", TIMEOUT_S)),
         dict(doc.get("request") or {}), dict(doc.get("identity_request") or {}),
-        doc.get("identity_tokens"), doc.get("timing_field"))
+        doc.get("identity_tokens"), doc.get("timing_field"), doc.get("cpus_per_arm"))
 
 
 def run_arm(spec: EngineSpec, command: Command, arm: str, values: dict[str, object]) -> Finished:

@@ -91,8 +91,10 @@ def bench(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size: in
               "warmup_tokens": settings.warmup * settings.generation_tokens, "seed": settings.seed,
               "prompt": prompt_text(vocab_size, settings.prompt_tokens, settings.seed)}
     if spec.kind == SERVER:
-        with _arm_servers(spec, values, vocab_size, settings.prompt_tokens) as servers:
+        with _arm_servers(spec, values, vocab_size, settings.prompt_tokens) as (servers, cpus):
             result.meta["server_start_s"] = {arm: s.started_s for arm, s in servers.items()}
+            if cpus:
+                result.meta["cpus"] = {k: sorted(v) for k, v in cpus.items()}
             for arm in ARMS:  # untimed: compilation, caches, the allocator's first growth
                 for w in range(max(1, settings.warmup)):
                     seed = settings.seed + settings.round_limit + w  # no round's prompt
@@ -187,17 +189,37 @@ def _summarise(result: BenchRun, ratios: list[float], speedup: stats.Speedup,
 
 @contextmanager
 def _arm_servers(spec: EngineSpec, values: dict, vocab_size: int, prompt_tokens: int):
-    """Both arms' servers, started one after the other, running for the block."""
+    """Both arms' servers, started one after the other, running for the block, and the cores
+    each has and the client keeps (``server.cpus_per_arm``; empty when unpinned)."""
     def argv_for(host: str, port: int) -> list[str]:
         return render(spec.server.argv, {"python": sys.executable, **values, "host": host,
                                          "port": port})
     warm = prompt_text(vocab_size, min(prompt_tokens, 8), 0)
+    cpus = arm_cpus(spec.server.cpus_per_arm, sorted(os.sched_getaffinity(0)), spec.source)
     with ExitStack() as stack:
+        if cpus:  # this process (the client) keeps the cores no server has
+            mine = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, cpus["client"])
+            stack.callback(os.sched_setaffinity, 0, mine)
         servers = {arm: stack.enter_context(server.running(
             spec.server, argv_for, {**os.environ, **spec.arms[arm]},
             f"engine {spec.name}, server, {arm} arm", spec.expect.get(arm), f"arms.{arm}.expect",
-            warm, spec.max_output_bytes)) for arm in ARMS}
-        yield servers
+            warm, spec.max_output_bytes, cpus.get(arm))) for arm in ARMS}
+        yield servers, cpus
+
+
+def arm_cpus(per_arm: int | None, available: list[int], source: str) -> dict[str, frozenset[int]]:
+    """Disjoint cores for each arm's server (``server.cpus_per_arm``) and the rest for the
+    client: {} when the engine file does not ask. Each server's threads then stay on its own
+    cores, and neither arm's host work runs on the other's."""
+    if per_arm is None:
+        return {}
+    if len(available) < 2 * per_arm + 1:
+        raise UserError(f"engine {source}: server.cpus_per_arm {per_arm} needs {2 * per_arm + 1} "
+                        f"cores (two servers and the client) but this process may use "
+                        f"{len(available)}; accepted here: at most {(len(available) - 1) // 2}")
+    return {arm: frozenset(available[i * per_arm:(i + 1) * per_arm]) for i, arm in enumerate(ARMS)} | {
+        "client": frozenset(available[2 * per_arm:])}
 
 
 def _server_round(servers: dict, rnd: int, vocab_size: int, settings: BenchSettings, model: str,
@@ -410,9 +432,9 @@ def _server_identity(spec: EngineSpec, model: str, path: Path, vocab_size: int,
     """Greedy completions of every prompt from both arms' servers, then prompt 0 again from a
     fresh pair of servers (the control: does a server agree with a fresh one of itself?)."""
     values = {"model": model, "model_path": path, "seed": seed}
-    with _arm_servers(spec, values, vocab_size, len(prompt_texts[0].split())) as servers:
+    with _arm_servers(spec, values, vocab_size, len(prompt_texts[0].split())) as (servers, _):
         outputs = {arm: [servers[arm].greedy(p, tokens) for p in prompt_texts] for arm in ARMS}
-    with _arm_servers(spec, values, vocab_size, len(prompt_texts[0].split())) as servers:
+    with _arm_servers(spec, values, vocab_size, len(prompt_texts[0].split())) as (servers, _):
         controls = {arm: servers[arm].greedy(prompt_texts[0], tokens) for arm in ARMS}
     return outputs, controls
 

@@ -116,11 +116,13 @@ def _telling_line(text: str) -> str:
 
 
 def _start(argv: list[str], env: dict[str, str], label: str, out: IO[bytes], err: IO[bytes],
-           cwd: str | Path | None = None) -> subprocess.Popen:
-    """``argv`` in a process group of its own; a command that cannot start is one line."""
+           cwd: str | Path | None = None, cpus: frozenset[int] | None = None) -> subprocess.Popen:
+    """``argv`` in a process group of its own (on ``cpus`` only, when given: its threads and
+    children inherit them); a command that cannot start is one line."""
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     try:
         return subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
-                                cwd=cwd, start_new_session=True)
+                                cwd=cwd, start_new_session=True, preexec_fn=pin)
     except FileNotFoundError:
         raise EngineFailure(f"{label}: command {argv[0]!r} not found") from None
     except OSError as e:
@@ -189,11 +191,13 @@ class Background:
 
 @contextmanager
 def background(argv: list[str], env: dict[str, str], label: str,
-               max_output_bytes: int = MAX_OUTPUT_BYTES) -> Iterator[Background]:
-    """Start ``argv`` in its own process group for the length of the block; however the block
-    ends (or this process, through the watchdog), the whole group is terminated, then killed."""
+               max_output_bytes: int = MAX_OUTPUT_BYTES,
+               cpus: frozenset[int] | None = None) -> Iterator[Background]:
+    """Start ``argv`` in its own process group (on ``cpus``, when given) for the length of
+    the block; however the block ends (or this process, through the watchdog), the whole group
+    is terminated, then killed."""
     with tempfile.TemporaryFile() as log:
-        proc = _start(argv, env, label, log, log)
+        proc = _start(argv, env, label, log, log, cpus=cpus)
         with _watched(proc.pid):
             try:
                 yield Background(proc, label, log, max_output_bytes)

@@ -42,6 +42,7 @@ class ServerCommand:
     identity_request: dict = field(default_factory=dict)  # and of identity's greedy ones
     identity_tokens: str | None = None  # where the greedy tokens are in choices[0]; None: text
     timing_field: str | None = None  # the server's own decode tok/s in the last event, if any
+    cpus_per_arm: int | None = None  # each arm's server on this many cores of its own, if set
 
 
 @dataclass(frozen=True)
@@ -237,13 +238,14 @@ class ArmServer:
 @contextmanager
 def running(command: ServerCommand, argv_for, env: dict[str, str], label: str,
             expect: regex.Pattern | None, expect_key: str, warm_up_prompt: str,
-            max_output_bytes: int = MAX_OUTPUT_BYTES) -> Iterator[ArmServer]:
+            max_output_bytes: int = MAX_OUTPUT_BYTES,
+            cpus: frozenset[int] | None = None) -> Iterator[ArmServer]:
     """One arm's server, healthy, loaded and checked, for the length of the block.
     ``argv_for(host, port)`` is its command line. A server may answer its health route before
     its model is loaded (mlx-lm's does), so one short completion goes first; the ``expect``
     line is looked for after it."""
     port = free_port()
-    with background(argv_for(HOST, port), env, label, max_output_bytes) as process:
+    with background(argv_for(HOST, port), env, label, max_output_bytes, cpus) as process:
         server = ArmServer(process, port, command, label)
         server.wait_healthy()
         server.greedy(warm_up_prompt, 2)
