@@ -42,10 +42,10 @@ export PYTHONUNBUFFERED=1
 py=python3
 
 # The optional C++ primitive (fusedqk build-ext), with fmt's headers from the .deb that travels
-# in .whl/b; the module lands in the tree and stays there for later calls on a warm machine.
+# in .whl/ (the stage that installs); the module lands in the tree and stays there for later calls on a warm machine.
 build_ext() {
   local fmt_deb fmt_args=()
-  fmt_deb="$(ls .whl/b/libfmt-dev_*.deb 2>/dev/null | head -1)"
+  fmt_deb="$(ls .whl/*/libfmt-dev_*.deb 2>/dev/null | head -1)"
   if [ -n "$fmt_deb" ]; then
     dpkg -x "$fmt_deb" /tmp/fmt && fmt_args=(--fmt-include /tmp/fmt/usr/include)
   fi
