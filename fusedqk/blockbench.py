@@ -10,8 +10,10 @@ graph-building part alone is reported too), and compares it with two floors:
   called and compiled the same way, with an empty body. No one-launch-per-layer kernel made
   through MLX's custom-kernel call can take less, so its speedup over graph bounds any kernel's.
 
-The device time of the kernels alone comes from a profiler (tools/device.sh runs Nsight Compute
-over this command).
+Beside the times, it counts the nodes MLX builds (from MLX's own graph export): per layer for
+the block, and for one whole decode step per path (the KV cache's update included), since at
+batch 1 a decode step's cost follows its number of nodes more than its bytes. The device time of
+the kernels alone comes from a profiler (tools/device.sh runs Nsight Compute over this command).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -209,9 +212,39 @@ def run(prep: Prepared, settings: Settings) -> dict:
                             and kernel_impl == "kernel" else None),
         })
     graph_us = next((r["token_us"] for r in rows if r["path"] == "graph"), None)
+    step_paths = {"graph": "graph", "composite": "composite", "kernel": kernel_impl}
     for r in rows:
         r["speedup_vs_graph"] = graph_us / r["token_us"] if graph_us else None
+        r["nodes_per_layer"] = graph_nodes(blocks[r["path"]]()) / len(fused)
+        step = (decode_step_nodes(prep, step_paths[r["path"]]) if r["path"] in step_paths
+                else None)
+        r["step_nodes"] = step
+        r["step_nodes_per_layer"] = step / len(fused) if step else None
     return {"rows": rows, "settings": asdict(settings), "environment": environment(prep)}
+
+
+def graph_nodes(outputs: list) -> int:
+    """The primitive nodes MLX has built for ``outputs`` and not yet evaluated (evaluated inputs,
+    such as the weights, are not nodes), counted in MLX's own DOT export of the graph."""
+    with tempfile.TemporaryDirectory() as folder:
+        dot = Path(folder) / "graph.dot"
+        mx.export_to_dot(str(dot), *outputs)
+        return dot.read_text().count("shape=rectangle")
+
+
+def decode_step_nodes(prep: Prepared, path: str) -> int:
+    """The nodes of one decode step on ``path`` after a short prefill: every layer's block,
+    its KV cache update and attention, the MLPs and the head (built, never evaluated)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = prep.loaded.model
+    prep.paths.use(path)
+    try:
+        cache = make_prompt_cache(model)
+        mx.eval(model(mx.array([[1, 2, 3, 4]]), cache=cache), [c.state for c in cache])
+        return graph_nodes([model(mx.array([[5]]), cache=cache)])
+    finally:
+        prep.paths.use("graph")
 
 
 def _parse_bandwidth(value: str) -> float:
@@ -236,7 +269,8 @@ def render(result: dict, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(result, indent=2, default=str)
     cols = {"model": "model", "path": "path", "token_us": "µs/token", "build_us": "build µs",
-            "layer_us": "µs/layer",
+            "layer_us": "µs/layer", "nodes_per_layer": "nodes/layer",
+            "step_nodes_per_layer": "step nodes/layer",
             "token_gbs": "GB/s", "floor_token_us": "floor µs", "token_over_floor": "×floor",
             "speedup_vs_graph": "vs graph"}
     table = df[list(cols)].rename(columns=cols)
