@@ -273,7 +273,8 @@ def render(result: dict, fmt: str) -> str:
             "step_nodes_per_layer": "step nodes/layer",
             "token_gbs": "GB/s", "floor_token_us": "floor µs", "token_over_floor": "×floor",
             "speedup_vs_graph": "vs graph"}
-    table = df[list(cols)].rename(columns=cols)
+    # Node counts are absent from results written before blockbench counted them.
+    table = df[[c for c in cols if c in df.columns]].rename(columns=cols)
     # The launch row reads no weights: its GB/s is missing, shown as a dash (not "nan").
     table = table.astype(object).where(table.notna(), None)
     return table.to_markdown(index=False, floatfmt=".2f", missingval="—")
