@@ -1,6 +1,6 @@
 """The ``fusedqk`` command line: the parser, built from ``fusedqk.commands``, and the dispatch.
 
-    fusedqk env | models | generate | export | bench | identity | decide | blockbench
+    fusedqk env | record-config | models | generate | export | bench | identity | decide | blockbench
             | aggregate | report | verify | failures | compare
 
 Every command's output paths are checked before it runs; a measuring one runs under the device
@@ -67,7 +67,8 @@ def _with_status(args: argparse.Namespace) -> int:
 # Output flags and what they name, checked before any work (``fusedqk.outputs``).
 OUTPUT_FLAGS = {"out_dir": ("--out-dir", check_dir), "status": ("--status", check_file),
                 "checkpoint_dir": ("--checkpoint-dir", check_dir)}
-OUT_FLAG = {"export": check_dir, "decide": check_file, "report": check_dir}
+OUT_FLAG = {"export": check_dir, "decide": check_file, "report": check_dir,
+            "record-config": check_file}
 
 
 def _check_outputs(args: argparse.Namespace) -> None:

@@ -1,4 +1,4 @@
-"""Commands that set up or describe: env, build-ext, models, export."""
+"""Commands that set up or describe: env, record-config, build-ext, models, export."""
 
 from __future__ import annotations
 
@@ -19,6 +19,26 @@ def cmd_env(args: argparse.Namespace) -> int:
     backend = select_backend(args.backend)
     report = env_report(backend)
     print(json.dumps(report, indent=2) if args.json else render_env(report, backend))
+    return 0
+
+
+def cmd_record_config(args: argparse.Namespace) -> int:
+    """The pipeline's merged configuration, as the run's ``config.yaml`` (the workflow passes it
+    as JSON, so no shell quoting of YAML is involved)."""
+    import yaml
+
+    from fusedqk.atomic import write_text
+    from fusedqk.errors import UserError
+
+    try:
+        config = json.loads(args.config)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--config: not JSON ({e.msg} at character {e.pos}); give the "
+                        "configuration as one JSON object") from None
+    if not isinstance(config, dict):
+        raise UserError(f"--config: a JSON {type(config).__name__}; give the configuration as "
+                        "one JSON object")
+    write_text(args.out, yaml.safe_dump(config, sort_keys=False))
     return 0
 
 
@@ -58,6 +78,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--backend", default="auto")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_env)
+
+    p = sub.add_parser("record-config", help="write the pipeline configuration a run is made "
+                       "with (JSON in) as the run's config.yaml")
+    p.add_argument("--config", required=True, help="the configuration as one JSON object")
+    p.add_argument("--out", required=True, help="the YAML file to write")
+    p.set_defaults(func=cmd_record_config)
 
     p = sub.add_parser("build-ext", help="build the optional C++ primitive for CUDA "
                        "(docs/kernels.md); no GPU needed, no network")

@@ -1,4 +1,5 @@
 # Configuration checks, backend selection, run directories and the command prefix per backend.
+import json
 import os
 import re
 import shlex

@@ -14,11 +14,11 @@ rule environment:
     params:
         cmd=lambda w: fusedqk(backend_of(w)),
         backend=backend_of,
-        config_yaml=lambda w: yaml.safe_dump(config, sort_keys=False),
+        config_json=lambda w: json.dumps(config),
     log:
         "{run}/logs/environment.log",
     shell:
-        "printf '%s' {params.config_yaml:q} > {output.config}"
+        "{params.cmd} record-config --config {params.config_json:q} --out {output.config}"
         " && {params.cmd} env --backend {params.backend} --json > {output.env} 2> {log}"
         " || (cat {log} >&2; exit 1)"
 
