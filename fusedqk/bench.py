@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
@@ -32,6 +32,7 @@ from fusedqk.decode import Decoder, generate, make_sampler, random_prompt
 from fusedqk.envinfo import environment, now_utc
 from fusedqk.errors import UserError
 from fusedqk.kernels.qkv_norm_rope import has_kernel
+from fusedqk.results import BenchRun, BenchSettings, stop_reason
 from fusedqk.toggle import concrete_path
 
 if TYPE_CHECKING:
@@ -48,39 +49,6 @@ GRAPH_CACHE_ENV, GRAPH_CACHE_SIZE = "MLX_CUDA_GRAPH_CACHE_SIZE", "4000"
 
 def size_graph_cache() -> None:
     os.environ.setdefault(GRAPH_CACHE_ENV, GRAPH_CACHE_SIZE)
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    prompt_tokens: int = 64
-    generation_tokens: int = 128
-    rounds: int = 15
-    warmup: int = 2
-    chunk_tokens: int = 16
-    seed: int = 0
-    # Adaptive length: after ``rounds`` rounds, go on until every fused path's speedup CI
-    # half-width (relative) is at most ``target_half_width``, or ``max_rounds`` (default
-    # 4 x ``rounds``) rounds ran.
-    target_half_width: float | None = None
-    max_rounds: int | None = None
-
-    @property
-    def round_limit(self) -> int:
-        if self.target_half_width is None:
-            return self.rounds
-        return max(self.rounds, self.max_rounds or 4 * self.rounds)
-
-
-@dataclass
-class BenchRun:
-    settings: BenchSettings
-    paths: list[str]
-    trials: list[dict] = field(default_factory=list)
-    tokens: list[dict] = field(default_factory=list)
-    summary: list[dict] = field(default_factory=list)
-    speedups: list[dict] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    meta: dict = field(default_factory=dict)
 
 
 def expand_paths(spec: str, backend: str, impl: str, flag: str = "--paths") -> list[str]:
@@ -103,7 +71,8 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, disable=not sys.stderr.isatty(), leave=False)
 
 
-def run(prep: Prepared, paths: list[str], settings: BenchSettings, argv: list[str] | None = None) -> BenchRun:
+def measure_decode(prep: Prepared, paths: list[str], settings: BenchSettings,
+                   argv: list[str] | None = None) -> BenchRun:
     model = prep.loaded.model
     prompt = random_prompt(prep.loaded.config["vocab_size"], settings.prompt_tokens, settings.seed)
     greedy = make_sampler(0.0, settings.seed)
@@ -192,21 +161,6 @@ def _run_round(prep: Prepared, prompt: list[int], sampler, order: list[str], rnd
              "latency_s": lat} for i, lat in enumerate(intervals[path]))
 
 
-def stop_reason(s: BenchSettings, rounds_done: int, speedups: dict[str, stats.Speedup]) -> str | None:
-    """Why the bench stops after ``rounds_done`` rounds, or None to run another."""
-    if rounds_done < s.rounds:
-        return None
-    if s.target_half_width is None:
-        return f"{s.rounds} rounds (fixed)"
-    widest = max(sp.relative_half_width for sp in speedups.values())
-    if widest <= s.target_half_width:
-        return f"every speedup CI half-width <= {s.target_half_width:.2%} after {rounds_done} rounds"
-    if rounds_done >= s.round_limit:
-        return (f"max rounds {s.round_limit} reached with a CI half-width of {widest:.2%} "
-                f"(target {s.target_half_width:.2%})")
-    return None
-
-
 def _round_note(speedups: dict[str, stats.Speedup], rounds_done: int, round_limit: int) -> str:
     parts = [f"{path} {sp.point:.3f} ± {sp.relative_half_width:.1%}" for path, sp in speedups.items()]
     return f"round {rounds_done} of at most {round_limit}: " + ", ".join(parts)
@@ -260,7 +214,7 @@ def summarize(result: BenchRun, speedups: dict[str, stats.Speedup],
                                 "halves": halves.as_dict() if halves else None})
 
 
-def write(result: BenchRun, out_dir) -> None:
+def write_results(result: BenchRun, out_dir) -> None:
     """trials.csv (one row per trial), tokens.csv (per-token latencies), bench.json (the rest)."""
     write_text(out_dir / "trials.csv", pd.DataFrame(result.trials).to_csv(index=False))
     # A whole-process engine has no per-token latencies: the header alone, so readers still parse.
@@ -270,7 +224,7 @@ def write(result: BenchRun, out_dir) -> None:
     write_json(out_dir / "bench.json", formats.stamp("bench", doc))
 
 
-def render(result: BenchRun, fmt: str) -> str:
+def render_table(result: BenchRun, fmt: str) -> str:
     df = pd.DataFrame(result.summary)
     sp = {r["path"]: r for r in result.speedups}
     df["speedup"] = [

@@ -137,7 +137,7 @@ def check_backend(names: tuple[str, ...], backend: str) -> None:
                         "here: graph, composite")
 
 
-def run(prep: Prepared, settings: Settings) -> dict:
+def measure_blocks(prep: Prepared, settings: Settings) -> dict:
     """Time every path's block; returns rows (one per path) plus the environment."""
     paths = prep.paths
     fused = [m for m in paths.fused if isinstance(m, FusedQKNormAttention)]
@@ -257,12 +257,12 @@ def _parse_bandwidth(value: str) -> float:
     return gbs
 
 
-def write(result: dict, out_dir: Path) -> None:
+def write_results(result: dict, out_dir: Path) -> None:
     write_text(out_dir / "blockbench.csv", pd.DataFrame(result["rows"]).to_csv(index=False))
     write_json(out_dir / "blockbench.json", formats.stamp("blockbench", result))
 
 
-def render(result: dict, fmt: str) -> str:
+def render_table(result: dict, fmt: str) -> str:
     df = pd.DataFrame(result["rows"])
     if fmt == "csv":
         return df.to_csv(index=False)

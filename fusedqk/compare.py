@@ -159,7 +159,7 @@ def _cell(c: dict | None) -> str:
     return "—" if not c else f"{c['point']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}] {c['identity']}"
 
 
-def render(table: dict, fmt: str = "md") -> str:
+def render_comparison(table: dict, fmt: str = "md") -> str:
     names = list(table["labels"])
     flat = [{"backend": r["backend"], "model": r["model"], "impl": r["impl"],
              **{table["labels"][n]: _cell(r["cells"].get(n)) for n in names},

@@ -20,16 +20,11 @@ import pandas as pd
 
 from fusedqk import formats
 from fusedqk.archive import load_run
+from fusedqk.results import MIN_DISTINCT, fewest_distinct
 from fusedqk.stats import Speedup, rounds_to_decide
 from fusedqk.toggle import DEFAULTS_SCHEMA
 
 POLICIES = ("exact", "greedy-tokens")
-
-
-# Identity over greedy sequences this repetitive barely exercises the model: below this many
-# distinct token ids in any of the graph path's greedy sequences, EQUAL is weak evidence and does
-# not pass (docs/configuration.md, decision.min_distinct).
-MIN_DISTINCT = 8
 
 
 @dataclass(frozen=True)
@@ -48,20 +43,6 @@ class Rule:
 # The most rounds a bench accepts (fusedqk bench --rounds, bench.max_rounds): beyond it a
 # "rounds needed" figure is no advice.
 MAX_USEFUL_ROUNDS = 10000
-
-
-def fewest_distinct(result: dict | None) -> int | None:
-    """The fewest distinct ids in any of the graph path's greedy sequences (None: not recorded)."""
-    counts = (result or {}).get("graph_distinct_greedy_tokens")
-    return min(counts) if counts else None
-
-
-def variety_line(result: dict) -> str:
-    """How varied an identity check's greedy sequences were, and whether that is too little."""
-    counts = result.get("graph_distinct_greedy_tokens") or []
-    weak = bool(counts) and min(counts) < MIN_DISTINCT
-    return (f"  variety: {counts} distinct tokens per greedy sequence (graph)"
-            + (f": WEAK EVIDENCE, below {MIN_DISTINCT}; the decision does not count it" if weak else ""))
 
 
 def identity_ok(result: dict | None, policy: str, min_distinct: int = 0) -> bool | None:
@@ -158,7 +139,7 @@ def decide(run_dir: Path, rule: Rule) -> dict:
     })
 
 
-def render(decisions: dict) -> str:
+def render_decisions(decisions: dict) -> str:
     rows = []
     for backend, d in decisions["backends"].items():
         for impl, r in d["per_impl"].items():

@@ -36,12 +36,12 @@ import numpy as np
 
 from fusedqk import phases
 from fusedqk.backend import select_backend
-from fusedqk.decide import variety_line
 from fusedqk.decode import generate, make_sampler, random_prompt, teacher_forced_logits
 from fusedqk.engines.builtin import ModelRef
 from fusedqk.engines.builtin import prepare as prepare_model
 from fusedqk.envinfo import environment, now_utc
 from fusedqk.errors import UserError
+from fusedqk.results import first_divergence, variety_line, verdict
 
 if TYPE_CHECKING:
     from fusedqk.engines.builtin import Prepared
@@ -142,13 +142,6 @@ def compare_logits(a: list[np.ndarray], b: list[np.ndarray]) -> dict:
     }
 
 
-def first_divergence(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b, strict=False)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
 def compare_free_running(a: Trace, b: Trace) -> dict:
     """Do two traces' greedy and sampled tokens agree, and where do they part?"""
     greedy_diffs = [first_divergence(x, y) for x, y in zip(a.greedy, b.greedy, strict=True)]
@@ -163,17 +156,6 @@ def compare_control(run: Trace, control: Trace) -> dict:
     not?"""
     first = first_divergence(run.logit_digests, control.logit_digests)
     return {"identical": first is None, "first_differing_logit_step": first}
-
-
-def verdict(comparison_equal: bool, graph_deterministic: bool | None,
-            fused_deterministic: bool | None) -> str:
-    if graph_deterministic is None or fused_deterministic is None:
-        return "INCONCLUSIVE"  # no controls: determinism unknown
-    if comparison_equal and graph_deterministic and fused_deterministic:
-        return "EQUAL"
-    if not comparison_equal and graph_deterministic:
-        return "DIFFERS"
-    return "INCONCLUSIVE"
 
 
 WORKER_FORMAT = "fusedqk-identity-worker/1"
@@ -215,7 +197,8 @@ def _control_traces(proc: subprocess.Popen, paths: list[str]) -> dict[str, Trace
     return {t["path"]: Trace(**t) for t in json.loads(out)}
 
 
-def run(ref: ModelRef, s: IdentitySettings, impls: str = "fused", controls: bool = True) -> list[dict]:
+def check_identity(ref: ModelRef, s: IdentitySettings, impls: str = "fused",
+                   controls: bool = True) -> list[dict]:
     """The full check of every fused implementation in ``impls`` (a comma list) against graph
     for one model, ``controls`` included; the graph path (and its control) runs once for all."""
     from fusedqk.bench import expand_paths
@@ -271,7 +254,7 @@ def run(ref: ModelRef, s: IdentitySettings, impls: str = "fused", controls: bool
     return results
 
 
-def render(result: dict) -> str:
+def render_verdict(result: dict) -> str:
     tf, fr = result["teacher_forced"], result["free_running"]
     lines = [
         f"{result['model']} on {result['backend']}, graph vs {result['impl']}: {result['verdict']}",

@@ -27,12 +27,12 @@ def test_paths_take_turns_in_a_rotating_order():
 
 
 def test_the_launch_rows_missing_bandwidth_prints_as_a_dash():
-    from fusedqk.blockbench import render
+    from fusedqk.blockbench import render_table
 
     row = {"model": "m", "path": "launch", "token_us": 10.0, "build_us": 5.0, "layer_us": 1.0,
            "token_gbs": None, "floor_token_us": 2.0, "token_over_floor": 5.0,
            "speedup_vs_graph": 2.5}
-    table = render({"rows": [row, {**row, "path": "kernel", "token_gbs": 123.456}]}, "md")
+    table = render_table({"rows": [row, {**row, "path": "kernel", "token_gbs": 123.456}]}, "md")
     assert "nan" not in table
     assert "—" in table.splitlines()[2] and "123.46" in table
 
@@ -53,12 +53,12 @@ def test_graph_nodes_counts_the_unevaluated_primitives_only():
 
 
 def test_a_result_without_node_counts_renders_without_their_columns():
-    from fusedqk.blockbench import render
+    from fusedqk.blockbench import render_table
 
     row = {"model": "m", "path": "graph", "token_us": 10.0, "build_us": 5.0, "layer_us": 1.0,
            "token_gbs": 1.0, "floor_token_us": 2.0, "token_over_floor": 5.0,
            "speedup_vs_graph": 1.0}
-    assert "nodes/layer" not in render({"rows": [row]}, "md")
-    counted = render({"rows": [{**row, "nodes_per_layer": 89.0, "step_nodes_per_layer": 153.0}]},
+    assert "nodes/layer" not in render_table({"rows": [row]}, "md")
+    counted = render_table({"rows": [{**row, "nodes_per_layer": 89.0, "step_nodes_per_layer": 153.0}]},
                      "md")
     assert "nodes/layer" in counted and "153.00" in counted

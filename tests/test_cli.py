@@ -109,10 +109,10 @@ def test_bench_adds_rounds_up_to_the_maximum_while_the_ci_is_wider_than_asked(tm
 
 
 def test_bench_stops_once_every_ci_is_as_narrow_as_asked():
-    from fusedqk import bench
+    from fusedqk import bench, results
 
-    settings = bench.BenchSettings(rounds=3, target_half_width=0.01, max_rounds=50, chunk_tokens=2)
-    result = bench.BenchRun(settings, ["graph", "kernel"])
+    settings = results.BenchSettings(rounds=3, target_half_width=0.01, max_rounds=50, chunk_tokens=2)
+    result = results.BenchRun(settings, ["graph", "kernel"])
     for rnd, drift in enumerate([1.0, 0.7, 1.3]):  # shared drift, a constant 1.2x speedup
         for path, latency in (("graph", 0.012 * drift), ("kernel", 0.010 * drift)):
             result.trials.append({"model": "m", "path": path, "round": rnd,
@@ -120,7 +120,7 @@ def test_bench_stops_once_every_ci_is_as_narrow_as_asked():
             result.tokens += [{"model": "m", "path": path, "round": rnd, "step": step,
                                "latency_s": latency} for step in range(1, 5)]
         _, speedups = bench._speedups(result)
-        stopped = bench.stop_reason(settings, rnd + 1, speedups)
+        stopped = results.stop_reason(settings, rnd + 1, speedups)
         assert (stopped is None) == (rnd + 1 < 3)
     assert stopped == "every speedup CI half-width <= 1.00% after 3 rounds"
     assert speedups["kernel"].point == pytest.approx(1.2)

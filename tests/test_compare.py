@@ -62,8 +62,8 @@ def test_runs_whose_intervals_do_not_overlap_are_marked_with_what_differs():
     (apart,) = row["apart"]
     assert apart["runs"] == ["20261126-05cb964ce6", "20261127-703a49a8e9-kernel"]
     assert "commit" in apart["settings_that_differ"]
-    assert json.loads(compare.render(table, "json"))["rows"]
-    assert compare.render(table, "csv").startswith("backend,model,impl,")
+    assert json.loads(compare.render_comparison(table, "json"))["rows"]
+    assert compare.render_comparison(table, "csv").startswith("backend,model,impl,")
 
 
 def test_the_kernel_call_is_part_of_a_runs_provenance_and_of_what_supersedes_it():

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from fusedqk.bench import BenchSettings
 from fusedqk.engines import measure
-from fusedqk.engines.command import EngineFailure, load_engine, render
+from fusedqk.engines.command import EngineFailure, fill_template, load_engine
 from fusedqk.errors import UserError
+from fusedqk.results import BenchSettings
 
 FAKE = textwrap.dedent('''
     """A fake engine for the tests: its behaviour comes from FAKE_MODE and the arm's FAKE_FUSED."""
@@ -99,7 +99,8 @@ def test_engine_files_are_checked(tmp_path, overrides, needle):
 
 
 def test_placeholders_never_pass_through_a_shell():
-    assert render(["run", "--m={model_path}"], {"model_path": "a; rm -rf /"}) == ["run", "--m=a; rm -rf /"]
+    filled = fill_template(["run", "--m={model_path}"], {"model_path": "a; rm -rf /"})
+    assert filled == ["run", "--m=a; rm -rf /"]
 
 
 def test_fake_engine_bench_measures_the_arms_speedup(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import pytest
 
 from fusedqk import identity
 from fusedqk.engines.builtin import ModelRef
+from fusedqk.results import verdict
 
 
 def logits(seed, steps=5, vocab=64):
@@ -44,12 +45,12 @@ def test_a_single_ulp_in_one_logit_is_caught():
 
 
 def test_verdicts():
-    assert identity.verdict(True, True, True) == "EQUAL"
-    assert identity.verdict(False, True, True) == "DIFFERS"
-    assert identity.verdict(False, True, False) == "DIFFERS"
-    assert identity.verdict(True, False, True) == "INCONCLUSIVE"
-    assert identity.verdict(False, False, True) == "INCONCLUSIVE"
-    assert identity.verdict(True, None, None) == "INCONCLUSIVE"
+    assert verdict(True, True, True) == "EQUAL"
+    assert verdict(False, True, True) == "DIFFERS"
+    assert verdict(False, True, False) == "DIFFERS"
+    assert verdict(True, False, True) == "INCONCLUSIVE"
+    assert verdict(False, False, True) == "INCONCLUSIVE"
+    assert verdict(True, None, None) == "INCONCLUSIVE"
 
 
 def test_trace_comparisons_report_divergence():
@@ -84,7 +85,7 @@ def test_tiny_model_is_equal_with_deterministic_controls(monkeypatch, concurrent
         return real_popen(cmd, **kw)
 
     monkeypatch.setattr(identity.subprocess, "Popen", spy)
-    (result,) = identity.run(TINY, settings(cudnn_sdpa=False, concurrent_controls=concurrent),
+    (result,) = identity.check_identity(TINY, settings(cudnn_sdpa=False, concurrent_controls=concurrent),
                              "composite")
     assert result["verdict"] == "EQUAL"
     assert result["controls"]["graph"]["identical"] and result["controls"]["fused"]["identical"]

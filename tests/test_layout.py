@@ -91,3 +91,43 @@ def test_the_readmes_one_decode_step_follows_the_imports():
     assert len(paths) <= 5 and all(p.is_file() for p in paths), names
     for here, there in itertools.pairwise(paths):
         assert module_name(there) in imports(here), f"{here.name} does not import {there.name}"
+
+
+# The layers, bottom up: the kernel is told which call to make (by toggle), never asks; the
+# engines produce results (fusedqk.results) and never reach into the built-in engine's
+# instrument modules; the readers of results (decide, report, compare) never import a measuring
+# module.
+MEASURING = {"fusedqk.bench", "fusedqk.identity", "fusedqk.blockbench", "fusedqk.decode",
+             "fusedqk.attention", "fusedqk.identity_worker"}
+READERS = {"fusedqk.results", "fusedqk.formats", "fusedqk.archive", "fusedqk.decide",
+           "fusedqk.report", "fusedqk.compare", "fusedqk.stats"}
+FOREIGN_ENGINES = {"fusedqk.engines.command", "fusedqk.engines.server",
+                   "fusedqk.engines.process", "fusedqk.engines.measure"}
+
+
+def _reached(module: str) -> set[str]:
+    """Every module ``module`` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        for n in GRAPH[todo.pop()] - seen - {"fusedqk"}:
+            seen.add(n)
+            todo.append(n)
+    return seen
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("fusedqk.kernels")))
+def test_the_kernel_does_not_read_the_toggle(module):
+    assert "fusedqk.toggle" not in _reached(module)
+
+
+@pytest.mark.parametrize("module", sorted(READERS))
+def test_readers_of_results_import_no_measuring_module(module):
+    reached = _reached(module)
+    assert not reached & (MEASURING | FOREIGN_ENGINES | {"fusedqk.engines.builtin"}), reached
+
+
+@pytest.mark.parametrize("module", sorted(FOREIGN_ENGINES))
+def test_command_and_server_engines_take_nothing_from_the_builtin_instrument(module):
+    direct = GRAPH[module]
+    assert not direct & (MEASURING | {"fusedqk.decide", "fusedqk.report"}), direct

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusedqk.bench import BenchSettings
 from fusedqk.engines import measure
 from fusedqk.engines.command import load_engine
 from fusedqk.engines.process import EngineFailure, run_bounded
 from fusedqk.errors import UserError
+from fusedqk.results import BenchSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 MLXCEL_FILE = ROOT / "config" / "engines" / "mlxcel.yaml"

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from fusedqk.decide import MIN_DISTINCT
 from fusedqk.decode import generate, make_sampler, random_prompt
 from fusedqk.errors import UserError
 from fusedqk.models import (
@@ -23,6 +22,7 @@ from fusedqk.models import (
     load_model,
     save_checkpoint,
 )
+from fusedqk.results import MIN_DISTINCT
 
 PUBLIC = ["qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b", "qwen3-14b", "qwen3-32b",
           "qwen3-30b-a3b", "qwen3-235b-a22b"]

@@ -17,12 +17,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from fusedqk.bench import BenchSettings
 from fusedqk.engines import measure
 from fusedqk.engines.command import load_engine
 from fusedqk.engines.process import EngineFailure
 from fusedqk.engines.server import field_path
 from fusedqk.errors import UserError
+from fusedqk.results import BenchSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 MLXCEL_SERVER = ROOT / "config" / "engines" / "mlxcel-server.yaml"

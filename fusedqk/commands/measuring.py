@@ -26,6 +26,7 @@ from fusedqk.commands.flags import (
     token_count,
 )
 from fusedqk.errors import UserError
+from fusedqk.results import BenchSettings
 
 
 def _engine_target(args: argparse.Namespace):
@@ -81,7 +82,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UserError(f"--max-rounds {args.max_rounds} is below --rounds {args.rounds}; accepted: "
                         "at least --rounds")
     check_context(args, args.generation_tokens)
-    settings = bench.BenchSettings(
+    settings = BenchSettings(
         prompt_tokens=args.prompt_tokens, generation_tokens=args.generation_tokens,
         rounds=args.rounds, warmup=args.warmup, chunk_tokens=args.chunk_tokens, seed=args.seed,
         target_half_width=args.target_half_width, max_rounds=args.max_rounds)
@@ -96,10 +97,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         bench.size_graph_cache()
         paths = bench.expand_paths(args.paths, select_backend(args.backend), args.impl)
-        run = bench.run(prepare(args), paths, settings, argv=sys.argv)
+        run = bench.measure_decode(prepare(args), paths, settings, argv=sys.argv)
     if args.out_dir:
-        bench.write(run, Path(args.out_dir))
-    print(bench.render(run, args.output))
+        bench.write_results(run, Path(args.out_dir))
+    print(bench.render_table(run, args.output))
     return 0
 
 
@@ -113,11 +114,11 @@ def cmd_identity(args: argparse.Namespace) -> int:
                                   not args.no_cudnn_sdpa, args.concurrent_controls)
     from fusedqk.atomic import write_json
 
-    for result in identity.run(ref, s, args.impls, controls=not args.no_controls):
+    for result in identity.check_identity(ref, s, args.impls, controls=not args.no_controls):
         if args.out_dir:
             write_json(Path(args.out_dir) / f"identity-{result['impl']}.json",
                        formats.stamp("identity", result))
-        print(identity.render(result))
+        print(identity.render_verdict(result))
     return 0
 
 
@@ -134,11 +135,11 @@ def cmd_blockbench(args: argparse.Namespace) -> int:
 
         blockbench.check_backend(names, select_backend(args.backend))
     prep = prepare(args)
-    result = blockbench.run(prep, blockbench.Settings(args.batch, args.reps, args.warmup,
+    result = blockbench.measure_blocks(prep, blockbench.Settings(args.batch, args.reps, args.warmup,
                                                       args.bandwidth, names))
     if args.out_dir:
-        blockbench.write(result, Path(args.out_dir))
-    print(blockbench.render(result, args.output))
+        blockbench.write_results(result, Path(args.out_dir))
+    print(blockbench.render_table(result, args.output))
     return 0
 
 

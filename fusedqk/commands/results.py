@@ -27,7 +27,7 @@ def cmd_decide(args: argparse.Namespace) -> int:
     decisions = decide.decide(Path(args.run_dir), rule)
     from fusedqk.atomic import write_json
     write_json(args.out or Path(args.run_dir) / "decisions.json", decisions)
-    print(decide.render(decisions))
+    print(decide.render_decisions(decisions))
     return 0
 
 
@@ -61,7 +61,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not args.runs:
         raise UserError("compare: name one or more archived run directories, or --index DIR")
     runs = [compare.summarize(Path(r)) for r in args.runs]
-    print(compare.render(compare.compare(runs, args.by, args.mixed_workloads), args.output))
+    print(compare.render_comparison(compare.compare(runs, args.by, args.mixed_workloads), args.output))
     return 0
 
 

@@ -190,7 +190,7 @@ class EngineSpec:
         if not self.version_command:
             return None
         try:
-            out = run_bounded(render(self.version_command, {"python": sys.executable}),
+            out = run_bounded(fill_template(self.version_command, {"python": sys.executable}),
                               dict(os.environ), 60, f"engine {self.name}, version",
                               self.max_output_bytes)
         except EngineFailure:
@@ -205,7 +205,7 @@ class EngineSpec:
         return self.models[model]
 
 
-def render(template: list[str], values: dict[str, object]) -> list[str]:
+def fill_template(template: list[str], values: dict[str, object]) -> list[str]:
     """Fill ``{placeholder}``s argument by argument (never through a shell)."""
     def one(arg: str) -> str:
         return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), arg)
@@ -420,7 +420,7 @@ def run_arm(spec: EngineSpec, command: Command, arm: str, values: dict[str, obje
     binary, a non-zero exit, a hang, an output flood or a missing ``expect`` line is an
     ``EngineFailure`` naming the engine, the command and the arm."""
     key = "bench" if command is spec.bench else "identity"
-    argv = render(command.argv, {"python": sys.executable, **values})
+    argv = fill_template(command.argv, {"python": sys.executable, **values})
     out = run_bounded(argv, {**os.environ, **spec.arms[arm]}, command.timeout_s,
                       f"engine {spec.name}, {key}, {arm} arm", spec.max_output_bytes)
     if arm in spec.expect:

@@ -24,14 +24,12 @@ import numpy as np
 import pandas as pd
 
 from fusedqk import stats
-from fusedqk.bench import BenchRun, BenchSettings, stop_reason
-from fusedqk.decide import variety_line
 from fusedqk.engines import server
-from fusedqk.engines.command import ARMS, COMMAND, METRICS, SERVER, EngineSpec, render, run_arm
+from fusedqk.engines.command import ARMS, COMMAND, METRICS, SERVER, EngineSpec, fill_template, run_arm
 from fusedqk.engines.process import EngineFailure, Finished
 from fusedqk.envinfo import environment, now_utc
 from fusedqk.errors import UserError
-from fusedqk.identity import first_divergence, verdict
+from fusedqk.results import BenchRun, BenchSettings, first_divergence, stop_reason, variety_line, verdict
 
 INSTRUMENT = "whole-process: each arm in a fresh process per round, rounds paired"
 SERVER_INSTRUMENT = ("server: one long-lived server per arm, the arms taking turns of streamed "
@@ -192,7 +190,7 @@ def _arm_servers(spec: EngineSpec, values: dict, vocab_size: int, prompt_tokens:
     """Both arms' servers, started one after the other, running for the block, and the cores
     each has and the client keeps (``server.cpus_per_arm``; empty when unpinned)."""
     def argv_for(host: str, port: int) -> list[str]:
-        return render(spec.server.argv, {"python": sys.executable, **values, "host": host,
+        return fill_template(spec.server.argv, {"python": sys.executable, **values, "host": host,
                                          "port": port})
     warm = prompt_text(vocab_size, min(prompt_tokens, 8), 0)
     cpus = arm_cpus(spec.server.cpus_per_arm, sorted(os.sched_getaffinity(0)), spec.source)
