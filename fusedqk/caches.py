@@ -150,11 +150,13 @@ def load_synthetic(model: str, quant, seed: int, backend: str):
 
     spec = get_spec(model)
     loaded = None
-    root = cache_root()
-    for _ in range(2 if root is not None else 0):
+    # A misconfigured folder is the user's error; only a folder without room or write access
+    # falls back to building in memory.
+    folder = checkpoints_root() if cache_root() is not None else None
+    for _ in range(2 if folder is not None else 0):
         try:
             path, _ = synthetic_checkpoint(model, quant.bits, quant.group_size, quant.dtype, seed,
-                                           backend, checkpoints_root())
+                                           backend, folder)
         except UserError as e:
             _note(f"building {model} in memory; the cache cannot hold it: {e}")
             break

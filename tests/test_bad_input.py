@@ -224,6 +224,11 @@ CASES = [
      ["FUSEDQK_CHECKPOINTS", "absolute folder"]),
     (["bench", "-m", "qwen3-tiny", "--engine", "{mlx_lm_engine}"], {"FUSEDQK_CHECKPOINTS": "rel/dir"},
      ["FUSEDQK_CHECKPOINTS", "absolute folder"]),
+    # The built-in engine's own cache folder: refused, not quietly replaced by weights in memory.
+    (["generate", "-m", "qwen3-tiny", "-n", "2"], {"FUSEDQK_CHECKPOINTS": "   "},
+     ["FUSEDQK_CHECKPOINTS", "absolute folder"]),
+    (["generate", "-m", "qwen3-tiny", "-n", "2"], {"FUSEDQK_CHECKPOINTS": "{a_file}"},
+     ["FUSEDQK_CHECKPOINTS", "is an existing file"]),
     (["compare", "{sealed}", "{sealed}"], None, ["given more than once"]),
     # files: missing, damaged, or of the wrong kind
     (["generate", "-m", "{ckpt_config_cut}"], None, ["config.json is not valid JSON"]),
