@@ -176,6 +176,13 @@ def coerce_numbers(value: object, schema: dict, defs: dict | None = None) -> obj
 
 def check_config(config: dict, backends: list[str]) -> None:
     """What the schema cannot say, checked before any job (each a ``ConfigError``)."""
+    from fusedqk.outputs import check_dir
+
+    for key in ("results_dir", "checkpoints_dir"):
+        try:
+            check_dir(key, config.get(key))
+        except UserError as e:
+            raise ConfigError(f"config error: {e}") from None
     names = set(registry.configs())
     for backend in backends:
         s = config["backend_settings"].get(backend)
@@ -183,6 +190,10 @@ def check_config(config: dict, backends: list[str]) -> None:
             raise ConfigError(f"config error: backends lists {backend!r} but backend_settings has "
                               f"no {backend!r} entry")
         key = f"backend_settings.{backend}"
+        twice = sorted({m for m in s["models"] if s["models"].count(m) > 1})
+        if twice:
+            raise ConfigError(f"config error: {key}.models names {', '.join(twice)} more than "
+                              "once; name each model once")
         bench = s["bench"]
         if bench.get("max_rounds") is not None and bench["max_rounds"] < bench["rounds"]:
             raise ConfigError(f"config error: {key}.bench.max_rounds {bench['max_rounds']} is "

@@ -80,6 +80,17 @@ BROKEN = [
     ("max_rounds below rounds", lambda c: c["backend_settings"]["cpu"]["bench"].update(
         rounds=5, max_rounds=3, target_half_width=0.01), "max_rounds 3 is below rounds 5"),
     ("absent backend", lambda c: c.update(backends=["cuda"]), "give device_label too"),
+    ("a model twice", lambda c: c["backend_settings"]["cpu"].update(models=["qwen3-tiny"] * 2),
+     "names qwen3-tiny more than once"),
+    # README.md is a file in every checkout: a results or checkpoints folder cannot be it.
+    ("results_dir a file", lambda c: c.update(results_dir=str(ROOT / "README.md")),
+     "results_dir"),
+    ("results_dir under a file", lambda c: c.update(results_dir=str(ROOT / "README.md" / "r")),
+     "is a file, not a folder"),
+    ("checkpoints_dir a file", lambda c: c.update(checkpoints_dir=str(ROOT / "README.md")),
+     "checkpoints_dir"),
+    ("run_name too long", lambda c: c.update(run_name="r" * 300), "run_name"),
+    ("device_label too long", lambda c: c.update(device_label="d" * 300), "device_label"),
 ]
 
 
