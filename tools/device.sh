@@ -17,6 +17,8 @@
 #                                 weights, per quantization (tools/variety.py)
 #   tools/device.sh after         the GPU tests through both kernel calls (the primitive built
 #                                 first), then qwen3-30b-a3b's start to first token, twice
+#   tools/device.sh warmup        where a fresh process's start to its first token goes:
+#                                 cold and warm caches, cProfile, cuDNN attention off
 #   tools/device.sh server M...   the mlx-lm server engine's pipeline on models M (PIN=N: each
 #                                 arm's server on N cores of its own, server.cpus_per_arm)
 #
@@ -233,6 +235,40 @@ for (ck, arm), docs in sorted(rows.items()):
     single = " / ".join(f"{d['single_ms_per_token']:.3f}" for d in docs)
     batched = " / ".join(f"{d['batched_ms_per_token']:.3f}" for d in docs)
     print(f"| {ck} | {arm} | {single} | {batched} |")
+PY
+  ;;
+warmup)
+  # Where a fresh process's time to its first token goes (qwen3-0.6b): an empty cache folder,
+  # then the same folder again (MLX's compiled kernels on disk), again under cProfile, and again
+  # with cuDNN's attention off. Each run's kernel-cache file count comes with it.
+  cache=/tmp/warmup-cache
+  rm -rf "$cache"
+  for run in cold warm profiled no-cudnn; do
+    env=(FUSEDQK_CACHE_DIR="$cache"); prof=()
+    [ "$run" = no-cudnn ] && env+=(MLX_CUDA_USE_CUDNN_SDPA=0)
+    [ "$run" = profiled ] && prof=(-m cProfile -o "$OUT/warmup.prof")
+    started=$SECONDS
+    env "${env[@]}" timeout 150 $py "${prof[@]}" -m fusedqk generate -m qwen3-0.6b -p 64 -n 32 --json \
+      > "$OUT/warmup-$run.json" 2> "$OUT/warmup-$run.err"
+    echo "$run $((SECONDS - started)) s, kernel cache files: $(ls "$cache"/ptx/*/ 2>/dev/null | wc -l)" \
+      | tee -a "$OUT/warmup-files.txt"
+  done
+  $py - "$OUT" <<'PY' | tee "$OUT/warmup.md"
+import json, pstats, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+print("| run | start to first token s | weights s | prefill s | decode tok/s | process s |")
+print("|---|---|---|---|---|---|")
+for run in ("cold", "warm", "profiled", "no-cudnn"):
+    try:
+        d = json.loads((out / f"warmup-{run}.json").read_text())
+    except (OSError, ValueError):
+        print(f"| {run} | failed | | | | |"); continue
+    s = d["seconds"]
+    print(f"| {run} | {d['start_to_first_token_s']:.2f} | {s['weights_s']:.2f} | "
+          f"{d['prefill_s']:.2f} | {d['decode_tok_s']:.1f} | {s['process_s']:.2f} |")
+if (out / "warmup.prof").is_file():
+    pstats.Stats(str(out / "warmup.prof"), stream=sys.stdout).sort_stats("tottime").print_stats(25)
 PY
   ;;
 variety)
