@@ -106,6 +106,10 @@ pipeline)
   # jobs after the interrupt, and the run comes back only if this script reaches its end: on
   # 2026-12-01 a call with 560 was killed before packing, and left Snakemake's lock behind.
   smk=($py -m snakemake --config 'backends=[cuda]' results_dir=.work/results run_name="$RUN_NAME")
+  # MLX's compiled kernels from an earlier machine of this kind (they are keyed by GPU kind and
+  # MLX version): carried as .work/ptx-cache.tar.gz, they spare this machine the compilation
+  # (docs/perf-log.md, 2026-12-02/03). The folder goes back at the end, for the next call.
+  [ -f .work/ptx-cache.tar.gz ] && mkdir -p ~/.cache/fusedqk && tar -C ~/.cache/fusedqk -xzf .work/ptx-cache.tar.gz
   # A lock left by a killed Snakemake blocks the resume; no other Snakemake runs on this machine.
   pgrep -f "snakemake.*--cores" >/dev/null || "${smk[@]}" --unlock >/dev/null 2>&1
   started=$SECONDS
@@ -113,6 +117,7 @@ pipeline)
     ${PIPELINE_ARGS:-} 2>&1 | tee "$OUT/snakemake.log" | grep -E "Finished|Error|steps" | tail -30
   echo "pipeline wall time: $((SECONDS - started)) s" | tee "$OUT/pipeline-wall.txt"
   du -sh ~/.cache/fusedqk/* 2>/dev/null | tee -a "$OUT/pipeline-wall.txt"
+  [ -d ~/.cache/fusedqk/ptx ] && tar -C ~/.cache/fusedqk -czf "$final/ptx-cache.tar.gz" ptx
   run_dir=$(ls -d .work/results/cuda-*/"$RUN_NAME" 2>/dev/null | head -1)
   if [ -n "$run_dir" ]; then  # complete or not, it comes back
     tar -C .work/results -czf "$final/run.tar.gz" "$(basename "$(dirname "$run_dir")")/$RUN_NAME"
