@@ -19,6 +19,7 @@
 #                                 first), then qwen3-30b-a3b's start to first token, twice
 #   tools/device.sh warmup        where a fresh process's start to its first token goes:
 #                                 cold and warm caches, cProfile, cuDNN attention off
+#                                 (WARMUP_MODEL, WARMUP_RUNS, WARMUP_TIMEOUT_S)
 #   tools/device.sh server M...   the mlx-lm server engine's pipeline on models M (PIN=N: each
 #                                 arm's server on N cores of its own, server.cpus_per_arm)
 #
@@ -243,28 +244,30 @@ for (ck, arm), docs in sorted(rows.items()):
 PY
   ;;
 warmup)
-  # Where a fresh process's time to its first token goes (qwen3-0.6b): an empty cache folder,
-  # then the same folder again (MLX's compiled kernels on disk), again under cProfile, and again
-  # with cuDNN's attention off. Each run's kernel-cache file count comes with it.
+  # Where a fresh process's time to its first token goes (WARMUP_MODEL, qwen3-0.6b): an empty
+  # cache folder, then the same folder again (MLX's compiled kernels on disk), again under
+  # cProfile, and again with cuDNN's attention off (WARMUP_RUNS picks some of these, in order).
+  # Each run's kernel-cache file count comes with it.
   cache=/tmp/warmup-cache
   rm -rf "$cache"
-  for run in cold warm profiled no-cudnn; do
+  runs=(${WARMUP_RUNS:-cold warm profiled no-cudnn})
+  for run in "${runs[@]}"; do
     env=(FUSEDQK_CACHE_DIR="$cache"); prof=()
     [ "$run" = no-cudnn ] && env+=(MLX_CUDA_USE_CUDNN_SDPA=0)
     [ "$run" = profiled ] && prof=(-m cProfile -o "$OUT/warmup.prof")
     started=$SECONDS
-    env "${env[@]}" timeout 150 $py "${prof[@]}" -m fusedqk generate -m qwen3-0.6b -p 64 -n 32 --json \
+    env "${env[@]}" timeout "${WARMUP_TIMEOUT_S:-150}" $py "${prof[@]}" -m fusedqk generate -m "${WARMUP_MODEL:-qwen3-0.6b}" -p 64 -n 32 --json \
       > "$OUT/warmup-$run.json" 2> "$OUT/warmup-$run.err"
     echo "$run $((SECONDS - started)) s, kernel cache files: $(ls "$cache"/ptx/*/ 2>/dev/null | wc -l)" \
       | tee -a "$OUT/warmup-files.txt"
   done
-  $py - "$OUT" <<'PY' | tee "$OUT/warmup.md"
+  $py - "$OUT" "${runs[@]}" <<'PY' | tee "$OUT/warmup.md"
 import json, pstats, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 print("| run | start to first token s | weights s | prefill s | decode tok/s | process s |")
 print("|---|---|---|---|---|---|")
-for run in ("cold", "warm", "profiled", "no-cudnn"):
+for run in sys.argv[2:]:
     try:
         d = json.loads((out / f"warmup-{run}.json").read_text())
     except (OSError, ValueError):
