@@ -229,6 +229,8 @@ CASES = [
      ["FUSEDQK_CHECKPOINTS", "absolute folder"]),
     (["generate", "-m", "qwen3-tiny", "-n", "2"], {"FUSEDQK_CHECKPOINTS": "{a_file}"},
      ["FUSEDQK_CHECKPOINTS", "is an existing file"]),
+    (["record-config", "--config", "[1]", "--out", "x"], None, ["--config", "one JSON object"]),
+    (["record-config", "--config", "{", "--out", "x"], None, ["--config: not JSON"]),
     (["compare", "{sealed}", "{sealed}"], None, ["given more than once"]),
     # files: missing, damaged, or of the wrong kind
     (["generate", "-m", "{ckpt_config_cut}"], None, ["config.json is not valid JSON"]),

@@ -124,3 +124,15 @@ def test_bench_stops_once_every_ci_is_as_narrow_as_asked():
         assert (stopped is None) == (rnd + 1 < 3)
     assert stopped == "every speedup CI half-width <= 1.00% after 3 rounds"
     assert speedups["kernel"].point == pytest.approx(1.2)
+
+
+def test_record_config_writes_the_pipelines_configuration_as_yaml(tmp_path):
+    import yaml
+
+    from fusedqk import cli
+
+    config = {"backends": ["cpu"], "backend_settings": {"cpu": {"models": ["qwen3-tiny"]}},
+              "run_name": "it's \"quoted\" $HOME"}
+    out = tmp_path / "config.yaml"
+    assert cli.main(["record-config", "--config", json.dumps(config), "--out", str(out)]) == 0
+    assert yaml.safe_load(out.read_text()) == config
