@@ -21,6 +21,7 @@ from fusedqk import registry
 from fusedqk.caches import ENV_CACHE_DIR, cache_root
 from fusedqk.errors import UserError
 from fusedqk.hostinfo import BACKENDS, device_name, gpu_backends, slug
+from fusedqk.outputs import check_dir
 
 MEASUREMENTS = ("bench", "identity", "blockbench")
 
@@ -176,8 +177,6 @@ def coerce_numbers(value: object, schema: dict, defs: dict | None = None) -> obj
 
 def check_config(config: dict, backends: list[str]) -> None:
     """What the schema cannot say, checked before any job (each a ``ConfigError``)."""
-    from fusedqk.outputs import check_dir
-
     for key in ("results_dir", "checkpoints_dir"):
         try:
             check_dir(key, config.get(key))

@@ -59,6 +59,6 @@ def test_a_result_without_node_counts_renders_without_their_columns():
            "token_gbs": 1.0, "floor_token_us": 2.0, "token_over_floor": 5.0,
            "speedup_vs_graph": 1.0}
     assert "nodes/layer" not in render_table({"rows": [row]}, "md")
-    counted = render_table({"rows": [{**row, "nodes_per_layer": 89.0, "step_nodes_per_layer": 153.0}]},
-                     "md")
+    counted = render_table(
+        {"rows": [{**row, "nodes_per_layer": 89.0, "step_nodes_per_layer": 153.0}]}, "md")
     assert "nodes/layer" in counted and "153.00" in counted

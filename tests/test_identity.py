@@ -85,8 +85,8 @@ def test_tiny_model_is_equal_with_deterministic_controls(monkeypatch, concurrent
         return real_popen(cmd, **kw)
 
     monkeypatch.setattr(identity.subprocess, "Popen", spy)
-    (result,) = identity.check_identity(TINY, settings(cudnn_sdpa=False, concurrent_controls=concurrent),
-                             "composite")
+    (result,) = identity.check_identity(
+        TINY, settings(cudnn_sdpa=False, concurrent_controls=concurrent), "composite")
     assert result["verdict"] == "EQUAL"
     assert result["controls"]["graph"]["identical"] and result["controls"]["fused"]["identical"]
     assert result["controls"]["scope"] == identity.CONTROL_SCOPE

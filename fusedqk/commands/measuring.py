@@ -135,8 +135,8 @@ def cmd_blockbench(args: argparse.Namespace) -> int:
 
         blockbench.check_backend(names, select_backend(args.backend))
     prep = prepare(args)
-    result = blockbench.measure_blocks(prep, blockbench.Settings(args.batch, args.reps, args.warmup,
-                                                      args.bandwidth, names))
+    settings = blockbench.Settings(args.batch, args.reps, args.warmup, args.bandwidth, names)
+    result = blockbench.measure_blocks(prep, settings)
     if args.out_dir:
         blockbench.write_results(result, Path(args.out_dir))
     print(blockbench.render_table(result, args.output))
