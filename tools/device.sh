@@ -2,6 +2,9 @@
 # Everything one GPU-machine call does, in one script: check, benchmark, print a short table last.
 # Full outputs go under $OUT (set by the device tool; defaults to ./.work/device-out here).
 #
+#   tools/device.sh setup         once per machine, after the wheels are installed: bytecode for
+#                                 the installed packages, the C++ primitive, and what importing
+#                                 mlx-lm costs with and without this machine's PyTorch
 #   tools/device.sh kernel        numerics probe, GPU tests, blockbench of the three seed models,
 #                                 Nsight Compute device time of one layer per path
 #   tools/device.sh profile       Nsight Compute sections of one fused-kernel launch
@@ -16,7 +19,8 @@
 #   tools/device.sh variety       distinct ids in greedy decodes of the seed models' synthetic
 #                                 weights, per quantization (tools/variety.py)
 #   tools/device.sh after         the GPU tests through both kernel calls (the primitive built
-#                                 first), then qwen3-30b-a3b's start to first token, twice
+#                                 first; GPU_TESTS=0 skips them), then qwen3-30b-a3b's start to
+#                                 first token, twice
 #   tools/device.sh warmup        where a fresh process's start to its first token goes:
 #                                 cold and warm caches, cProfile, cuDNN attention off
 #                                 (WARMUP_MODEL, WARMUP_RUNS, WARMUP_TIMEOUT_S)
@@ -59,6 +63,23 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 $py -m fusedqk env | tee "$OUT/env.txt"
 
 case "$stage" in
+setup)
+  # The wheels are installed with --no-compile, so without this every process compiles ~2500
+  # files to bytecode (6.7 s on 2026-12-03). This machine's transformers sits beside PyTorch, which
+  # fusedqk's own environments do not install; USE_TORCH=0 tells transformers not to import it.
+  started=$SECONDS
+  $py -m compileall -q -j 0 "$SITE_PACKAGES" > "$OUT/compileall.txt" 2>&1
+  echo "bytecode: $((SECONDS - started)) s" | tee "$OUT/setup.txt"
+  for torch in auto 0; do
+    for i in 1 2; do
+      /usr/bin/time -f "import mlx_lm, USE_TORCH=$torch: %e s" env USE_TORCH=$torch \
+        $py -c "import mlx_lm.utils, mlx_lm.tokenizer_utils; import sys; print('torch imported:', 'torch' in sys.modules)" \
+        2>&1 | tee -a "$OUT/setup.txt"
+    done
+  done
+  build_ext | tail -2
+  $py -m fusedqk env | grep "kernel call"
+  ;;
 kernel)
   $py tools/probe_cuda_numerics.py 2>&1 | tee "$OUT/probe.md"
   $py -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests 2>&1 \
@@ -127,12 +148,15 @@ pipeline)
   fi
   ;;
 after)
-  build_ext
-  $py -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests 2>&1 \
-    | tee "$OUT/gpu-tests.txt" | tail -8
-  FUSEDQK_KERNEL_CALL=cuda_kernel $py -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_gpu.py \
-    2>&1 | tee "$OUT/gpu-tests-cuda_kernel.txt" | tail -3
-  $py -m pytest -q -p no:cacheprovider tests/test_server_engine.py -k pinned 2>&1 | tail -2
+  # GPU_TESTS=0: only the start to first token (the tests take ~3.5 minutes).
+  if [ "${GPU_TESTS:-1}" = 1 ]; then
+    build_ext
+    $py -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests 2>&1 \
+      | tee "$OUT/gpu-tests.txt" | tail -8
+    FUSEDQK_KERNEL_CALL=cuda_kernel $py -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_gpu.py \
+      2>&1 | tee "$OUT/gpu-tests-cuda_kernel.txt" | tail -3
+    $py -m pytest -q -p no:cacheprovider tests/test_server_engine.py -k pinned 2>&1 | tail -2
+  fi
   # A process's start to its first decoded token, with the caches the pipeline left.
   for i in 1 2; do
     $py -m fusedqk generate -m qwen3-30b-a3b -p 64 -n 128 --json > "$OUT/first-token-$i.json"
@@ -162,7 +186,7 @@ d['server']['cpus_per_arm'] = int(sys.argv[1]); yaml.safe_dump(d, open(sys.argv[
   timeout -s INT "${PIPELINE_TIMEOUT_S:-540}" $py -m snakemake --cores all \
     --configfile config/cuda-mlx-lm-server.yaml \
     --config 'backends=[cuda]' results_dir=.work/server-results run_name="${RUN_NAME:-server}" \
-    "backend_settings={cuda: {engine: $engine, models: $models}}" 2>&1 \
+    "backend_settings={cuda: {engine: $engine, models: $models}}" ${PIPELINE_ARGS:-} 2>&1 \
     | tee "$OUT/snakemake.log" | grep -E "Finished|Error|steps" | tail -20
   run_dir=$(ls -d .work/server-results/cuda-*/"${RUN_NAME:-server}" 2>/dev/null | head -1)
   if [ -n "$run_dir" ]; then
