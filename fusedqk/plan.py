@@ -10,11 +10,11 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import re
 import shlex
 import subprocess
 from dataclasses import dataclass
 
+import jsonschema
 import yaml
 
 from fusedqk import registry
@@ -22,6 +22,7 @@ from fusedqk.caches import ENV_CACHE_DIR, cache_root
 from fusedqk.errors import UserError
 from fusedqk.hostinfo import BACKENDS, device_name, gpu_backends, slug
 from fusedqk.outputs import check_dir
+from fusedqk.results import BenchSettings
 
 MEASUREMENTS = ("bench", "identity", "blockbench")
 
@@ -81,16 +82,47 @@ def load_config_file(path: str) -> dict:
     return data
 
 
-def config_error_line(error_text: str) -> str:
-    """A config validation error (Snakemake's wrapping of jsonschema's text) as one line: the
-    message and the key it is about."""
-    text = [ln.strip() for ln in error_text.strip().splitlines() if ln.strip()]
-    message = next((ln.split(":", 1)[1].strip() for ln in text if ln.startswith("ValidationError")),
-                   text[-1] if text else "invalid")
-    where = next((ln.split("On instance", 1)[1].strip(" :") for ln in text if "On instance" in ln),
-                 "")
-    key = ".".join(re.findall(r"\['([^']+)'\]", where)) or "config"
-    return f"config error: {key}: {message}"
+def merge_config(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` laid over it, nested mappings merged key by key (as
+    Snakemake's ``--configfile`` and ``--config`` overlay one another)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_config(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def validate_config(config: dict, schema: dict) -> None:
+    """Refuse a configuration the schema does not accept: one ConfigError line naming the key
+    (the most relevant of jsonschema's errors)."""
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
+    if error is not None:
+        key = ".".join(str(p) for p in error.absolute_path) or "config"
+        raise ConfigError(f"config error: {key}: {error.message}")
+
+
+def workflow_config(base_path: str, overrides: dict, schema_path: str) -> dict:
+    """The pipeline's configuration: the base file (config/config.yaml), overridden by what
+    ``--configfile`` and ``--config`` gave, numbers given as text turned into numbers, then
+    checked against the schema. Every refusal is one ConfigError line."""
+    with open(schema_path) as f:
+        schema = yaml.safe_load(f)
+    config = coerce_numbers(merge_config(load_config_file(base_path), overrides), schema)
+    validate_config(config, schema)
+    return config
+
+
+def start(config: dict, remote_argv: list[str] | None) -> Plan:
+    """The run's plan at the workflow's start: made from ``config`` on the host that starts it,
+    or, inside a job a scheduler started (``remote_argv``: its command line), read back from the
+    run directories its targets name."""
+    targets = target_runs(remote_argv) if remote_argv is not None else []
+    the_plan = plan_for_job(config, targets) if targets else make_plan(config)
+    check_cache_dir(config["cache_dir"])
+    return the_plan
 
 
 def check_cache_dir(cache_dir: str) -> None:
@@ -194,9 +226,11 @@ def check_config(config: dict, backends: list[str]) -> None:
             raise ConfigError(f"config error: {key}.models names {', '.join(twice)} more than "
                               "once; name each model once")
         bench = s["bench"]
-        if bench.get("max_rounds") is not None and bench["max_rounds"] < bench["rounds"]:
-            raise ConfigError(f"config error: {key}.bench.max_rounds {bench['max_rounds']} is "
-                              f"below rounds {bench['rounds']}; accepted: at least rounds")
+        problem = BenchSettings(rounds=bench["rounds"], max_rounds=bench.get("max_rounds"),
+                                target_half_width=bench.get("target_half_width")
+                                ).round_limit_problem()
+        if problem:
+            raise ConfigError(f"config error: {key}.bench: {problem}")
         if engine(s) != "builtin":
             mapped = _engine_models(s, key)
             for model in s["models"]:

@@ -8,6 +8,7 @@ another's internals for them. The files each writes are stamped and checked by `
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fusedqk.stats import Speedup
@@ -26,6 +27,19 @@ class BenchSettings:
     # 4 x ``rounds``) rounds ran.
     target_half_width: float | None = None
     max_rounds: int | None = None
+
+    def round_limit_problem(self, spell: Callable[[str], str] = str) -> str | None:
+        """What is wrong with the round settings, or None. ``spell`` writes a setting's name as
+        the caller's interface spells it (a flag, a configuration key)."""
+        if self.max_rounds is None:
+            return None
+        if self.target_half_width is None:
+            return (f"{spell('max_rounds')}: only with {spell('target_half_width')} "
+                    f"(otherwise {spell('rounds')} is the count)")
+        if self.max_rounds < self.rounds:
+            return (f"{spell('max_rounds')} {self.max_rounds} is below {spell('rounds')} "
+                    f"{self.rounds}; accepted: at least {spell('rounds')}")
+        return None
 
     @property
     def round_limit(self) -> int:

@@ -75,17 +75,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fusedqk import bench
-    if args.max_rounds is not None and args.target_half_width is None:
-        raise UserError("--max-rounds: only with --target-half-width (otherwise --rounds is the count)")
-    if args.max_rounds is not None and args.max_rounds < args.rounds:
-        raise UserError(f"--max-rounds {args.max_rounds} is below --rounds {args.rounds}; accepted: "
-                        "at least --rounds")
-    check_context(args, args.generation_tokens)
     settings = BenchSettings(
         prompt_tokens=args.prompt_tokens, generation_tokens=args.generation_tokens,
         rounds=args.rounds, warmup=args.warmup, chunk_tokens=args.chunk_tokens, seed=args.seed,
         target_half_width=args.target_half_width, max_rounds=args.max_rounds)
+    problem = settings.round_limit_problem(spell=lambda name: "--" + name.replace("_", "-"))
+    if problem:
+        raise UserError(problem)
+    check_context(args, args.generation_tokens)
+    from fusedqk import bench  # after the checks: it imports MLX and mlx-lm (~2 s)
+
     if args.engine != "builtin":
         from fusedqk.engines import measure
 

@@ -5,47 +5,21 @@ import re
 import shlex
 import sys
 
-import yaml
-
 from fusedqk import plan
 
-from snakemake.exceptions import WorkflowError
-from snakemake.utils import update_config, validate
 
-# The base configuration, overridden by what --configfile and --config gave (already in
-# `config`), as a `configfile:` directive would do, but with a one-line error for a bad file.
+# The configuration and the run's plan (backends, device labels, run name, job flags) are the
+# package's: fusedqk/plan.py. config/config.yaml (relative to the working directory) is the base,
+# overridden by what --configfile and --config gave (already in `config`), as a `configfile:`
+# directive would do, but with one line for a bad file or key. The plan is made once, on the host
+# that starts the workflow; a job a scheduler runs reads it back from the run directory its
+# target names (`--target-jobs rule:run=...` on its command line), and detects nothing.
 try:
-    _base = plan.load_config_file("config/config.yaml")  # relative to the working directory
-except plan.ConfigError as e:
-    sys.stderr.write(f"{e}\n")
-    sys.exit(1)
-update_config(_base, config)
-config.clear()
-config.update(_base)
-
-
-_SCHEMA = os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml")
-with open(_SCHEMA) as _f:
-    config.update(plan.coerce_numbers(config, yaml.safe_load(_f)))
-try:
-    validate(config, _SCHEMA)
-except WorkflowError as e:
-    sys.stderr.write(plan.config_error_line(str(e.args[0] if e.args else e)) + "\n")
-    sys.exit(1)
-
-
-# The plan (backends, device labels, run name, job flags) is the package's: fusedqk/plan.py.
-# It is made once, on the host that starts the workflow; a job a scheduler runs reads it back
-# from the run directory its target names, and detects nothing.
-# (Snakemake has not parsed the job's targets when it reads this file: they come from its
-# command line, `--target-jobs rule:run=...`.)
-_TARGET_RUNS = plan.target_runs(sys.argv) if workflow.remote_exec else []
-try:
-    if _TARGET_RUNS:
-        PLAN = plan.plan_for_job(config, _TARGET_RUNS)
-    else:
-        PLAN = plan.make_plan(config)
-    plan.check_cache_dir(config["cache_dir"])
+    _merged = plan.workflow_config("config/config.yaml", config,
+                                   os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml"))
+    config.clear()
+    config.update(_merged)
+    PLAN = plan.start(config, sys.argv if workflow.remote_exec else None)
 except plan.ConfigError as e:
     sys.stderr.write(f"{e}\n")
     sys.exit(1)
