@@ -21,7 +21,6 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import stats as sps
 
 ESTIMATOR = ("geometric mean over rounds of each round's median, over its turns, of graph turn "
              "time / fused turn time (the paths' turns run back to back); 95% CI: bootstrap "
@@ -119,7 +118,11 @@ def drift_warnings(path: str, h: Halves | None) -> list[str]:
             "on the host's state, and the CI covers this run's mix of states, not another run's"]
 
 
+# scipy.stats is imported where a p-value is computed: importing it costs ~0.9 s, which every
+# `fusedqk` process would otherwise pay at start-up (most never compute one).
 def mann_whitney_p(a, b) -> float:
+    from scipy import stats as sps
+
     a, b = np.asarray(a, float), np.asarray(b, float)
     if np.all(a == a[0]) and np.all(b == b[0]) and a[0] == b[0]:
         return 1.0
@@ -129,6 +132,8 @@ def mann_whitney_p(a, b) -> float:
 def paired_p(round_speedups: list[float]) -> float:
     """Two-sided Wilcoxon signed-rank p of the rounds' log speedups against 0: a paired test,
     each round's two arms ran back to back. 1.0 where every round is exactly even."""
+    from scipy import stats as sps
+
     logs = np.log(np.asarray(round_speedups, float))
     if logs.size < 2 or np.all(logs == 0):
         return 1.0

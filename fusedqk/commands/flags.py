@@ -75,13 +75,20 @@ non_negative_float = number(float, 0.0, "a number")
 def check_context(args: argparse.Namespace, new_tokens: int) -> None:
     """Prompt plus generated tokens must fit the model's context, before any decoding. (A name
     that only a command engine's file maps is checked by the engine once it resolves it.)"""
-    from fusedqk.models import REGISTRY, model_config
+    from fusedqk import registry
 
     engine = getattr(args, "engine", "builtin")
-    if engine != "builtin" and args.model not in REGISTRY and not Path(args.model).is_dir():
+    known = registry.configs()
+    if engine != "builtin" and args.model not in known and not Path(args.model).is_dir():
         return
+    if args.model in known:  # a registry name needs no MLX (importing it costs ~1.5 s)
+        config = known[args.model]
+    else:
+        from fusedqk.models import model_config
+
+        config = model_config(args.model)
     prompt_tokens = args.prompt_tokens
-    limit = model_config(args.model).get("max_position_embeddings")
+    limit = config.get("max_position_embeddings")
     if limit and prompt_tokens + new_tokens > limit:
         raise UserError(f"--prompt-tokens {prompt_tokens} + {new_tokens} generated tokens exceed "
                         f"the model's context of {limit} (max_position_embeddings)")

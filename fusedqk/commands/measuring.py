@@ -104,10 +104,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_identity(args: argparse.Namespace) -> int:
-    from fusedqk import formats, identity
     check_context(args, args.tokens)
     if args.engine != "builtin":
         return _engine_identity(args)
+    from fusedqk import formats, identity
     ref = model_ref(args)
     s = identity.IdentitySettings(args.prompt_tokens, args.tokens, args.prompts, args.seed,
                                   not args.no_cudnn_sdpa, args.concurrent_controls)
