@@ -24,6 +24,9 @@
 #   tools/device.sh warmup        where a fresh process's start to its first token goes:
 #                                 cold and warm caches, cProfile, cuDNN attention off
 #                                 (WARMUP_MODEL, WARMUP_RUNS, WARMUP_TIMEOUT_S)
+#   tools/device.sh firstuse      what a fresh process pays before its first token beyond weights:
+#                                 a first and a second prefill in one process, with cuDNN's
+#                                 attention on and off, and a 1-token prompt (FIRSTUSE_MODEL)
 #   tools/device.sh server M...   the mlx-lm server engine's pipeline on models M (PIN=N: each
 #                                 arm's server on N cores of its own, server.cpus_per_arm)
 #
@@ -301,6 +304,32 @@ for run in sys.argv[2:]:
           f"{d['prefill_s']:.2f} | {d['decode_tok_s']:.1f} | {s['process_s']:.2f} |")
 if (out / "warmup.prof").is_file():
     pstats.Stats(str(out / "warmup.prof"), stream=sys.stdout).sort_stats("tottime").print_stats(25)
+PY
+  ;;
+firstuse)
+  # One process per row, caches as the machine has them (run after a pipeline or a warmup):
+  # --warmup 1 makes the first generate the untimed one, so warm-up s is the first prefill and
+  # decode, and prefill s the second prefill in the same process.
+  m="${FIRSTUSE_MODEL:-qwen3-30b-a3b}"
+  for row in "p64 cudnn" "p64 no-cudnn" "p1 cudnn"; do
+    set -- $row; env=()
+    [ "$2" = no-cudnn ] && env=(MLX_CUDA_USE_CUDNN_SDPA=0)
+    env "${env[@]}" timeout "${FIRSTUSE_TIMEOUT_S:-180}" $py -m fusedqk generate -m "$m" \
+      -p "${1#p}" -n 8 --warmup 1 --json > "$OUT/firstuse-$1-$2.json" 2> "$OUT/firstuse-$1-$2.err"
+  done
+  $py - "$OUT" <<'PY' | tee "$OUT/firstuse.md"
+import json, sys
+from pathlib import Path
+print("| run | start to first token s | weights s | warm-up s (first prefill + 8 tokens) | second prefill s | process s |")
+print("|---|---|---|---|---|---|")
+for f in sorted(Path(sys.argv[1]).glob("firstuse-*.json")):
+    try:
+        d = json.loads(f.read_text())
+    except ValueError:
+        print(f"| {f.stem[9:]} | failed | | | | |"); continue
+    s = d["seconds"]
+    print(f"| {f.stem[9:]} | {d['start_to_first_token_s']:.2f} | {s['weights_s']:.2f} | "
+          f"{s['warmup_s']:.2f} | {d['prefill_s']:.2f} | {s['process_s']:.2f} |")
 PY
   ;;
 variety)
