@@ -118,26 +118,29 @@ def drift_warnings(path: str, h: Halves | None) -> list[str]:
             "on the host's state, and the CI covers this run's mix of states, not another run's"]
 
 
-# scipy.stats is imported where a p-value is computed: importing it costs ~0.9 s, which every
-# `fusedqk` process would otherwise pay at start-up (most never compute one).
-def mann_whitney_p(a, b) -> float:
+def scipy_stats():
+    """scipy.stats, imported on first use: its import costs ~0.9 s (2-core AMD EPYC), which
+    every ``fusedqk`` process would otherwise pay at start-up, though most compute no p-value.
+    The benches call it before their first round, so that no round's wall time holds it."""
     from scipy import stats as sps
 
+    return sps
+
+
+def mann_whitney_p(a, b) -> float:
     a, b = np.asarray(a, float), np.asarray(b, float)
     if np.all(a == a[0]) and np.all(b == b[0]) and a[0] == b[0]:
         return 1.0
-    return float(sps.mannwhitneyu(a, b, alternative="two-sided").pvalue)
+    return float(scipy_stats().mannwhitneyu(a, b, alternative="two-sided").pvalue)
 
 
 def paired_p(round_speedups: list[float]) -> float:
     """Two-sided Wilcoxon signed-rank p of the rounds' log speedups against 0: a paired test,
     each round's two arms ran back to back. 1.0 where every round is exactly even."""
-    from scipy import stats as sps
-
     logs = np.log(np.asarray(round_speedups, float))
     if logs.size < 2 or np.all(logs == 0):
         return 1.0
-    return float(sps.wilcoxon(logs).pvalue)
+    return float(scipy_stats().wilcoxon(logs).pvalue)
 
 
 def cv(values) -> float:
