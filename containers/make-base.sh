@@ -5,6 +5,14 @@
 set -euo pipefail
 engine="${1:-podman}"
 tag="${2:-localhost/fusedqk-base:bookworm}"
+# One build at a time per machine: a second caller (the container test, while tests/run.sh
+# builds the base in the background) waits here, then finds the image and stops.
+exec 9> "${TMPDIR:-/tmp}/fusedqk-make-base.lock"
+flock 9
+if "$engine" image inspect "$tag" >/dev/null 2>&1; then
+  echo "$tag"
+  exit 0
+fi
 dir="$(mktemp -d)"
 trap 'rm -rf "$dir"' EXIT
 debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \

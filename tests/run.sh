@@ -5,19 +5,35 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
+# The system packages for the container and SLURM tests install in the background while pip
+# installs the Python ones: neither waits for the other.
+system_packages() {
+  if ! command -v podman >/dev/null; then
+    # For the container test (podman builds the cpu image from a local Debian base).
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap) \
+      >/dev/null 2>&1 || echo "note: could not install podman/runc/debootstrap; the container test will skip"
+  fi
+  if ! command -v slurmctld >/dev/null; then
+    # For the SLURM test (tests/test_slurm.py starts the daemons itself).
+    bash tests/slurm/cluster.sh install >/dev/null 2>&1 \
+      || echo "note: could not install SLURM's packages; the SLURM test will skip"
+  fi
+  # The container test's Debian base, built while the other tests run (debootstrap mostly waits
+  # on the network); the test waits for this build through make-base.sh's lock.
+  if command -v podman >/dev/null && command -v debootstrap >/dev/null \
+      && ! podman image exists localhost/fusedqk-base:bookworm 2>/dev/null; then
+    nohup containers/make-base.sh podman > .venv/make-base.log 2>&1 &
+  fi
+}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
+packages_pid=""
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  system_packages &
+  packages_pid=$!
+fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[cpu,pipeline,dev]'
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v podman >/dev/null; then
-  # For the container test (podman builds the cpu image from a local Debian base).
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap) \
-    >/dev/null 2>&1 || echo "note: could not install podman/runc/debootstrap; the container test will skip"
-fi
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v slurmctld >/dev/null; then
-  # For the SLURM test (tests/test_slurm.py starts the daemons itself).
-  bash tests/slurm/cluster.sh install >/dev/null 2>&1 \
-    || echo "note: could not install SLURM's packages; the SLURM test will skip"
-fi
+[ -z "$packages_pid" ] || wait "$packages_pid"
 .venv/bin/ruff check .
 # Two workers (pytest-xdist) on the 2-core machine: most tests wait on subprocesses and Python
 # start-up, not on both cores. PYTEST_WORKERS=0 runs them in one process.
