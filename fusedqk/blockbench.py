@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import mlx.core as mx
 import pandas as pd
@@ -85,16 +85,30 @@ def _graph_block(attn, x: mx.array, offset: int):
     return attn.rope(q, offset=offset), attn.rope(k, offset=offset), v
 
 
+class Timing(NamedTuple):
+    """One path's block time in µs (median, 10th and 90th percentile) and its first call's."""
+
+    median: float
+    p10: float
+    p90: float
+    first_call_us: float | None  # None without warm-up
+
+
 def interleaved_us(blocks: dict[str, Callable[[], object]], reps: int,
-                    warmup: int) -> dict[str, tuple[float, float, float]]:
-    """(median, p10, p90) µs per path. Each repetition times every path once, in an order
-    rotated per repetition, so that the paths share the host's slow and fast spells: timed one
-    path after another, a spell lands on one path only (2026-11-27, H100: the empty kernel once timed
-    slower than the kernel, docs/perf-log.md)."""
+                   warmup: int) -> dict[str, Timing]:
+    """Each path's timing. Each repetition times every path once, in an order rotated per
+    repetition, so that the paths share the host's slow and fast spells: timed one path after
+    another, a spell lands on one path only (2026-11-27, H100: the empty kernel once timed
+    slower than the kernel, docs/perf-log.md). The first warm-up call of each path is timed
+    apart: it holds what MLX builds on first use (compiled kernels, plans)."""
+    first: dict[str, float] = {}
     with phases.phase("warmup"):
-        for fn in blocks.values():
-            for _ in range(warmup):
+        for name, fn in blocks.items():
+            for i in range(warmup):
+                t = time.perf_counter()
                 mx.eval(fn())
+                if i == 0:
+                    first[name] = (time.perf_counter() - t) * 1e6
     names = list(blocks)
     times: dict[str, list[float]] = {n: [] for n in names}
     with phases.phase("measure"):
@@ -106,7 +120,7 @@ def interleaved_us(blocks: dict[str, Callable[[], object]], reps: int,
     out = {}
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
-        out[name] = (statistics.median(ts), q[0], q[-1])
+        out[name] = Timing(statistics.median(ts), q[0], q[-1], first.get(name))
     return out
 
 
@@ -196,7 +210,7 @@ def measure_blocks(prep: Prepared, settings: Settings) -> dict:
     timed = interleaved_us(blocks, settings.reps, settings.warmup)
     rows = []
     for name, block in blocks.items():
-        med, p10, p90 = timed[name]
+        med, p10, p90, first_call_us = timed[name]
         with phases.phase("measure"):
             build_us = _build_us(block)
         rows.append({
@@ -204,6 +218,7 @@ def measure_blocks(prep: Prepared, settings: Settings) -> dict:
             "batch": settings.batch, "layers": len(fused),
             "weight_bytes_per_layer": layer_bytes[0], "token_us": med, "token_us_p10": p10,
             "token_us_p90": p90, "layer_us": med / len(fused), "build_us": build_us,
+            "first_call_s": None if first_call_us is None else first_call_us / 1e6,
             "token_gbs": None if "launch" in name else total_bytes / (med * 1e-6) / 1e9,
             "floor_token_us": floor_us, "token_over_floor": med / floor_us,
             "bandwidth_gbs": bw, "reps": settings.reps,
@@ -272,8 +287,8 @@ def render_table(result: dict, fmt: str) -> str:
             "layer_us": "µs/layer", "nodes_per_layer": "nodes/layer",
             "step_nodes_per_layer": "step nodes/layer",
             "token_gbs": "GB/s", "floor_token_us": "floor µs", "token_over_floor": "×floor",
-            "speedup_vs_graph": "vs graph"}
-    # Node counts are absent from results written before blockbench counted them.
+            "speedup_vs_graph": "vs graph", "first_call_s": "first call s"}
+    # Node counts and first calls are absent from results written before blockbench kept them.
     table = df[[c for c in cols if c in df.columns]].rename(columns=cols)
     # The launch row reads no weights: its GB/s is missing, shown as a dash (not "nan").
     table = table.astype(object).where(table.notna(), None)

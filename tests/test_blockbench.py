@@ -22,8 +22,9 @@ def test_paths_take_turns_in_a_rotating_order():
     assert rounds == [["graph", "kernel", "launch"], ["kernel", "launch", "graph"],
                       ["launch", "graph", "kernel"], ["graph", "kernel", "launch"]]
     assert set(timed) == {"graph", "kernel", "launch"}
-    for median, p10, p90 in timed.values():
-        assert 0 < p10 <= median <= p90
+    for median, p10, p90, first_call_us in timed.values():
+        assert 0 < p10 <= median <= p90 and first_call_us > 0
+    assert all(t.first_call_us is None for t in interleaved_us({"graph": path("graph")}, 2, 0).values())
 
 
 def test_the_launch_rows_missing_bandwidth_prints_as_a_dash():

@@ -26,7 +26,8 @@
 #                                 (WARMUP_MODEL, WARMUP_RUNS, WARMUP_TIMEOUT_S)
 #   tools/device.sh firstuse      what a fresh process pays before its first token beyond weights:
 #                                 a first and a second prefill in one process, with cuDNN's
-#                                 attention on and off, and a 1-token prompt (FIRSTUSE_MODEL)
+#                                 attention on and off, and a 1-token prompt (FIRSTUSE_MODEL);
+#                                 the block benchmark's first call per path (FIRSTUSE_BLOCK_MODEL)
 #   tools/device.sh server M...   the mlx-lm server engine's pipeline on models M (PIN=N: each
 #                                 arm's server on N cores of its own, server.cpus_per_arm)
 #
@@ -311,6 +312,9 @@ firstuse)
   # --warmup 1 makes the first generate the untimed one, so warm-up s is the first prefill and
   # decode, and prefill s the second prefill in the same process.
   m="${FIRSTUSE_MODEL:-qwen3-30b-a3b}"
+  # The block benchmark's first call per path (its "first call s" column): what its warm-up holds.
+  $py -m fusedqk blockbench -m "${FIRSTUSE_BLOCK_MODEL:-qwen3-8b}" --out-dir "$OUT/bb" \
+    > "$OUT/firstuse-blockbench.md" 2>&1; cat "$OUT/firstuse-blockbench.md"
   for row in "p64 cudnn" "p64 no-cudnn" "p1 cudnn"; do
     set -- $row; env=()
     [ "$2" = no-cudnn ] && env=(MLX_CUDA_USE_CUDNN_SDPA=0)
