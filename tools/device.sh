@@ -177,7 +177,7 @@ for f in sorted(Path(sys.argv[1]).glob("first-token-*.json")):
 PY
   ;;
 server)
-  # The mlx-lm server engine on the models named, into .work/server-results; PIN=N writes a
+  # The mlx-lm server engine on the models named, into $OUT/server-results; PIN=N writes a
   # copy of its engine file with server.cpus_per_arm N.
   shift
   engine=config/engines/mlx-lm-server.yaml
@@ -187,14 +187,16 @@ server)
 d['server']['cpus_per_arm'] = int(sys.argv[1]); yaml.safe_dump(d, open(sys.argv[2], 'w'))" "$PIN" "$engine"
   fi
   models="[$(echo "$@" | tr ' ' ',')]"
+  # The run is written under $OUT, so that it comes back however the call ends (on 2026-12-03 a
+  # call's own limit ended one during identity, and a finished bench was lost with it).
+  results="$OUT/server-results"
   timeout -s INT "${PIPELINE_TIMEOUT_S:-540}" $py -m snakemake --cores all \
     --configfile config/cuda-mlx-lm-server.yaml \
-    --config 'backends=[cuda]' results_dir=.work/server-results run_name="${RUN_NAME:-server}" \
+    --config 'backends=[cuda]' results_dir="$results" run_name="${RUN_NAME:-server}" \
     "backend_settings={cuda: {engine: $engine, models: $models}}" ${PIPELINE_ARGS:-} 2>&1 \
     | tee "$OUT/snakemake.log" | grep -E "Finished|Error|steps" | tail -20
-  run_dir=$(ls -d .work/server-results/cuda-*/"${RUN_NAME:-server}" 2>/dev/null | head -1)
+  run_dir=$(ls -d "$results"/cuda-*/"${RUN_NAME:-server}" 2>/dev/null | head -1)
   if [ -n "$run_dir" ]; then
-    tar -C .work/server-results -czf "$final/server-run.tar.gz" "$(basename "$(dirname "$run_dir")")/${RUN_NAME:-server}"
     grep -h "rounds\|half-width\|speedup" "$run_dir"/logs/*-bench.log | tail -12
     [ -f "$run_dir/report.md" ] && sed -n '1,25p' "$run_dir/report.md"
   fi
