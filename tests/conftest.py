@@ -16,6 +16,14 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
 
 
+def pytest_collection_modifyitems(config, items):
+    """The SLURM and container tests first: each takes one to two minutes, mostly waiting on
+    daemons, images and jobs, so begun early they overlap the many short tests on the other
+    worker instead of running alone at the end of the suite."""
+    items.sort(key=lambda item: not (item.get_closest_marker("slurm")
+                                     or item.get_closest_marker("container")))
+
+
 def committed_archives(pattern: str = "*/*") -> list[Path]:
     """The sealed runs under results/ that git tracks: a user's own runs there are theirs, and
     no test reads them."""
