@@ -117,6 +117,37 @@ def test_nested_numbers_on_the_command_line_validate_as_numbers(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_overrides_merge_key_by_key_over_the_base_configuration(tmp_path):
+    base = {"a": {"b": 1, "c": {"d": 2, "e": 3}}, "f": [1, 2]}
+    merged = plan.merge_config(base, {"a": {"c": {"d": 9}}, "f": [3], "g": "new"})
+    assert merged == {"a": {"b": 1, "c": {"d": 9, "e": 3}}, "f": [3], "g": "new"}
+    assert base["a"]["c"]["d"] == 2  # the base is left as it was
+    (tmp_path / "base.yaml").write_text((ROOT / "config/config.yaml").read_text())
+    schema = str(ROOT / "workflow/schemas/config.schema.yaml")
+    got = plan.workflow_config(str(tmp_path / "base.yaml"),
+                               {"backend_settings": {"cpu": {"bench": {"rounds": "7"}}}}, schema)
+    assert got["backend_settings"]["cpu"]["bench"]["rounds"] == 7  # text from --config, a number
+    assert got["backend_settings"]["cpu"]["models"] == ["qwen3-tiny", "qwen3-moe-tiny"]
+    with pytest.raises(plan.ConfigError) as refused:
+        plan.workflow_config(str(tmp_path / "base.yaml"),
+                             {"backend_settings": {"cpu": {"bench": {"rounds": "seven"}}}}, schema)
+    assert str(refused.value).startswith("config error: backend_settings.cpu.bench.rounds: ")
+
+
+def test_the_round_limit_rule_is_spelled_by_each_interface():
+    from fusedqk.results import BenchSettings
+
+    as_flag = "--{}".format
+    assert BenchSettings(rounds=5, max_rounds=9, target_half_width=0.01).round_limit_problem() is None
+    assert BenchSettings(rounds=5).round_limit_problem() is None
+    low = BenchSettings(rounds=5, max_rounds=3, target_half_width=0.01)
+    assert low.round_limit_problem() == ("max_rounds 3 is below rounds 5; accepted: at least "
+                                         "rounds")
+    assert low.round_limit_problem(as_flag).startswith("--max_rounds 3 is below --rounds 5")
+    alone = BenchSettings(rounds=5, max_rounds=9).round_limit_problem()
+    assert alone == "max_rounds: only with target_half_width (otherwise rounds is the count)"
+
+
 def test_a_missing_key_is_one_line(tmp_path):
     """--configfile merges over config/config.yaml, so run where that file itself lacks a key."""
     cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
