@@ -68,9 +68,10 @@ $py -m fusedqk env | tee "$OUT/env.txt"
 
 case "$stage" in
 setup)
-  # The wheels are installed with --no-compile, so without this every process compiles ~2500
-  # files to bytecode (6.7 s on 2026-12-03). This machine's transformers sits beside PyTorch, which
-  # fusedqk's own environments do not install; USE_TORCH=0 tells transformers not to import it.
+  # The wheels are installed with --no-compile: this writes their bytecode once, so no process
+  # compiles them. This machine's transformers sits beside PyTorch, which fusedqk's own
+  # environments do not install; the import is timed with and without USE_TORCH=0 (on 2026-12-03
+  # both imported PyTorch and took 13-15 s: that variable did not keep it out).
   started=$SECONDS
   $py -m compileall -q -j 0 "$SITE_PACKAGES" > "$OUT/compileall.txt" 2>&1
   echo "bytecode: $((SECONDS - started)) s" | tee "$OUT/setup.txt"
@@ -165,16 +166,7 @@ after)
   for i in 1 2; do
     $py -m fusedqk generate -m qwen3-30b-a3b -p 64 -n 128 --json > "$OUT/first-token-$i.json"
   done
-  $py - "$OUT" <<'PY' | tee "$OUT/first-token.md"
-import json, sys
-from pathlib import Path
-print("| run | start to first token s | weights s | warm-up s | decode tok/s | process s |")
-print("|---|---|---|---|---|---|")
-for f in sorted(Path(sys.argv[1]).glob("first-token-*.json")):
-    d = json.loads(f.read_text()); s = d["seconds"]
-    print(f"| {f.stem[-1]} | {d['start_to_first_token_s']:.2f} | {s['weights_s']:.2f} | "
-          f"{s.get('warmup_s', 0):.2f} | {d['decode_tok_s']:.1f} | {s['process_s']:.2f} |")
-PY
+  $py tools/generate_table.py first-token- "$OUT"/first-token-*.json | tee "$OUT/first-token.md"
   ;;
 server)
   # The mlx-lm server engine on the models named, into $OUT/server-results; PIN=N writes a
@@ -280,8 +272,9 @@ warmup)
   # Each run's kernel-cache file count comes with it.
   cache=/tmp/warmup-cache
   rm -rf "$cache"
-  runs=(${WARMUP_RUNS:-cold warm profiled no-cudnn})
+  runs=(${WARMUP_RUNS:-cold warm profiled no-cudnn}); files=()
   for run in "${runs[@]}"; do
+    files+=("$OUT/warmup-$run.json")
     env=(FUSEDQK_CACHE_DIR="$cache"); prof=()
     [ "$run" = no-cudnn ] && env+=(MLX_CUDA_USE_CUDNN_SDPA=0)
     [ "$run" = profiled ] && prof=(-m cProfile -o "$OUT/warmup.prof")
@@ -291,23 +284,10 @@ warmup)
     echo "$run $((SECONDS - started)) s, kernel cache files: $(ls "$cache"/ptx/*/ 2>/dev/null | wc -l)" \
       | tee -a "$OUT/warmup-files.txt"
   done
-  $py - "$OUT" "${runs[@]}" <<'PY' | tee "$OUT/warmup.md"
-import json, pstats, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-print("| run | start to first token s | weights s | prefill s | decode tok/s | process s |")
-print("|---|---|---|---|---|---|")
-for run in sys.argv[2:]:
-    try:
-        d = json.loads((out / f"warmup-{run}.json").read_text())
-    except (OSError, ValueError):
-        print(f"| {run} | failed | | | | |"); continue
-    s = d["seconds"]
-    print(f"| {run} | {d['start_to_first_token_s']:.2f} | {s['weights_s']:.2f} | "
-          f"{d['prefill_s']:.2f} | {d['decode_tok_s']:.1f} | {s['process_s']:.2f} |")
-if (out / "warmup.prof").is_file():
-    pstats.Stats(str(out / "warmup.prof"), stream=sys.stdout).sort_stats("tottime").print_stats(25)
-PY
+  $py tools/generate_table.py warmup- "${files[@]}" | tee "$OUT/warmup.md"
+  [ -f "$OUT/warmup.prof" ] && $py -c "import pstats, sys
+pstats.Stats(sys.argv[1], stream=sys.stdout).sort_stats('tottime').print_stats(25)" "$OUT/warmup.prof" \
+    | tee -a "$OUT/warmup.md"
   ;;
 firstuse)
   # One process per row, caches as the machine has them (run after a pipeline or a warmup):
@@ -323,20 +303,8 @@ firstuse)
     env "${env[@]}" timeout "${FIRSTUSE_TIMEOUT_S:-180}" $py -m fusedqk generate -m "$m" \
       -p "${1#p}" -n 8 --warmup 1 --json > "$OUT/firstuse-$1-$2.json" 2> "$OUT/firstuse-$1-$2.err"
   done
-  $py - "$OUT" <<'PY' | tee "$OUT/firstuse.md"
-import json, sys
-from pathlib import Path
-print("| run | start to first token s | weights s | warm-up s (first prefill + 8 tokens) | second prefill s | process s |")
-print("|---|---|---|---|---|---|")
-for f in sorted(Path(sys.argv[1]).glob("firstuse-*.json")):
-    try:
-        d = json.loads(f.read_text())
-    except ValueError:
-        print(f"| {f.stem[9:]} | failed | | | | |"); continue
-    s = d["seconds"]
-    print(f"| {f.stem[9:]} | {d['start_to_first_token_s']:.2f} | {s['weights_s']:.2f} | "
-          f"{s['warmup_s']:.2f} | {d['prefill_s']:.2f} | {s['process_s']:.2f} |")
-PY
+  # warm-up s: the first prefill and 8 tokens; prefill s: the second prefill.
+  $py tools/generate_table.py firstuse- "$OUT"/firstuse-*.json | tee "$OUT/firstuse.md"
   ;;
 variety)
   $py tools/variety.py ${VARIETY_MODELS:-qwen3-0.6b qwen3-8b qwen3-30b-a3b} 2>&1 | tee "$OUT/variety.md"
