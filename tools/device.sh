@@ -5,6 +5,7 @@
 #   tools/device.sh setup         once per machine, after the wheels are installed: bytecode for
 #                                 the installed packages, the C++ primitive, and what importing
 #                                 mlx-lm costs with and without this machine's PyTorch
+#                                 (SETUP_IMPORTS=0 skips that timing)
 #   tools/device.sh kernel        numerics probe, GPU tests, blockbench of the three seed models,
 #                                 Nsight Compute device time of one layer per path
 #   tools/device.sh profile       Nsight Compute sections of one fused-kernel launch
@@ -28,6 +29,11 @@
 #                                 a first and a second prefill in one process, with cuDNN's
 #                                 attention on and off, and a 1-token prompt (FIRSTUSE_MODEL);
 #                                 the block benchmark's first call per path (FIRSTUSE_BLOCK_MODEL)
+#   tools/device.sh firstprobe    which operation holds a fresh process's first-use cost, part by
+#                                 part, first and second call, in two processes (PROBE_MODEL)
+#   tools/device.sh servernoise   the mlx-lm server engine's per-request spread under CPU
+#                                 placements switched on one pair of servers (NOISE_MODEL,
+#                                 NOISE_LAYOUTS, NOISE_ROUNDS)
 #   tools/device.sh server M...   the mlx-lm server engine's pipeline on models M (PIN=N: each
 #                                 arm's server on N cores of its own, server.cpus_per_arm)
 #
@@ -75,7 +81,7 @@ setup)
   started=$SECONDS
   $py -m compileall -q -j 0 "$SITE_PACKAGES" > "$OUT/compileall.txt" 2>&1
   echo "bytecode: $((SECONDS - started)) s" | tee "$OUT/setup.txt"
-  for torch in auto 0; do
+  for torch in $([ "${SETUP_IMPORTS:-1}" = 0 ] || echo auto 0); do
     for i in 1 2; do
       /usr/bin/time -f "import mlx_lm, USE_TORCH=$torch: %e s" env USE_TORCH=$torch \
         $py -c "import mlx_lm.utils, mlx_lm.tokenizer_utils; import sys; print('torch imported:', 'torch' in sys.modules)" \
@@ -305,6 +311,25 @@ firstuse)
   done
   # warm-up s: the first prefill and 8 tokens; prefill s: the second prefill.
   $py tools/generate_table.py firstuse- "$OUT"/firstuse-*.json | tee "$OUT/firstuse.md"
+  ;;
+firstprobe)
+  # Which operation holds a fresh process's first-use cost (tools/first_use.py), in two
+  # processes one after the other: the first may compile kernels into the folder, the second
+  # finds them there, so what its first calls still pay is built per process.
+  m="${PROBE_MODEL:-qwen3-30b-a3b}"
+  for i in 1 2; do
+    timeout "${PROBE_TIMEOUT_S:-200}" $py tools/first_use.py "$m" > "$OUT/first-use-$i.md" \
+      2> "$OUT/first-use-$i.err"
+    echo "process $i:"; sed -n '/^| part/,$p' "$OUT/first-use-$i.md"
+  done
+  ;;
+servernoise)
+  # What sets the mlx-lm server engine's per-request speed: CPU placements switched block by
+  # block on one running pair of servers (tools/server_noise.py).
+  $py tools/server_noise.py config/engines/mlx-lm-server.yaml "${NOISE_MODEL:-qwen3-0.6b}" \
+    --layouts "${NOISE_LAYOUTS:-unpinned,phys2,freeze}" --rounds "${NOISE_ROUNDS:-16}" \
+    --out "$OUT/server-noise.jsonl" 2> "$OUT/server-noise.err" | tee "$OUT/server-noise.md"
+  lscpu > "$OUT/lscpu.txt" 2>&1; lscpu -e >> "$OUT/lscpu.txt" 2>&1
   ;;
 variety)
   $py tools/variety.py ${VARIETY_MODELS:-qwen3-0.6b qwen3-8b qwen3-30b-a3b} 2>&1 | tee "$OUT/variety.md"

@@ -1,0 +1,206 @@
+"""What sets a server engine's per-request decode speed: one pair of long-lived servers (an
+engine file's two arms), streamed greedy completions in ABBA rounds, under CPU placements that
+are switched on the running servers, block by block, so that every placement sees the same
+stretch of the machine's time.
+
+    python tools/server_noise.py ENGINE_FILE MODEL [--layouts unpinned,phys2,freeze]
+                                 [--rounds 16] [--block 4] [--tokens 128] [--out FILE]
+
+Placements (``--layouts``):
+  unpinned   every thread may run on every core (what the pipeline does by default)
+  physN      each arm's server on N physical cores of its own (all their hardware threads),
+             the client on the rest
+  freeze     unpinned, and the arm not being timed is stopped (SIGSTOP) until its turn
+  physN+freeze  both
+Prints a table per placement: per-arm CV of request tok/s, the SD of the rounds' log speedups,
+the speedup with its bootstrap CI, gap percentiles, and each server thread's CPU share (a
+thread near 100 % spins); ``--out`` writes every request's gaps as JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from contextlib import ExitStack, suppress
+from pathlib import Path
+
+import numpy as np
+
+from fusedqk import stats
+from fusedqk.backend import current_backend
+from fusedqk.engines import server
+from fusedqk.engines.command import ARMS, fill_template, load_engine
+from fusedqk.engines.measure import checkpoint_dir, prompt_text, vocab_size
+from fusedqk.engines.process import background
+
+
+def physical_cores() -> list[list[int]]:
+    """The machine's logical CPUs grouped by physical core (hardware-thread siblings together),
+    limited to the CPUs this process may use."""
+    allowed = os.sched_getaffinity(0)
+    groups: dict[tuple[str, str], list[int]] = {}
+    for cpu in sorted(allowed):
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            key = ((topo / "physical_package_id").read_text().strip(),
+                   (topo / "core_id").read_text().strip())
+        except OSError:
+            key = ("?", str(cpu))
+        groups.setdefault(key, []).append(cpu)
+    return list(groups.values())
+
+
+def placement(name: str) -> tuple[int | None, bool]:
+    """``physN[+freeze]`` / ``unpinned`` / ``freeze`` as (physical cores per arm or None, freeze)."""
+    parts = name.split("+")
+    freeze = "freeze" in parts
+    cores = [p for p in parts if p.startswith("phys")]
+    if any(p not in ("freeze", "unpinned") and not p.startswith("phys") for p in parts) or (
+            cores and not cores[0][4:].isdigit()):
+        raise SystemExit(f"--layouts: {name!r} is not unpinned, freeze, physN or physN+freeze")
+    return (int(cores[0][4:]) if cores else None), freeze
+
+
+def cpu_sets(per_arm: int | None) -> dict[str, set[int]]:
+    everything = set(os.sched_getaffinity(0))
+    if per_arm is None:
+        return dict.fromkeys([*ARMS, "client"], everything)
+    cores = physical_cores()
+    if len(cores) < 2 * per_arm + 1:
+        raise SystemExit(f"phys{per_arm} needs {2 * per_arm + 1} physical cores; this machine "
+                         f"offers {len(cores)}")
+    sets = {arm: {c for core in cores[i * per_arm:(i + 1) * per_arm] for c in core}
+            for i, arm in enumerate(ARMS)}
+    sets["client"] = {c for core in cores[2 * per_arm:] for c in core}
+    return sets
+
+
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` onto ``cpus`` (a thread that ended meanwhile is skipped)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with suppress(ProcessLookupError, OSError):
+            os.sched_setaffinity(int(tid), cpus)
+
+
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of each thread of ``pid``, by ``tid:name``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        name = raw[raw.index("(") + 1:raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2:].split()
+        out[f"{tid}:{name}"] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("engine")
+    parser.add_argument("model")
+    parser.add_argument("--layouts", default="unpinned,phys2,freeze")
+    parser.add_argument("--rounds", type=int, default=16, help="rounds per placement")
+    parser.add_argument("--block", type=int, default=4, help="rounds in a row per placement")
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per completion")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path)
+    return parser
+
+
+def main() -> None:
+    args = setup_arg_parser().parse_args()
+    spec = load_engine(args.engine)
+    path = checkpoint_dir(spec, args.model, 4, 64, "bfloat16", 0, current_backend())
+    vocab = vocab_size(path)
+    layouts = args.layouts.split(",")
+    shapes = {name: placement(name) for name in layouts}
+    sets = {name: cpu_sets(per_arm) for name, (per_arm, _) in shapes.items()}
+    values = {"model": args.model, "model_path": path, "python": sys.executable}
+    warm = prompt_text(vocab, 8, 0)
+    with ExitStack() as stack:
+        procs = {arm: stack.enter_context(background(
+            fill_template(spec.server.argv, {**values, "host": server.HOST, "port": port}),
+            {**os.environ, **spec.arms[arm]}, f"{arm} server"))
+            for arm, port in ((arm, server.free_port()) for arm in ARMS)}
+        # Both servers start at once; the ports were taken just before.
+        servers = {}
+        for arm, proc in procs.items():
+            port = int(proc.proc.args[proc.proc.args.index("--port") + 1])
+            servers[arm] = server.ArmServer(proc, port, spec.server, f"{arm} server")
+        for arm, s in servers.items():
+            s.wait_healthy()
+            s.greedy(warm, 2)
+            s.expect(spec.expect.get(arm), f"arms.{arm}.expect")
+            for w in range(2):
+                s.stream(prompt_text(vocab, args.prompt_tokens, 10_000 + w), args.tokens)
+            print(f"{arm} server healthy after {s.started_s:.1f} s", file=sys.stderr, flush=True)
+        rows = {name: [] for name in layouts}
+        cpu = {name: {arm: {} for arm in ARMS} for name in layouts}
+        wall = dict.fromkeys(layouts, 0.0)
+        me = os.getpid()
+        rnd = 0
+        for block in range(-(-args.rounds // args.block)):
+            for name in layouts if block % 2 == 0 else layouts[::-1]:
+                _, freeze = shapes[name]
+                for arm in ARMS:
+                    pin_process(servers[arm].process.proc.pid, sets[name][arm])
+                pin_process(me, sets[name]["client"])
+                before = {arm: thread_cpu_s(servers[arm].process.proc.pid) for arm in ARMS}
+                start = time.perf_counter()
+                for _ in range(args.block):
+                    prompt = prompt_text(vocab, args.prompt_tokens, rnd)
+                    order = ARMS if rnd % 2 == 0 else ARMS[::-1]
+                    row = {"layout": name, "round": rnd, "order": list(order)}
+                    for arm in order:
+                        other = servers[ARMS[1 - ARMS.index(arm)]].process.proc.pid
+                        if freeze:
+                            os.killpg(other, signal.SIGSTOP)
+                        try:
+                            out = servers[arm].stream(prompt, args.tokens)
+                        finally:
+                            if freeze:
+                                os.killpg(other, signal.SIGCONT)
+                        row[arm] = {"tok_s": out.stream_tok_s, "gaps_ms": [1e3 * g for g in out.gaps]}
+                    rows[name].append(row)
+                    rnd += 1
+                wall[name] += time.perf_counter() - start
+                for arm in ARMS:
+                    after = thread_cpu_s(servers[arm].process.proc.pid)
+                    for tid, s in after.items():
+                        cpu[name][arm][tid] = cpu[name][arm].get(tid, 0.0) + s - before[arm].get(tid, 0.0)
+    if args.out:
+        with args.out.open("w") as f:
+            for name in layouts:
+                for row in rows[name]:
+                    f.write(json.dumps(row) + "\n")
+    print("| placement | rounds | graph tok/s CV | fused tok/s CV | round log-ratio SD | speedup "
+          "[95 % CI] | gap ms p10/p50/p90 (graph; fused) | busiest thread CPU share |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in layouts:
+        tok = {arm: np.array([r[arm]["tok_s"] for r in rows[name]]) for arm in ARMS}
+        ratios = list(tok["fused"] / tok["graph"])
+        sp = stats.speedup_ci(ratios, p_value=1.0)
+        gaps = {arm: np.concatenate([r[arm]["gaps_ms"] for r in rows[name]]) for arm in ARMS}
+        pct = "; ".join("/".join(f"{v:.1f}" for v in np.percentile(gaps[arm], [10, 50, 90]))
+                        for arm in ARMS)
+        busiest = max(((s / wall[name], f"{arm} {tid.split(':', 1)[1]}")
+                       for arm in ARMS for tid, s in cpu[name][arm].items()), default=(0, "-"))
+        print(f"| {name} | {len(ratios)} | {stats.cv(tok['graph']):.3f} | {stats.cv(tok['fused']):.3f} "
+              f"| {np.std(np.log(ratios), ddof=1):.3f} | {sp.point:.3f} [{sp.lo:.3f}, {sp.hi:.3f}] "
+              f"| {pct} | {busiest[0]:.0%} ({busiest[1]}) |")
+    print(f"\nphysical cores here: {physical_cores()}")
+    for name in layouts:
+        shares = {arm: sorted(((round(s / wall[name], 2), tid) for tid, s in cpu[name][arm].items()
+                               if s / wall[name] > 0.05), reverse=True) for arm in ARMS}
+        print(f"{name}: threads above 5 % of the wall time: {shares}")
+
+
+if __name__ == "__main__":
+    main()
