@@ -32,8 +32,9 @@
 #   tools/device.sh firstprobe    which operation holds a fresh process's first-use cost, part by
 #                                 part, first and second call, in two processes (PROBE_MODEL)
 #   tools/device.sh servernoise   the mlx-lm server engine's per-request spread under CPU
-#                                 placements switched on one pair of servers (NOISE_MODEL,
-#                                 NOISE_LAYOUTS, NOISE_ROUNDS)
+#                                 placements switched on one pair of servers, then a pair with a
+#                                 shorter thread switch interval (NOISE_MODEL, NOISE_LAYOUTS,
+#                                 NOISE_ROUNDS, NOISE_SWITCH_US; empty skips the second pair)
 #   tools/device.sh server M...   the mlx-lm server engine's pipeline on models M (PIN=N: each
 #                                 arm's server on N cores of its own, server.cpus_per_arm)
 #
@@ -329,6 +330,13 @@ servernoise)
   $py tools/server_noise.py config/engines/mlx-lm-server.yaml "${NOISE_MODEL:-qwen3-0.6b}" \
     --layouts "${NOISE_LAYOUTS:-unpinned,phys2,freeze}" --rounds "${NOISE_ROUNDS:-16}" \
     --out "$OUT/server-noise.jsonl" 2> "$OUT/server-noise.err" | tee "$OUT/server-noise.md"
+  # The same pair started again with a 0.5 ms thread switch interval (CPython's is 5 ms).
+  if [ -n "${NOISE_SWITCH_US:-500}" ]; then
+    $py tools/server_noise.py config/engines/mlx-lm-server.yaml "${NOISE_MODEL:-qwen3-0.6b}" \
+      --layouts unpinned --rounds "${NOISE_ROUNDS:-16}" --switch-interval-us "${NOISE_SWITCH_US:-500}" \
+      --out "$OUT/server-noise-switch.jsonl" 2> "$OUT/server-noise-switch.err" \
+      | tee "$OUT/server-noise-switch.md"
+  fi
   lscpu > "$OUT/lscpu.txt" 2>&1; lscpu -e >> "$OUT/lscpu.txt" 2>&1
   ;;
 variety)

@@ -12,6 +12,9 @@ Placements (``--layouts``):
              the client on the rest
   freeze     unpinned, and the arm not being timed is stopped (SIGSTOP) until its turn
   physN+freeze  both
+``--switch-interval-us N`` starts both servers with Python's thread switch interval at N µs
+(CPython's default is 5000) through a ``sitecustomize`` module on their PYTHONPATH: whether a
+token waits for the GIL between the server's generation thread and its HTTP thread.
 Prints a table per placement: per-arm CV of request tok/s, the SD of the rounds' log speedups,
 the speedup with its bootstrap CI, gap percentiles, and each server thread's CPU share (a
 thread near 100 % spins); ``--out`` writes every request's gaps as JSON lines.
@@ -24,6 +27,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 from contextlib import ExitStack, suppress
 from pathlib import Path
@@ -110,6 +114,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--block", type=int, default=4, help="rounds in a row per placement")
     parser.add_argument("--tokens", type=int, default=128, help="tokens per completion")
     parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--switch-interval-us", type=float,
+                        help="the servers' sys.setswitchinterval, in µs")
     parser.add_argument("--out", type=Path)
     return parser
 
@@ -124,10 +130,16 @@ def main() -> None:
     sets = {name: cpu_sets(per_arm) for name, (per_arm, _) in shapes.items()}
     values = {"model": args.model, "model_path": path, "python": sys.executable}
     warm = prompt_text(vocab, 8, 0)
+    env = dict(os.environ)
     with ExitStack() as stack:
+        if args.switch_interval_us:
+            site = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            (site / "sitecustomize.py").write_text(
+                f"import sys\nsys.setswitchinterval({args.switch_interval_us / 1e6!r})\n")
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
         procs = {arm: stack.enter_context(background(
             fill_template(spec.server.argv, {**values, "host": server.HOST, "port": port}),
-            {**os.environ, **spec.arms[arm]}, f"{arm} server"))
+            {**env, **spec.arms[arm]}, f"{arm} server"))
             for arm, port in ((arm, server.free_port()) for arm in ARMS)}
         # Both servers start at once; the ports were taken just before.
         servers = {}
