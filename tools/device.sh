@@ -331,9 +331,9 @@ servernoise)
     --layouts "${NOISE_LAYOUTS:-unpinned,phys2,freeze}" --rounds "${NOISE_ROUNDS:-16}" \
     --out "$OUT/server-noise.jsonl" 2> "$OUT/server-noise.err" | tee "$OUT/server-noise.md"
   # The same pair started again with a 0.5 ms thread switch interval (CPython's is 5 ms).
-  if [ -n "${NOISE_SWITCH_US:-500}" ]; then
+  if [ -n "${NOISE_SWITCH_US-500}" ]; then
     $py tools/server_noise.py config/engines/mlx-lm-server.yaml "${NOISE_MODEL:-qwen3-0.6b}" \
-      --layouts unpinned --rounds "${NOISE_ROUNDS:-16}" --switch-interval-us "${NOISE_SWITCH_US:-500}" \
+      --layouts unpinned --rounds "${NOISE_ROUNDS:-16}" --switch-interval-us "${NOISE_SWITCH_US-500}" \
       --out "$OUT/server-noise-switch.jsonl" 2> "$OUT/server-noise-switch.err" \
       | tee "$OUT/server-noise-switch.md"
   fi
