@@ -7,21 +7,28 @@ install time. The call is either
 
 - ``composite``: the same MLX ops as the graph path under one ``mx.compile`` (fewer Python → C++
   crossings, the same GPU work), on every backend; or
-- ``kernel``: one custom GPU kernel per layer (``fusedqk.kernels.qkv_norm_rope``).
+- ``kernel``: one custom GPU kernel per layer (``fusedqk.kernels.qkv_norm_rope``); or
+- ``kernel_kv``: the same kernel, through the C++ primitive, also writing k and v into the
+  layer's mlx-lm ``KVCache`` and returning the cache views attention reads (``CacheWriter``),
+  which removes the cache's two slice updates and two slices per layer. Where the primitive is
+  absent, or the cache is not a plain ``KVCache``, it runs as ``kernel``.
 
-Both round where the graph path rounds (projection, norm and RoPE outputs in the activation dtype).
-Everything after RoPE (KV cache, SDPA, o_proj) is mlx-lm's own code path, unchanged.
+All round where the graph path rounds (projection, norm and RoPE outputs in the activation
+dtype). Everything after RoPE (SDPA, o_proj; the KV cache except on ``kernel_kv``) is mlx-lm's
+own code path, unchanged.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache
 
 from fusedqk.errors import UserError
 from fusedqk.kernels import qkv_norm_rope
@@ -29,7 +36,8 @@ from fusedqk.kernels.qkv_norm_rope import QKVLayout
 
 log = logging.getLogger("fusedqk")
 
-PATHS = ("graph", "composite", "kernel")
+PATHS = ("graph", "composite", "kernel", "kernel_kv")
+KERNEL_PATHS = ("kernel", "kernel_kv")
 
 
 def fusion_blocker(attn: nn.Module) -> str | None:
@@ -76,6 +84,52 @@ class StepInputs:
     counters: mx.array | None  # the CUDA kernel's per-head counters (new_counters)
 
 
+class CacheWriter:
+    """The KV caches that ``kernel_kv`` writes into in place, and the rule that keeps it safe.
+
+    The kernel writes a step's k and v at position ``offset`` of the cache's buffers without
+    making new arrays (MLX's SliceUpdate could donate the buffer, but a primitive with several
+    outputs never sees its inputs as donatable). That is safe for a buffer this writer made:
+    a cache only appends, so no view handed out before covers the position written. A buffer
+    the writer did not make (the prefill's, a copied or trimmed cache's) is copied once into
+    one it owns first; growth follows ``KVCache.update_and_fetch`` (whole steps of
+    ``KVCache.step`` positions), so the buffers are shaped as mlx-lm would shape them.
+    """
+
+    def __init__(self) -> None:
+        # cache -> (its key buffer and value buffer as this writer left them, the offset then)
+        self._owned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def room_for_one(self, cache: KVCache, batch: int, kv_heads: int, head_dim: int,
+                     dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+        """Buffers this writer owns with room for position ``cache.offset``, set on the cache."""
+        prev = cache.offset
+        owned = self._owned.get(cache)
+        mine = owned is not None and owned[0] is cache.keys and owned[1] is cache.values \
+            and owned[2] == prev
+        if not mine or prev + 1 > cache.keys.shape[2]:
+            capacity = 0 if cache.keys is None else cache.keys.shape[2]
+            if prev + 1 > capacity:  # mlx-lm grows a full cache by one step
+                capacity = prev + cache.step
+            shape = (batch, kv_heads, capacity - prev, head_dim)
+            if prev == 0:
+                cache.keys, cache.values = mx.zeros(shape, dtype), mx.zeros(shape, dtype)
+            else:
+                # A new buffer: the positions so far, then zeros (as mlx-lm's growth pads).
+                cache.keys = mx.concatenate([cache.keys[..., :prev, :], mx.zeros(shape, dtype)],
+                                            axis=2)
+                cache.values = mx.concatenate(
+                    [cache.values[..., :prev, :], mx.zeros(shape, dtype)], axis=2)
+        return cache.keys, cache.values
+
+    def wrote_one(self, cache: KVCache) -> None:
+        cache.offset += 1
+        self._owned[cache] = (cache.keys, cache.values, cache.offset)
+
+
+CACHE_WRITER = CacheWriter()
+
+
 class FusedQKNormAttention(nn.Module):
     """mlx-lm's attention with the decode-step q/k/v + norm + RoPE block replaced by one call."""
 
@@ -95,11 +149,13 @@ class FusedQKNormAttention(nn.Module):
         self.impl = impl
         # Underscores: kernel state, not parameters (nn.Module skips such names).
         self._kernel = None
+        self._with_cache = None  # the cache-writing call, where the C++ primitive has one
         self.kernel_call: str | None = None
         if qkv_norm_rope.kernel_blocker(backend, self.layout, q.scales.dtype) is None:
             kernel = qkv_norm_rope.QKVNormRope(self.layout, q.scales.dtype, backend,
                                                call=kernel_call)
             self._kernel = qkv_norm_rope.decode_call(kernel)
+            self._with_cache = kernel.with_cache if kernel.writes_cache else None
             self.kernel_call = kernel.call
         self._step = StepInputs(
             (self.qkv_weight, self.qkv_scales, self.qkv_biases, graph_attn.q_norm.weight,
@@ -110,6 +166,11 @@ class FusedQKNormAttention(nn.Module):
     def kernel_ready(self) -> bool:
         """The kernel covers this layer on this backend (else ``kernel`` runs as ``composite``)."""
         return self._kernel is not None
+
+    @property
+    def writes_cache(self) -> bool:
+        """``kernel_kv`` writes the cache here (else it runs as ``kernel``)."""
+        return self._with_cache is not None
 
     def kernel_inputs(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, ...]:
         """The kernel's inputs for one decode step at ``offset`` (one position per sequence)."""
@@ -125,11 +186,21 @@ class FusedQKNormAttention(nn.Module):
             impl: str | None = None) -> tuple[mx.array, mx.array, mx.array]:
         """q (B, H, 1, D), k and v (B, KV, 1, D) for one decode step at position ``offset``, by
         ``impl`` (default: the module's own; blockbench times both in turn)."""
-        if (impl or self.impl) == "kernel":
+        if (impl or self.impl) in KERNEL_PATHS:
             return self._kernel(*self.kernel_inputs(x, offset))
         if isinstance(offset, int):
             offset = _position_array(offset, None)
         return qkv_norm_rope.composite(self.layout)(x, *self._step.weights, offset)
+
+    def qkv_into_cache(self, x: mx.array, cache: KVCache) -> tuple[mx.array, mx.array, mx.array]:
+        """One decode step's q (B, H, 1, D) with k and v written into ``cache`` by the kernel
+        itself, and the cache's views attention reads (``kernel_kv``)."""
+        layout, offset = self.layout, cache.offset
+        keys, values = CACHE_WRITER.room_for_one(cache, x.shape[0], layout.n_kv_heads,
+                                                 layout.head_dim, x.dtype)
+        out = self._with_cache(*self.kernel_inputs(x, offset), keys, values, offset + 1)
+        CACHE_WRITER.wrote_one(cache)
+        return out
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         B, L, _ = x.shape
@@ -137,9 +208,12 @@ class FusedQKNormAttention(nn.Module):
             # Prefill (L > 1) always takes the graph path: the fused call is a decode mat-vec.
             return self.graph_attn(x, mask, cache)
         a = self.graph_attn
-        queries, keys, values = self.qkv(x, cache.offset if cache is not None else 0)
-        if cache is not None:
-            keys, values = cache.update_and_fetch(keys, values)
+        if self.impl == "kernel_kv" and self.writes_cache and type(cache) is KVCache:
+            queries, keys, values = self.qkv_into_cache(x, cache)
+        else:
+            queries, keys, values = self.qkv(x, cache.offset if cache is not None else 0)
+            if cache is not None:
+                keys, values = cache.update_and_fetch(keys, values)
         output = scaled_dot_product_attention(
             queries, keys, values, cache=cache, scale=a.scale, mask=mask
         )
@@ -153,6 +227,7 @@ class InstallReport:
     blockers: list[str]
     kernel_fallback: str | None  # why "kernel" runs as "composite" here, if it does
     kernel_call: str | None = None  # how the kernel is called: primitive, cuda_kernel or metal_kernel
+    cache_fallback: str | None = None  # why "kernel_kv" runs as "kernel" here, if it does
 
 
 class DecodePaths:
@@ -175,22 +250,31 @@ class DecodePaths:
             dtype = self.graph[0].q_norm.weight.dtype
             kernel_fallback = qkv_norm_rope.kernel_blocker(backend, fused[0].layout, dtype)
         calls = {m.kernel_call for m in fused if m.kernel_call}
+        call = calls.pop() if len(calls) == 1 else None
+        cache_fallback = None
+        if fused and not all(m.writes_cache for m in fused):
+            cache_fallback = kernel_fallback or (
+                f"the kernel is called through {call or 'no kernel call'}; writing the KV cache "
+                "needs the C++ primitive (fusedqk build-ext)")
         self.report = InstallReport(len(fused), len(self.layers) - len(fused),
-                                    sorted({b for b in blockers if b}), kernel_fallback,
-                                    calls.pop() if len(calls) == 1 else None)
+                                    sorted({b for b in blockers if b}), kernel_fallback, call,
+                                    cache_fallback)
         for why in self.report.blockers:
             log.info("graph path kept for some layers: %s", why)
         self.current = "graph"
 
     def use(self, path: str) -> None:
-        """Switch every layer to ``path``: graph, composite or kernel."""
+        """Switch every layer to ``path``: graph, composite, kernel or kernel_kv."""
         if path not in PATHS:
             raise UserError(f"path {path!r} is not accepted; use one of {', '.join(PATHS)}")
-        if path == "kernel" and not qkv_norm_rope.has_kernel(self.backend):
+        if path in KERNEL_PATHS and not qkv_norm_rope.has_kernel(self.backend):
             raise UserError(f"the kernel implementation has no {self.backend} version (kernels "
                             "exist for cuda and metal); use --impl composite on this backend")
         impl = path
-        if path == "kernel" and self.report.kernel_fallback:
+        if path == "kernel_kv" and self.report.cache_fallback:
+            log.warning("kernel_kv unavailable, using kernel: %s", self.report.cache_fallback)
+            impl = "kernel"
+        if impl == "kernel" and self.report.kernel_fallback:
             log.warning("kernel unavailable, using composite: %s", self.report.kernel_fallback)
             impl = "composite"
         modules = self.graph if path == "graph" else self.fused

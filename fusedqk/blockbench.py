@@ -1,6 +1,7 @@
 """Block benchmark: the QKV projection + q/k RMSNorm + RoPE block of every layer, for one token.
 
-For each path (graph, composite, kernel where the backend has one) it times the block of all
+For each path (graph, composite, kernel where the backend has one, kernel_kv where the C++
+primitive runs: the kernel with its KV cache write) it times the block of all
 layers built and evaluated together, as a decode step pays for it (host work included; the
 graph-building part alone is reported too), and compares it with two floors:
 
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fusedqk")
 
 
-BLOCK_PATHS = ("graph", "composite", "kernel", "launch", "kernel-cuda_kernel",
+BLOCK_PATHS = ("graph", "composite", "kernel", "kernel_kv", "launch", "kernel-cuda_kernel",
                "launch-cuda_kernel")
 # Where the kernel is called through the C++ primitive, the same kernel and its empty launch are
 # also timed through mx.fast.cuda_kernel (the *-cuda_kernel rows): the two calls side by side.
@@ -138,7 +139,9 @@ def _build_us(fn, reps: int = 20) -> float:
     return (time.perf_counter() - t) / reps * 1e6
 
 
-KERNEL_ROWS = ("kernel", "launch", *CUDA_KERNEL_ROWS)
+KERNEL_ROWS = ("kernel", "kernel_kv", "launch", *CUDA_KERNEL_ROWS)
+# The kernel_kv row's cache buffers: one step of mlx-lm's KVCache, written at position OFFSET.
+CACHE_POSITIONS = 256
 
 
 def check_backend(names: tuple[str, ...], backend: str) -> None:
@@ -177,12 +180,15 @@ def measure_blocks(prep: Prepared, settings: Settings) -> dict:
             runnable.add("launch")
             if paths.report.kernel_call == "primitive":
                 runnable.update(CUDA_KERNEL_ROWS)
+            if not paths.report.cache_fallback:
+                runnable.add("kernel_kv")
     names = [p for p in (settings.paths or BLOCK_PATHS) if p in runnable]
     missing = [p for p in (settings.paths or ()) if p not in runnable]
     if missing:
         raise UserError(f"--paths {','.join(settings.paths)}: {', '.join(missing)} cannot run on "
                         f"{prep.backend} (kernel and launch run where a kernel exists: cuda, "
-                        "metal; the -cuda_kernel rows where the C++ primitive runs); accepted "
+                        "metal; kernel_kv and the -cuda_kernel rows where the C++ primitive "
+                        "runs); accepted "
                         f"here: {', '.join(p for p in BLOCK_PATHS if p in runnable)}")
     total_bytes = sum(layer_bytes)
     floor_us = total_bytes / (bw * 1e9) * 1e6
@@ -196,6 +202,16 @@ def measure_blocks(prep: Prepared, settings: Settings) -> dict:
         if name == "graph":
             def block(a=paths.graph):
                 return [_graph_block(m, x, offset) for m in a]
+        elif name == "kernel_kv":
+            # The block with its cache write: k and v land in the layer's cache buffers, and
+            # the views attention reads come back (what a decode step on kernel_kv builds).
+            caches = [tuple(mx.zeros((settings.batch, m.layout.n_kv_heads, CACHE_POSITIONS,
+                                      m.layout.head_dim), dtype) for _ in "kv") for m in fused]
+            mx.eval(caches)
+
+            def block(a=fused, c=caches):
+                return [m._with_cache(*m.kernel_inputs(x, offset), k, v, offset + 1)
+                        for m, (k, v) in zip(a, c, strict=True)]
         elif name != "kernel" and name != "composite":
             call = "cuda_kernel" if name in CUDA_KERNEL_ROWS else paths.report.kernel_call
             calls = [_kernel_fn(m, prep.backend, call, launch_only=name.startswith("launch"))
@@ -227,7 +243,8 @@ def measure_blocks(prep: Prepared, settings: Settings) -> dict:
                             and kernel_impl == "kernel" else None),
         })
     graph_us = next((r["token_us"] for r in rows if r["path"] == "graph"), None)
-    step_paths = {"graph": "graph", "composite": "composite", "kernel": kernel_impl}
+    step_paths = {"graph": "graph", "composite": "composite", "kernel": kernel_impl,
+                  "kernel_kv": "kernel_kv"}
     for r in rows:
         r["speedup_vs_graph"] = graph_us / r["token_us"] if graph_us else None
         r["nodes_per_layer"] = graph_nodes(blocks[r["path"]]()) / len(fused)
@@ -248,8 +265,10 @@ def graph_nodes(outputs: list) -> int:
 
 
 def decode_step_nodes(prep: Prepared, path: str) -> int:
-    """The nodes of one decode step on ``path`` after a short prefill: every layer's block,
-    its KV cache update and attention, the MLPs and the head (built, never evaluated)."""
+    """The nodes of one decode step on ``path`` after a short prefill and one evaluated step
+    (kernel_kv's first step copies the prefill's cache into buffers of its own, once): every
+    layer's block, its KV cache update and attention, the MLPs and the head (built, never
+    evaluated)."""
     from mlx_lm.models.cache import make_prompt_cache
 
     model = prep.loaded.model
@@ -257,7 +276,8 @@ def decode_step_nodes(prep: Prepared, path: str) -> int:
     try:
         cache = make_prompt_cache(model)
         mx.eval(model(mx.array([[1, 2, 3, 4]]), cache=cache), [c.state for c in cache])
-        return graph_nodes([model(mx.array([[5]]), cache=cache)])
+        mx.eval(model(mx.array([[5]]), cache=cache), [c.state for c in cache])
+        return graph_nodes([model(mx.array([[6]]), cache=cache)])
     finally:
         prep.paths.use("graph")
 

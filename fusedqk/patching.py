@@ -75,7 +75,9 @@ def patch(model: nn.Module, env: Mapping[str, str] | None = None) -> PatchReport
             report.skipped[i] = why
             continue
         fused = FusedQKNormAttention(layer.self_attn, impl, backend, call)
-        if impl == "kernel" and not fused.kernel_ready:
+        if impl == "kernel_kv" and not fused.writes_cache:
+            fused.impl = "kernel"
+        if fused.impl == "kernel" and not fused.kernel_ready:
             fused.impl = "composite"
             report.kernel_fallback = kernel_blocker(backend, fused.layout, fused.qkv_scales.dtype)
         layer.self_attn = fused

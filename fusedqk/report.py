@@ -38,7 +38,7 @@ def _png(fig) -> bytes:
 
 # One colour per path in every plot (and in the HTML's key beside them).
 PATH_COLOURS = {"graph": "#1f77b4", "kernel": "#ff7f0e", "composite": "#2ca02c", "fused": "#d62728",
-                "launch": "#7f7f7f"}
+                "kernel_kv": "#9467bd", "launch": "#7f7f7f"}
 
 
 def path_colour(path: str) -> str:

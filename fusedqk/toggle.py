@@ -21,12 +21,12 @@ ENV_KERNEL_CALL = "FUSEDQK_KERNEL_CALL"
 
 TRUE_WORDS = ("1", "true", "on", "yes")
 FALSE_WORDS = ("0", "false", "off", "no")
-IMPLS = ("auto", "kernel", "composite")
+IMPLS = ("auto", "kernel", "composite", "kernel_kv")
 # How the CUDA kernel is called: the C++ primitive where it is built (auto), or mx.fast.cuda_kernel.
 KERNEL_CALLS = ("auto", "primitive", "cuda_kernel")
 # One vocabulary for every command, config key and file: the graph path, the two fused
 # implementations, and ``fused`` = the implementation this backend resolves to.
-PATH_NAMES = ("graph", "fused", "composite", "kernel")
+PATH_NAMES = ("graph", "fused", "composite", "kernel", "kernel_kv")
 DEFAULTS_SCHEMA = "fusedqk-defaults/1"
 SHIPPED = "fusedqk/data/defaults.json"
 
@@ -155,7 +155,7 @@ class Resolution:
 
     backend: str
     path: str  # "graph" or "fused"
-    impl: str  # "kernel" or "composite" (meaningful when path is "fused")
+    impl: str  # "kernel", "kernel_kv" or "composite" (meaningful when path is "fused")
     path_source: str
     impl_source: str
 
@@ -195,7 +195,8 @@ def auto_impl(has_kernel: bool) -> str:
 
 def concrete_path(name: str | None, backend: str, has_kernel: bool, impl: str | None = None,
                   flag: str = "--path", env: Mapping[str, str] | None = None) -> str:
-    """The path that runs (graph, composite or kernel) for a requested ``name`` of PATH_NAMES.
+    """The path that runs (graph, composite, kernel or kernel_kv) for a requested ``name`` of
+    PATH_NAMES.
 
     ``name`` None means what the toggle says; ``fused`` means ``impl``, and ``impl`` None means
     the toggle's implementation, ``auto`` the kernel where the backend has one. ``flag`` names the
@@ -210,7 +211,7 @@ def concrete_path(name: str | None, backend: str, has_kernel: bool, impl: str | 
     if name == "fused":
         name = parse_impl(impl, "--impl") if impl is not None else resolve(backend, has_kernel, env).impl
         name = auto_impl(has_kernel) if name == "auto" else name
-    if name == "kernel" and not has_kernel:
+    if name in ("kernel", "kernel_kv") and not has_kernel:
         raise UserError(f"{flag}: the kernel has no {backend} version (kernels exist for cuda and "
                         "metal); use composite on this backend")
     return name

@@ -27,6 +27,7 @@ from fusedqk.commands.flags import (
 )
 from fusedqk.errors import UserError
 from fusedqk.results import BenchSettings
+from fusedqk.toggle import IMPLS, PATH_NAMES
 
 
 def _engine_target(args: argparse.Namespace):
@@ -146,9 +147,9 @@ def cmd_blockbench(args: argparse.Namespace) -> int:
 def add_parsers(sub) -> None:
     p = sub.add_parser("generate", help="decode and print token ids")
     model_flags(p)
-    p.add_argument("--path", choices=("graph", "fused", "composite", "kernel"),
+    p.add_argument("--path", choices=PATH_NAMES,
                    help="default: what the toggle says (fusedqk env)")
-    p.add_argument("--impl", choices=("auto", "kernel", "composite"),
+    p.add_argument("--impl", choices=IMPLS,
                    help="what --path fused means (default: the toggle's implementation)")
     p.add_argument("-p", "--prompt-tokens", type=token_count, default=16)
     p.add_argument("-n", "--max-tokens", type=token_count, default=64)
@@ -175,8 +176,8 @@ def add_parsers(sub) -> None:
     p.add_argument("-c", "--chunk-tokens", type=token_count, default=16,
                    help="paths take turns every this many tokens within a round (default 16)")
     p.add_argument("--paths", default="graph,fused",
-                   help="comma list of graph, fused, composite, kernel (default graph,fused)")
-    p.add_argument("--impl", default="auto", choices=("auto", "kernel", "composite"),
+                   help=f"comma list of {', '.join(PATH_NAMES)} (default graph,fused)")
+    p.add_argument("--impl", default="auto", choices=IMPLS,
                    help="what `fused` in --paths means (default auto)")
     engine_flags(p)
     result_flags(p, "trials.csv, tokens.csv and bench.json")
@@ -185,8 +186,8 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("identity", help="are fused and graph outputs bitwise the same?")
     model_flags(p)
     p.add_argument("--impls", default="fused",
-                   help="comma list of fused implementations to check: fused (auto), kernel, "
-                        "composite (default fused)")
+                   help="comma list of fused implementations to check: fused (auto), "
+                        f"{', '.join(IMPLS[1:])} (default fused)")
     p.add_argument("-p", "--prompt-tokens", type=token_count, default=64)
     p.add_argument("-n", "--tokens", type=token_count, default=256)
     p.add_argument("-k", "--prompts", type=count(MAX_PROMPTS), default=3)

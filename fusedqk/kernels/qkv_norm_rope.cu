@@ -20,6 +20,13 @@
   const int row0 = blockIdx.x * ROWS_PER_BLOCK;
 
   const T* xrow = x + (size_t)b * K;
+#ifdef FUSEDQK_WRITES_CACHE
+  // k and v go straight into the layer's KV cache buffers (B, KV, cache_len, D), at the step's
+  // position: the cache write mlx-lm would do with two slice updates after the call.
+  const size_t kv_slots = (size_t)cache_len, kv_slot = (size_t)positions[b];
+#else
+  const size_t kv_slots = 1, kv_slot = 0;  // k_out and v_out are (B, KV, 1, D)
+#endif
 
   // Issue every weight, scale and bias load of this warp's rows before any arithmetic.
   constexpr int NSTEP = STEPS + (REST ? 1 : 0);
@@ -124,7 +131,7 @@
       const T val = from_f32<T>(sum);
       if (row >= NQK) {
         const int vrow = row - NQK;
-        v_out[(size_t)b * KV * D + vrow] = val;
+        v_out[(((size_t)b * KV + vrow / D) * kv_slots + kv_slot) * D + vrow % D] = val;
       } else {
         proj[(size_t)b * NQK + row] = val;
       }
@@ -185,7 +192,7 @@
     const float rx1 = x1 * c - x2 * s;
     const float rx2 = x1 * s + x2 * c;
     T* dst = is_q ? q_out + ((size_t)b * H + head_id) * D
-                  : k_out + ((size_t)b * KV + (head_id - H)) * D;
+                  : k_out + (((size_t)b * KV + (head_id - H)) * kv_slots + kv_slot) * D;
     dst[i] = from_f32<T>(rx1);
     dst[i + HALF] = from_f32<T>(rx2);
   }

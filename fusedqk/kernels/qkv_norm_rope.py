@@ -176,21 +176,27 @@ def _cuda_kernel(eps: float, log2_base: float, launch_only: bool):
 
 
 def primitive_source(layout: QKVLayout, dtype: mx.Dtype, template: list[tuple[str, object]],
-                     launch_only: bool = False) -> tuple[str, str]:
+                     launch_only: bool = False, writes_cache: bool = False) -> tuple[str, str]:
     """(name expression, source) of the kernel for the C++ primitive: the translation unit that
     ``mx.fast.cuda_kernel`` assembles for the same kernel (header, then the kernel in namespace
     ``mlx::core::cu`` with the inputs' and outputs' pointers as parameters and the template
-    constants at the top of the body), so both callers compile the same code, once per layout."""
+    constants at the top of the body), so both callers compile the same code, once per layout.
+    ``writes_cache``: k_out and v_out are the KV cache's buffers, ``cache_len`` positions long,
+    written at each sequence's position (``FUSEDQK_WRITES_CACHE`` in the body)."""
     t = CUDA_TYPES[dtype]
     types = {"w": "unsigned int", "positions": "int", "counters": "unsigned int"}
     params = [f"const {types.get(n, t)}* {n}" for n in CUDA_INPUTS]
     params += [f"{t}* {n}" for n in CUDA_OUTPUTS]
+    if writes_cache:
+        params.append("int cache_len")
     consts = "".join(f"  using {k} = {t};\n" if k == "T" else f"  constexpr int {k} = {v};\n"
                      for k, v in template)
     log2_base = math.log2(layout.rope_base)
     shape = "_".join(str(v) for k, v in template if k != "T")
-    name = f"{_kernel_name(layout.eps, log2_base, launch_only)}_{DTYPE_NAMES[dtype]}_{shape}"
+    name = (f"{_kernel_name(layout.eps, log2_base, launch_only)}_{DTYPE_NAMES[dtype]}_{shape}"
+            + ("_kv" if writes_cache else ""))
     source = ("#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n"
+              + ("#define FUSEDQK_WRITES_CACHE\n" if writes_cache else "")
               + _cuda_header(layout.eps, log2_base)
               + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
               + f"__global__ void {name}(\n    " + ",\n    ".join(params) + ") {\n" + consts
@@ -246,6 +252,7 @@ class QKVNormRope:
                     ("BITS", layout.bits), ("GS", layout.group_size), ("NQK", (h + kv) * d)]
         log2_base = math.log2(layout.rope_base)
         self.call, self._primitive, self._poisoned = "metal_kernel", None, None
+        self._cache_writer = None  # the cache-writing variant (C++ primitive only)
         if self.cuda:
             self.kernel = _cuda_kernel(layout.eps, log2_base, launch_only)
             self.template = [*template, ("RPW", ROWS_PER_WARP)]
@@ -259,6 +266,9 @@ class QKVNormRope:
             if self.call == "primitive":
                 self._primitive_args = self._primitive_spec(launch_only)
                 self._primitive = cuda_ext.require().Kernel(*self._primitive_args)
+                if not launch_only:
+                    self._cache_writer = cuda_ext.require().Kernel(
+                        *self._primitive_spec(launch_only, writes_cache=True), writes_cache=True)
         else:
             self.kernel = _metal_kernel(layout.eps, log2_base, launch_only)
             self.template = template
@@ -266,11 +276,12 @@ class QKVNormRope:
             self.n_outputs = 3
         self._shapes: dict[int, list[tuple[int, ...]]] = {}
 
-    def _primitive_spec(self, launch_only: bool) -> tuple:
+    def _primitive_spec(self, launch_only: bool, writes_cache: bool = False) -> tuple:
         """The extension Kernel's arguments: name, source, grid x in blocks, threads per block,
         the largest batch, the output shapes after the batch axis, the dtype."""
         h, kv, d = self.layout.n_heads, self.layout.n_kv_heads, self.layout.head_dim
-        name, source = primitive_source(self.layout, self.dtype, self.template, launch_only)
+        name, source = primitive_source(self.layout, self.dtype, self.template, launch_only,
+                                        writes_cache)
         tails = [[h, 1, d], [kv, 1, d], [kv, 1, d], [(h + kv) * d]]
         return (name, source, self.grid_x // self.threads, self.threads, MAX_BATCH, tails,
                 DTYPE_NAMES[self.dtype])
@@ -307,3 +318,20 @@ class QKVNormRope:
             init_value=float("nan") if poison else None,
         )
         return outs[0], outs[1], outs[2]
+
+    @property
+    def writes_cache(self) -> bool:
+        """Whether ``with_cache`` is available here (through the C++ primitive only)."""
+        return self._cache_writer is not None
+
+    def with_cache(self, x: mx.array, w: mx.array, scales: mx.array, biases: mx.array,
+                   q_norm: mx.array, k_norm: mx.array, positions: mx.array, counters: mx.array,
+                   keys: mx.array, values: mx.array, length: int
+                   ) -> tuple[mx.array, mx.array, mx.array]:
+        """q (B, H, 1, D), with this step's k and v written into the cache buffers ``keys`` and
+        ``values`` (B, KV, S, D) at ``positions``, and the views of the buffers' first
+        ``length`` positions that attention reads. The write is in place: the caller must own
+        the buffers (``fusedqk.attention.CacheWriter``)."""
+        return tuple(self._cache_writer.with_cache(
+            [x, w, scales, biases, q_norm, k_norm, positions, counters, keys, values], length))
+

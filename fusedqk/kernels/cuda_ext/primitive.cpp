@@ -29,6 +29,7 @@
 
 #include "mlx/allocator.h"
 #include "mlx/array.h"
+#include "mlx/backend/common/utils.h"
 #include "mlx/backend/cuda/device.h"
 #include "mlx/backend/cuda/utils.h"
 #include "mlx/primitives.h"
@@ -143,6 +144,24 @@ extern "C" __global__ void fusedqk_fill_u16(unsigned short* p, unsigned long lon
 }
 )";
 
+// The flags and data size MLX's Slice gives a view of ``base`` with ``shape`` starting at its
+// first element (mlx/backend/common/slicing.cpp), so attention reads this view exactly as it
+// reads the slice mlx-lm's KVCache returns.
+void share_as_view(const mx::array& base, mx::array& view) {
+  const auto& strides = base.strides();
+  int64_t end = 1;
+  for (int i = 0; i < static_cast<int>(base.ndim()); ++i) {
+    if (base.shape(i) > 1) end += static_cast<int64_t>(view.shape(i) - 1) * strides[i];
+  }
+  auto [no_broadcast_size, row_contiguous, col_contiguous] =
+      mx::check_contiguity(view.shape(), strides);
+  auto flags = base.flags();
+  flags.row_contiguous = row_contiguous;
+  flags.col_contiguous = col_contiguous;
+  flags.contiguous = no_broadcast_size == static_cast<size_t>(end);
+  view.copy_shared_buffer(base, strides, flags, static_cast<size_t>(end), 0);
+}
+
 // Everything about one kernel that does not change from call to call.
 struct KernelSpec {
   std::string kernel_name;  // NVRTC name expression, e.g. mlx::core::cu::fusedqk_...
@@ -153,14 +172,17 @@ struct KernelSpec {
   std::vector<mx::Shape> output_tails;  // output shapes after the leading batch dimension
   mx::Dtype dtype;
   bool poison;
+  // The kernel writes k and v into the KV cache buffers it is given (its last two inputs) and
+  // returns q, the projection scratch and views of the buffers' first positions.
+  bool writes_cache;
   std::once_flag compiled;
   CompiledModule module;
   CompiledModule fill;
 
   KernelSpec(std::string name, std::string src, int bx, int t, int mb,
-             std::vector<mx::Shape> tails, mx::Dtype dt, bool p)
+             std::vector<mx::Shape> tails, mx::Dtype dt, bool p, bool wc)
       : kernel_name(std::move(name)), source(std::move(src)), blocks_x(bx), threads(t),
-        max_batch(mb), output_tails(std::move(tails)), dtype(dt), poison(p) {}
+        max_batch(mb), output_tails(std::move(tails)), dtype(dt), poison(p), writes_cache(wc) {}
 
   void ensure_compiled(mx::cu::Device& device) {
     std::call_once(compiled, [&] {
@@ -186,6 +208,10 @@ class KernelPrimitive : public mx::Primitive {
     device.make_current();
     spec_->ensure_compiled(device);
     auto& encoder = mx::cu::get_command_encoder(s);
+    if (spec_->writes_cache) {
+      eval_writing_cache(encoder, inputs, outputs);
+      return;
+    }
     for (auto& out : outputs) out.set_data(mx::allocator::malloc(out.nbytes()));
     std::vector<void*> pointers;
     pointers.reserve(inputs.size() + outputs.size());
@@ -224,7 +250,7 @@ class KernelPrimitive : public mx::Primitive {
   }
 
   const char* name() const override {
-    return "FusedQKKernel";
+    return spec_->writes_cache ? "FusedQKCacheKernel" : "FusedQKKernel";
   }
 
   bool is_equivalent(const mx::Primitive& other) const override {
@@ -232,6 +258,43 @@ class KernelPrimitive : public mx::Primitive {
   }
 
  private:
+  // Inputs: the kernel's own, then the cache's key and value buffers (B, KV, S, D), which the
+  // kernel writes at each sequence's position. Outputs: q, the projection scratch, and views of
+  // the buffers' first L positions (what attention reads), sharing the buffers as MLX's Slice
+  // shares its input. The write is in place: the caller owns the buffers, and a KV cache only
+  // appends, so no earlier view of them covers the position written (fusedqk/attention.py).
+  void eval_writing_cache(mx::cu::CommandEncoder& encoder, const std::vector<mx::array>& inputs,
+                          std::vector<mx::array>& outputs) {
+    const size_t own = inputs.size() - 2;
+    outputs[0].set_data(mx::allocator::malloc(outputs[0].nbytes()));
+    outputs[1].set_data(mx::allocator::malloc(outputs[1].nbytes()));
+    share_as_view(inputs[own], outputs[2]);
+    share_as_view(inputs[own + 1], outputs[3]);
+    std::vector<void*> pointers;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      if (!inputs[i].flags().row_contiguous) {
+        throw std::invalid_argument("fusedqk primitive: input " + std::to_string(i) +
+                                    " is not row-contiguous");
+      }
+      encoder.set_input_array(inputs[i]);
+    }
+    // The kernel's parameters: its inputs, then q, k (the key buffer), v (the value buffer),
+    // the scratch, then the buffers' length.
+    for (size_t i = 0; i < own; ++i) pointers.push_back(mx::gpu_ptr<void>(inputs[i]));
+    pointers.push_back(mx::gpu_ptr<void>(outputs[0]));
+    pointers.push_back(mx::gpu_ptr<void>(inputs[own]));
+    pointers.push_back(mx::gpu_ptr<void>(inputs[own + 1]));
+    pointers.push_back(mx::gpu_ptr<void>(outputs[1]));
+    for (auto& out : outputs) encoder.set_output_array(out);
+    int cache_len = inputs[own].shape(2);
+    std::vector<void*> args;
+    for (auto& p : pointers) args.push_back(&p);
+    args.push_back(&cache_len);
+    const int batch = inputs[0].shape(0);
+    encoder.add_kernel_node_raw(spec_->module.function, dim3(spec_->blocks_x, batch, 1),
+                                dim3(spec_->threads, 1, 1), dim3(), 0, args.data());
+  }
+
   std::shared_ptr<KernelSpec> spec_;
 };
 
@@ -246,34 +309,60 @@ mx::Dtype dtype_from_name(const std::string& name) {
 class Kernel {
  public:
   Kernel(std::string kernel_name, std::string source, int blocks_x, int threads, int max_batch,
-         std::vector<std::vector<int>> output_tails, const std::string& dtype, bool poison) {
+         std::vector<std::vector<int>> output_tails, const std::string& dtype, bool poison,
+         bool writes_cache) {
+    if (poison && writes_cache) {
+      throw std::invalid_argument("fusedqk primitive: a cache-writing kernel is not poisoned");
+    }
     std::vector<mx::Shape> tails;
     for (auto& t : output_tails) tails.emplace_back(t.begin(), t.end());
     spec_ = std::make_shared<KernelSpec>(std::move(kernel_name), std::move(source), blocks_x,
                                          threads, max_batch, std::move(tails),
-                                         dtype_from_name(dtype), poison);
+                                         dtype_from_name(dtype), poison, writes_cache);
   }
 
   std::vector<mx::array> operator()(const std::vector<mx::array>& inputs) const {
-    if (inputs.empty() || inputs[0].ndim() == 0) {
-      throw std::invalid_argument("fusedqk primitive: the first input must have a batch axis");
+    if (spec_->writes_cache) {
+      throw std::invalid_argument("fusedqk primitive: this kernel writes a cache; call with_cache");
     }
-    const int batch = inputs[0].shape(0);
-    if (batch < 1 || batch > spec_->max_batch) {
-      throw std::invalid_argument("fusedqk primitive: batch " + std::to_string(batch) +
-                                  " is outside 1.." + std::to_string(spec_->max_batch));
-    }
+    const int batch = checked_batch(inputs);
     std::vector<mx::Shape> shapes;
-    shapes.reserve(spec_->output_tails.size());
-    for (auto& tail : spec_->output_tails) {
-      mx::Shape shape{batch};
-      shape.insert(shape.end(), tail.begin(), tail.end());
-      shapes.push_back(std::move(shape));
-    }
+    for (size_t i = 0; i < spec_->output_tails.size(); ++i) shapes.push_back(tail_shape(batch, i));
     std::vector<mx::Dtype> dtypes(shapes.size(), spec_->dtype);
     auto stream = mx::default_stream(mx::Device::gpu);
     return mx::array::make_arrays(std::move(shapes), dtypes,
                                   std::make_shared<KernelPrimitive>(stream, spec_), inputs);
+  }
+
+  // q (B, H, 1, D) and the views of the first ``length`` positions of the key and value
+  // buffers (B, KV, S, D) after this step's k and v are written into them; inputs = the
+  // kernel's own + the two buffers, 1 <= length <= S.
+  std::vector<mx::array> with_cache(const std::vector<mx::array>& inputs, int length) const {
+    if (!spec_->writes_cache) {
+      throw std::invalid_argument("fusedqk primitive: this kernel writes no cache");
+    }
+    const int batch = checked_batch(inputs);
+    const auto& keys = inputs[inputs.size() - 2];
+    const auto& values = inputs[inputs.size() - 1];
+    const auto& kv_tail = spec_->output_tails[1];
+    for (const auto* c : {&keys, &values}) {
+      if (c->ndim() != 4 || c->shape(0) != batch || c->shape(1) != kv_tail[0] ||
+          c->shape(3) != kv_tail[2] || c->dtype() != spec_->dtype) {
+        throw std::invalid_argument("fusedqk primitive: the KV cache must be (batch, kv heads, "
+                                    "positions, head dim) in the activation dtype");
+      }
+    }
+    if (values.shape(2) != keys.shape(2) || length < 1 || length > keys.shape(2)) {
+      throw std::invalid_argument("fusedqk primitive: view length " + std::to_string(length) +
+                                  " is outside 1.." + std::to_string(keys.shape(2)));
+    }
+    mx::Shape view{batch, keys.shape(1), length, keys.shape(3)};
+    std::vector<mx::Shape> shapes{tail_shape(batch, 0), tail_shape(batch, 3), view, view};
+    std::vector<mx::Dtype> dtypes(shapes.size(), spec_->dtype);
+    auto stream = mx::default_stream(mx::Device::gpu);
+    auto outs = mx::array::make_arrays(std::move(shapes), dtypes,
+                                       std::make_shared<KernelPrimitive>(stream, spec_), inputs);
+    return {outs[0], outs[2], outs[3]};
   }
 
   // Bytes of machine code compiled (0 until the kernel first ran).
@@ -282,6 +371,25 @@ class Kernel {
   }
 
  private:
+  int checked_batch(const std::vector<mx::array>& inputs) const {
+    if (inputs.empty() || inputs[0].ndim() == 0) {
+      throw std::invalid_argument("fusedqk primitive: the first input must have a batch axis");
+    }
+    const int batch = inputs[0].shape(0);
+    if (batch < 1 || batch > spec_->max_batch) {
+      throw std::invalid_argument("fusedqk primitive: batch " + std::to_string(batch) +
+                                  " is outside 1.." + std::to_string(spec_->max_batch));
+    }
+    return batch;
+  }
+
+  mx::Shape tail_shape(int batch, size_t output) const {
+    mx::Shape shape{batch};
+    const auto& tail = spec_->output_tails[output];
+    shape.insert(shape.end(), tail.begin(), tail.end());
+    return shape;
+  }
+
   std::shared_ptr<KernelSpec> spec_;
 };
 
@@ -291,11 +399,12 @@ NB_MODULE(_fusedqk_cuda, m) {
   m.doc() = "fusedqk's fused decode kernel as an MLX primitive on CUDA (optional build)";
   nb::class_<fusedqk::Kernel>(m, "Kernel")
       .def(nb::init<std::string, std::string, int, int, int, std::vector<std::vector<int>>,
-                    const std::string&, bool>(),
+                    const std::string&, bool, bool>(),
            nb::arg("kernel_name"), nb::arg("source"), nb::arg("blocks_x"), nb::arg("threads"),
            nb::arg("max_batch"), nb::arg("output_tails"), nb::arg("dtype"),
-           nb::arg("poison") = false)
+           nb::arg("poison") = false, nb::arg("writes_cache") = false)
       .def("__call__", &fusedqk::Kernel::operator(), nb::arg("inputs"))
+      .def("with_cache", &fusedqk::Kernel::with_cache, nb::arg("inputs"), nb::arg("length"))
       .def_prop_ro("cubin_bytes", &fusedqk::Kernel::cubin_bytes);
   // Proves at load time that this module and mlx.core share nanobind's type registry: if their
   // nanobind ABIs differed, an mlx.core.array would not convert here.

@@ -1,0 +1,90 @@
+"""kernel_kv on the GPU: the fused call that also writes the KV cache is bitwise the graph path,
+logits, greedy tokens and every element of the cache after every step of a 300-step decode that
+crosses the cache's growth at 256 positions; and it falls back to kernel where it must.
+
+Skipped (with the reason) where MLX has no CUDA backend or the C++ extension is not built: the
+cache-writing call exists only through the primitive.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+from fusedqk.decode import random_prompt
+from fusedqk.engines.builtin import ModelRef, prepare
+from fusedqk.kernels import cuda_ext
+
+EXT, WHY = cuda_ext.load() if mx.cuda.is_available() else (None, "no CUDA backend")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX's CUDA backend"),
+    pytest.mark.skipif(EXT is None, reason=f"the C++ extension is unavailable: {WHY}"),
+]
+
+PROMPT, STEPS = 16, 300  # 16 + 300 positions: the caches grow from 256 to 512 on the way
+
+
+@pytest.fixture(scope="module", params=["qwen3-0.6b", "qwen3-30b-a3b"])
+def prepared(request, monkeypatch_module):
+    monkeypatch_module.setenv("FUSEDQK_KERNEL_CALL", "primitive")
+    mx.set_default_device(mx.gpu)
+    return prepare(ModelRef(model=request.param, backend="cuda"))
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def step(prepared, path: str, cache: list, token: mx.array) -> mx.array:
+    prepared.paths.use(path)
+    logits = prepared.loaded.model(token.reshape(1, -1), cache=cache)[:, -1]
+    mx.eval(logits, [(c.keys, c.values) for c in cache])
+    return logits
+
+
+def test_logits_tokens_and_every_cache_element_equal_graph_over_300_steps(prepared):
+    assert not prepared.paths.report.cache_fallback
+    model = prepared.loaded.model
+    prompt = random_prompt(prepared.loaded.config["vocab_size"], PROMPT, 5)
+    caches = {path: make_prompt_cache(model) for path in ("graph", "kernel_kv")}
+    tokens = {path: step(prepared, "graph", caches[path], prompt).argmax(-1) for path in caches}
+    grew = False
+    for n in range(STEPS):
+        logits = {path: step(prepared, path, caches[path], tokens[path]) for path in caches}
+        assert mx.array_equal(logits["graph"], logits["kernel_kv"]).item(), f"step {n}: logits"
+        tokens = {path: logits[path].argmax(-1) for path in caches}
+        assert tokens["graph"].item() == tokens["kernel_kv"].item(), f"step {n}: greedy token"
+        for layer, (g, f) in enumerate(zip(caches["graph"], caches["kernel_kv"], strict=True)):
+            assert g.offset == f.offset == PROMPT + n + 1
+            assert g.keys.shape == f.keys.shape, f"step {n}, layer {layer}: cache shape"
+            assert mx.array_equal(g.keys, f.keys).item(), f"step {n}, layer {layer}: keys"
+            assert mx.array_equal(g.values, f.values).item(), f"step {n}, layer {layer}: values"
+        grew = grew or caches["kernel_kv"][0].keys.shape[2] > KVCache.step
+    assert grew
+    prepared.paths.use("graph")
+
+
+def test_a_step_on_kernel_kv_builds_at_most_half_the_graphs_nodes(prepared):
+    from fusedqk.blockbench import decode_step_nodes
+
+    graph = decode_step_nodes(prepared, "graph")
+    fused = decode_step_nodes(prepared, "kernel_kv")
+    kernel = decode_step_nodes(prepared, "kernel")
+    layers = len(prepared.paths.layers)
+    # The kernel path's per-layer cache update is two slice updates and two slices.
+    assert kernel - fused == 4 * layers
+    assert fused < graph
+
+
+def test_without_the_primitive_kernel_kv_runs_as_kernel(monkeypatch):
+    monkeypatch.setenv("FUSEDQK_KERNEL_CALL", "cuda_kernel")
+    mx.set_default_device(mx.gpu)
+    other = prepare(ModelRef(model="qwen3-0.6b", backend="cuda"))
+    assert "C++ primitive" in other.paths.report.cache_fallback
+    other.paths.use("kernel_kv")
+    assert all(layer.self_attn.impl == "kernel" for layer in other.paths.layers)
