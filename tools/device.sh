@@ -29,6 +29,8 @@
 #                                 a first and a second prefill in one process, with cuDNN's
 #                                 attention on and off, and a 1-token prompt (FIRSTUSE_MODEL);
 #                                 the block benchmark's first call per path (FIRSTUSE_BLOCK_MODEL)
+#   tools/device.sh kernelkv      kernel_kv's GPU tests (KV_TESTS) and its block beside kernel's
+#                                 (KV_MODEL); run after setup, which builds the primitive
 #   tools/device.sh firstprobe    which operation holds a fresh process's first-use cost, part by
 #                                 part, first and second call, in two processes (PROBE_MODEL)
 #   tools/device.sh servernoise   the mlx-lm server engine's per-request spread under CPU
@@ -312,6 +314,14 @@ firstuse)
   done
   # warm-up s: the first prefill and 8 tokens; prefill s: the second prefill.
   $py tools/generate_table.py firstuse- "$OUT"/firstuse-*.json | tee "$OUT/firstuse.md"
+  ;;
+kernelkv)
+  # kernel_kv (the kernel writing the KV cache, through the C++ primitive, built by setup): its
+  # GPU tests on the models KV_TESTS selects, then its block and node counts beside kernel's.
+  $py -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_kv_gpu.py \
+    -k "${KV_TESTS:-0.6b or without_the_primitive}" 2>&1 | tee "$OUT/kernel-kv-tests.txt" | tail -15
+  $py -m fusedqk blockbench -m "${KV_MODEL:-qwen3-0.6b}" --paths graph,kernel,kernel_kv \
+    --out-dir "$OUT/bb-kv" 2>&1 | tee "$OUT/kernel-kv-blockbench.md"
   ;;
 firstprobe)
   # Which operation holds a fresh process's first-use cost (tools/first_use.py), in two
