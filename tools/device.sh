@@ -29,8 +29,9 @@
 #                                 a first and a second prefill in one process, with cuDNN's
 #                                 attention on and off, and a 1-token prompt (FIRSTUSE_MODEL);
 #                                 the block benchmark's first call per path (FIRSTUSE_BLOCK_MODEL)
-#   tools/device.sh kernelkv      kernel_kv's GPU tests (KV_TESTS) and its block beside kernel's
-#                                 (KV_MODEL); run after setup, which builds the primitive
+#   tools/device.sh kernelkv      kernel_kv's GPU tests (KV_TESTS), its block and its decode
+#                                 beside kernel's (KV_MODEL, KV_ROUNDS); after setup, which
+#                                 builds the primitive
 #   tools/device.sh firstprobe    which operation holds a fresh process's first-use cost, part by
 #                                 part, first and second call, in two processes (PROBE_MODEL)
 #   tools/device.sh servernoise   the mlx-lm server engine's per-request spread under CPU
@@ -322,6 +323,11 @@ kernelkv)
     -k "${KV_TESTS:-0.6b or without_the_primitive}" 2>&1 | tee "$OUT/kernel-kv-tests.txt" | tail -15
   $py -m fusedqk blockbench -m "${KV_MODEL:-qwen3-0.6b}" --paths graph,kernel,kernel_kv \
     --out-dir "$OUT/bb-kv" 2>&1 | tee "$OUT/kernel-kv-blockbench.md"
+  # Decode, the three paths taking turns (KV_ROUNDS rounds; 0 skips it).
+  if [ "${KV_ROUNDS:-8}" != 0 ]; then
+    $py -m fusedqk bench -m "${KV_MODEL:-qwen3-0.6b}" --paths graph,kernel,kernel_kv \
+      -r "${KV_ROUNDS:-8}" --out-dir "$OUT/bench-kv" 2>&1 | tee "$OUT/kernel-kv-bench.md" | tail -8
+  fi
   ;;
 firstprobe)
   # Which operation holds a fresh process's first-use cost (tools/first_use.py), in two
