@@ -12,13 +12,9 @@
 // libnvrtc.so.13 and libcuda.so.1, which libmlx.so already loads.
 
 #include <dlfcn.h>
-#include <unistd.h>
 
-#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
-#include <iterator>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -55,7 +51,6 @@ int nvrtcGetCUBINSize(nvrtcProgram, size_t*);
 int nvrtcGetCUBIN(nvrtcProgram, char*);
 int nvrtcGetLoweredName(nvrtcProgram, const char*, const char**);
 int nvrtcDestroyProgram(nvrtcProgram*);
-int nvrtcVersion(int*, int*);
 const char* nvrtcGetErrorString(int);
 }
 
@@ -102,93 +97,37 @@ struct CompiledModule {
   size_t cubin_bytes = 0;
 };
 
-// Machine code kept on disk between processes: NVRTC takes about 40 s for the fused kernel
-// (NVIDIA H200, 2026-12-03), which every fresh process paid again. The folder is MLX's kernel
-// cache (MLX_PTX_CACHE_DIR, which fusedqk points at its shared cache), else a folder of the
-// system's temporary directory; the file name holds a hash of everything the code depends on
-// (source, options, target, NVRTC's version), so a changed kernel never loads stale code.
-std::filesystem::path cubin_cache_dir() {
-  if (const char* dir = std::getenv("MLX_PTX_CACHE_DIR"); dir && *dir) return dir;
-  return std::filesystem::temp_directory_path() / "fusedqk" / "cubin";
-}
-
-uint64_t fnv1a(const std::string& text, uint64_t hash = 1469598103934665603ull) {
-  for (unsigned char c : text) hash = (hash ^ c) * 1099511628211ull;
-  return hash;
-}
-
-// A cached entry is the mangled kernel name, a newline, then the cubin; written to a temporary
-// file and renamed, so a reader never sees half of one.
-bool read_cached(const std::filesystem::path& path, std::string& mangled, std::string& cubin) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in || !std::getline(in, mangled) || mangled.empty()) return false;
-  cubin.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  return !cubin.empty();
-}
-
-void write_cached(const std::filesystem::path& path, const std::string& mangled,
-                  const std::string& cubin) {
-  std::error_code error;
-  std::filesystem::create_directories(path.parent_path(), error);
-  auto partial = path;
-  partial += ".part" + std::to_string(::getpid());
-  {
-    std::ofstream out(partial, std::ios::binary);
-    if (!out) return;  // an unwritable folder only costs the next process a compile
-    out << mangled << '\n';
-    out.write(cubin.data(), static_cast<std::streamsize>(cubin.size()));
-    if (!out) return;
-  }
-  std::filesystem::rename(partial, path, error);
-  if (error) std::filesystem::remove(partial, error);
-}
-
 CompiledModule compile(const std::string& source, const std::string& file_name,
                        const std::string& kernel_name, int major, int minor) {
+  nvrtcProgram prog = nullptr;
+  check_nvrtc(nvrtcCreateProgram(&prog, source.c_str(), file_name.c_str(), 0, nullptr, nullptr),
+              "nvrtcCreateProgram");
+  std::unique_ptr<nvrtcProgram, void (*)(nvrtcProgram*)> release(
+      &prog, [](nvrtcProgram* p) { nvrtcDestroyProgram(p); });
+  check_nvrtc(nvrtcAddNameExpression(prog, kernel_name.c_str()), "nvrtcAddNameExpression");
   std::vector<std::string> options = {"--gpu-architecture=sm_" + std::to_string(major) +
                                       std::to_string(minor)};
   if (auto cccl = cccl_dir(); !cccl.empty()) options.push_back("--include-path=" + cccl);
   options.push_back("--include-path=" + cuda_home() + "/include");
-  int nvrtc_major = 0, nvrtc_minor = 0;
-  nvrtcVersion(&nvrtc_major, &nvrtc_minor);
-  uint64_t key = fnv1a(source);
-  for (const auto& text : options) key = fnv1a(text + '\0', key);
-  key = fnv1a(kernel_name + "|nvrtc " + std::to_string(nvrtc_major) + "." +
-                  std::to_string(nvrtc_minor),
-              key);
-  std::ostringstream name;
-  name << "fusedqk-" << std::hex << key << ".cubin";
-  const auto cached = cubin_cache_dir() / name.str();
-
-  std::string mangled, cubin;
-  if (!read_cached(cached, mangled, cubin)) {
-    nvrtcProgram prog = nullptr;
-    check_nvrtc(nvrtcCreateProgram(&prog, source.c_str(), file_name.c_str(), 0, nullptr, nullptr),
-                "nvrtcCreateProgram");
-    std::unique_ptr<nvrtcProgram, void (*)(nvrtcProgram*)> release(
-        &prog, [](nvrtcProgram* p) { nvrtcDestroyProgram(p); });
-    check_nvrtc(nvrtcAddNameExpression(prog, kernel_name.c_str()), "nvrtcAddNameExpression");
-    std::vector<const char*> argv;
-    for (auto& o : options) argv.push_back(o.c_str());
-    if (int r = nvrtcCompileProgram(prog, static_cast<int>(argv.size()), argv.data()); r != 0) {
-      size_t size = 0;
-      nvrtcGetProgramLogSize(prog, &size);
-      std::string log(size, '\0');
-      nvrtcGetProgramLog(prog, log.data());
-      throw std::runtime_error("fusedqk primitive: NVRTC could not compile " + file_name + ": " +
-                               log);
-    }
-    const char* lowered = nullptr;
-    check_nvrtc(nvrtcGetLoweredName(prog, kernel_name.c_str(), &lowered), "nvrtcGetLoweredName");
-    mangled = lowered;
+  std::vector<const char*> argv;
+  for (auto& o : options) argv.push_back(o.c_str());
+  if (int r = nvrtcCompileProgram(prog, static_cast<int>(argv.size()), argv.data()); r != 0) {
     size_t size = 0;
-    check_nvrtc(nvrtcGetCUBINSize(prog, &size), "nvrtcGetCUBINSize");
-    cubin.assign(size, '\0');
-    check_nvrtc(nvrtcGetCUBIN(prog, cubin.data()), "nvrtcGetCUBIN");
-    write_cached(cached, mangled, cubin);
+    nvrtcGetProgramLogSize(prog, &size);
+    std::string log(size, '\0');
+    nvrtcGetProgramLog(prog, log.data());
+    throw std::runtime_error("fusedqk primitive: NVRTC could not compile " + file_name + ": " +
+                             log);
   }
+  const char* lowered = nullptr;
+  check_nvrtc(nvrtcGetLoweredName(prog, kernel_name.c_str(), &lowered), "nvrtcGetLoweredName");
+  std::string mangled(lowered);
+  size_t size = 0;
+  check_nvrtc(nvrtcGetCUBINSize(prog, &size), "nvrtcGetCUBINSize");
+  std::string cubin(size, '\0');
+  check_nvrtc(nvrtcGetCUBIN(prog, cubin.data()), "nvrtcGetCUBIN");
   CompiledModule out;
-  out.cubin_bytes = cubin.size();
+  out.cubin_bytes = size;
   check_cu(cuModuleLoadData(&out.module, cubin.data()), "cuModuleLoadData");
   check_cu(cuModuleGetFunction(&out.function, out.module, mangled.c_str()),
            "cuModuleGetFunction");
