@@ -192,13 +192,20 @@ class FusedQKNormAttention(nn.Module):
             offset = _position_array(offset, None)
         return qkv_norm_rope.composite(self.layout)(x, *self._step.weights, offset)
 
+    def qkv_written(self, x: mx.array, offset: int, keys: mx.array,
+                    values: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """q (B, H, 1, D) for a decode step at ``offset``, with k and v written in place into
+        the buffers ``keys`` and ``values`` (B, KV, S, D) there, and the views of their first
+        ``offset + 1`` positions (kernel_kv's one call; the caller owns the buffers)."""
+        return self._with_cache(*self.kernel_inputs(x, offset), keys, values, offset + 1)
+
     def qkv_into_cache(self, x: mx.array, cache: KVCache) -> tuple[mx.array, mx.array, mx.array]:
-        """One decode step's q (B, H, 1, D) with k and v written into ``cache`` by the kernel
-        itself, and the cache's views attention reads (``kernel_kv``)."""
+        """One decode step's q with k and v written into ``cache`` by the kernel itself, and
+        the cache's views attention reads (``kernel_kv``)."""
         layout, offset = self.layout, cache.offset
         keys, values = CACHE_WRITER.room_for_one(cache, x.shape[0], layout.n_kv_heads,
                                                  layout.head_dim, x.dtype)
-        out = self._with_cache(*self.kernel_inputs(x, offset), keys, values, offset + 1)
+        out = self.qkv_written(x, offset, keys, values)
         CACHE_WRITER.wrote_one(cache)
         return out
 

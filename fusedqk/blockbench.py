@@ -210,8 +210,7 @@ def measure_blocks(prep: Prepared, settings: Settings) -> dict:
             mx.eval(caches)
 
             def block(a=fused, c=caches):
-                return [m._with_cache(*m.kernel_inputs(x, offset), k, v, offset + 1)
-                        for m, (k, v) in zip(a, c, strict=True)]
+                return [m.qkv_written(x, offset, k, v) for m, (k, v) in zip(a, c, strict=True)]
         elif name != "kernel" and name != "composite":
             call = "cuda_kernel" if name in CUDA_KERNEL_ROWS else paths.report.kernel_call
             calls = [_kernel_fn(m, prep.backend, call, launch_only=name.startswith("launch"))
