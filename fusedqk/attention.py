@@ -33,11 +33,11 @@ from mlx_lm.models.cache import KVCache
 from fusedqk.errors import UserError
 from fusedqk.kernels import qkv_norm_rope
 from fusedqk.kernels.qkv_norm_rope import QKVLayout
+from fusedqk.toggle import KERNEL_PATHS
 
 log = logging.getLogger("fusedqk")
 
-PATHS = ("graph", "composite", "kernel", "kernel_kv")
-KERNEL_PATHS = ("kernel", "kernel_kv")
+PATHS = ("graph", "composite", *KERNEL_PATHS)
 
 
 def fusion_blocker(attn: nn.Module) -> str | None:

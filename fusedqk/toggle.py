@@ -27,6 +27,7 @@ KERNEL_CALLS = ("auto", "primitive", "cuda_kernel")
 # One vocabulary for every command, config key and file: the graph path, the two fused
 # implementations, and ``fused`` = the implementation this backend resolves to.
 PATH_NAMES = ("graph", "fused", "composite", "kernel", "kernel_kv")
+KERNEL_PATHS = ("kernel", "kernel_kv")  # the paths that need a backend with a kernel
 DEFAULTS_SCHEMA = "fusedqk-defaults/1"
 SHIPPED = "fusedqk/data/defaults.json"
 
@@ -211,7 +212,7 @@ def concrete_path(name: str | None, backend: str, has_kernel: bool, impl: str | 
     if name == "fused":
         name = parse_impl(impl, "--impl") if impl is not None else resolve(backend, has_kernel, env).impl
         name = auto_impl(has_kernel) if name == "auto" else name
-    if name in ("kernel", "kernel_kv") and not has_kernel:
+    if name in KERNEL_PATHS and not has_kernel:
         raise UserError(f"{flag}: the kernel has no {backend} version (kernels exist for cuda and "
                         "metal); use composite on this backend")
     return name

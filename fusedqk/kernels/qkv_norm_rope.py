@@ -334,4 +334,3 @@ class QKVNormRope:
         the buffers (``fusedqk.attention.CacheWriter``)."""
         return tuple(self._cache_writer.with_cache(
             [x, w, scales, biases, q_norm, k_norm, positions, counters, keys, values], length))
-
