@@ -45,6 +45,7 @@
 #   SITE_PACKAGES  where MLX's CUDA build is installed [/tmp/site] (../shared/device/README.md)
 #   NCU_DIR        Nsight Compute's folder [the newest /opt/nvidia/nsight-compute/*]
 #   CUDA_BIN       nvcc's folder [/usr/local/cuda/bin]
+#   NO_TORCH=1     every process in a venv that sees this machine's packages but PyTorch [0]
 set -uo pipefail
 stage="${1:?usage: tools/device.sh kernel|pipeline}"
 OUT="${OUT:-$PWD/.work/device-out}"
@@ -61,6 +62,30 @@ export PYTHONPATH="$SITE_PACKAGES:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # (FUSEDQK_CACHE_DIR, docs/configuration.md): empty on a freshly started machine.
 export PYTHONUNBUFFERED=1
 py=python3
+
+# NO_TORCH=1: run every process in a venv of this machine's interpreter that sees the same
+# packages except PyTorch's. This machine's transformers sits beside PyTorch and importing mlx-lm
+# imports it (13-15 s a process on 2026-12-03; USE_TORCH=0 did not keep it out); fusedqk's own
+# environments (containers/, pyproject.toml) install no PyTorch, so this is the start-up they pay.
+hide_torch() {
+  local site base
+  site="$(python3 -c 'import importlib.util as u, os; print(os.path.dirname(list(u.find_spec("torch").submodule_search_locations)[0]))' 2>/dev/null)" \
+    || { echo "NO_TORCH: no PyTorch here, nothing to hide"; return 0; }
+  base="$(python3 -c 'import sys; print(sys._base_executable)')"
+  rm -rf /tmp/no-torch /tmp/no-torch-site && mkdir -p /tmp/no-torch-site
+  for entry in "$site"/*; do
+    case "$(basename "$entry")" in torch*|functorch*|triton*) continue ;; esac
+    ln -s "$entry" /tmp/no-torch-site/
+  done
+  "$base" -m venv --without-pip /tmp/no-torch || { echo "NO_TORCH: venv failed, PyTorch stays"; return 0; }
+  echo 'import site; site.addsitedir("/tmp/no-torch-site")' > \
+    "$(/tmp/no-torch/bin/python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/machine-packages.pth"
+  py=/tmp/no-torch/bin/python3
+  export PATH="/tmp/no-torch/bin:$PATH"
+  $py -c "import mlx_lm.utils, importlib.util as u, sys; print('NO_TORCH:', sys.executable, 'torch importable:', u.find_spec('torch') is not None)" \
+    | tee "$OUT/no-torch.txt"
+}
+[ "${NO_TORCH:-0}" = 1 ] && hide_torch
 
 # The optional C++ primitive (fusedqk build-ext), with fmt's headers from the .deb that travels
 # in .whl/ (the stage that installs); the module lands in the tree and stays there for later calls on a warm machine.
