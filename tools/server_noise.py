@@ -10,12 +10,16 @@ Placements (``--layouts``):
   unpinned   every thread may run on every core (what the pipeline does by default)
   physN      each arm's server on N physical cores of its own (all their hardware threads),
              the client on the rest
+  sharedN    both arms' servers on the same N physical cores (only one serves at a time), the
+             client on the rest: whether a core's own speed, not the arm, sets a token's time
   freeze     unpinned, and the arm not being timed is stopped (SIGSTOP) until its turn
-  physN+freeze  both
+  physN+freeze, sharedN+freeze  both
 ``--switch-interval-us N`` starts both servers with Python's thread switch interval at N µs
 (CPython's default is 5000) through a ``sitecustomize`` module on their PYTHONPATH: whether a
 token waits for the GIL between the server's generation thread and its HTTP thread.
-Prints a table per placement: per-arm CV of request tok/s, the SD of the rounds' log speedups,
+Before each request the client times a fixed piece of pure-Python work (``probe ms``): if the
+machine's own speed drifts, the probe drifts with the requests' gaps, and the table shows how
+closely. Prints a table per placement: per-arm CV of request tok/s, the SD of the rounds' log speedups,
 the speedup with its bootstrap CI, gap percentiles, and each server thread's CPU share (a
 thread near 100 % spins); ``--out`` writes every request's gaps as JSON lines.
 """
@@ -58,28 +62,31 @@ def physical_cores() -> list[list[int]]:
     return list(groups.values())
 
 
-def placement(name: str) -> tuple[int | None, bool]:
-    """``physN[+freeze]`` / ``unpinned`` / ``freeze`` as (physical cores per arm or None, freeze)."""
+def placement(name: str) -> tuple[int | None, bool, bool]:
+    """``physN`` / ``sharedN`` / ``unpinned``, each with an optional ``+freeze``, as (physical
+    cores per arm or None, whether the arms share them, freeze)."""
     parts = name.split("+")
     freeze = "freeze" in parts
-    cores = [p for p in parts if p.startswith("phys")]
-    if any(p not in ("freeze", "unpinned") and not p.startswith("phys") for p in parts) or (
-            cores and not cores[0][4:].isdigit()):
-        raise SystemExit(f"--layouts: {name!r} is not unpinned, freeze, physN or physN+freeze")
-    return (int(cores[0][4:]) if cores else None), freeze
+    cores = [p for p in parts if p not in ("freeze", "unpinned")]
+    kind = cores[0].rstrip("0123456789") if cores else ""
+    if len(cores) > 1 or (cores and (kind not in ("phys", "shared") or kind == cores[0])):
+        raise SystemExit(f"--layouts: {name!r} is not unpinned, freeze, physN, sharedN or one "
+                         "of them +freeze")
+    return (int(cores[0][len(kind):]) if cores else None), kind == "shared", freeze
 
 
-def cpu_sets(per_arm: int | None) -> dict[str, set[int]]:
+def cpu_sets(per_arm: int | None, shared: bool = False) -> dict[str, set[int]]:
     everything = set(os.sched_getaffinity(0))
     if per_arm is None:
         return dict.fromkeys([*ARMS, "client"], everything)
     cores = physical_cores()
-    if len(cores) < 2 * per_arm + 1:
-        raise SystemExit(f"phys{per_arm} needs {2 * per_arm + 1} physical cores; this machine "
-                         f"offers {len(cores)}")
-    sets = {arm: {c for core in cores[i * per_arm:(i + 1) * per_arm] for c in core}
+    taken = per_arm if shared else 2 * per_arm
+    if len(cores) < taken + 1:
+        raise SystemExit(f"{'shared' if shared else 'phys'}{per_arm} needs {taken + 1} physical "
+                         f"cores; this machine offers {len(cores)}")
+    sets = {arm: {c for core in cores[(0 if shared else i) * per_arm:][:per_arm] for c in core}
             for i, arm in enumerate(ARMS)}
-    sets["client"] = {c for core in cores[2 * per_arm:] for c in core}
+    sets["client"] = {c for core in cores[taken:] for c in core}
     return sets
 
 
@@ -105,6 +112,15 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
     return out
 
 
+def probe_ms() -> float:
+    """Milliseconds of a fixed piece of pure-Python work on the client's core (~1 ms here)."""
+    start = time.perf_counter()
+    total = 0
+    for i in range(40_000):
+        total += i * i
+    return (time.perf_counter() - start) * 1e3
+
+
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("engine")
@@ -127,7 +143,7 @@ def main() -> None:
     vocab = vocab_size(path)
     layouts = args.layouts.split(",")
     shapes = {name: placement(name) for name in layouts}
-    sets = {name: cpu_sets(per_arm) for name, (per_arm, _) in shapes.items()}
+    sets = {name: cpu_sets(per_arm, shared) for name, (per_arm, shared, _) in shapes.items()}
     values = {"model": args.model, "model_path": path, "python": sys.executable}
     warm = prompt_text(vocab, 8, 0)
     env = dict(os.environ)
@@ -160,7 +176,7 @@ def main() -> None:
         rnd = 0
         for block in range(-(-args.rounds // args.block)):
             for name in layouts if block % 2 == 0 else layouts[::-1]:
-                _, freeze = shapes[name]
+                freeze = shapes[name][2]
                 for arm in ARMS:
                     pin_process(servers[arm].process.proc.pid, sets[name][arm])
                 pin_process(me, sets[name]["client"])
@@ -174,12 +190,14 @@ def main() -> None:
                         other = servers[ARMS[1 - ARMS.index(arm)]].process.proc.pid
                         if freeze:
                             os.killpg(other, signal.SIGSTOP)
+                        probe = probe_ms()
                         try:
                             out = servers[arm].stream(prompt, args.tokens)
                         finally:
                             if freeze:
                                 os.killpg(other, signal.SIGCONT)
-                        row[arm] = {"tok_s": out.stream_tok_s, "gaps_ms": [1e3 * g for g in out.gaps]}
+                        row[arm] = {"tok_s": out.stream_tok_s, "probe_ms": probe,
+                                    "gaps_ms": [1e3 * g for g in out.gaps]}
                     rows[name].append(row)
                     rnd += 1
                 wall[name] += time.perf_counter() - start
@@ -193,8 +211,9 @@ def main() -> None:
                 for row in rows[name]:
                     f.write(json.dumps(row) + "\n")
     print("| placement | rounds | graph tok/s CV | fused tok/s CV | round log-ratio SD | speedup "
-          "[95 % CI] | gap ms p10/p50/p90 (graph; fused) | busiest thread CPU share |")
-    print("|---|---|---|---|---|---|---|---|")
+          "[95 % CI] | gap ms p10/p50/p90 (graph; fused) | probe ms CV | corr(probe, ms/token) graph/fused "
+          "| busiest thread CPU share |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in layouts:
         tok = {arm: np.array([r[arm]["tok_s"] for r in rows[name]]) for arm in ARMS}
         ratios = list(tok["fused"] / tok["graph"])
@@ -202,11 +221,15 @@ def main() -> None:
         gaps = {arm: np.concatenate([r[arm]["gaps_ms"] for r in rows[name]]) for arm in ARMS}
         pct = "; ".join("/".join(f"{v:.1f}" for v in np.percentile(gaps[arm], [10, 50, 90]))
                         for arm in ARMS)
+        probes = {arm: np.array([r[arm]["probe_ms"] for r in rows[name]]) for arm in ARMS}
+        corr = "/".join(f"{np.corrcoef(probes[arm], 1e3 / tok[arm])[0, 1]:.2f}"
+                        if len(tok[arm]) > 2 else "-" for arm in ARMS)
         busiest = max(((s / wall[name], f"{arm} {tid.split(':', 1)[1]}")
                        for arm in ARMS for tid, s in cpu[name][arm].items()), default=(0, "-"))
         print(f"| {name} | {len(ratios)} | {stats.cv(tok['graph']):.3f} | {stats.cv(tok['fused']):.3f} "
               f"| {np.std(np.log(ratios), ddof=1):.3f} | {sp.point:.3f} [{sp.lo:.3f}, {sp.hi:.3f}] "
-              f"| {pct} | {busiest[0]:.0%} ({busiest[1]}) |")
+              f"| {pct} | {stats.cv(np.concatenate(list(probes.values()))):.3f} | {corr} "
+              f"| {busiest[0]:.0%} ({busiest[1]}) |")
     print(f"\nphysical cores here: {physical_cores()}")
     for name in layouts:
         shares = {arm: sorted(((round(s / wall[name], 2), tid) for tid, s in cpu[name][arm].items()
