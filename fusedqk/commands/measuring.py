@@ -212,8 +212,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--bandwidth", default="measure",
                    help="memory bandwidth in GB/s for the floor, or `measure` (default)")
     p.add_argument("--paths",
-                   help="comma list of graph, composite, kernel, launch (the kernel's launch with "
-                        "an empty body); default: every one this backend runs (kernel and launch "
-                        "only where a kernel exists)")
+                   help="comma list of graph, composite, kernel, kernel_kv (with its cache "
+                        "write), launch (the kernel's launch with an empty body), "
+                        "kernel-cuda_kernel, launch-cuda_kernel; default: every one this "
+                        "backend runs (kernel rows only where a kernel exists, kernel_kv and "
+                        "the -cuda_kernel rows only through the C++ primitive)")
     result_flags(p, "blockbench.csv and blockbench.json")
     p.set_defaults(func=cmd_blockbench)
