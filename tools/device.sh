@@ -348,6 +348,24 @@ kernelkv)
     -k "${KV_TESTS:-0.6b or without_the_primitive}" 2>&1 | tee "$OUT/kernel-kv-tests.txt" | tail -15
   $py -m fusedqk blockbench -m "${KV_MODEL:-qwen3-0.6b}" --paths graph,kernel,kernel_kv \
     --out-dir "$OUT/bb-kv" 2>&1 | tee "$OUT/kernel-kv-blockbench.md"
+  # Device time per launch, kernel against kernel_kv (Nsight Compute, clocks left alone): whether
+  # kernel_kv's extra time per layer is on the GPU or on the host.
+  timeout 240 ncu --clock-control none --csv --metrics gpu__time_duration.sum -k regex:fusedqk \
+    -c 224 $py -m fusedqk blockbench -m "${KV_MODEL:-qwen3-0.6b}" --paths kernel,kernel_kv \
+    --reps 3 -w 0 --bandwidth 3400 > "$OUT/kernel-kv-ncu.csv" 2> "$OUT/kernel-kv-ncu.err"
+  $py - "$OUT/kernel-kv-ncu.csv" <<'PY' | tee "$OUT/kernel-kv-ncu.md"
+import csv, statistics, sys
+rows = [r for r in csv.DictReader(l for l in open(sys.argv[1]) if l.startswith('"'))
+        if r.get("Metric Name") == "gpu__time_duration.sum"]
+by = {}
+for r in rows:
+    by.setdefault("kernel_kv" if r["Kernel Name"].split("(")[0].endswith("_kv") else "kernel",
+                  []).append(float(r["Metric Value"].replace(",", "")))
+for name, v in by.items():
+    print(f"{name}: {len(v)} launches, device time median {statistics.median(v):.0f} "
+          f"(p10 {statistics.quantiles(v, n=10)[0]:.0f}, p90 {statistics.quantiles(v, n=10)[-1]:.0f}) "
+          f"{rows[0]['Metric Unit']}")
+PY
   # Decode, the three paths taking turns (KV_ROUNDS rounds; 0 skips it).
   if [ "${KV_ROUNDS:-8}" != 0 ]; then
     $py -m fusedqk bench -m "${KV_MODEL:-qwen3-0.6b}" --paths graph,kernel,kernel_kv \
