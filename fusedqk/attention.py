@@ -236,6 +236,17 @@ class InstallReport:
     kernel_call: str | None = None  # how the kernel is called: primitive, cuda_kernel or metal_kernel
     cache_fallback: str | None = None  # why "kernel_kv" runs as "kernel" here, if it does
 
+    def runs_as(self, path: str) -> tuple[str, str | None]:
+        """The implementation ``path`` really runs here, and why, where that is another one
+        (kernel_kv as kernel without the C++ primitive, kernel as composite where it has no
+        kernel)."""
+        impl, why = path, None
+        if impl == "kernel_kv" and self.cache_fallback:
+            impl, why = "kernel", self.cache_fallback
+        if impl == "kernel" and self.kernel_fallback:
+            impl, why = "composite", self.kernel_fallback
+        return impl, why
+
 
 class DecodePaths:
     """Graph and fused attention installed side by side in one model; ``use`` switches them.
@@ -277,13 +288,9 @@ class DecodePaths:
         if path in KERNEL_PATHS and not qkv_norm_rope.has_kernel(self.backend):
             raise UserError(f"the kernel implementation has no {self.backend} version (kernels "
                             "exist for cuda and metal); use --impl composite on this backend")
-        impl = path
-        if path == "kernel_kv" and self.report.cache_fallback:
-            log.warning("kernel_kv unavailable, using kernel: %s", self.report.cache_fallback)
-            impl = "kernel"
-        if impl == "kernel" and self.report.kernel_fallback:
-            log.warning("kernel unavailable, using composite: %s", self.report.kernel_fallback)
-            impl = "composite"
+        impl, why = self.report.runs_as(path)
+        if why:
+            log.warning("%s unavailable, using %s: %s", path, impl, why)
         modules = self.graph if path == "graph" else self.fused
         for layer, attn in zip(self.layers, modules, strict=True):
             layer.self_attn = attn

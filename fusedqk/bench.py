@@ -78,6 +78,14 @@ def measure_decode(prep: Prepared, paths: list[str], settings: BenchSettings,
     greedy = make_sampler(0.0, settings.seed)
     result = BenchRun(settings, paths)
     result.meta = {"started_at": now_utc(), "argv": argv or []}
+    # A path that runs as another here (kernel_kv without the C++ primitive) is named so, not
+    # passed off as itself.
+    substitutes = {path: dict(zip(("runs_as", "why"), prep.paths.report.runs_as(path), strict=True))
+                   for path in paths if prep.paths.report.runs_as(path)[1]}
+    if substitutes:
+        result.meta["substitutes"] = substitutes
+        result.warnings += [f"{path} ran as {s['runs_as']} here: {s['why']}"
+                            for path, s in substitutes.items()]
     bar = _progress(len(paths) * (settings.warmup + settings.round_limit), prep.loaded.name)
     peak_memory = {}
     with phases.phase("warmup"):

@@ -277,11 +277,14 @@ def context(run: RunData) -> dict:
     bench_rows, ident_rows, block_rows, failed, round_notes, drift_notes = [], [], [], [], [], []
     engine_rows: list[dict] = []
     lock_notes: list[str] = []
+    substitute_notes: list[str] = []
     for name, m in run.models.items():
         if m.failed:
             failed.append({"model": name, "error": m.failed})
         if m.bench and "stopped" in m.bench["meta"]:  # runs before adaptive lengths lack it
             round_notes.append(f"{name}: {m.bench['meta']['stopped']}")
+        substitute_notes += [f"{name}: {path} ran as {s['runs_as']}: {s['why']}" for path, s
+                             in ((m.bench or {}).get("meta", {}).get("substitutes") or {}).items()]
         lock = (m.bench or {}).get("meta", {}).get("environment", {}).get("device_lock")
         if lock:  # results before the device lock have none
             lock_notes.append(f"{name}: waited {lock['waited_s']:.1f} s for the device; "
@@ -336,7 +339,8 @@ def context(run: RunData) -> dict:
                 s["path"] for m in run.models.values() if m.bench for s in m.bench["summary"])},
             "counts_checked": any("refused_rounds" in m.bench["meta"] for m in run.models.values()
                                   if m.bench),
-            "round_notes": round_notes, "lock_notes": lock_notes, "drift_notes": drift_notes,
+            "round_notes": round_notes, "substitute_notes": substitute_notes,
+            "lock_notes": lock_notes, "drift_notes": drift_notes,
             "estimator": estimator,
             "blockbench": block_rows, "failed": failed, "env": run.environment,
             "times": time_rows(run),

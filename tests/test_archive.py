@@ -113,6 +113,20 @@ def test_report_names_a_speedup_that_moved_during_its_run(tmp_path):
     assert "moved during" not in (run / "report.md").read_text()
 
 
+def test_report_names_a_path_that_ran_as_another(tmp_path):
+    """kernel_kv without the C++ primitive runs as kernel: the bench records it, and both
+    reports say so instead of passing one path off as the other."""
+    def edit(doc):
+        doc["meta"]["substitutes"] = {"kernel_kv": {"runs_as": "kernel", "why": "no primitive"}}
+
+    run, copy = _render_cpu_archive_with(tmp_path, edit, "*/bench/bench.json")
+    for name in ("report.md", "report.html"):
+        text = (copy / name).read_text()
+        assert "Paths that ran as another implementation" in text
+        assert "kernel_kv ran as kernel: no primitive" in text
+        assert "ran as another" not in (run / name).read_text()
+
+
 def test_the_html_report_says_what_was_measured_and_how(tmp_path):
     run = next(p for p in ARCHIVES if p.parent.name.startswith("cpu-"))
     report.render_run(run, tmp_path)

@@ -90,3 +90,16 @@ def test_kernel_on_cpu_is_a_clear_error(dense_tiny):
     with pytest.raises(UserError, match="no cpu version"):
         dense_tiny.paths.use("kernel")
     assert "no fused kernel for backend cpu" in dense_tiny.paths.report.kernel_fallback
+
+
+def test_each_path_names_what_it_runs_as_here():
+    from fusedqk.attention import InstallReport
+
+    everything = InstallReport(28, 0, [], None, "primitive")
+    assert [everything.runs_as(p) for p in ("kernel_kv", "kernel", "composite")] == [
+        ("kernel_kv", None), ("kernel", None), ("composite", None)]
+    no_primitive = InstallReport(28, 0, [], None, "cuda_kernel", cache_fallback="needs it")
+    assert no_primitive.runs_as("kernel_kv") == ("kernel", "needs it")
+    assert no_primitive.runs_as("kernel") == ("kernel", None)
+    no_kernel = InstallReport(28, 0, [], "no kernel", None, cache_fallback="no kernel")
+    assert no_kernel.runs_as("kernel_kv") == ("composite", "no kernel")
