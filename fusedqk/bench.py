@@ -200,7 +200,8 @@ def _speedups(result: BenchRun) -> tuple[dict[str, list[float]], dict[str, stats
 def summarize(result: BenchRun, speedups: dict[str, stats.Speedup],
               per_round: dict[str, list[float]]) -> None:
     """Per-path summary, the fused-vs-graph ``speedups`` and ``per_round`` speedups (``_speedups``
-    after the last round), the halves of the rounds, and stability warnings."""
+    after the last round), the halves of the rounds in time and by the host's speed, and
+    stability warnings."""
     df = pd.DataFrame(result.trials)
     for path in result.paths:
         sub = df[df.path == path]
@@ -214,13 +215,19 @@ def summarize(result: BenchRun, speedups: dict[str, stats.Speedup],
             "peak_memory_bytes": int(sub.peak_memory_bytes.max()),
         })
         result.warnings += stats.stability_warnings(path, tok, len(sub), float(sub.decode_s.median()))
+    tokens = pd.DataFrame(result.tokens, columns=TOKEN_COLUMNS)
+    graph_round_s = tokens[tokens.path == "graph"].groupby("round").latency_s.mean().tolist()
     for path, sp in speedups.items():
         halves = stats.halves(per_round[path], seed=result.settings.seed)
+        states = (stats.host_states(per_round[path], graph_round_s, seed=result.settings.seed)
+                  if len(graph_round_s) == len(per_round[path]) else None)
         result.warnings += stats.drift_warnings(path, halves)
+        result.warnings += stats.host_state_warnings(path, states)
         result.speedups.append({"model": df.model.iloc[0], "backend": df.backend.iloc[0],
                                 "path": path, **sp.as_dict(), "estimator": stats.ESTIMATOR,
                                 "round_speedups": per_round[path],
-                                "halves": halves.as_dict() if halves else None})
+                                "halves": halves.as_dict() if halves else None,
+                                "host_states": states.as_dict() if states else None})
 
 
 def write_results(result: BenchRun, out_dir) -> None:

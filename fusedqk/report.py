@@ -278,6 +278,7 @@ def context(run: RunData) -> dict:
     engine_rows: list[dict] = []
     lock_notes: list[str] = []
     substitute_notes: list[str] = []
+    state_notes: list[str] = []
     for name, m in run.models.items():
         if m.failed:
             failed.append({"model": name, "error": m.failed})
@@ -295,6 +296,9 @@ def context(run: RunData) -> dict:
             drift_notes += [f"{name} {w}" for sp in speed.values() if sp.get("halves")
                             for w in stats.drift_warnings(sp["path"],
                                                           stats.Halves.from_dict(sp["halves"]))]
+            state_notes += [f"{name} {w}" for sp in speed.values() if sp.get("host_states")
+                            for w in stats.host_state_warnings(
+                                sp["path"], stats.Halves.from_dict(sp["host_states"]))]
             for s in m.bench["summary"]:
                 sp = speed.get(s["path"])
                 bench_rows.append({**s, "speedup": sp, "paired_p": paired.get(s["path"]),
@@ -340,7 +344,7 @@ def context(run: RunData) -> dict:
             "counts_checked": any("refused_rounds" in m.bench["meta"] for m in run.models.values()
                                   if m.bench),
             "round_notes": round_notes, "substitute_notes": substitute_notes,
-            "lock_notes": lock_notes, "drift_notes": drift_notes,
+            "lock_notes": lock_notes, "drift_notes": drift_notes, "state_notes": state_notes,
             "estimator": estimator,
             "blockbench": block_rows, "failed": failed, "env": run.environment,
             "times": time_rows(run),

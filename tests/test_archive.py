@@ -113,6 +113,23 @@ def test_report_names_a_speedup_that_moved_during_its_run(tmp_path):
     assert "moved during" not in (run / "report.md").read_text()
 
 
+def test_report_names_a_speedup_that_follows_the_hosts_speed(tmp_path):
+    from fusedqk import stats
+
+    split = stats.Halves((1.15, 1.12, 1.18), (1.34, 1.30, 1.38)).as_dict()
+
+    def edit(doc):
+        for sp in doc["speedups"]:
+            sp["host_states"] = split
+
+    run, copy = _render_cpu_archive_with(tmp_path, edit, "*/bench/bench.json")
+    for name in ("report.md", "report.html"):
+        text = (copy / name).read_text()
+        assert "A speedup that follows the host's speed" in text
+        assert "1.150 [1.120, 1.180] in the half of the rounds where graph decoded fastest" in text
+        assert "follows the host" not in (run / name).read_text()
+
+
 def test_report_names_a_path_that_ran_as_another(tmp_path):
     """kernel_kv without the C++ primitive runs as kernel: the bench records it, and both
     reports say so instead of passing one path off as the other."""

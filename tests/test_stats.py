@@ -105,3 +105,39 @@ def test_halves_on_archived_h100_rounds():
     assert moved["qwen3-8b"].first[0] == pytest.approx(1.070, abs=5e-4)
     assert moved["qwen3-8b"].second[0] == pytest.approx(1.171, abs=5e-4)
     assert not moved["qwen3-30b-a3b"].disjoint
+
+
+def test_host_states_split_by_graph_speed_not_by_time():
+    # Fast and slow rounds alternate: the halves in time agree, the split by host speed does not.
+    graph_s = [0.005, 0.008] * 5
+    rounds = [1.05, 1.35] * 5
+    assert not stats.halves(rounds).disjoint
+    states = stats.host_states(rounds, graph_s)
+    assert states.first == pytest.approx((1.05,) * 3) and states.second == pytest.approx((1.35,) * 3)
+    (warning,) = stats.host_state_warnings("kernel", states)
+    assert "1.050 [1.050, 1.050] in the half of the rounds where graph decoded fastest" in warning
+    assert stats.host_states(rounds[:7], graph_s[:7]) is None
+    with pytest.raises(ValueError, match="one graph time per round"):
+        stats.host_states(rounds, graph_s[:-1])
+    steady = stats.host_states([1.2] * 8, [0.005] * 8)
+    assert not steady.disjoint and stats.host_state_warnings("kernel", steady) == []
+
+
+def test_host_states_on_archived_h100_rounds():
+    """Run 703a49a8e9-kernel: qwen3-8b's kernel gained 6 % in its fast rounds and 18 % in its
+    slow ones; qwen3-30b-a3b's speedup did not follow the host."""
+    import pandas as pd
+
+    from fusedqk.bench import round_speedups
+
+    run = Path("results/cuda-nvidia-h100-80gb-hbm3/20261127-703a49a8e9-kernel")
+    states = {}
+    for model in ("qwen3-8b", "qwen3-30b-a3b"):
+        tokens = pd.read_csv(run / model / "bench" / "tokens.csv")
+        (rounds,) = round_speedups(tokens, 4, ["graph", "kernel"]).values()
+        graph_s = tokens[tokens.path == "graph"].groupby("round").latency_s.mean().tolist()
+        states[model] = stats.host_states(rounds, graph_s)
+    assert states["qwen3-8b"].disjoint
+    assert states["qwen3-8b"].first[0] == pytest.approx(1.058, abs=5e-4)
+    assert states["qwen3-8b"].second[0] == pytest.approx(1.184, abs=5e-4)
+    assert not states["qwen3-30b-a3b"].disjoint

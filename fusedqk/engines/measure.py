@@ -179,10 +179,17 @@ def _summarise(result: BenchRun, ratios: list[float], speedup: stats.Speedup,
         result.warnings += stats.stability_warnings(arm, tok, len(sub), float(sub.decode_s.median()))
     halves = stats.halves(ratios, seed=settings.seed)
     result.warnings += stats.drift_warnings("fused", halves)
+    # The graph arm's time per token in each round the ratios come from (one trial per arm and
+    # round is kept, refused rounds are not).
+    graph_s = (1 / df[df.path == "graph"].decode_tok_s).tolist()
+    states = (stats.host_states(ratios, graph_s, seed=settings.seed)
+              if len(graph_s) == len(ratios) else None)
+    result.warnings += stats.host_state_warnings("fused", states)
     result.speedups.append({"model": model, "backend": backend, "path": "fused",
                             **speedup.as_dict(), "estimator": ESTIMATORS[result.meta["instrument"]],
                             "p_test": PAIRED_TEST, "round_speedups": ratios,
-                            "halves": halves.as_dict() if halves else None})
+                            "halves": halves.as_dict() if halves else None,
+                            "host_states": states.as_dict() if states else None})
 
 
 @contextmanager
