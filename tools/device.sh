@@ -29,9 +29,10 @@
 #                                 a first and a second prefill in one process, with cuDNN's
 #                                 attention on and off, and a 1-token prompt (FIRSTUSE_MODEL);
 #                                 the block benchmark's first call per path (FIRSTUSE_BLOCK_MODEL)
-#   tools/device.sh kernelkv      kernel_kv's GPU tests (KV_TESTS), its block and its decode
-#                                 beside kernel's (KV_MODEL, KV_ROUNDS); after setup, which
-#                                 builds the primitive
+#   tools/device.sh kernelkv      kernel_kv's GPU tests (KV_TESTS), its block, its device time
+#                                 per launch (ncu), the launch into differently made cache
+#                                 buffers (tools/kv_probe.py) and its decode beside kernel's
+#                                 (KV_MODEL, KV_ROUNDS); after setup, which builds the primitive
 #   tools/device.sh firstprobe    which operation holds a fresh process's first-use cost, part by
 #                                 part, first and second call, in two processes (PROBE_MODEL)
 #   tools/device.sh servernoise   the mlx-lm server engine's per-request spread under CPU
@@ -366,6 +367,8 @@ for name, v in by.items():
           f"(p10 {statistics.quantiles(v, n=10)[0]:.0f}, p90 {statistics.quantiles(v, n=10)[-1]:.0f}) "
           f"{rows[0]['Metric Unit']}")
 PY
+  # The same launch into cache buffers made in different ways (tools/kv_probe.py).
+  timeout 120 $py tools/kv_probe.py "${KV_MODEL:-qwen3-0.6b}" 2>&1 | tee "$OUT/kv-probe.md"
   # Decode, the three paths taking turns (KV_ROUNDS rounds; 0 skips it).
   if [ "${KV_ROUNDS:-8}" != 0 ]; then
     $py -m fusedqk bench -m "${KV_MODEL:-qwen3-0.6b}" --paths graph,kernel,kernel_kv \
