@@ -96,17 +96,20 @@ class Halves:
         return cls(tuple(d["first"]), tuple(d["second"]))
 
 
+def _split(first: list[float], second: list[float], seed: int) -> Halves:
+    def summary(part: list[float]) -> tuple[float, float, float]:
+        s = speedup_ci(part, p_value=float("nan"), seed=seed)
+        return s.point, s.lo, s.hi
+
+    return Halves(summary(first), summary(second))
+
+
 def halves(round_speedups: list[float], *, seed: int = 0) -> Halves | None:
     """The first ``n // 2`` rounds against the rest; None under ``2 * MIN_HALF_ROUNDS`` rounds."""
     n = len(round_speedups)
     if n < 2 * MIN_HALF_ROUNDS:
         return None
-
-    def summary(part: list[float]) -> tuple[float, float, float]:
-        s = speedup_ci(part, p_value=float("nan"), seed=seed)
-        return s.point, s.lo, s.hi
-
-    return Halves(summary(round_speedups[: n // 2]), summary(round_speedups[n // 2 :]))
+    return _split(round_speedups[: n // 2], round_speedups[n // 2 :], seed)
 
 
 def host_states(round_speedups: list[float], graph_round_s: list[float], *,
@@ -115,7 +118,7 @@ def host_states(round_speedups: list[float], graph_round_s: list[float], *,
     graph path decoded fastest (its mean time per token, ``graph_round_s``, at most the median),
     ``second`` the rest, each summarised as ``halves`` does. The fused path saves host work, so
     where the host's speed switches between states the speedup follows it (NVIDIA H200,
-    2026-12-03: qwen3-8b 1.15 in the fast half, 1.34 in the slow one, docs/perf-log.md); disjoint
+    2026-12-03: qwen3-8b 1.13 in the fast half, 1.36 in the slow one, docs/perf-log.md); disjoint
     intervals say so, and that the run's interval is this run's mix of the two. None under
     ``2 * MIN_HALF_ROUNDS`` rounds."""
     if len(round_speedups) != len(graph_round_s):
@@ -124,32 +127,28 @@ def host_states(round_speedups: list[float], graph_round_s: list[float], *,
         return None
     order = np.argsort(np.asarray(graph_round_s, float), kind="stable")
     fast = set(order[: len(order) // 2].tolist())
-    parts = ([r for i, r in enumerate(round_speedups) if i in fast],
-             [r for i, r in enumerate(round_speedups) if i not in fast])
+    return _split([r for i, r in enumerate(round_speedups) if i in fast],
+                  [r for i, r in enumerate(round_speedups) if i not in fast], seed)
 
-    def summary(part: list[float]) -> tuple[float, float, float]:
-        s = speedup_ci(part, p_value=float("nan"), seed=seed)
-        return s.point, s.lo, s.hi
 
-    return Halves(summary(parts[0]), summary(parts[1]))
+def _interval(part: tuple[float, float, float]) -> str:
+    return f"{part[0]:.3f} [{part[1]:.3f}, {part[2]:.3f}]"
 
 
 def host_state_warnings(path: str, h: Halves | None) -> list[str]:
     if h is None or not h.disjoint:
         return []
-    (a, a_lo, a_hi), (b, b_lo, b_hi) = h.first, h.second
-    return [f"{path}: the speedup follows the host's speed ({a:.3f} [{a_lo:.3f}, {a_hi:.3f}] in "
-            f"the half of the rounds where graph decoded fastest, {b:.3f} [{b_lo:.3f}, "
-            f"{b_hi:.3f}] in the slower half): the run's CI is its mix of host states"]
+    return [f"{path}: the speedup follows the host's speed ({_interval(h.first)} in the half of "
+            f"the rounds where graph decoded fastest, {_interval(h.second)} in the slower half): "
+            "the run's CI is its mix of host states"]
 
 
 def drift_warnings(path: str, h: Halves | None) -> list[str]:
     if h is None or not h.disjoint:
         return []
-    (a, a_lo, a_hi), (b, b_lo, b_hi) = h.first, h.second
-    return [f"{path}: the speedup moved during the run (first half of the rounds {a:.3f} "
-            f"[{a_lo:.3f}, {a_hi:.3f}], second half {b:.3f} [{b_lo:.3f}, {b_hi:.3f}]): it depends "
-            "on the host's state, and the CI covers this run's mix of states, not another run's"]
+    return [f"{path}: the speedup moved during the run (first half of the rounds "
+            f"{_interval(h.first)}, second half {_interval(h.second)}): it depends on the host's "
+            "state, and the CI covers this run's mix of states, not another run's"]
 
 
 def scipy_stats():

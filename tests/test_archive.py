@@ -113,35 +113,29 @@ def test_report_names_a_speedup_that_moved_during_its_run(tmp_path):
     assert "moved during" not in (run / "report.md").read_text()
 
 
-def test_report_names_a_speedup_that_follows_the_hosts_speed(tmp_path):
+def _follows_the_host(doc):
     from fusedqk import stats
 
-    split = stats.Halves((1.15, 1.12, 1.18), (1.34, 1.30, 1.38)).as_dict()
+    for sp in doc["speedups"]:
+        sp["host_states"] = stats.Halves((1.15, 1.12, 1.18), (1.34, 1.30, 1.38)).as_dict()
 
-    def edit(doc):
-        for sp in doc["speedups"]:
-            sp["host_states"] = split
 
+def _ran_as_another(doc):
+    doc["meta"]["substitutes"] = {"kernel_kv": {"runs_as": "kernel", "why": "no primitive"}}
+
+
+@pytest.mark.parametrize("edit, heading, line", [
+    (_follows_the_host, "A speedup that follows the host's speed",
+     "1.150 [1.120, 1.180] in the half of the rounds where graph decoded fastest"),
+    # kernel_kv without the C++ primitive runs as kernel: named, not passed off as itself.
+    (_ran_as_another, "Paths that ran as another implementation",
+     "kernel_kv ran as kernel: no primitive"),
+])
+def test_both_reports_say_what_a_bench_recorded_about_its_paths(edit, heading, line, tmp_path):
     run, copy = _render_cpu_archive_with(tmp_path, edit, "*/bench/bench.json")
     for name in ("report.md", "report.html"):
-        text = (copy / name).read_text()
-        assert "A speedup that follows the host's speed" in text
-        assert "1.150 [1.120, 1.180] in the half of the rounds where graph decoded fastest" in text
-        assert "follows the host" not in (run / name).read_text()
-
-
-def test_report_names_a_path_that_ran_as_another(tmp_path):
-    """kernel_kv without the C++ primitive runs as kernel: the bench records it, and both
-    reports say so instead of passing one path off as the other."""
-    def edit(doc):
-        doc["meta"]["substitutes"] = {"kernel_kv": {"runs_as": "kernel", "why": "no primitive"}}
-
-    run, copy = _render_cpu_archive_with(tmp_path, edit, "*/bench/bench.json")
-    for name in ("report.md", "report.html"):
-        text = (copy / name).read_text()
-        assert "Paths that ran as another implementation" in text
-        assert "kernel_kv ran as kernel: no primitive" in text
-        assert "ran as another" not in (run / name).read_text()
+        assert heading in (copy / name).read_text() and line in (copy / name).read_text()
+        assert heading not in (run / name).read_text()
 
 
 def test_the_html_report_says_what_was_measured_and_how(tmp_path):
