@@ -80,8 +80,11 @@ def measure_decode(prep: Prepared, paths: list[str], settings: BenchSettings,
     result.meta = {"started_at": now_utc(), "argv": argv or []}
     # A path that runs as another here (kernel_kv without the C++ primitive) is named so, not
     # passed off as itself.
-    substitutes = {path: dict(zip(("runs_as", "why"), prep.paths.report.runs_as(path), strict=True))
-                   for path in paths if prep.paths.report.runs_as(path)[1]}
+    substitutes = {}
+    for path in paths:
+        impl, why = prep.paths.report.runs_as(path)
+        if why:
+            substitutes[path] = {"runs_as": impl, "why": why}
     if substitutes:
         result.meta["substitutes"] = substitutes
         result.warnings += [f"{path} ran as {s['runs_as']} here: {s['why']}"
