@@ -33,6 +33,8 @@
 #                                 per launch (ncu), the launch into differently made cache
 #                                 buffers (tools/kv_probe.py) and its decode beside kernel's
 #                                 (KV_MODEL, KV_ROUNDS); after setup, which builds the primitive
+#   tools/device.sh sizes         kernel and kernel_kv against graph on every Qwen3 size in the
+#                                 registry (SIZES_MODELS, SIZES_ROUNDS, SIZES_TIMEOUT_S)
 #   tools/device.sh firstprobe    which operation holds a fresh process's first-use cost, part by
 #                                 part, first and second call, in two processes (PROBE_MODEL)
 #   tools/device.sh servernoise   the mlx-lm server engine's per-request spread under CPU
@@ -374,6 +376,28 @@ PY
     $py -m fusedqk bench -m "${KV_MODEL:-qwen3-0.6b}" --paths graph,kernel,kernel_kv \
       -r "${KV_ROUNDS:-8}" --out-dir "$OUT/bench-kv" 2>&1 | tee "$OUT/kernel-kv-bench.md" | tail -8
   fi
+  ;;
+sizes)
+  # kernel and kernel_kv against graph on every Qwen3 size in the registry (SIZES_MODELS,
+  # SIZES_ROUNDS rounds each, SIZES_TIMEOUT_S per model), then one table of the speedups.
+  models="${SIZES_MODELS:-$($py -m fusedqk models | awk 'NR > 1 && $1 ~ /^qwen3-/ && $1 !~ /tiny/ {print $1}')}"
+  for m in $models; do
+    timeout "${SIZES_TIMEOUT_S:-240}" $py -m fusedqk bench -m "$m" --paths graph,kernel,kernel_kv \
+      -r "${SIZES_ROUNDS:-6}" --out-dir "$OUT/sizes/$m" > "$OUT/sizes-$m.md" 2>&1 \
+      || echo "$m: bench did not finish (exit $?)" | tee -a "$OUT/sizes-failed.txt"
+    rm -f "$OUT/sizes/$m/tokens.csv"
+  done
+  $py - "$OUT/sizes" <<'PY' | tee "$OUT/sizes.md"
+import json, pathlib, sys
+print("| model | rounds | kernel vs graph [95 % CI] | kernel_kv vs graph [95 % CI] |")
+print("|---|---|---|---|")
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*/bench.json")):
+    doc = json.loads(f.read_text())
+    sp = {s["path"]: s for s in doc["speedups"]}
+    cell = lambda p: (f"{sp[p]['point']:.3f} [{sp[p]['lo']:.3f}, {sp[p]['hi']:.3f}]" if p in sp
+                      else "-")
+    print(f"| {f.parent.name} | {doc['summary'][0]['rounds']} | {cell('kernel')} | {cell('kernel_kv')} |")
+PY
   ;;
 firstprobe)
   # Which operation holds a fresh process's first-use cost (tools/first_use.py), in two
