@@ -52,7 +52,8 @@ def main() -> None:
         "kv-zeros-256": lambda: mx.zeros(shape, mx.bfloat16),
         "kv-zeros-1": lambda: mx.zeros((*shape[:2], 1, shape[3]), mx.bfloat16),
         "kv-random-256": lambda: mx.random.normal(shape).astype(mx.bfloat16),
-        "kv-host-256": lambda: mx.array(np.zeros(shape, np.float32)).astype(mx.bfloat16),
+        # Bits set by NumPy, viewed as bfloat16: the buffer MLX filled from host memory.
+        "kv-host-256": lambda: mx.array(np.zeros(shape, np.uint16)).view(mx.bfloat16),
     }
     counters = {name: [new_counters(lay) for _ in range(LAYERS)] for name in ["kernel", *makers]}
     caches = {name: [(make(), make()) for _ in range(LAYERS)] for name, make in makers.items()}
