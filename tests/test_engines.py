@@ -114,6 +114,16 @@ def test_fake_engine_bench_measures_the_arms_speedup(tmp_path, monkeypatch):
     assert {r["prefill_tok_s"] for r in run.trials} == {400.0, 500.0}
 
 
+def test_an_engine_bench_splits_its_rounds_by_the_hosts_speed_too(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "same")
+    spec = load_engine(engine_file(tmp_path))
+    run = measure.bench(spec, "qwen3-tiny", tmp_path, "cpu", 97, BenchSettings(16, 8, rounds=8, warmup=1))
+    (sp,) = run.speedups
+    fast, slow = sp["host_states"]["first"], sp["host_states"]["second"]
+    assert 1.2 < fast[0] < 1.3 and 1.2 < slow[0] < 1.3  # the fake's arms differ by 25 % always
+    assert sp["halves"] is not None
+
+
 def test_equal_engine_is_equal(tmp_path, monkeypatch):
     assert run_identity(tmp_path, "same", monkeypatch)["verdict"] == "EQUAL"
 
