@@ -227,6 +227,16 @@ class FusedQKNormAttention(nn.Module):
         return a.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
+def runnable_impl(impl: str, writes_cache: bool, kernel_ready: bool) -> str:
+    """What ``impl`` runs as: kernel_kv as kernel where the cache cannot be written (no C++
+    primitive), kernel as composite where the kernel does not cover the layer."""
+    if impl == "kernel_kv" and not writes_cache:
+        impl = "kernel"
+    if impl == "kernel" and not kernel_ready:
+        impl = "composite"
+    return impl
+
+
 @dataclass
 class InstallReport:
     fused_layers: int
@@ -237,15 +247,10 @@ class InstallReport:
     cache_fallback: str | None = None  # why "kernel_kv" runs as "kernel" here, if it does
 
     def runs_as(self, path: str) -> tuple[str, str | None]:
-        """The implementation ``path`` really runs here, and why, where that is another one
-        (kernel_kv as kernel without the C++ primitive, kernel as composite where it has no
-        kernel)."""
-        impl, why = path, None
-        if impl == "kernel_kv" and self.cache_fallback:
-            impl, why = "kernel", self.cache_fallback
-        if impl == "kernel" and self.kernel_fallback:
-            impl, why = "composite", self.kernel_fallback
-        return impl, why
+        """The implementation ``path`` really runs here, and why, where that is another one."""
+        impl = runnable_impl(path, not self.cache_fallback, not self.kernel_fallback)
+        why = {"kernel": self.cache_fallback, "composite": self.kernel_fallback}.get(impl)
+        return impl, (why if impl != path else None)
 
 
 class DecodePaths:

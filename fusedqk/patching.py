@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import mlx.nn as nn
 
-from fusedqk.attention import FusedQKNormAttention, fusion_blocker
+from fusedqk.attention import FusedQKNormAttention, fusion_blocker, runnable_impl
 from fusedqk.backend import current_backend
 from fusedqk.kernels.qkv_norm_rope import has_kernel, kernel_blocker
 from fusedqk.toggle import kernel_call, resolve
@@ -75,10 +75,8 @@ def patch(model: nn.Module, env: Mapping[str, str] | None = None) -> PatchReport
             report.skipped[i] = why
             continue
         fused = FusedQKNormAttention(layer.self_attn, impl, backend, call)
-        if impl == "kernel_kv" and not fused.writes_cache:
-            fused.impl = "kernel"
-        if fused.impl == "kernel" and not fused.kernel_ready:
-            fused.impl = "composite"
+        fused.impl = runnable_impl(impl, fused.writes_cache, fused.kernel_ready)
+        if fused.impl == "composite" and impl != "composite":
             report.kernel_fallback = kernel_blocker(backend, fused.layout, fused.qkv_scales.dtype)
         layer.self_attn = fused
         report.patched.append(i)
