@@ -137,8 +137,9 @@ CompiledModule compile_now(const std::string& source, const std::string& file_na
 }
 
 // Every layer of a model has the same layout, hence the same source: one compilation (about 2 s
-// of NVRTC for qwen3-0.6b's layout on an H200) serves them all. Keyed by everything the machine code depends on; modules
-// stay loaded for the life of the process, as MLX keeps its own JIT modules.
+// of NVRTC for qwen3-0.6b's layout on an H200) serves them all. Keyed by everything the machine
+// code depends on; modules stay loaded for the life of the process, as MLX keeps its own JIT
+// modules.
 struct ModuleCache {
   std::mutex lock;
   std::unordered_map<std::string, std::shared_ptr<const CompiledModule>> modules;
