@@ -284,9 +284,10 @@ def context(run: RunData) -> dict:
             failed.append({"model": name, "error": m.failed})
         if m.bench and "stopped" in m.bench["meta"]:  # runs before adaptive lengths lack it
             round_notes.append(f"{name}: {m.bench['meta']['stopped']}")
-        substitute_notes += [f"{name}: {path} ran as {s['runs_as']}: {s['why']}" for path, s
-                             in ((m.bench or {}).get("meta", {}).get("substitutes") or {}).items()]
-        lock = (m.bench or {}).get("meta", {}).get("environment", {}).get("device_lock")
+        meta = (m.bench or {}).get("meta", {})
+        substitute_notes += [f"{name}: {path} ran as {s['runs_as']}: {s['why']}"
+                             for path, s in (meta.get("substitutes") or {}).items()]
+        lock = meta.get("environment", {}).get("device_lock")
         if lock:  # results before the device lock have none
             lock_notes.append(f"{name}: waited {lock['waited_s']:.1f} s for the device; "
                               f"at start: {lock['at_start']}")
