@@ -19,8 +19,10 @@ from fusedqk.commands.flags import OneLineParser
 from fusedqk.errors import UserError
 from fusedqk.outputs import check_dir, check_file
 
-# The commands that measure: each holds the host-wide device lock while it runs (devicelock.py).
+# The commands that measure: each holds the host-wide device lock while it runs (devicelock.py),
+# exclusively, except the identity check, which compares bits and may share the device with others.
 MEASURING = ("bench", "identity", "blockbench")
+SHARES_THE_DEVICE = ("identity",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,13 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     """The subcommand; a measuring one under the host-wide lock of its device (identity's
-    control workers, ``fusedqk.identity_worker``, run under their parent's)."""
+    control workers, ``fusedqk.identity_worker``, run under their parent's hold)."""
     if args.command not in MEASURING:
         return args.func(args)
     from fusedqk import devicelock
     from fusedqk.backend import select_backend
 
-    with devicelock.exclusive(select_backend(args.backend)):
+    with devicelock.hold(select_backend(args.backend),
+                         shared=args.command in SHARES_THE_DEVICE):
         return args.func(args)
 
 

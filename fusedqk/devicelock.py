@@ -1,6 +1,10 @@
-"""One measurement per device on a host: an exclusive OS file lock that every measuring command
+"""One timing measurement per device on a host: an OS file lock that every measuring command
 takes before it measures, whoever started it (two pipelines, two SLURM jobs on one node, a
 manual ``fusedqk bench``). What the lock saw goes into every result's environment.
+
+A timing measurement (bench, blockbench) holds it exclusively. An identity check holds it shared:
+bits do not depend on what else runs, so checks may run together, but never beside a timing
+measurement, which they would slow.
 
 The lock files live in ``$FUSEDQK_LOCK_DIR`` (default ``<temp dir>/fusedqk-locks``), one per
 backend and device: ``<backend>-<device index>.lock``; the CPU has one for the whole host. Each
@@ -67,8 +71,9 @@ def others_measuring(backend: str) -> str:
 
 
 @contextmanager
-def exclusive(backend: str, device: int = 0) -> Iterator[dict]:
-    """Hold the host-wide lock of ``backend``'s device while measuring; waits for any holder."""
+def hold(backend: str, device: int = 0, *, shared: bool = False) -> Iterator[dict]:
+    """Hold the host-wide lock of ``backend``'s device while measuring: exclusively (waits for any
+    holder) or ``shared`` (waits only for an exclusive holder)."""
     directory = lock_dir()
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -77,27 +82,29 @@ def exclusive(backend: str, device: int = 0) -> Iterator[dict]:
     except OSError as e:
         raise UserError(f"{ENV_LOCK_DIR}={str(directory)!r}: cannot hold the device lock there "
                         f"({e.strerror}); give a writable directory") from None
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     start = time.perf_counter()
     with handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             print(f"fusedqk: waiting for the {backend} device lock {path}, held by {_holder(path)}",
                   file=sys.stderr, flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            fcntl.flock(handle, mode)
         acquired = time.time()
         command = " ".join(sys.argv[1:5])
-        with suppress(OSError):  # a convenience for whoever waits next
+        with suppress(OSError):  # a convenience for whoever waits next (the last shared holder)
             path.with_suffix(".holder").write_text(json.dumps(
                 {"pid": os.getpid(), "command": f"fusedqk {command}", "acquired": acquired}))
-        HELD.update(lock_file=str(path), waited_s=round(time.perf_counter() - start, 3),
+        HELD.update(lock_file=str(path), mode="shared" if shared else "exclusive",
+                    waited_s=round(time.perf_counter() - start, 3),
                     at_start=others_measuring(backend))
         try:
             yield dict(HELD)
         finally:
-            # Written while still held, so holders' lines never interleave.
+            # Written while still held; shared holders' lines are single short appends (O_APPEND).
             record = {"pid": os.getpid(), "command": " ".join(sys.argv[1:3]),
-                      "acquired": acquired, "released": time.time(),
+                      "mode": HELD["mode"], "acquired": acquired, "released": time.time(),
                       "waited_s": HELD.get("waited_s")}
             try:
                 with path.with_suffix(".history").open("a") as history:

@@ -1,4 +1,5 @@
-"""One measurement per device: a measuring command queues on the host-wide lock and records it."""
+"""One timing measurement per device: a measuring command queues on the host-wide lock and
+records it; identity checks share it."""
 
 from __future__ import annotations
 
@@ -13,17 +14,45 @@ import pytest
 HOLD = """
 import sys, time
 from fusedqk import devicelock
-with devicelock.exclusive("cpu"):
+with devicelock.hold("cpu", shared=sys.argv[2:] == ["shared"]):
     print("held", flush=True)
     time.sleep(float(sys.argv[1]))
 """
 
 
+def _holder(env, seconds, *mode):
+    """A process that holds the CPU lock for ``seconds`` once it has printed "held"."""
+    return subprocess.Popen([sys.executable, "-c", HOLD, str(seconds), *mode], env=env,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def _seconds_to_hold(env, *mode) -> float:
+    start = time.perf_counter()
+    proc = _holder(env, 0, *mode)
+    assert proc.stdout.readline().strip() == "held"
+    proc.wait(timeout=60)
+    return time.perf_counter() - start
+
+
+def test_identity_checks_share_the_lock_and_a_timing_measurement_waits_for_them(tmp_path):
+    env = {**os.environ, "FUSEDQK_LOCK_DIR": str(tmp_path / "locks")}
+    check = _holder(env, 3, "shared")
+    assert check.stdout.readline().strip() == "held"
+    assert _seconds_to_hold(env, "shared") < 2.5  # another check goes straight in
+    assert _seconds_to_hold(env) >= 1.0  # a timing measurement waits for the first to end
+    check.wait(timeout=60)
+    timing = _holder(env, 3)
+    assert timing.stdout.readline().strip() == "held"
+    assert _seconds_to_hold(env, "shared") >= 1.0  # and a check waits for a timing measurement
+    timing.wait(timeout=60)
+    modes = [json.loads(line)["mode"] for line in (tmp_path / "locks/cpu.history").open()]
+    assert sorted(modes) == ["exclusive"] * 2 + ["shared"] * 3
+
+
 @pytest.mark.slow
 def test_a_second_measurement_waits_for_the_first_and_says_how_long(tmp_path):
     env = {**os.environ, "FUSEDQK_LOCK_DIR": str(tmp_path / "locks")}
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, "4"], env=env, stdout=subprocess.PIPE,
-                              text=True)
+    holder = _holder(env, 4)
     assert holder.stdout.readline().strip() == "held"
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "fusedqk", "bench", "-m", "qwen3-tiny", "-p", "4",

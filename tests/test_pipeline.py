@@ -281,8 +281,8 @@ def test_a_job_on_a_node_that_sees_another_device_keeps_the_submitters_plan(tmp_
 @pytest.mark.slow
 def test_two_pipelines_on_one_machine_never_measure_at_once(tmp_path, small_cpu_workload):
     """Two `snakemake --cores all` with different run names, started together: every measurement
-    holds the host's CPU lock (its history says who held it when), the holds never overlap, one
-    of them waited, and each report says how long its benches waited."""
+    holds the host's CPU lock (its history says who held it when), no timing measurement overlaps
+    another hold, one of them waited, and each report says how long its benches waited."""
     env = {**os.environ, "FUSEDQK_LOCK_DIR": str(tmp_path / "locks")}
     procs = [subprocess.Popen([*SNAKEMAKE, "--cores", "all", "--config",
                                f"results_dir={tmp_path}/results", f"run_name={name}",
@@ -293,9 +293,10 @@ def test_two_pipelines_on_one_machine_never_measure_at_once(tmp_path, small_cpu_
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
     holds = [json.loads(line) for line in (tmp_path / "locks/cpu.history").read_text().splitlines()]
     assert len(holds) == 2 * 3  # two runs, one model: bench, identity, blockbench
-    holds.sort(key=lambda h: h["acquired"])
-    for held, after in itertools.pairwise(holds):
-        assert held["released"] <= after["acquired"], (held, after)
+    # Only identity checks, which hold the lock shared, may overlap.
+    for held, other in itertools.combinations(holds, 2):
+        overlap = held["acquired"] < other["released"] and other["acquired"] < held["released"]
+        assert not overlap or held["mode"] == other["mode"] == "shared", (held, other)
     assert any(h["waited_s"] > 0.5 for h in holds)
     for name in ("first", "second"):
         (report,) = (tmp_path / "results").glob(f"cpu-*/{name}/report.md")

@@ -28,10 +28,13 @@ GIT_COMMIT = PLAN.git_commit
 RUN_NAME = PLAN.run_name
 ENGINE = config["container"]["engine"]
 
-# Measurements must never share a device (or the CPU) with each other: one `measure` slot,
-# unless a profile or --resources grants more (the SLURM profile does: one GPU per job there).
-if "measure" not in workflow.global_resources:
-    workflow.register_resource("measure", 1)
+# Timing measurements must never share a device (or the CPU): one `measure` slot, unless a
+# profile or --resources grants more (the SLURM profile does: one GPU per job there). Identity
+# checks compare bits, so up to three run together (`checks`); the device lock keeps them apart
+# from timing measurements (fusedqk/devicelock.py).
+for slot, default in (("measure", 1), ("checks", 3)):
+    if slot not in workflow.global_resources:
+        workflow.register_resource(slot, default)
 
 
 def run_dir(backend):
@@ -90,16 +93,17 @@ def backend_of(wildcards):
     return RUNS[wildcards.run]
 
 
-def measuring_resources(job, runtime):
-    """What a measuring job asks a scheduler for: the host's one measurement slot, a GPU on
-    cuda, memory for its model (plan.job_mem_mb), the whole node on cpu (plan.exclusive_flag)."""
-    return dict(
-        measure=1,
-        gpu=lambda w: int(backend_of(w) == "cuda"),
-        runtime=runtime,
-        mem_mb=lambda w: plan.job_mem_mb(w.model, job),
-        slurm_extra=lambda w: plan.exclusive_flag(backend_of(w)),
-    )
+def measuring_resources(job, runtime, slot="measure"):
+    """What a measuring job asks a scheduler for: its slot on the host (`measure` for timing,
+    `checks` for identity), a GPU on cuda, memory for its model (plan.job_mem_mb), the whole
+    node on cpu (plan.exclusive_flag)."""
+    return {
+        slot: 1,
+        "gpu": lambda w: int(backend_of(w) == "cuda"),
+        "runtime": runtime,
+        "mem_mb": lambda w: plan.job_mem_mb(w.model, job),
+        "slurm_extra": lambda w: plan.exclusive_flag(backend_of(w)),
+    }
 
 
 def measurements(run):

@@ -1,6 +1,8 @@
 # Per backend: the environment; per model: decode benchmark, identity per fused implementation,
-# block benchmark. Measurements take the one `measure` slot (default profile), so they never
-# share a device; a model that fails is recorded in its status file and the others go on.
+# block benchmark. Timing measurements take the one `measure` slot (default profile), so they
+# never share a device; identity checks take a `checks` slot and go first, together, sharing the
+# device with each other only; a model that fails is recorded in its status file and the others
+# go on.
 
 
 rule environment:
@@ -53,8 +55,11 @@ rule identity:
     params:
         cmd=lambda w: fusedqk(backend_of(w)),
         flags=job_flags("identity"),
+    # First: each model's first job builds its checkpoint and compiles its kernels, and the
+    # checks do that for all models at once.
+    priority: 1
     resources:
-        **measuring_resources("identity", runtime=60),
+        **measuring_resources("identity", runtime=60, slot="checks"),
     log:
         "{run}/logs/{model}-identity.log",
     shell:
