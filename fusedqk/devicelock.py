@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from fusedqk import phases
 from fusedqk.errors import UserError
 
 ENV_LOCK_DIR = "FUSEDQK_LOCK_DIR"
@@ -90,7 +91,8 @@ def hold(backend: str, device: int = 0, *, shared: bool = False) -> Iterator[dic
         except BlockingIOError:
             print(f"fusedqk: waiting for the {backend} device lock {path}, held by {_holder(path)}",
                   file=sys.stderr, flush=True)
-            fcntl.flock(handle, mode)
+            with phases.phase("device_wait"):
+                fcntl.flock(handle, mode)
         acquired = time.time()
         command = " ".join(sys.argv[1:5])
         with suppress(OSError):  # a convenience for whoever waits next (the last shared holder)

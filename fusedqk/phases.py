@@ -1,6 +1,7 @@
 """Where one process's time goes: the seconds since it started, and named phases within them.
 
-A measuring command records its phases here (``weights``: building or loading the model;
+A measuring command records its phases here (``device_wait``: waiting for the device lock;
+``weights``: building or loading the model;
 ``warmup``: the untimed runs, where MLX compiles its kernels; ``measure``: the timed part;
 ``controls``: identity's fresh processes), and its status file carries the snapshot, so a
 run's report can say, per job, where the time went.
@@ -13,7 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-PHASES = ("weights", "warmup", "measure", "controls")
+PHASES = ("device_wait", "weights", "warmup", "measure", "controls")
 
 _imported_at = time.monotonic()
 _seconds: dict[str, float] = {}

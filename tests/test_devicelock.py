@@ -57,10 +57,15 @@ def test_a_second_measurement_waits_for_the_first_and_says_how_long(tmp_path):
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "fusedqk", "bench", "-m", "qwen3-tiny", "-p", "4",
                            "-g", "4", "-r", "2", "-w", "1", "--paths", "graph,composite",
-                           "--out-dir", str(tmp_path / "bench")], env=env, capture_output=True,
+                           "--out-dir", str(tmp_path / "bench"),
+                           "--status", str(tmp_path / "status.json")], env=env, capture_output=True,
                           text=True, timeout=300)
     holder.wait(timeout=60)
     assert proc.returncode == 0, proc.stderr
     lock = json.loads((tmp_path / "bench" / "bench.json").read_text())["meta"]["environment"]["device_lock"]
     assert lock["waited_s"] >= 2.5 and time.perf_counter() - start >= 3.5
     assert lock["lock_file"].endswith("cpu.lock") and "load average" in lock["at_start"]
+    assert lock["mode"] == "exclusive"
+    # The report's time table shows the wait as its own phase.
+    seconds = json.loads((tmp_path / "status.json").read_text())["seconds"]
+    assert seconds["device_wait_s"] == pytest.approx(lock["waited_s"], abs=0.1)

@@ -47,6 +47,26 @@ def test_dry_run_shows_the_dag_even_where_the_backend_is_absent(backend, models,
         assert f"rule {rule}:" in out or f"localrule {rule}:" in out
 
 
+@pytest.mark.parametrize("checks", [None, 1])
+def test_identity_checks_go_first_together_and_no_timing_job_starts_beside_them(checks, tmp_path):
+    """Checks take one `checks` slot each, at priority 1; a timing job takes the `measure` slot
+    and every `checks` slot (3 by default, or what --resources grants)."""
+    extra = [] if checks is None else ["--resources", f"checks={checks}"]
+    proc = snakemake("-n", *extra, "--config", "backends=[cuda]", f"results_dir={tmp_path}",
+                     "device_label=test-device")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    jobs = proc.stdout.split("\nrule ")[1:]
+    by_rule = {}
+    for job in jobs:
+        by_rule.setdefault(job.split(":", 1)[0], []).append(job)
+    slots = checks or 3
+    assert len(by_rule["identity"]) == 3 and len(by_rule["bench"]) == 3
+    for job in by_rule["identity"]:
+        assert "priority: 1" in job and "checks=1," in job and "measure=" not in job
+    for job in by_rule["bench"] + by_rule["blockbench"]:
+        assert f"measure=1, checks={slots}," in job and "priority" not in job
+
+
 def test_dry_run_with_podman_adds_the_image_build(tmp_path):
     cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     cfg["container"]["engine"] = "podman"
@@ -298,6 +318,13 @@ def test_two_pipelines_on_one_machine_never_measure_at_once(tmp_path, small_cpu_
         overlap = held["acquired"] < other["released"] and other["acquired"] < held["released"]
         assert not overlap or held["mode"] == other["mode"] == "shared", (held, other)
     assert any(h["waited_s"] > 0.5 for h in holds)
+    waits = []
     for name in ("first", "second"):
         (report,) = (tmp_path / "results").glob(f"cpu-*/{name}/report.md")
-        assert "waited" in report.read_text() and "s for the device" in report.read_text()
+        text = report.read_text()
+        assert "waited" in text and "s for the device" in text
+        # "Where the time went": | model | job | wall | device wait | ...
+        times = text.split("## Where the time went", 1)[1].split("\n## ", 1)[0]
+        waits += [row.split("|")[4].strip() for row in times.splitlines()
+                  if row.startswith("| qwen3-tiny | ")]
+    assert len(waits) == 6 and any(w not in ("—", "0.0") for w in waits), waits

@@ -35,6 +35,11 @@ ENGINE = config["container"]["engine"]
 for slot, default in (("measure", 1), ("checks", 3)):
     if slot not in workflow.global_resources:
         workflow.register_resource(slot, default)
+# Where jobs run on this host, a timing job also takes every `checks` slot, so it never starts
+# beside a check, and the checks (priority 1) go first: left to the lock, a timing job that
+# started with them could win it and make them wait (the H200 pipeline of 2026-12-03 lost
+# five minutes so). A cluster spreads jobs over nodes, each with its own lock.
+CHECKS_PER_TIMING_JOB = workflow.global_resources["checks"].value if workflow.local_exec else 0
 
 
 def run_dir(backend):
@@ -99,6 +104,7 @@ def measuring_resources(job, runtime, slot="measure"):
     node on cpu (plan.exclusive_flag)."""
     return {
         slot: 1,
+        **({"checks": CHECKS_PER_TIMING_JOB} if slot == "measure" else {}),
         "gpu": lambda w: int(backend_of(w) == "cuda"),
         "runtime": runtime,
         "mem_mb": lambda w: plan.job_mem_mb(w.model, job),
