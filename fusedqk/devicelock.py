@@ -83,7 +83,7 @@ def hold(backend: str, device: int = 0, *, shared: bool = False) -> Iterator[dic
     except OSError as e:
         raise UserError(f"{ENV_LOCK_DIR}={str(directory)!r}: cannot hold the device lock there "
                         f"({e.strerror}); give a writable directory") from None
-    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    kind, mode = ("shared", fcntl.LOCK_SH) if shared else ("exclusive", fcntl.LOCK_EX)
     start = time.perf_counter()
     with handle:
         try:
@@ -98,7 +98,7 @@ def hold(backend: str, device: int = 0, *, shared: bool = False) -> Iterator[dic
         with suppress(OSError):  # a convenience for whoever waits next (the last shared holder)
             path.with_suffix(".holder").write_text(json.dumps(
                 {"pid": os.getpid(), "command": f"fusedqk {command}", "acquired": acquired}))
-        HELD.update(lock_file=str(path), mode="shared" if shared else "exclusive",
+        HELD.update(lock_file=str(path), mode=kind,
                     waited_s=round(time.perf_counter() - start, 3),
                     at_start=others_measuring(backend))
         try:
@@ -106,7 +106,7 @@ def hold(backend: str, device: int = 0, *, shared: bool = False) -> Iterator[dic
         finally:
             # Written while still held; shared holders' lines are single short appends (O_APPEND).
             record = {"pid": os.getpid(), "command": " ".join(sys.argv[1:3]),
-                      "mode": HELD["mode"], "acquired": acquired, "released": time.time(),
+                      "mode": kind, "acquired": acquired, "released": time.time(),
                       "waited_s": HELD.get("waited_s")}
             try:
                 with path.with_suffix(".history").open("a") as history:

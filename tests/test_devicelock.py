@@ -36,12 +36,13 @@ def _seconds_to_hold(env, *mode) -> float:
 
 def test_identity_checks_share_the_lock_and_a_timing_measurement_waits_for_them(tmp_path):
     env = {**os.environ, "FUSEDQK_LOCK_DIR": str(tmp_path / "locks")}
-    check = _holder(env, 3, "shared")
+    # Holds of 5 s: a loaded machine may take a second or two to start each Python process.
+    check = _holder(env, 5, "shared")
     assert check.stdout.readline().strip() == "held"
-    assert _seconds_to_hold(env, "shared") < 2.5  # another check goes straight in
+    assert _seconds_to_hold(env, "shared") < 3  # another check goes straight in
     assert _seconds_to_hold(env) >= 1.0  # a timing measurement waits for the first to end
     check.wait(timeout=60)
-    timing = _holder(env, 3)
+    timing = _holder(env, 5)
     assert timing.stdout.readline().strip() == "held"
     assert _seconds_to_hold(env, "shared") >= 1.0  # and a check waits for a timing measurement
     timing.wait(timeout=60)
