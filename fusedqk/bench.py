@@ -127,8 +127,9 @@ def _rounds(prep: Prepared, paths: list[str], prompt: list[int], greedy, peak_me
         per_round, speedups = _speedups(result)
         if not sys.stderr.isatty() and rnd:  # a pipeline's log shows how a long bench goes
             print(_round_note(speedups, rnd + 1, settings.round_limit), file=sys.stderr, flush=True)
-        result.meta["stopped"] = stop_reason(settings, rnd + 1, speedups)
         result.meta["round_wall_s"].append(time.perf_counter() - start)
+        result.meta["stopped"] = stop_reason(settings, rnd + 1, speedups,
+                                             sum(result.meta["round_wall_s"]))
         if result.meta["stopped"]:
             break
     return speedups, per_round

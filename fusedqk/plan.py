@@ -227,8 +227,8 @@ def check_config(config: dict, backends: list[str]) -> None:
                               "once; name each model once")
         bench = s["bench"]
         problem = BenchSettings(rounds=bench["rounds"], max_rounds=bench.get("max_rounds"),
-                                target_half_width=bench.get("target_half_width")
-                                ).round_limit_problem()
+                                target_half_width=bench.get("target_half_width"),
+                                max_measure_s=bench.get("max_measure_s")).round_limit_problem()
         if problem:
             raise ConfigError(f"config error: {key}.bench: {problem}")
         if engine(s) != "builtin":
@@ -357,6 +357,8 @@ def job_args(settings: dict, backend: str, job: str, checkpoints_dir: str | None
             args += ["--target-half-width", str(b["target_half_width"])]
             if "max_rounds" in b:  # else the command's default
                 args += ["--max-rounds", str(b["max_rounds"])]
+            if "max_measure_s" in b:
+                args += ["--max-measure-s", str(b["max_measure_s"])]
     elif job == "identity":
         i = settings["identity"]
         args += ["--impls", ",".join(impls(settings)), "-p", str(i["prompt_tokens"]),

@@ -24,19 +24,22 @@ class BenchSettings:
     seed: int = 0
     # Adaptive length: after ``rounds`` rounds, go on until every fused path's speedup CI
     # half-width (relative) is at most ``target_half_width``, or ``max_rounds`` (default
-    # 4 x ``rounds``) rounds ran.
+    # 4 x ``rounds``) rounds ran, or the rounds took ``max_measure_s`` seconds (asv's
+    # ``max_time``: a bounded run where the host's drift keeps the CI from narrowing).
     target_half_width: float | None = None
     max_rounds: int | None = None
+    max_measure_s: float | None = None
 
     def round_limit_problem(self, spell: Callable[[str], str] = str) -> str | None:
         """What is wrong with the round settings, or None. ``spell`` writes a setting's name as
         the caller's interface spells it (a flag, a configuration key)."""
-        if self.max_rounds is None:
-            return None
         if self.target_half_width is None:
-            return (f"{spell('max_rounds')}: only with {spell('target_half_width')} "
-                    f"(otherwise {spell('rounds')} is the count)")
-        if self.max_rounds < self.rounds:
+            for limit in ("max_rounds", "max_measure_s"):
+                if getattr(self, limit) is not None:
+                    return (f"{spell(limit)}: only with {spell('target_half_width')} "
+                            f"(otherwise {spell('rounds')} is the count)")
+            return None
+        if self.max_rounds is not None and self.max_rounds < self.rounds:
             return (f"{spell('max_rounds')} {self.max_rounds} is below {spell('rounds')} "
                     f"{self.rounds}; accepted: at least {spell('rounds')}")
         return None
@@ -62,8 +65,10 @@ class BenchRun:
     meta: dict = field(default_factory=dict)
 
 
-def stop_reason(s: BenchSettings, rounds_done: int, speedups: dict[str, Speedup]) -> str | None:
-    """Why a benchmark stops after ``rounds_done`` rounds, or None to run another."""
+def stop_reason(s: BenchSettings, rounds_done: int, speedups: dict[str, Speedup],
+                measured_s: float) -> str | None:
+    """Why a benchmark stops after ``rounds_done`` rounds that took ``measured_s`` seconds, or
+    None to run another."""
     if rounds_done < s.rounds:
         return None
     if s.target_half_width is None:
@@ -73,6 +78,10 @@ def stop_reason(s: BenchSettings, rounds_done: int, speedups: dict[str, Speedup]
         return f"every speedup CI half-width <= {s.target_half_width:.2%} after {rounds_done} rounds"
     if rounds_done >= s.round_limit:
         return (f"max rounds {s.round_limit} reached with a CI half-width of {widest:.2%} "
+                f"(target {s.target_half_width:.2%})")
+    if s.max_measure_s is not None and measured_s >= s.max_measure_s:
+        return (f"the {s.max_measure_s:g}-s measuring budget spent after {rounds_done} rounds "
+                f"({measured_s:.0f} s) with a CI half-width of {widest:.2%} "
                 f"(target {s.target_half_width:.2%})")
     return None
 

@@ -192,6 +192,9 @@ CASES = [
     (["decide", "{run}", "--identity-policy", "fuzzy"], None, ["--identity-policy"]),
     (["bench", "--target-half-width", "2"], None, ["--target-half-width", "between 0 and 1"]),
     (["bench", "--max-rounds", "9"], None, ["--max-rounds", "--target-half-width"]),
+    (["bench", "--max-measure-s", "60"], None, ["--max-measure-s", "--target-half-width"]),
+    (["bench", "--target-half-width", "0.01", "--max-measure-s", "0"], None,
+     ["--max-measure-s", "out of range"]),
     # names and choices
     (["generate", "-m", "qwen3-9000"], None, ["--model", "qwen3-0.6b"]),
     (["generate", "-m", "Qwen/Qwen3-8B"], None, ["hub id"]),

@@ -120,10 +120,25 @@ def test_bench_stops_once_every_ci_is_as_narrow_as_asked():
             result.tokens += [{"model": "m", "path": path, "round": rnd, "step": step,
                                "latency_s": latency} for step in range(1, 5)]
         _, speedups = bench._speedups(result)
-        stopped = results.stop_reason(settings, rnd + 1, speedups)
+        stopped = results.stop_reason(settings, rnd + 1, speedups, measured_s=rnd + 1.0)
         assert (stopped is None) == (rnd + 1 < 3)
     assert stopped == "every speedup CI half-width <= 1.00% after 3 rounds"
     assert speedups["kernel"].point == pytest.approx(1.2)
+
+
+def test_bench_stops_when_its_measuring_budget_is_spent_though_the_ci_is_wide():
+    from fusedqk import results
+    from fusedqk.stats import speedup_ci
+
+    settings = results.BenchSettings(rounds=3, target_half_width=0.01, max_rounds=50,
+                                     max_measure_s=30)
+    wide = {"kernel": speedup_ci([1.1, 1.3, 1.2, 1.4], p_value=0.01, seed=0)}
+    assert results.stop_reason(settings, 2, wide, measured_s=40) is None  # fewer than rounds
+    assert results.stop_reason(settings, 4, wide, measured_s=29.9) is None
+    stopped = results.stop_reason(settings, 4, wide, measured_s=31.2)
+    assert stopped.startswith("the 30-s measuring budget spent after 4 rounds (31 s) with a CI "
+                              "half-width of ")
+    assert stopped.endswith("(target 1.00%)")
 
 
 def test_record_config_writes_the_pipelines_configuration_as_yaml(tmp_path):

@@ -97,6 +97,8 @@ BROKEN = [
     ("too many rounds", lambda c: c["backend_settings"]["cpu"]["bench"].update(rounds=10**12),
      "maximum of 10000"),
     ("min_gain too large", lambda c: c["decision"].update(min_gain=1e9), "maximum of 1"),
+    ("max_measure_s not a number", lambda c: c["backend_settings"]["cpu"]["bench"].update(
+        target_half_width=0.01, max_measure_s="soon"), "backend_settings.cpu.bench.max_measure_s"),
     ("max_rounds below rounds", lambda c: c["backend_settings"]["cpu"]["bench"].update(
         rounds=5, max_rounds=3, target_half_width=0.01), "max_rounds 3 is below rounds 5"),
     ("absent backend", lambda c: c.update(backends=["cuda"]), "give device_label too"),
@@ -166,6 +168,17 @@ def test_the_round_limit_rule_is_spelled_by_each_interface():
     assert low.round_limit_problem(as_flag).startswith("--max_rounds 3 is below --rounds 5")
     alone = BenchSettings(rounds=5, max_rounds=9).round_limit_problem()
     assert alone == "max_rounds: only with target_half_width (otherwise rounds is the count)"
+    timed = BenchSettings(rounds=5, max_measure_s=60).round_limit_problem(as_flag)
+    assert timed == "--max_measure_s: only with --target_half_width (otherwise --rounds is the count)"
+
+
+def test_the_cuda_bench_job_carries_every_round_limit_of_the_configuration():
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    args = plan.job_args(config["backend_settings"]["cuda"], "cuda", "bench")
+    flags = ("-r", "--target-half-width", "--max-rounds", "--max-measure-s")
+    assert {flag: args[args.index(flag) + 1] for flag in flags} == {
+        "-r": "10", "--target-half-width": "0.01", "--max-rounds": "40",
+        "--max-measure-s": "90"}
 
 
 def test_a_missing_key_is_one_line(tmp_path):

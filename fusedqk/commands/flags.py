@@ -31,6 +31,7 @@ MAX_ROUNDS = 10_000
 MAX_PROMPTS = 1_000
 MAX_REPS = 1_000_000
 MAX_SEED = (1 << 31) - 1
+MAX_MEASURE_S = 7 * 24 * 3600.0
 
 
 def number(cast: type, low: float, name: str, high: float = math.inf):
@@ -56,6 +57,7 @@ def count(high: int, low: int = 1):
 token_count = count(MAX_TOKENS)
 round_count = count(MAX_ROUNDS)
 seed_number = count(MAX_SEED, low=0)
+measure_seconds = number(float, 1.0, "a number of seconds", MAX_MEASURE_S)
 
 
 def fraction(value: str) -> float:

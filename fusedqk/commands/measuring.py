@@ -17,6 +17,7 @@ from fusedqk.commands.flags import (
     count,
     engine_flags,
     fraction,
+    measure_seconds,
     model_flags,
     model_ref,
     non_negative_float,
@@ -79,7 +80,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(
         prompt_tokens=args.prompt_tokens, generation_tokens=args.generation_tokens,
         rounds=args.rounds, warmup=args.warmup, chunk_tokens=args.chunk_tokens, seed=args.seed,
-        target_half_width=args.target_half_width, max_rounds=args.max_rounds)
+        target_half_width=args.target_half_width, max_rounds=args.max_rounds,
+        max_measure_s=args.max_measure_s)
     problem = settings.round_limit_problem(spell=lambda name: "--" + name.replace("_", "-"))
     if problem:
         raise UserError(problem)
@@ -172,6 +174,9 @@ def add_parsers(sub) -> None:
                         "most F of the speedup (e.g. 0.01), up to --max-rounds")
     p.add_argument("--max-rounds", type=round_count,
                    help="the most rounds --target-half-width may run (default 4 x --rounds)")
+    p.add_argument("--max-measure-s", type=measure_seconds, metavar="S",
+                   help="with --target-half-width: stop adding rounds once the rounds took S "
+                        "seconds (default: no time limit)")
     p.add_argument("-w", "--warmup", type=count(MAX_ROUNDS), default=2, help="warm-up trials per path")
     p.add_argument("-c", "--chunk-tokens", type=token_count, default=16,
                    help="paths take turns every this many tokens within a round (default 16)")

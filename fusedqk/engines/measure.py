@@ -139,7 +139,8 @@ def _paired_rounds(spec: EngineSpec, settings: BenchSettings, result: BenchRun,
         speedup = stats.speedup_ci(ratios, seed=settings.seed, p_value=stats.paired_p(ratios))
         _note(f"round {rnd + 1} of at most {settings.round_limit}: fused {speedup.point:.3f} "
               f"± {speedup.relative_half_width:.1%}")
-        result.meta["stopped"] = stop_reason(settings, len(ratios), {"fused": speedup})
+        result.meta["stopped"] = stop_reason(settings, len(ratios), {"fused": speedup},
+                                             sum(result.meta["round_wall_s"]))
         if result.meta["stopped"]:
             break
     if speedup is None:
