@@ -81,7 +81,7 @@ def test_logits_tokens_and_every_cache_element_equal_graph_over_300_steps(prepar
     prepared.paths.use("graph")
 
 
-def test_a_step_on_kernel_kv_builds_at_most_half_the_graphs_nodes(prepared):
+def test_a_step_on_kernel_kv_builds_four_nodes_a_layer_fewer_than_kernel(prepared):
     from fusedqk.blockbench import decode_step_nodes
 
     graph = decode_step_nodes(prepared, "graph")
