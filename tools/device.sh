@@ -33,6 +33,8 @@
 #                                 per launch (ncu), the launch into differently made cache
 #                                 buffers (tools/kv_probe.py) and its decode beside kernel's
 #                                 (KV_MODEL, KV_ROUNDS); after setup, which builds the primitive
+#   tools/device.sh kvdevice      Nsight Compute metrics of kernel's and kernel_kv's launches
+#                                 (tools/kv_probe.py under ncu, L2 flushed and not; KV_MODEL)
 #   tools/device.sh sizes         kernel and kernel_kv against graph on every Qwen3 size in the
 #                                 registry (SIZES_MODELS, SIZES_ROUNDS, SIZES_TIMEOUT_S)
 #   tools/device.sh firstprobe    which operation holds a fresh process's first-use cost, part by
@@ -376,6 +378,22 @@ PY
     $py -m fusedqk bench -m "${KV_MODEL:-qwen3-0.6b}" --paths graph,kernel,kernel_kv \
       -r "${KV_ROUNDS:-8}" --out-dir "$OUT/bench-kv" 2>&1 | tee "$OUT/kernel-kv-bench.md" | tail -8
   fi
+  ;;
+kvdevice)
+  # Where kernel_kv's extra device time per launch goes: Nsight Compute metrics of the launches
+  # of tools/kv_probe.py (the plain kernel and kernel_kv, the same grid and body but the cache
+  # index), with the L2 flushed before each launch (ncu's default) and not; then the median of
+  # each metric per kernel (tools/ncu_metrics.py).
+  build_ext | tail -1
+  metrics=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum
+  metrics+=,launch__grid_size,launch__registers_per_thread,smsp__inst_executed.sum
+  metrics+=,sm__warps_active.avg.pct_of_peak_sustained_active,lts__t_sectors_op_write.sum
+  for cache in all none; do
+    timeout 150 ncu --clock-control none --cache-control "$cache" --csv --metrics "$metrics" \
+      -k regex:fusedqk -c 400 $py tools/kv_probe.py "${KV_MODEL:-qwen3-0.6b}" --reps 3 \
+      > "$OUT/kv-ncu-$cache.csv" 2> "$OUT/kv-ncu-$cache.err"
+  done
+  $py tools/ncu_metrics.py "$OUT"/kv-ncu-*.csv | tee "$OUT/kv-ncu.md"
   ;;
 sizes)
   # kernel and kernel_kv against graph on every Qwen3 size in the registry (SIZES_MODELS,
