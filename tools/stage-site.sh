@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Two device calls' worth of packages instead of three: every wheel the shared stage script
-# wrote (.whl/a, .whl/b), unpacked here into one site folder and packed with xz, then split into
-# .whl/s1 and .whl/s2, each small enough to travel beside the tree (64 MiB a call).
+# Fewer device calls' worth of packages: every wheel the shared stage script wrote (.whl/a,
+# .whl/b), unpacked here into one site folder and packed with xz, then split into SITE_PARTS
+# parts (default 2) in .whl/s1 ... .whl/sN, each small enough to travel beside the tree (64 MiB
+# a call, the tree included: three parts once the tree is over about 20 MB).
 #
-#   bash tools/stage-site.sh          then on the device: call 1 carry .whl/s1,
-#                                     `mkdir -p /tmp/stage && cp .whl/s1/site.part0 /tmp/stage/`;
-#                                     call 2 carry .whl/s2, `bash .whl/s2/unpack.sh && ...`
+#   bash tools/stage-site.sh          then on the device: call k < N carry .whl/sk,
+#                                     `mkdir -p /tmp/stage && cp .whl/sk/site.part* /tmp/stage/`;
+#                                     call N carry .whl/sN, `bash .whl/sN/unpack.sh && ...`
 #
 # Unpacking a wheel is what pip does for these (no .data scripts are needed: everything runs as
 # `python -m`). PuLP's solver binaries for other systems are left out.
@@ -25,22 +26,28 @@ done
 rm -rf "$work"/site/*.data "$work"/site/pulp/solverdir/cbc/{osx,win} \
   "$work"/site/pulp/solverdir/cbc/linux/{arm64,i32}
 tar -C "$work/site" -cf - . | xz -9 -T0 > "$work/site.tar.xz"
-rm -rf .whl/s1 .whl/s2 && mkdir -p .whl/s1 .whl/s2
-split -b 44000000 -d -a 1 "$work/site.tar.xz" "$work/site.part"
-mv "$work/site.part0" .whl/s1/ && mv "$work/site.part1" .whl/s2/
-cp .whl/*/libfmt-dev_*.deb .whl/s2/ 2>/dev/null || true
-sha256sum "$work/site.tar.xz" | cut -d' ' -f1 > .whl/s2/SITE_SHA256
-cat > .whl/s2/unpack.sh <<'SH'
+parts="${SITE_PARTS:-2}"
+last=".whl/s$parts"
+rm -rf .whl/s[0-9]*
+size=$(stat -c %s "$work/site.tar.xz")
+split -b $(( (size + parts - 1) / parts )) -d -a 1 "$work/site.tar.xz" "$work/site.part"
+for i in $(seq 0 $((parts - 1))); do
+  mkdir -p ".whl/s$((i + 1))" && mv "$work/site.part$i" ".whl/s$((i + 1))/"
+done
+cp .whl/*/libfmt-dev_*.deb "$last/" 2>/dev/null || true
+sha256sum "$work/site.tar.xz" | cut -d' ' -f1 > "$last/SITE_SHA256"
+cat > "$last/unpack.sh" <<'SH'
 #!/usr/bin/env bash
-# On the GPU machine, after a call copied .whl/s1 to /tmp/stage: every wheel, unpacked, as /tmp/site.
+# On the GPU machine, after earlier calls copied the other parts to /tmp/stage: every wheel,
+# unpacked, as /tmp/site.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-cat /tmp/stage/site.part0 "$here/site.part1" > /tmp/site.tar.xz
+cat /tmp/stage/site.part* "$here"/site.part* > /tmp/site.tar.xz
 echo "$(cat "$here/SITE_SHA256")  /tmp/site.tar.xz" | sha256sum -c --quiet
 rm -rf /tmp/site && mkdir -p /tmp/site
 python3 -c "import tarfile; tarfile.open('/tmp/site.tar.xz', 'r:xz').extractall('/tmp/site', filter='tar')"
-rm -f /tmp/site.tar.xz /tmp/stage/site.part0
+rm -f /tmp/site.tar.xz /tmp/stage/site.part*
 PYTHONPATH=/tmp/site python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())"
 SH
-chmod +x .whl/s2/unpack.sh
-du -sh .whl/s1 .whl/s2
+chmod +x "$last/unpack.sh"
+du -sh .whl/s[0-9]*
