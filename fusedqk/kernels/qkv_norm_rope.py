@@ -182,13 +182,13 @@ def primitive_source(layout: QKVLayout, dtype: mx.Dtype, template: list[tuple[st
     ``mlx::core::cu`` with the inputs' and outputs' pointers as parameters and the template
     constants at the top of the body), so both callers compile the same code, once per layout.
     ``writes_cache``: k_out and v_out are the KV cache's buffers, ``cache_len`` positions long,
-    written at each sequence's position (``FUSEDQK_WRITES_CACHE`` in the body)."""
+    written at position ``cache_slot``, the cache's offset (``FUSEDQK_WRITES_CACHE`` in the body)."""
     t = CUDA_TYPES[dtype]
     types = {"w": "unsigned int", "positions": "int", "counters": "unsigned int"}
     params = [f"const {types.get(n, t)}* {n}" for n in CUDA_INPUTS]
     params += [f"{t}* {n}" for n in CUDA_OUTPUTS]
     if writes_cache:
-        params.append("int cache_len")
+        params += ["int cache_len", "int cache_slot"]
     consts = "".join(f"  using {k} = {t};\n" if k == "T" else f"  constexpr int {k} = {v};\n"
                      for k, v in template)
     log2_base = math.log2(layout.rope_base)

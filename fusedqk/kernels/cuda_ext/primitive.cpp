@@ -313,7 +313,7 @@ class KernelPrimitive : public mx::Primitive {
       encoder.set_input_array(inputs[i]);
     }
     // The kernel's parameters: its inputs, then q, k (the key buffer), v (the value buffer),
-    // the scratch, then the buffers' length.
+    // the scratch, then the buffers' length and the position written (the views' last).
     for (size_t i = 0; i < own; ++i) pointers.push_back(mx::gpu_ptr<void>(inputs[i]));
     pointers.push_back(mx::gpu_ptr<void>(outputs[0]));
     pointers.push_back(mx::gpu_ptr<void>(inputs[own]));
@@ -321,9 +321,11 @@ class KernelPrimitive : public mx::Primitive {
     pointers.push_back(mx::gpu_ptr<void>(outputs[1]));
     for (auto& out : outputs) encoder.set_output_array(out);
     int cache_len = inputs[own].shape(2);
+    int cache_slot = outputs[2].shape(2) - 1;
     std::vector<void*> args;
     for (auto& p : pointers) args.push_back(&p);
     args.push_back(&cache_len);
+    args.push_back(&cache_slot);
     const int batch = inputs[0].shape(0);
     encoder.add_kernel_node_raw(spec_->module->function, dim3(spec_->blocks_x, batch, 1),
                                 dim3(spec_->threads, 1, 1), dim3(), 0, args.data());
