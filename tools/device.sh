@@ -358,19 +358,7 @@ kernelkv)
   timeout 240 ncu --clock-control none --csv --metrics gpu__time_duration.sum -k regex:fusedqk \
     -c 224 $py -m fusedqk blockbench -m "${KV_MODEL:-qwen3-0.6b}" --paths kernel,kernel_kv \
     --reps 3 -w 0 --bandwidth 3400 > "$OUT/kernel-kv-ncu.csv" 2> "$OUT/kernel-kv-ncu.err"
-  $py - "$OUT/kernel-kv-ncu.csv" <<'PY' | tee "$OUT/kernel-kv-ncu.md"
-import csv, statistics, sys
-rows = [r for r in csv.DictReader(l for l in open(sys.argv[1]) if l.startswith('"'))
-        if r.get("Metric Name") == "gpu__time_duration.sum"]
-by = {}
-for r in rows:
-    by.setdefault("kernel_kv" if r["Kernel Name"].split("(")[0].endswith("_kv") else "kernel",
-                  []).append(float(r["Metric Value"].replace(",", "")))
-for name, v in by.items():
-    print(f"{name}: {len(v)} launches, device time median {statistics.median(v):.0f} "
-          f"(p10 {statistics.quantiles(v, n=10)[0]:.0f}, p90 {statistics.quantiles(v, n=10)[-1]:.0f}) "
-          f"{rows[0]['Metric Unit']}")
-PY
+  $py tools/ncu_metrics.py "$OUT/kernel-kv-ncu.csv" | tee "$OUT/kernel-kv-ncu.md"
   # The same launch into cache buffers made in different ways (tools/kv_probe.py).
   timeout 120 $py tools/kv_probe.py "${KV_MODEL:-qwen3-0.6b}" 2>&1 | tee "$OUT/kv-probe.md"
   # Decode, the three paths taking turns (KV_ROUNDS rounds; 0 skips it).
