@@ -196,6 +196,18 @@ void share_as_view(const mx::array& base, mx::array& view) {
   view.copy_shared_buffer(base, strides, flags, static_cast<size_t>(end), 0);
 }
 
+// Registers the kernel's inputs as the next node's dependencies; each must be row-contiguous,
+// since the kernel indexes every input densely.
+void add_inputs(mx::cu::CommandEncoder& encoder, const std::vector<mx::array>& inputs) {
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (!inputs[i].flags().row_contiguous) {
+      throw std::invalid_argument("fusedqk primitive: input " + std::to_string(i) +
+                                  " is not row-contiguous");
+    }
+    encoder.set_input_array(inputs[i]);
+  }
+}
+
 // Everything about one kernel that does not change from call to call.
 struct KernelSpec {
   std::string kernel_name;  // NVRTC name expression, e.g. mlx::core::cu::fusedqk_...
@@ -264,13 +276,7 @@ class KernelPrimitive : public mx::Primitive {
                                     dim3(), 0, args);
       }
     }
-    for (size_t i = 0; i < inputs.size(); ++i) {
-      if (!inputs[i].flags().row_contiguous) {
-        throw std::invalid_argument("fusedqk primitive: input " + std::to_string(i) +
-                                    " is not row-contiguous");
-      }
-      encoder.set_input_array(inputs[i]);
-    }
+    add_inputs(encoder, inputs);
     for (auto& out : outputs) {
       if (spec_->poison) encoder.set_input_array(out);
       encoder.set_output_array(out);
@@ -305,13 +311,7 @@ class KernelPrimitive : public mx::Primitive {
     share_as_view(inputs[own], outputs[2]);
     share_as_view(inputs[own + 1], outputs[3]);
     std::vector<void*> pointers;
-    for (size_t i = 0; i < inputs.size(); ++i) {
-      if (!inputs[i].flags().row_contiguous) {
-        throw std::invalid_argument("fusedqk primitive: input " + std::to_string(i) +
-                                    " is not row-contiguous");
-      }
-      encoder.set_input_array(inputs[i]);
-    }
+    add_inputs(encoder, inputs);
     // The kernel's parameters: its inputs, then q, k (the key buffer), v (the value buffer),
     // the scratch, then the buffers' length and the position written (the views' last).
     for (size_t i = 0; i < own; ++i) pointers.push_back(mx::gpu_ptr<void>(inputs[i]));
