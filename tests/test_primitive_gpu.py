@@ -8,6 +8,10 @@ tests/test_kernel_gpu.py.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import mlx.core as mx
 import pytest
 
@@ -91,20 +95,58 @@ def test_fused_kernel_through_the_primitive_under_compile_and_in_one_graph(monke
 
 
 
+def made() -> int:
+    """Modules this process made ready: compiled by NVRTC or loaded from the disk copy."""
+    return EXT.compilations() + EXT.disk_loads()
+
+
 def test_one_compilation_serves_every_kernel_of_one_source():
     # A model builds one Kernel per layer, all with the same source: NVRTC must run once, not
     # once per layer (28-48 layers at ~1.4 s each on an H200 was a fresh process's first token).
     tag = f"constexpr int N = {N};\n// {__name__} one-compilation\n"
-    before = EXT.compilations()
+    before = made()
     kernels = [EXT.Kernel("mlx::core::cu::fusedqk_test_double", tag + DOUBLE, N // 256, 256, 8,
                           [[N]], "bfloat16") for _ in range(6)]
     x = mx.ones((1, N), dtype=mx.bfloat16)
     outs = [k([x])[0] for k in kernels]
     mx.eval(outs)
-    assert EXT.compilations() - before == 1
+    assert made() - before == 1
     assert all(k.cubin_bytes == kernels[0].cubin_bytes > 0 for k in kernels)
     assert all(mx.array_equal(o, x * 2).item() for o in outs)
     other = EXT.Kernel("mlx::core::cu::fusedqk_test_double", tag + "// another source\n" + DOUBLE,
                        N // 256, 256, 8, [[N]], "bfloat16")
     mx.eval(other([x])[0])
-    assert EXT.compilations() - before == 2
+    assert made() - before == 2
+
+
+# One process: compile or load the doubling kernel (source argv[1], width argv[2]), check it,
+# print how it was made.
+DISK_PROBE = r"""
+import sys
+import mlx.core as mx
+from fusedqk.kernels import cuda_ext
+ext = cuda_ext.require()
+n = int(sys.argv[2])
+k = ext.Kernel("mlx::core::cu::fusedqk_test_double", sys.argv[1], n // 256, 256, 8, [[n]],
+               "bfloat16")
+x = mx.arange(n, dtype=mx.bfloat16).reshape(1, n)
+assert mx.array_equal(k([x])[0], x * 2).item()
+print(ext.compilations(), ext.disk_loads())
+"""
+
+
+def test_a_later_process_loads_the_kernel_from_disk_and_a_damaged_copy_is_compiled_again(tmp_path):
+    env = {**os.environ, "MLX_PTX_CACHE_DIR": str(tmp_path)}
+    source = f"constexpr int N = {N};\n// disk copy {tmp_path}\n" + DOUBLE
+
+    def run() -> list[str]:
+        return subprocess.run([sys.executable, "-c", DISK_PROBE, source, str(N)], env=env,
+                              capture_output=True, text=True, check=True).stdout.split()
+
+    assert run() == ["1", "0"]  # compiled, and written beside MLX's own kernels
+    files = list((tmp_path / "fusedqk").glob("*.cubin"))
+    assert len(files) == 1 and not list((tmp_path / "fusedqk").glob("*.tmp*"))
+    assert run() == ["0", "1"]  # loaded, not compiled
+    files[0].write_bytes(files[0].read_bytes()[:-100])  # a torn file is a miss, not a crash
+    assert run() == ["1", "0"]
+    assert run() == ["0", "1"]  # and it was written again, whole

@@ -1,10 +1,10 @@
-// One CUDA kernel as an MLX primitive: compiled once per process and source (NVRTC, when it first
-// runs), then every call only builds the primitive and every evaluation adds one kernel node to
-// MLX's CUDA graph.
+// One CUDA kernel as an MLX primitive: compiled once per machine and source (NVRTC, when it
+// first runs; later processes load the machine code from disk), then every call only builds the
+// primitive and every evaluation adds one kernel node to MLX's CUDA graph.
 //
 // Why not mx.fast.cuda_kernel: that call assembles the kernel's whole source string and looks the
 // module up by name on every call (about 20 µs per layer on an H200 for an empty kernel, see
-// docs/perf-log.md). Here each source is compiled once per process and its CUfunction kept.
+// docs/perf-log.md). Here each source is made ready once per process and its CUfunction kept.
 //
 // Only symbols that libmlx.so exports are used (CommandEncoder, Device, allocator, array); MLX's
 // JIT module cache is not exported, so the compile is done here with NVRTC, with the options MLX
@@ -14,8 +14,15 @@
 
 #include <dlfcn.h>
 
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -53,6 +60,7 @@ int nvrtcGetCUBINSize(nvrtcProgram, size_t*);
 int nvrtcGetCUBIN(nvrtcProgram, char*);
 int nvrtcGetLoweredName(nvrtcProgram, const char*, const char**);
 int nvrtcDestroyProgram(nvrtcProgram*);
+int nvrtcVersion(int*, int*);
 const char* nvrtcGetErrorString(int);
 }
 
@@ -99,8 +107,14 @@ struct CompiledModule {
   size_t cubin_bytes = 0;
 };
 
-CompiledModule compile_now(const std::string& source, const std::string& file_name,
-                       const std::string& kernel_name, int major, int minor) {
+// What NVRTC makes of one source: the machine code and the kernel's mangled name in it.
+struct Cubin {
+  std::string code;
+  std::string mangled;
+};
+
+Cubin nvrtc_compile(const std::string& source, const std::string& file_name,
+                    const std::string& kernel_name, int major, int minor) {
   nvrtcProgram prog = nullptr;
   check_nvrtc(nvrtcCreateProgram(&prog, source.c_str(), file_name.c_str(), 0, nullptr, nullptr),
               "nvrtcCreateProgram");
@@ -123,27 +137,108 @@ CompiledModule compile_now(const std::string& source, const std::string& file_na
   }
   const char* lowered = nullptr;
   check_nvrtc(nvrtcGetLoweredName(prog, kernel_name.c_str(), &lowered), "nvrtcGetLoweredName");
-  std::string mangled(lowered);
+  Cubin out;
+  out.mangled = lowered;
   size_t size = 0;
   check_nvrtc(nvrtcGetCUBINSize(prog, &size), "nvrtcGetCUBINSize");
-  std::string cubin(size, '\0');
-  check_nvrtc(nvrtcGetCUBIN(prog, cubin.data()), "nvrtcGetCUBIN");
-  CompiledModule out;
-  out.cubin_bytes = size;
-  check_cu(cuModuleLoadData(&out.module, cubin.data()), "cuModuleLoadData");
-  check_cu(cuModuleGetFunction(&out.function, out.module, mangled.c_str()),
-           "cuModuleGetFunction");
+  out.code.assign(size, '\0');
+  check_nvrtc(nvrtcGetCUBIN(prog, out.code.data()), "nvrtcGetCUBIN");
   return out;
 }
 
+CompiledModule load_module(const Cubin& cubin) {
+  CompiledModule out;
+  out.cubin_bytes = cubin.code.size();
+  check_cu(cuModuleLoadData(&out.module, cubin.code.data()), "cuModuleLoadData");
+  if (CUresult r = cuModuleGetFunction(&out.function, out.module, cubin.mangled.c_str());
+      r != CUDA_SUCCESS) {
+    cuModuleUnload(out.module);
+    check_cu(r, "cuModuleGetFunction");
+  }
+  return out;
+}
+
+// The on-disk copy of compiled kernels: beside MLX's own compiled kernels, in
+// $MLX_PTX_CACHE_DIR/fusedqk (fusedqk points that variable at its shared cache, one folder per
+// kind of GPU and MLX version), so a later process loads the machine code instead of paying
+// NVRTC again (1-2 s per source on an H200). A file holds its full key, checked on reading, so
+// a hash collision or a torn file is a miss, never a wrong kernel. No folder: no disk copy.
+std::filesystem::path disk_file(const std::string& key) {
+  const char* dir = std::getenv("MLX_PTX_CACHE_DIR");
+  if (!dir || !*dir) return {};
+  uint64_t hash = 1469598103934665603ull;  // FNV-1a: stable across builds, unlike std::hash
+  for (unsigned char c : key) hash = (hash ^ c) * 1099511628211ull;
+  char name[40];
+  std::snprintf(name, sizeof name, "%016llx.cubin", static_cast<unsigned long long>(hash));
+  return std::filesystem::path(dir) / "fusedqk" / name;
+}
+
+constexpr char kDiskMagic[] = "fusedqk-cubin/1";
+
+void put_string(std::string& out, const std::string& s) {
+  uint64_t n = s.size();
+  out.append(reinterpret_cast<const char*>(&n), sizeof n);
+  out += s;
+}
+
+bool take_string(const std::string& in, size_t& at, std::string& s) {
+  uint64_t n = 0;
+  if (in.size() - at < sizeof n) return false;
+  std::memcpy(&n, in.data() + at, sizeof n);
+  at += sizeof n;
+  if (in.size() - at < n) return false;
+  s.assign(in, at, n);
+  at += n;
+  return true;
+}
+
+bool read_disk(const std::filesystem::path& file, const std::string& key, Cubin& cubin) {
+  if (file.empty()) return false;
+  std::ifstream f(file, std::ios::binary);
+  if (!f) return false;
+  std::string data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  size_t at = 0;
+  std::string magic, stored_key;
+  return take_string(data, at, magic) && magic == kDiskMagic &&
+         take_string(data, at, stored_key) && stored_key == key &&
+         take_string(data, at, cubin.mangled) && take_string(data, at, cubin.code) &&
+         at == data.size() && !cubin.code.empty();
+}
+
+// Written whole to a temporary file and renamed: a concurrent reader sees the old file, the
+// new one, or none. Failing to write is not an error (the kernel still runs).
+void write_disk(const std::filesystem::path& file, const std::string& key, const Cubin& cubin) {
+  if (file.empty()) return;
+  std::error_code ec;
+  std::filesystem::create_directories(file.parent_path(), ec);
+  std::string data;
+  put_string(data, kDiskMagic);
+  put_string(data, key);
+  put_string(data, cubin.mangled);
+  put_string(data, cubin.code);
+  auto tmp = file;
+  tmp += ".tmp" + std::to_string(getpid());
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    if (!f || !f.write(data.data(), static_cast<std::streamsize>(data.size()))) {
+      f.close();
+      std::filesystem::remove(tmp, ec);
+      return;
+    }
+  }
+  std::filesystem::rename(tmp, file, ec);
+  if (ec) std::filesystem::remove(tmp, ec);
+}
+
 // Every layer of a model has the same layout, hence the same source: one compilation (about 2 s
-// of NVRTC for qwen3-0.6b's layout on an H200) serves them all. Keyed by everything the machine
-// code depends on; modules stay loaded for the life of the process, as MLX keeps its own JIT
-// modules.
+// of NVRTC for qwen3-0.6b's layout on an H200) serves them all, and the disk copy serves later
+// processes. Keyed by everything the machine code depends on; modules stay loaded for the life
+// of the process, as MLX keeps its own JIT modules.
 struct ModuleCache {
   std::mutex lock;
   std::unordered_map<std::string, std::shared_ptr<const CompiledModule>> modules;
   size_t compilations = 0;
+  size_t disk_loads = 0;
 };
 
 ModuleCache& module_cache() {
@@ -151,20 +246,44 @@ ModuleCache& module_cache() {
   return *cache;
 }
 
+std::string module_key(const std::string& source, const std::string& kernel_name, int major,
+                       int minor) {
+  int nvrtc_major = 0, nvrtc_minor = 0;
+  nvrtcVersion(&nvrtc_major, &nvrtc_minor);
+  std::string key = "sm_" + std::to_string(major) + std::to_string(minor) + " nvrtc " +
+                    std::to_string(nvrtc_major) + "." + std::to_string(nvrtc_minor) + " " +
+                    cuda_home() + " " + cccl_dir();
+  for (const auto* part : {&kernel_name, &source}) {
+    key += '\0';
+    key += *part;
+  }
+  return key;
+}
+
 std::shared_ptr<const CompiledModule> compile(const std::string& source,
                                               const std::string& file_name,
                                               const std::string& kernel_name, int major,
                                               int minor) {
-  std::string key = std::to_string(major) + "." + std::to_string(minor) + '\0' + kernel_name +
-                    '\0' + source;
+  std::string key = module_key(source, kernel_name, major, minor);
   auto& cache = module_cache();
   std::lock_guard<std::mutex> guard(cache.lock);
   auto& slot = cache.modules[key];
-  if (!slot) {
-    slot = std::make_shared<const CompiledModule>(
-        compile_now(source, file_name, kernel_name, major, minor));
-    ++cache.compilations;
+  if (slot) return slot;
+  auto file = disk_file(key);
+  Cubin cubin;
+  if (read_disk(file, key, cubin)) {
+    try {
+      slot = std::make_shared<const CompiledModule>(load_module(cubin));
+      ++cache.disk_loads;
+      return slot;
+    } catch (const std::runtime_error&) {
+      // Machine code the driver refuses (another driver, a damaged file): compile again.
+    }
   }
+  cubin = nvrtc_compile(source, file_name, kernel_name, major, minor);
+  slot = std::make_shared<const CompiledModule>(load_module(cubin));
+  ++cache.compilations;
+  write_disk(file, key, cubin);
   return slot;
 }
 
@@ -447,6 +566,11 @@ NB_MODULE(_fusedqk_cuda, m) {
     std::lock_guard<std::mutex> guard(cache.lock);
     return cache.compilations;
   }, "How many kernels NVRTC compiled in this process (each distinct source once).");
+  m.def("disk_loads", [] {
+    auto& cache = fusedqk::module_cache();
+    std::lock_guard<std::mutex> guard(cache.lock);
+    return cache.disk_loads;
+  }, "How many kernels this process loaded from the on-disk copy instead of compiling them.");
   // Proves at load time that this module and mlx.core share nanobind's type registry: if their
   // nanobind ABIs differed, an mlx.core.array would not convert here.
   m.def("array_ndim", [](const mx::array& a) { return a.ndim(); }, nb::arg("array"));
