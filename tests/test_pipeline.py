@@ -177,8 +177,8 @@ def test_the_cuda_bench_job_carries_every_round_limit_of_the_configuration():
     args = plan.job_args(config["backend_settings"]["cuda"], "cuda", "bench")
     flags = ("-r", "--target-half-width", "--max-rounds", "--max-measure-s")
     assert {flag: args[args.index(flag) + 1] for flag in flags} == {
-        "-r": "10", "--target-half-width": "0.01", "--max-rounds": "40",
-        "--max-measure-s": "90"}
+        "-r": "6", "--target-half-width": "0.01", "--max-rounds": "40",
+        "--max-measure-s": "60"}
 
 
 def test_a_missing_key_is_one_line(tmp_path):
