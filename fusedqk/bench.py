@@ -231,7 +231,8 @@ def summarize(result: BenchRun, speedups: dict[str, stats.Speedup],
                                 "path": path, **sp.as_dict(), "estimator": stats.ESTIMATOR,
                                 "round_speedups": per_round[path],
                                 "halves": halves.as_dict() if halves else None,
-                                "host_states": states.as_dict() if states else None})
+                                "host_states": states.as_dict() if states else None,
+                                "host_states_by": stats.HOST_STATES_BY})
 
 
 def write_results(result: BenchRun, out_dir) -> None:

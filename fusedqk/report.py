@@ -299,7 +299,8 @@ def context(run: RunData) -> dict:
                                                           stats.Halves.from_dict(sp["halves"]))]
             state_notes += [f"{name} {w}" for sp in speed.values() if sp.get("host_states")
                             for w in stats.host_state_warnings(
-                                sp["path"], stats.Halves.from_dict(sp["host_states"]))]
+                                sp["path"], stats.Halves.from_dict(sp["host_states"]),
+                                sp.get("host_states_by", stats.HOST_STATES_BY_BEFORE))]
             for s in m.bench["summary"]:
                 sp = speed.get(s["path"])
                 bench_rows.append({**s, "speedup": sp, "paired_p": paired.get(s["path"]),

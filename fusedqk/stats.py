@@ -115,17 +115,21 @@ def halves(round_speedups: list[float], *, seed: int = 0) -> Halves | None:
 def host_states(round_speedups: list[float], graph_round_s: list[float], *,
                 seed: int = 0) -> Halves | None:
     """The rounds split by the host's speed instead of by time: ``first`` the half in which the
-    graph path decoded fastest (its mean time per token, ``graph_round_s``, at most the median),
-    ``second`` the rest, each summarised as ``halves`` does. The fused path saves host work, so
-    where the host's speed switches between states the speedup follows it (NVIDIA H200,
-    2026-12-03: qwen3-8b 1.13 in the fast half, 1.36 in the slow one, docs/perf-log.md); disjoint
-    intervals say so, and that the run's interval is this run's mix of the two. None under
-    ``2 * MIN_HALF_ROUNDS`` rounds."""
+    host was fastest, ``second`` the rest, each summarised as ``halves`` does. A round's host
+    speed is both paths' mean time per token together (their geometric mean, from the graph
+    path's ``graph_round_s`` and the round's speedup): sorting by the graph path's time alone
+    would put the rounds where graph was fast by chance in the first half, and their speedups
+    are low by that same chance (an mlx-lm server bench on an H200, 2026-12-04, 417 rounds with
+    per-request CVs of 15-18 %: 0.995 against 1.297 split by graph's time, 1.096 against 1.177
+    by both paths', docs/perf-log.md). The fused path saves host work, so where the host's speed
+    switches between states the speedup follows it; disjoint intervals say so, and that the
+    run's interval is this run's mix of the two. None under ``2 * MIN_HALF_ROUNDS`` rounds."""
     if len(round_speedups) != len(graph_round_s):
         raise ValueError("one graph time per round")
     if len(round_speedups) < 2 * MIN_HALF_ROUNDS:
         return None
-    order = np.argsort(np.asarray(graph_round_s, float), kind="stable")
+    host_s = np.asarray(graph_round_s, float) / np.sqrt(np.asarray(round_speedups, float))
+    order = np.argsort(host_s, kind="stable")
     fast = set(order[: len(order) // 2].tolist())
     return _split([r for i, r in enumerate(round_speedups) if i in fast],
                   [r for i, r in enumerate(round_speedups) if i not in fast], seed)
@@ -135,12 +139,20 @@ def _interval(part: tuple[float, float, float]) -> str:
     return f"{part[0]:.3f} [{part[1]:.3f}, {part[2]:.3f}]"
 
 
-def host_state_warnings(path: str, h: Halves | None) -> list[str]:
+# What ``host_states`` sorts the rounds by, recorded beside them (``host_states_by``); results
+# written before it sorted by the graph path's time alone, and say so by lacking the field.
+HOST_STATES_BY = "both paths"
+HOST_STATES_BY_BEFORE = "graph"
+
+
+def host_state_warnings(path: str, h: Halves | None,
+                        split_by: str = HOST_STATES_BY) -> list[str]:
     if h is None or not h.disjoint:
         return []
+    which = "graph" if split_by == HOST_STATES_BY_BEFORE else split_by
     return [f"{path}: the speedup follows the host's speed ({_interval(h.first)} in the half of "
-            f"the rounds where graph decoded fastest, {_interval(h.second)} in the slower half): "
-            "the run's CI is its mix of host states"]
+            f"the rounds where {which} decoded fastest, {_interval(h.second)} in the slower "
+            "half): the run's CI is its mix of host states"]
 
 
 def drift_warnings(path: str, h: Halves | None) -> list[str]:

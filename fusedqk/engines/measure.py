@@ -190,7 +190,8 @@ def _summarise(result: BenchRun, ratios: list[float], speedup: stats.Speedup,
                             **speedup.as_dict(), "estimator": ESTIMATORS[result.meta["instrument"]],
                             "p_test": PAIRED_TEST, "round_speedups": ratios,
                             "halves": halves.as_dict() if halves else None,
-                            "host_states": states.as_dict() if states else None})
+                            "host_states": states.as_dict() if states else None,
+                            "host_states_by": stats.HOST_STATES_BY})
 
 
 @contextmanager
