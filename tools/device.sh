@@ -431,6 +431,19 @@ servernoise)
   fi
   lscpu > "$OUT/lscpu.txt" 2>&1; lscpu -e >> "$OUT/lscpu.txt" 2>&1
   ;;
+serverlen)
+  # The mlx-lm server engine's bench at several completion lengths (SERVERLEN_TOKENS), each
+  # within SERVERLEN_BUDGET_S of rounds: do shorter requests, alternating faster, share more of
+  # the host's state between the arms?
+  m="${SERVERLEN_MODEL:-qwen3-0.6b}"
+  for g in ${SERVERLEN_TOKENS:-16 128}; do
+    timeout "${SERVERLEN_TIMEOUT_S:-230}" $py -m fusedqk bench --engine config/engines/mlx-lm-server.yaml \
+      -m "$m" -g "$g" -r 10 --target-half-width 0.02 --max-rounds 2000 \
+      --max-measure-s "${SERVERLEN_BUDGET_S:-150}" --out-dir "$OUT/serverlen/g$g" \
+      > "$OUT/serverlen-g$g.md" 2> "$OUT/serverlen-g$g.err" || echo "g$g: exit $?"
+    echo "tg $g:"; grep -iE "rounds|fused|speedup|stopped" "$OUT/serverlen-g$g.md" | head -8
+  done
+  ;;
 variety)
   $py tools/variety.py ${VARIETY_MODELS:-qwen3-0.6b qwen3-8b qwen3-30b-a3b} 2>&1 | tee "$OUT/variety.md"
   ;;
