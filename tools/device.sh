@@ -17,6 +17,9 @@
 #                                 times per model: the launch floor across host states
 #   tools/device.sh breakdown     mlx-lm's single-sequence and batched decode loops in-process,
 #                                 per arm (tools/server_breakdown.py): what the server adds
+#   tools/device.sh serverlen     the mlx-lm server engine's bench at several completion lengths
+#                                 within one measuring budget (SERVERLEN_MODEL, SERVERLEN_TOKENS,
+#                                 SERVERLEN_BUDGET_S, SERVERLEN_TIMEOUT_S)
 #   tools/device.sh variety       distinct ids in greedy decodes of the seed models' synthetic
 #                                 weights, per quantization (tools/variety.py)
 #   tools/device.sh after         the GPU tests through both kernel calls (the primitive built
