@@ -149,9 +149,8 @@ def host_state_warnings(path: str, h: Halves | None,
                         split_by: str = HOST_STATES_BY) -> list[str]:
     if h is None or not h.disjoint:
         return []
-    which = "graph" if split_by == HOST_STATES_BY_BEFORE else split_by
     return [f"{path}: the speedup follows the host's speed ({_interval(h.first)} in the half of "
-            f"the rounds where {which} decoded fastest, {_interval(h.second)} in the slower "
+            f"the rounds where {split_by} decoded fastest, {_interval(h.second)} in the slower "
             "half): the run's CI is its mix of host states"]
 
 
