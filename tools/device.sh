@@ -15,8 +15,9 @@
 #                                 both kernel calls, blockbench with the primitive's rows
 #   tools/device.sh launchfloor [N]  blockbench's graph, kernel and launch-floor rows, N (3)
 #                                 times per model: the launch floor across host states
-#   tools/device.sh breakdown     mlx-lm's single-sequence and batched decode loops in-process,
-#                                 per arm (tools/server_breakdown.py): what the server adds
+#   tools/device.sh breakdown     fusedqk's decode loop and mlx-lm's single-sequence and batched
+#                                 loops in-process, per arm (tools/server_breakdown.py): what the
+#                                 server adds (BREAKDOWN_MODELS, BREAKDOWN_REPEATS)
 #   tools/device.sh serverlen     the mlx-lm server engine's bench at several completion lengths
 #                                 within one measuring budget (SERVERLEN_MODEL, SERVERLEN_TOKENS,
 #                                 SERVERLEN_BUDGET_S, SERVERLEN_TIMEOUT_S)
@@ -283,14 +284,15 @@ for f in sorted(Path(sys.argv[1]).glob("lf-*/blockbench.json")):
 PY
   ;;
 breakdown)
-  # mlx-lm's single-sequence and batched loops in-process (no HTTP), per arm, twice each
-  # (tools/server_breakdown.py), from the checkpoints a server-engine pipeline exported.
-  for m in ${BREAKDOWN_MODELS:-qwen3-0.6b qwen3-8b}; do
+  # fusedqk's decode loop and mlx-lm's single-sequence and batched loops in-process (no HTTP),
+  # per arm, twice each (tools/server_breakdown.py, BREAKDOWN_REPEATS repeats per process), from
+  # the checkpoints a server-engine pipeline exported.
+  for m in ${BREAKDOWN_MODELS:-qwen3-0.6b qwen3-8b qwen3-30b-a3b}; do
     ck="$HOME/.cache/fusedqk/checkpoints/$m-q4g64-bfloat16-s0"
     [ -f "$ck/config.json" ] || $py -m fusedqk export "$m" --out "$ck" > /dev/null
     for arm in 0 1 0 1; do
-      FUSEDQK_FUSED_QK_NORM=$arm $py tools/server_breakdown.py "$ck" >> "$OUT/breakdown.jsonl" \
-        2>> "$OUT/breakdown.err"
+      FUSEDQK_FUSED_QK_NORM=$arm $py tools/server_breakdown.py "$ck" --repeats "${BREAKDOWN_REPEATS:-6}" \
+        >> "$OUT/breakdown.jsonl" 2>> "$OUT/breakdown.err"
     done
   done
   $py - "$OUT/breakdown.jsonl" <<'PY' | tee "$OUT/breakdown.md"
@@ -300,12 +302,12 @@ rows = defaultdict(list)
 for line in open(sys.argv[1]):
     doc = json.loads(line)
     rows[(doc["checkpoint"].rsplit("/", 1)[-1], doc["toggle"])].append(doc)
-print("| checkpoint | FUSEDQK_FUSED_QK_NORM | single-sequence ms/token | batched ms/token |")
-print("|---|---|---|---|")
+loops = ("builtin", "single", "batched")
+print("| checkpoint | FUSEDQK_FUSED_QK_NORM | fusedqk loop ms/token | single-sequence ms/token | batched ms/token |")
+print("|---|---|---|---|---|")
 for (ck, arm), docs in sorted(rows.items()):
-    single = " / ".join(f"{d['single_ms_per_token']:.3f}" for d in docs)
-    batched = " / ".join(f"{d['batched_ms_per_token']:.3f}" for d in docs)
-    print(f"| {ck} | {arm} | {single} | {batched} |")
+    cells = [" / ".join(f"{d[f'{loop}_ms_per_token']:.3f}" for d in docs) for loop in loops]
+    print(f"| {ck} | {arm} | {' | '.join(cells)} |")
 PY
   ;;
 warmup)

@@ -1,6 +1,7 @@
 """Where mlx-lm's server spends a token, without HTTP: one checkpoint decoded greedily by
-mlx-lm's single-sequence loop (``generate_step``) and by its batched generator (``BatchGenerator``
-with one request, the loop mlx-lm's server runs), in one process, the loops taking turns.
+fusedqk's own decode loop (``fusedqk.decode.generate``, the built-in instrument's), by mlx-lm's
+single-sequence loop (``generate_step``) and by its batched generator (``BatchGenerator`` with one
+request, the loop mlx-lm's server runs), in one process, the loops taking turns.
 
     FUSEDQK_FUSED_QK_NORM=0 python tools/server_breakdown.py CHECKPOINT [--tokens 128] [--repeats 6]
 
@@ -22,7 +23,13 @@ import numpy as np
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator, generate_step
 
+from fusedqk.decode import generate
 from fusedqk.patching import patch
+
+
+def builtin_ms(model, prompt: list[int], tokens: int) -> float:
+    result = generate(model, mx.array(prompt), tokens, lambda x: mx.argmax(x, -1))
+    return 1e3 * result.decode_s / len(result.token_times_s)
 
 
 def single_ms(model, prompt: list[int], tokens: int) -> float:
@@ -62,7 +69,7 @@ def main() -> None:
     summary = patch(model).summary()
     vocab = model.args.vocab_size
     prompt = [int(i) for i in np.random.default_rng(0).integers(2, vocab, args.prompt_tokens)]
-    loops = {"single": single_ms, "batched": batched_ms}
+    loops = {"builtin": builtin_ms, "single": single_ms, "batched": batched_ms}
     for loop in loops.values():  # untimed: compilation, the allocator's first growth
         loop(model, prompt, 16)
     samples: dict[str, list[float]] = {name: [] for name in loops}
