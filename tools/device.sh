@@ -288,7 +288,9 @@ breakdown)
   # per arm, twice each (tools/server_breakdown.py, BREAKDOWN_REPEATS repeats per process), from
   # the checkpoints a server-engine pipeline exported.
   for m in ${BREAKDOWN_MODELS:-qwen3-0.6b qwen3-8b qwen3-30b-a3b}; do
-    ck="$HOME/.cache/fusedqk/checkpoints/$m-q4g64-bfloat16-s0"
+    # A pipeline's export carries a content suffix (…-s0-<hash>); use it where there is one.
+    ck="$(ls -d "$HOME/.cache/fusedqk/checkpoints/$m-q4g64-bfloat16-s0"* 2>/dev/null | head -1)"
+    ck="${ck:-$HOME/.cache/fusedqk/checkpoints/$m-q4g64-bfloat16-s0}"
     [ -f "$ck/config.json" ] || $py -m fusedqk export "$m" --out "$ck" > /dev/null
     for arm in 0 1 0 1; do
       FUSEDQK_FUSED_QK_NORM=$arm $py tools/server_breakdown.py "$ck" --repeats "${BREAKDOWN_REPEATS:-6}" \
