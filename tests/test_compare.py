@@ -48,8 +48,11 @@ def test_a_users_own_run_is_listed_as_theirs_and_keeps_the_readme_current(tmp_pa
 
 
 def test_h100_and_h200_runs_side_by_side(capsys):
+    # Every H200 archive, the server run of 16-token completions among them: mixed workloads.
     runs = [H100 / "20261127-703a49a8e9-kernel", *sorted(H200.iterdir())]
-    assert cli.main(["compare", *map(str, runs), "--by", "device"]) == 0
+    assert cli.main(["compare", *map(str, runs), "--by", "device"]) == 2
+    assert "different workloads" in capsys.readouterr().err
+    assert cli.main(["compare", *map(str, runs), "--by", "device", "--mixed-workloads"]) == 0
     out = capsys.readouterr().out
     assert "NVIDIA H100 80GB HBM3 (703a49a8e9)" in out and "NVIDIA H200 (e3538ceb0b)" in out
     assert "0.921 [0.752, 1.174] EQUAL" in out and "1.212 [1.201, 1.225] EQUAL" in out
