@@ -319,6 +319,8 @@ def context(run: RunData) -> dict:
                        if m.bench and "instrument" in m.bench["meta"]), None)
     engine = next((m.bench["meta"]["engine"] for m in run.models.values()
                    if m.bench and "engine" in m.bench["meta"]), None)
+    confirmation = next((m.bench["meta"]["arm_confirmation"] for m in run.models.values()
+                         if m.bench and m.bench["meta"].get("arm_confirmation")), None)
     main_env, folded_env = environment_rows(run.environment)
     model_rows = []
     for d in (decisions or {}).get("backends", {}).values():
@@ -338,6 +340,7 @@ def context(run: RunData) -> dict:
             "latency": latency_rows(run), "env_rows": main_env, "env_folded": folded_env,
             "bench": bench_rows, "identity": ident_rows,
             "engine_identity": engine_rows, "instrument": instrument, "engine": engine,
+            "arm_confirmation": confirmation,
             "server": (engine or {}).get("kind") == "server",
             "server_turns": server_turns(instrument, settings),
             "toggle_variable": toggle_variable(engine),

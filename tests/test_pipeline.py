@@ -282,6 +282,11 @@ def test_the_pipeline_runs_end_to_end_with_an_engine(engine, model, instrument, 
     assert bench["format"] == "fusedqk-bench/2" and bench["speedups"][0]["path"] == "fused"
     ident = archive.read_json(run / model / "identity-fused.json", "identity")
     assert ident["verdict"] == "EQUAL", ident["controls"]
+    if engine == "mlx-lm-server":  # each server's own line where its arm's expect matched
+        confirmed = bench["meta"]["arm_confirmation"]
+        assert confirmed["graph"].startswith("fusedqk: model not patched")
+        assert confirmed["fused"].startswith("fusedqk: fused QK-norm decode path (composite) on 4")
+        assert f"fused `{confirmed['fused']}`" in report
 
 
 def test_a_scheduled_job_reads_its_plan_from_its_run_directory(tmp_path):

@@ -86,6 +86,7 @@ def test_bench_alternates_the_arms_abba_and_reads_the_stream(mlxcel_server, chec
     assert {t["generated_tokens"] for t in run.trials} == {16}
     assert {t["timing"] for t in run.trials} == {"stream"}
     assert set(run.meta["server_start_s"]) == {"graph", "fused"}
+    assert run.meta["arm_confirmation"] == {}  # the mlxcel file declares no expect line
     assert servers_of(str(checkpoint)) == []
 
 

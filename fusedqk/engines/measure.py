@@ -91,6 +91,8 @@ def bench(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size: in
     if spec.kind == SERVER:
         with _arm_servers(spec, values, vocab_size, settings.prompt_tokens) as (servers, cpus):
             result.meta["server_start_s"] = {arm: s.started_s for arm, s in servers.items()}
+            result.meta["arm_confirmation"] = {arm: s.confirmation for arm, s in servers.items()
+                                               if s.confirmation is not None}
             if cpus:
                 result.meta["cpus"] = {k: sorted(v) for k, v in cpus.items()}
             for arm in ARMS:  # untimed: compilation, caches, the allocator's first growth

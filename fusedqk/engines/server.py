@@ -105,6 +105,7 @@ class ArmServer:
         self.label = label
         self.http = requests.Session()
         self.started_s = 0.0  # seconds from start to healthy
+        self.confirmation: str | None = None  # the log line in which ``expect`` matched
 
     def wait_healthy(self) -> None:
         start = time.monotonic()
@@ -133,6 +134,12 @@ class ArmServer:
         if not seen:
             raise EngineFailure(f"{self.label}: its log lacks {pattern.pattern!r} ({key}): the toggle "
                                 "did not take effect, so the arms may not differ")
+        # Kept with the results: the server's own word on what its arm runs (fusedqk's names the
+        # implementation and kernel call), which the arm's environment alone does not say.
+        text = seen.string
+        start = text.rfind("\n", 0, seen.start()) + 1
+        end = text.find("\n", seen.end())
+        self.confirmation = text[start:end if end >= 0 else len(text)].strip()
 
     def _post(self, body: dict, stream: bool) -> requests.Response:
         url = self.base + self.command.completions
