@@ -23,18 +23,20 @@ import numpy as np
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator, generate_step
 
-from fusedqk.decode import generate
+from fusedqk.decode import generate, make_sampler
 from fusedqk.patching import patch
+
+GREEDY = make_sampler(0.0, 0)
 
 
 def builtin_ms(model, prompt: list[int], tokens: int) -> float:
-    result = generate(model, mx.array(prompt), tokens, lambda x: mx.argmax(x, -1))
+    result = generate(model, mx.array(prompt), tokens, GREEDY)
     return 1e3 * result.decode_s / len(result.token_times_s)
 
 
 def single_ms(model, prompt: list[int], tokens: int) -> float:
     times = []
-    steps = generate_step(mx.array(prompt), model, sampler=lambda x: mx.argmax(x, -1))
+    steps = generate_step(mx.array(prompt), model, sampler=GREEDY)
     for _ in zip(range(tokens), steps, strict=False):
         times.append(time.perf_counter())
     return 1e3 * (times[-1] - times[0]) / (len(times) - 1)
