@@ -19,7 +19,7 @@ import yaml
 
 from fusedqk.engines import measure
 from fusedqk.engines.command import load_engine
-from fusedqk.engines.process import EngineFailure
+from fusedqk.engines.process import EngineFailure, end_group, group_pids, pin_group
 from fusedqk.engines.server import field_path
 from fusedqk.errors import UserError
 from fusedqk.results import BenchSettings
@@ -165,6 +165,8 @@ BAD_FILES = [
     ("a route without /", lambda d: d["server"].update(health="health"), "server.health"),
     ("a bad field path", lambda d: d["server"].update(identity_tokens="a..b"), "server.identity_tokens"),
     ("an unknown kind", lambda d: d.update(kind="rpc"), "kind"),
+    ("two placements", lambda d: d["server"].update(cpus_per_arm=1, shared_cpus=1),
+     "server.shared_cpus: and server.cpus_per_arm are two placements"),
 ]
 
 
@@ -258,3 +260,61 @@ def test_pinned_servers_run_on_their_own_cores(fake_mlxcel, checkpoint, tmp_path
     cores = sorted(before)
     assert run.meta["cpus"] == {"graph": [cores[0]], "fused": [cores[1]], "client": cores[2:]}
     assert os.sched_getaffinity(0) == before  # the client's own cores are given back
+
+
+def test_shared_cores_cycle_through_every_core_and_leave_the_client_one():
+    assert measure.shared_cpus(2, [0, 1, 2, 3, 4], "e.yaml") == [{0, 1}, {2, 3}, {4, 0}]
+    assert measure.shared_cpus(1, [3, 5], "e.yaml") == [{3}, {5}]
+    assert measure.shared_cpus(None, [0, 1], "e.yaml") == []
+    with pytest.raises(UserError, match=r"e\.yaml: server\.shared_cpus 2 needs 3 cores .* "
+                                         r"may use 2; accepted here: at most 1"):
+        measure.shared_cpus(2, [0, 1], "e.yaml")
+
+
+def test_pin_group_moves_every_thread_of_every_process_in_the_group():
+    # A process with a second thread, and a child of it, in a group of their own.
+    code = ("import os, subprocess, sys, threading, time; threading.Thread(target=time.sleep, "
+            "args=(30,), daemon=True).start(); subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(30)']); print('up', flush=True); time.sleep(30)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == b"up"
+        core = min(os.sched_getaffinity(0))
+        pin_group(proc.pid, {core})
+        pids = group_pids(proc.pid)
+        assert len(pids) == 2
+        tids = [int(t) for pid in pids for t in os.listdir(f"/proc/{pid}/task")]
+        assert len(tids) >= 3
+        assert all(os.sched_getaffinity(t) == {core} for t in tids)
+    finally:
+        end_group(proc.pid)
+        proc.wait()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="shared cores need 2: the servers' "
+                    "and the client's")
+def test_shared_cores_move_both_servers_together_round_by_round(fake_mlxcel, checkpoint, tmp_path,
+                                                                 monkeypatch):
+    spec = load_engine(edited(tmp_path, MLXCEL_SERVER,
+                              lambda d: d["server"].update(shared_cpus=1)))
+    during: list[dict] = []  # where every thread was as each round began
+    real_round = measure._server_round
+
+    def looked_at(servers, *args):
+        pids = [p for s in servers.values() for p in group_pids(s.process.proc.pid)]
+        during.append({"servers": {frozenset(os.sched_getaffinity(int(t)))
+                                   for pid in pids for t in os.listdir(f"/proc/{pid}/task")},
+                       "client": os.sched_getaffinity(0)})
+        return real_round(servers, *args)
+
+    monkeypatch.setattr(measure, "_server_round", looked_at)
+    before = os.sched_getaffinity(0)
+    run = measure.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 8, rounds=3))
+    cores = sorted(before)
+    assert run.meta["round_cpus"] == [[cores[r % len(cores)]] for r in range(3)]
+    for rnd, seen in enumerate(during):
+        core = {cores[rnd % len(cores)]}
+        assert seen["servers"] == {frozenset(core)}  # every thread of both servers, together
+        assert seen["client"] == before - core
+    assert os.sched_getaffinity(0) == before

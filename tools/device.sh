@@ -46,7 +46,8 @@
 #   tools/device.sh servernoise   the mlx-lm server engine's per-request spread under CPU
 #                                 placements switched on one pair of servers, then a pair with a
 #                                 shorter thread switch interval (NOISE_MODEL, NOISE_LAYOUTS,
-#                                 NOISE_ROUNDS, NOISE_SWITCH_US; empty skips the second pair)
+#                                 NOISE_ROUNDS, NOISE_TOKENS, NOISE_SWITCH_US; empty skips the
+#                                 second pair)
 #   tools/device.sh server M...   the mlx-lm server engine's pipeline on models M (PIN=N: each
 #                                 arm's server on N cores of its own, server.cpus_per_arm)
 #
@@ -427,8 +428,9 @@ servernoise)
   # What sets the mlx-lm server engine's per-request speed: CPU placements switched block by
   # block on one running pair of servers (tools/server_noise.py).
   $py tools/server_noise.py config/engines/mlx-lm-server.yaml "${NOISE_MODEL:-qwen3-0.6b}" \
-    --layouts "${NOISE_LAYOUTS:-unpinned,phys2,freeze}" --rounds "${NOISE_ROUNDS:-16}" \
-    --out "$OUT/server-noise.jsonl" 2> "$OUT/server-noise.err" | tee "$OUT/server-noise.md"
+    --layouts "${NOISE_LAYOUTS:-unpinned,rot1,rot2}" --rounds "${NOISE_ROUNDS:-16}" \
+    --tokens "${NOISE_TOKENS:-16}" --out "$OUT/server-noise.jsonl" 2> "$OUT/server-noise.err" \
+    | tee "$OUT/server-noise.md"
   # The same pair started again with a 0.5 ms thread switch interval (CPython's is 5 ms).
   if [ -n "${NOISE_SWITCH_US-500}" ]; then
     $py tools/server_noise.py config/engines/mlx-lm-server.yaml "${NOISE_MODEL:-qwen3-0.6b}" \

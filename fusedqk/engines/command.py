@@ -408,11 +408,15 @@ def _server(source: str, doc: dict) -> ServerCommand:
         if taken:
             raise _fail(source, f"server.{key}", f"{', '.join(taken)} are set by fusedqk; accepted: "
                         f"any other request field (fusedqk sets {', '.join(RESERVED_FIELDS)})")
+    if "cpus_per_arm" in doc and "shared_cpus" in doc:
+        raise _fail(source, "server.shared_cpus", "and server.cpus_per_arm are two placements; "
+                    "accepted: one of them, or neither (unpinned)")
     return ServerCommand(
         argv, doc.get("health", "/health"), doc.get("completions", "/v1/completions"),
         float(doc.get("startup_timeout_s", 900)), float(doc.get("request_timeout_s", TIMEOUT_S)),
         dict(doc.get("request") or {}), dict(doc.get("identity_request") or {}),
-        doc.get("identity_tokens"), doc.get("timing_field"), doc.get("cpus_per_arm"))
+        doc.get("identity_tokens"), doc.get("timing_field"), doc.get("cpus_per_arm"),
+        doc.get("shared_cpus"))
 
 
 def run_arm(spec: EngineSpec, command: Command, arm: str, values: dict[str, object]) -> Finished:

@@ -26,7 +26,7 @@ import pandas as pd
 from fusedqk import stats
 from fusedqk.engines import server
 from fusedqk.engines.command import ARMS, COMMAND, METRICS, SERVER, EngineSpec, fill_template, run_arm
-from fusedqk.engines.process import EngineFailure, Finished
+from fusedqk.engines.process import EngineFailure, Finished, pin_group
 from fusedqk.envinfo import environment, now_utc
 from fusedqk.errors import UserError
 from fusedqk.results import BenchRun, BenchSettings, first_divergence, stop_reason, variety_line, verdict
@@ -95,15 +95,22 @@ def bench(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size: in
                                                if s.confirmation is not None}
             if cpus:
                 result.meta["cpus"] = {k: sorted(v) for k, v in cpus.items()}
+            shared = shared_cpus(spec.server.shared_cpus, sorted(os.sched_getaffinity(0)),
+                                 spec.source)
+            if shared:
+                result.meta["round_cpus"] = []
             for arm in ARMS:  # untimed: compilation, caches, the allocator's first growth
                 for w in range(max(1, settings.warmup)):
                     seed = settings.seed + settings.round_limit + w  # no round's prompt
                     servers[arm].stream(prompt_text(vocab_size, settings.prompt_tokens, seed),
                                         settings.generation_tokens)
-            ratios, speedup = _paired_rounds(
-                spec, settings, result,
-                lambda rnd: _server_round(servers, rnd, vocab_size, settings, model, backend,
-                                          result.tokens))
+            def server_round(rnd: int) -> list[dict]:
+                if shared:
+                    result.meta["round_cpus"].append(sorted(_share_cores(servers, shared, rnd)))
+                return _server_round(servers, rnd, vocab_size, settings, model, backend,
+                                     result.tokens)
+
+            ratios, speedup = _paired_rounds(spec, settings, result, server_round)
     else:
         order_rng = np.random.default_rng(settings.seed)
         ratios, speedup = _paired_rounds(
@@ -206,10 +213,11 @@ def _arm_servers(spec: EngineSpec, values: dict, vocab_size: int, prompt_tokens:
     warm = prompt_text(vocab_size, min(prompt_tokens, 8), 0)
     cpus = arm_cpus(spec.server.cpus_per_arm, sorted(os.sched_getaffinity(0)), spec.source)
     with ExitStack() as stack:
-        if cpus:  # this process (the client) keeps the cores no server has
-            mine = os.sched_getaffinity(0)
+        # The client's cores, given back when the block ends: it keeps the cores no server has
+        # (cpus_per_arm), or moves round by round (shared_cpus).
+        stack.callback(os.sched_setaffinity, 0, os.sched_getaffinity(0))
+        if cpus:
             os.sched_setaffinity(0, cpus["client"])
-            stack.callback(os.sched_setaffinity, 0, mine)
         servers = {arm: stack.enter_context(server.running(
             spec.server, argv_for, {**os.environ, **spec.arms[arm]},
             f"engine {spec.name}, server, {arm} arm", spec.expect.get(arm), f"arms.{arm}.expect",
@@ -229,6 +237,33 @@ def arm_cpus(per_arm: int | None, available: list[int], source: str) -> dict[str
                         f"{len(available)}; accepted here: at most {(len(available) - 1) // 2}")
     return {arm: frozenset(available[i * per_arm:(i + 1) * per_arm]) for i, arm in enumerate(ARMS)} | {
         "client": frozenset(available[2 * per_arm:])}
+
+
+def shared_cpus(per_round: int | None, available: list[int], source: str) -> list[frozenset[int]]:
+    """The core sets both arms' servers share, one round after another (``server.shared_cpus``):
+    consecutive groups of ``per_round`` cores of those fusedqk may use, cycling; [] when the
+    engine file does not ask."""
+    if per_round is None:
+        return []
+    if len(available) < per_round + 1:
+        raise UserError(f"engine {source}: server.shared_cpus {per_round} needs {per_round + 1} "
+                        f"cores (the servers' and the client's) but this process may use "
+                        f"{len(available)}; accepted here: at most {len(available) - 1}")
+    groups = -(-len(available) // per_round)
+    return [frozenset(available[(g * per_round + k) % len(available)] for k in range(per_round))
+            for g in range(groups)]
+
+
+def _share_cores(servers: dict, rotation: list[frozenset[int]], rnd: int) -> frozenset[int]:
+    """Round ``rnd``'s cores for both arms' servers, every thread of both moved onto them, and
+    the client onto the rest. Both arms then run on the same cores within a round: a core's
+    moment (its clock, what else the host runs beside it) is shared by the pair of requests the
+    round compares, and rotating spreads the rounds over all the cores."""
+    cores = rotation[rnd % len(rotation)]
+    for s in servers.values():
+        pin_group(s.process.proc.pid, cores)
+    os.sched_setaffinity(0, set().union(*rotation) - cores)
+    return cores
 
 
 def _server_round(servers: dict, rnd: int, vocab_size: int, settings: BenchSettings, model: str,

@@ -80,6 +80,31 @@ def end_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+def pin_group(pgid: int, cpus: frozenset[int] | set[int]) -> None:
+    """Every thread of every process in group ``pgid`` onto ``cpus``, now: a server's threads
+    already running, where ``_start``'s pinning reaches only those started later (a thread or
+    process that ended meanwhile is skipped)."""
+    for pid in group_pids(pgid):
+        with suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with suppress(OSError):
+                    os.sched_setaffinity(int(tid), cpus)
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The processes of group ``pgid`` (Linux /proc; none where it cannot be read)."""
+    pids = []
+    with suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            with suppress(OSError, ValueError, IndexError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                if int(stat[stat.rindex(")") + 2:].split()[2]) == pgid:
+                    pids.append(int(entry))
+    return pids
+
+
 @contextmanager
 def _watched(pgid: int):
     """A watchdog that ends group ``pgid`` if this process dies before the block ends."""

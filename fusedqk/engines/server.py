@@ -43,6 +43,7 @@ class ServerCommand:
     identity_tokens: str | None = None  # where the greedy tokens are in choices[0]; None: text
     timing_field: str | None = None  # the server's own decode tok/s in the last event, if any
     cpus_per_arm: int | None = None  # each arm's server on this many cores of its own, if set
+    shared_cpus: int | None = None  # both arms' servers on the same this many cores, round by round
 
 
 @dataclass(frozen=True)
