@@ -18,8 +18,9 @@
 #   tools/device.sh breakdown     fusedqk's decode loop and mlx-lm's single-sequence and batched
 #                                 loops in-process, per arm (tools/server_breakdown.py): what the
 #                                 server adds (BREAKDOWN_MODELS, BREAKDOWN_REPEATS)
-#   tools/device.sh serverlen     the mlx-lm server engine's bench at several completion lengths
-#                                 within one measuring budget (SERVERLEN_MODEL, SERVERLEN_TOKENS,
+#   tools/device.sh serverlen     the mlx-lm server engine's bench in several round shapes, each
+#                                 within one measuring budget, and what each would reach in 240 s
+#                                 (SERVERLEN_MODEL, SERVERLEN_SHAPES, SERVERLEN_PASSES,
 #                                 SERVERLEN_BUDGET_S, SERVERLEN_TIMEOUT_S)
 #   tools/device.sh variety       distinct ids in greedy decodes of the seed models' synthetic
 #                                 weights, per quantization (tools/variety.py)
@@ -441,17 +442,37 @@ servernoise)
   lscpu > "$OUT/lscpu.txt" 2>&1; lscpu -e >> "$OUT/lscpu.txt" 2>&1
   ;;
 serverlen)
-  # The mlx-lm server engine's bench at several completion lengths (SERVERLEN_TOKENS), each
-  # within SERVERLEN_BUDGET_S of rounds: do shorter requests, alternating faster, share more of
-  # the host's state between the arms?
+  # The mlx-lm server engine's bench in several round shapes (SERVERLEN_SHAPES: GxC, G timed
+  # tokens per arm and round in turns of C), each within SERVERLEN_BUDGET_S of rounds, the list
+  # run SERVERLEN_PASSES times so that every shape meets the host's slow and fast stretches.
+  # Which reaches a narrower interval per second of rounds: the projection to 240 s is
+  # 1.96 x SD(log round speedup) x sqrt(s per round / 240).
   m="${SERVERLEN_MODEL:-qwen3-0.6b}"
-  for g in ${SERVERLEN_TOKENS:-16 128}; do
-    timeout "${SERVERLEN_TIMEOUT_S:-230}" $py -m fusedqk bench --engine config/engines/mlx-lm-server.yaml \
-      -m "$m" -g "$g" -r 10 --target-half-width 0.02 --max-rounds 2000 \
-      --max-measure-s "${SERVERLEN_BUDGET_S:-150}" --out-dir "$OUT/serverlen/g$g" \
-      > "$OUT/serverlen-g$g.md" 2> "$OUT/serverlen-g$g.err" || echo "g$g: exit $?"
-    echo "tg $g:"; grep -iE "rounds|fused|speedup|stopped" "$OUT/serverlen-g$g.md" | head -8
+  for pass in $(seq "${SERVERLEN_PASSES:-1}"); do
+    for shape in ${SERVERLEN_SHAPES:-16x16 128x16}; do
+      g="${shape%x*}" c="${shape#*x}" dir="$OUT/serverlen/p$pass-g$g-c$c"
+      mkdir -p "$OUT/serverlen"
+      timeout "${SERVERLEN_TIMEOUT_S:-230}" $py -m fusedqk bench --engine config/engines/mlx-lm-server.yaml \
+        -m "$m" -g "$g" -c "$c" -r 10 --target-half-width 0.005 --max-rounds 2000 \
+        --max-measure-s "${SERVERLEN_BUDGET_S:-150}" --out-dir "$dir" \
+        > "$dir.md" 2> "$dir.err" || echo "$shape pass $pass: exit $?"
+    done
   done
+  $py - "$OUT/serverlen" <<'PY'
+import json, math, pathlib, sys
+import numpy as np
+print("| pass | G x C | rounds | s per round | speedup [95 % CI] | half-width | SD log round speedup | projected half-width at 240 s |")
+print("|---|---|---|---|---|---|---|---|")
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*/bench.json")):
+    d = json.loads(f.read_text())
+    sp = d["speedups"][0]
+    r = np.log(sp["round_speedups"])
+    wall = float(np.mean(d["meta"]["round_wall_s"]))
+    sd = float(np.std(r, ddof=1))
+    p, g, c = f.parent.name.split("-")
+    print(f"| {p[1:]} | {g[1:]} x {c[1:]} | {len(r)} | {wall:.3f} | {sp['point']:.3f} [{sp['lo']:.3f}, {sp['hi']:.3f}] "
+          f"| {(sp['hi'] - sp['lo']) / 2 / sp['point']:.1%} | {sd:.3f} | {1.96 * sd * math.sqrt(wall / 240):.1%} |")
+PY
   ;;
 variety)
   $py tools/variety.py ${VARIETY_MODELS:-qwen3-0.6b qwen3-8b qwen3-30b-a3b} 2>&1 | tee "$OUT/variety.md"
