@@ -427,7 +427,14 @@ firstprobe)
   ;;
 servernoise)
   # What sets the mlx-lm server engine's per-request speed: CPU placements switched block by
-  # block on one running pair of servers (tools/server_noise.py).
+  # block on one running pair of servers (tools/server_noise.py), with the GPU's clocks, power
+  # and utilization sampled every 100 ms beside it (each request's start and end are recorded).
+  fields=timestamp,clocks.sm,clocks.mem,power.draw,utilization.gpu,temperature.gpu
+  nvidia-smi --query-gpu=$fields --format=csv -lms 100 > "$OUT/gpu-clocks.csv" 2>&1 &
+  clocks=$!
+  nvidia-smi --query-gpu=timestamp,clocks_event_reasons.active --format=csv -lms 100 \
+    > "$OUT/gpu-clock-reasons.csv" 2>&1 &
+  reasons=$!
   $py tools/server_noise.py config/engines/mlx-lm-server.yaml "${NOISE_MODEL:-qwen3-0.6b}" \
     --layouts "${NOISE_LAYOUTS:-unpinned,rot1,rot2}" --rounds "${NOISE_ROUNDS:-16}" \
     --tokens "${NOISE_TOKENS:-16}" --out "$OUT/server-noise.jsonl" 2> "$OUT/server-noise.err" \
@@ -439,6 +446,7 @@ servernoise)
       --out "$OUT/server-noise-switch.jsonl" 2> "$OUT/server-noise-switch.err" \
       | tee "$OUT/server-noise-switch.md"
   fi
+  kill "$clocks" "$reasons" 2>/dev/null
   lscpu > "$OUT/lscpu.txt" 2>&1; lscpu -e >> "$OUT/lscpu.txt" 2>&1
   ;;
 serverlen)

@@ -207,6 +207,7 @@ def main() -> None:
                             os.killpg(other, signal.SIGSTOP)
                         probe = probe_ms()
                         threads, stolen = thread_cpu_s(pid), steal_s()
+                        started = time.time()  # to line requests up with a GPU clock log
                         try:
                             out = servers[arm].stream(prompt, args.tokens)
                         finally:
@@ -219,6 +220,7 @@ def main() -> None:
                             cpu[name][arm][tid] = cpu[name][arm].get(tid, 0.0) + s
                         busiest = max(used.items(), key=lambda kv: kv[1][0])
                         row[arm] = {"tok_s": out.stream_tok_s, "probe_ms": probe,
+                                    "start_unix": started, "end_unix": time.time(),
                                     "steal_s": stolen, "busiest_thread": busiest[0],
                                     "busiest_core": busiest[1][1],
                                     "gaps_ms": [1e3 * g for g in out.gaps]}
