@@ -27,7 +27,7 @@ import yaml
 
 from fusedqk import formats
 from fusedqk.atomic import write_text
-from fusedqk.errors import UserError
+from fusedqk.errors import UserError, first_line
 from fusedqk.registry import size_order
 
 MANIFEST = "MANIFEST.sha256"
@@ -86,7 +86,7 @@ def read_table(path: Path) -> pd.DataFrame:
     try:
         table = pd.read_csv(io.BytesIO(raw))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a readable table ({str(e).strip().splitlines()[0]})") from None
+        raise UserError(f"{path}: not a readable table ({first_line(e)})") from None
     if table.isna().all(axis=1).any():
         raise UserError(f"{path}: a row has only empty fields: rerun the job that writes it")
     return table

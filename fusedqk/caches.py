@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fusedqk.errors import UserError, shown
+from fusedqk.errors import UserError, first_line, shown
 from fusedqk.outputs import check_dir
 
 ENV_CACHE_DIR = "FUSEDQK_CACHE_DIR"
@@ -164,7 +164,7 @@ def load_synthetic(model: str, quant, seed: int, backend: str):
             loaded = load_synthetic_checkpoint(spec, quant, path)
             break
         except (ValueError, RuntimeError, OSError) as e:  # damaged: made again, once
-            _note(f"cached checkpoint {path} does not load ({_first_line(e)}); making it again")
+            _note(f"cached checkpoint {path} does not load ({first_line(e)}); making it again")
             with _locked(path.parent, path.name):
                 shutil.rmtree(path, ignore_errors=True)
     if loaded is None:
@@ -174,7 +174,3 @@ def load_synthetic(model: str, quant, seed: int, backend: str):
 
 def _note(text: str) -> None:
     print(f"fusedqk: note: {text}", file=sys.stderr, flush=True)
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

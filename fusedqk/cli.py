@@ -16,7 +16,7 @@ import sys
 from fusedqk import __version__
 from fusedqk.commands import measuring, results, setup
 from fusedqk.commands.flags import OneLineParser
-from fusedqk.errors import UserError
+from fusedqk.errors import UserError, first_line
 from fusedqk.outputs import check_dir, check_file
 
 # The commands that measure: each holds the host-wide device lock while it runs (devicelock.py),
@@ -59,7 +59,7 @@ def _with_status(args: argparse.Namespace) -> int:
         code = _run(args)
         status = {"ok": code == 0, "command": args.command, "error": None}
     except Exception as e:  # recorded, reported, and the pipeline goes on
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        message = first_line(e)
         print(f"fusedqk: error: {message}", file=sys.stderr)
         status = {"ok": False, "command": args.command, "error": message}
     # Where the job's time went (weights, warm-up, measurement), for the run's report.

@@ -17,3 +17,10 @@ def key_path(parts) -> str:
 def shown(value: str, limit: int = 60) -> str:
     """A user's value as an error line quotes it: repr'd, and cut where it is long."""
     return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message as one line of an error: its first line, or its type's name
+    where it has no message."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -20,7 +20,7 @@ from mlx_lm.models import qwen3, qwen3_moe
 
 from fusedqk import registry
 from fusedqk.backend import device_info
-from fusedqk.errors import UserError
+from fusedqk.errors import UserError, first_line
 
 ARCHITECTURES = {"qwen3": qwen3, "qwen3_moe": qwen3_moe}
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
@@ -180,8 +180,7 @@ def load_checkpoint(path: Path) -> LoadedModel:
     try:
         model, config = mlx_lm_load_model(path)
     except (RuntimeError, ValueError, OSError) as e:  # a truncated or foreign safetensors file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--model {str(path)!r}: its weights do not load ({first}); the "
+        raise UserError(f"--model {str(path)!r}: its weights do not load ({first_line(e)}); the "
                         "checkpoint is damaged or incomplete") from None
     model.eval()
     return LoadedModel(model, path.name, str(path), config)

@@ -348,3 +348,11 @@ def test_a_renamed_copy_re_renders_the_same_bytes(tmp_path):
 def test_verify_covers_dotfiles(tmp_path):
     run = _sealed_dotfile(tmp_path)
     assert archive.verify(run) == ["not in manifest: .evil"]
+
+
+def test_an_exception_becomes_its_first_line_or_its_type():
+    from fusedqk.errors import first_line
+
+    assert first_line(ValueError("  bad header\n  at byte 12\n")) == "bad header"
+    assert first_line(OSError()) == "OSError"
+    assert first_line(RuntimeError("   ")) == "RuntimeError"
