@@ -318,3 +318,21 @@ def test_shared_cores_move_both_servers_together_round_by_round(fake_mlxcel, che
         assert seen["servers"] == {frozenset(core)}  # every thread of both servers, together
         assert seen["client"] == before - core
     assert os.sched_getaffinity(0) == before
+
+
+def test_shared_cores_this_machine_lacks_are_refused_before_any_server_starts(
+        fake_mlxcel, checkpoint, tmp_path, monkeypatch):
+    spec = load_engine(edited(tmp_path, MLXCEL_SERVER,
+                              lambda d: d["server"].update(shared_cpus=1)))
+
+    def no_server(*args, **kwargs):
+        raise AssertionError("a server started")
+
+    monkeypatch.setattr(measure.server, "running", no_server)
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        with pytest.raises(UserError, match=r"server\.shared_cpus 1 needs 2 cores"):
+            measure.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 8, rounds=2))
+    finally:
+        os.sched_setaffinity(0, before)

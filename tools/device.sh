@@ -456,10 +456,10 @@ serverlen)
   # Which reaches a narrower interval per second of rounds: the projection to 240 s is
   # 1.96 x SD(log round speedup) x sqrt(s per round / 240).
   m="${SERVERLEN_MODEL:-qwen3-0.6b}"
+  mkdir -p "$OUT/serverlen"
   for pass in $(seq "${SERVERLEN_PASSES:-1}"); do
     for shape in ${SERVERLEN_SHAPES:-16x16 128x16}; do
       g="${shape%x*}" c="${shape#*x}" dir="$OUT/serverlen/p$pass-g$g-c$c"
-      mkdir -p "$OUT/serverlen"
       timeout "${SERVERLEN_TIMEOUT_S:-230}" $py -m fusedqk bench --engine config/engines/mlx-lm-server.yaml \
         -m "$m" -g "$g" -c "$c" -r 10 --target-half-width 0.005 --max-rounds 2000 \
         --max-measure-s "${SERVERLEN_BUDGET_S:-150}" --out-dir "$dir" \

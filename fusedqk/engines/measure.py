@@ -89,14 +89,14 @@ def bench(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size: in
               "warmup_tokens": settings.warmup * settings.generation_tokens, "seed": settings.seed,
               "prompt": prompt_text(vocab_size, settings.prompt_tokens, settings.seed)}
     if spec.kind == SERVER:
+        # Checked before any server starts: a machine without the cores is one line, at once.
+        shared = shared_cpus(spec.server.shared_cpus, sorted(os.sched_getaffinity(0)), spec.source)
         with _arm_servers(spec, values, vocab_size, settings.prompt_tokens) as (servers, cpus):
             result.meta["server_start_s"] = {arm: s.started_s for arm, s in servers.items()}
             result.meta["arm_confirmation"] = {arm: s.confirmation for arm, s in servers.items()
                                                if s.confirmation is not None}
             if cpus:
                 result.meta["cpus"] = {k: sorted(v) for k, v in cpus.items()}
-            shared = shared_cpus(spec.server.shared_cpus, sorted(os.sched_getaffinity(0)),
-                                 spec.source)
             if shared:
                 result.meta["round_cpus"] = []
             for arm in ARMS:  # untimed: compilation, caches, the allocator's first growth
