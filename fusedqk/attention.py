@@ -211,8 +211,10 @@ class FusedQKNormAttention(nn.Module):
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         B, L, _ = x.shape
-        if L != 1:
-            # Prefill (L > 1) always takes the graph path: the fused call is a decode mat-vec.
+        if L != 1 or (self.impl in KERNEL_PATHS and B > qkv_norm_rope.MAX_BATCH):
+            # Prefill (L > 1) takes the graph path (the fused call is a decode mat-vec), and so
+            # does a decode batch beyond the kernel's largest, where MLX's own projection stops
+            # being row by row and no kernel could be bitwise it.
             return self.graph_attn(x, mask, cache)
         a = self.graph_attn
         if self.impl == "kernel_kv" and self.writes_cache and type(cache) is KVCache:

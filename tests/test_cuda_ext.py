@@ -78,3 +78,33 @@ def test_primitive_source_is_the_kernel_mx_fast_cuda_kernel_builds():
     # Another layout or dtype is another kernel: names never collide in the compile cache.
     assert primitive_source(layout, mx.float16, template)[0] != name
     assert qkv_norm_rope.DTYPE_NAMES[mx.float16] == "float16"
+
+
+def test_every_launch_of_the_kernel_agrees_on_max_batch(monkeypatch):
+    """MAX_BATCH is the one limit: the counters are sized by it, the primitive's specs (plain,
+    cache-writing, poisoned) are given it, and a larger batch is refused before any launch."""
+    import mlx.core as mx
+
+    from fusedqk.kernels import qkv_norm_rope
+
+    specs = []
+
+    class Recorder:
+        def __init__(self, *args, **kwargs):
+            specs.append(args)
+
+        def __call__(self, inputs):
+            raise AssertionError("no launch expected")
+
+    monkeypatch.setattr(qkv_norm_rope, "_cuda_kernel", lambda *a: None)
+    monkeypatch.setattr(qkv_norm_rope.cuda_ext, "require",
+                        lambda: type("Ext", (), {"Kernel": Recorder}))
+    layout = qkv_norm_rope.QKVLayout(hidden=1024, n_heads=16, n_kv_heads=8, head_dim=128,
+                                     eps=1e-6, bits=4, group_size=64, rope_base=1e6)
+    kernel = qkv_norm_rope.QKVNormRope(layout, mx.bfloat16, "cuda", call="primitive")
+    counters = qkv_norm_rope.new_counters(layout)
+    assert counters.size == qkv_norm_rope.MAX_BATCH * (16 + 8)
+    assert len(specs) == 2 and all(spec[4] == qkv_norm_rope.MAX_BATCH for spec in specs)
+    x = mx.zeros((qkv_norm_rope.MAX_BATCH + 1, 1, 1024), mx.bfloat16)
+    with pytest.raises(ValueError, match=f"batch <= {qkv_norm_rope.MAX_BATCH}"):
+        kernel(x, *(None,) * 6, counters)

@@ -40,7 +40,11 @@ WARPS = 8
 # Rows per warp. One row per warp (more blocks, more warps in flight) beat 2 and 4 on every seed
 # model on the H100 (tools/probe_kernel_parts.py, docs/perf-log.md), bitwise the same.
 ROWS_PER_WARP = 1
-MAX_BATCH = 8
+# The largest decode batch the kernel takes: the largest at which MLX 0.32.4's graph path still
+# computes the projections row by row with its mat-vec (at 8 rows it switches to a tiled matmul
+# that sums in another order, so no row-by-row kernel is bitwise it there; tests/test_kernel_gpu.py
+# checks both sides of the limit). Larger decode batches take the graph path (fusedqk.attention).
+MAX_BATCH = 7
 HEAD_DIMS = (64, 128, 256)
 MAX_HIDDEN = 16384  # x is staged in shared memory (2 bytes each)
 
