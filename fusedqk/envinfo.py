@@ -92,25 +92,55 @@ def env_report(backend: str) -> dict:
     return report
 
 
+ENV_WIDTH = 100  # `fusedqk env` fits a terminal this wide; the full reasons are in the docs
+
+
 def render_env(report: dict, backend: str) -> str:
-    """``env_report``'s lines for a reader: versions, device, the fused path on ``backend`` and
-    why."""
-    from fusedqk.toggle import load_defaults
+    """``env_report``'s lines for a reader, one screen of at most ENV_WIDTH columns: versions,
+    device, the fused path on ``backend`` and, in a line each, why and what runs here. The full
+    reasons and every run they rest on are in docs/configuration.md and the defaults table."""
+    import textwrap
+
+    from fusedqk.attention import runnable_impl
+    from fusedqk.toggle import ENV_DEFAULTS, load_defaults
 
     def gib(b: int | None) -> str:
         return f"{b / 2**30:.1f} GiB" if b else "unknown"
 
+    def row(label: str, text: str) -> list[str]:
+        return textwrap.wrap(text, ENV_WIDTH, initial_indent=f"{label:<13}",
+                             subsequent_indent=" " * 13, break_on_hyphens=False) or [label]
+
     lines = [f"fusedqk {report['fusedqk']}  mlx {report['mlx']}  mlx-lm {report['mlx_lm']}",
-             f"backend      {backend} (available: {', '.join(report['backends_available'])})",
-             f"device       {report['device_name']}  memory {gib(report['memory_total_bytes'])} "
-             f"total, {gib(report['memory_free_bytes'])} free"]
+             *row("backend", f"{backend} (available: {', '.join(report['backends_available'])})"),
+             *row("device", f"{report['device_name']}  memory {gib(report['memory_total_bytes'])} "
+                            f"total, {gib(report['memory_free_bytes'])} free")]
     if report["driver_version"]:
-        lines.append(f"driver       {report['driver_version']}  CUDA {report['cuda_version']}")
-    lines.append(f"fused path   {'on' if report['fused_qk_norm'] else 'off'}  ({report['path_source']})")
+        lines += row("driver", f"{report['driver_version']}  CUDA {report['cuda_version']}")
+    table = load_defaults(os.environ.get(ENV_DEFAULTS))
+    entry = table.backends.get(backend)
+    state = "on" if report["fused_qk_norm"] else "off"
+    from_default = report["path_source"].startswith("default for")
+    source = f"default for {backend} from {table.source}" if from_default else report["path_source"]
+    lines += row("fused path", f"{state}  ({source})")
+    if entry is not None and entry.summary:
+        lines += row("  why", entry.summary)
     shipped = load_defaults().backends.get(backend)
     if shipped is not None:
-        lines.append(f"this card    {shipped.card_evidence(report['device_name'])}")
-    lines.append(f"impl         {report['impl']}  ({report['impl_source']})")
+        said, run = shipped.card_summary(report["device_name"])
+        lines += row("  this card", f"{report['device_name']}: {said}")
+        if run:
+            lines += row("  evidence", run)
+    impl = report["impl"]
+    lines += row("impl", f"{impl}  ({report['impl_source'].split(':')[0]})")
     if "kernel_call" in report:
-        lines.append(f"kernel call  {report['kernel_call']}  ({report['kernel_call_source']})")
+        primitive = report["kernel_call"] == "primitive"
+        runs = runnable_impl(impl, primitive, report["kernel_available"])
+        if runs != impl:
+            why = ("no C++ primitive here (`fusedqk build-ext` builds it)" if impl == "kernel_kv"
+                   else "no kernel for this backend")
+            lines += row("  runs as", f"{runs}: {why}")
+        lines += row("kernel call", f"{report['kernel_call']}  ({report['kernel_call_source']})")
+    lines += row("more", "docs/configuration.md: every default, its full reason and the runs "
+                         "it rests on")
     return "\n".join(lines)

@@ -88,6 +88,7 @@ class BackendDefault:
     evidence: str
     # card (as the driver names it) -> what was measured on it: {"verdict": ..., "runs": [...]}
     cards: dict[str, dict] = field(default_factory=dict)
+    summary: str = ""  # the reason in one line, for `fusedqk env` (the full text is ``reason``)
 
     def card_evidence(self, card: str | None) -> str:
         """What the table holds for ``card``, or that the card was never measured."""
@@ -96,6 +97,15 @@ class BackendDefault:
             return f"{card}: {entry.get('verdict', '')} [{', '.join(entry.get('runs', []))}]"
         measured = ", ".join(self.cards) or "none recorded"
         return f"{card or 'this device'} has never been measured; the default rests on: {measured}"
+
+    def card_summary(self, card: str | None) -> tuple[str, str | None]:
+        """(one line on what was measured on ``card``, its newest run or None)."""
+        entry = self.cards.get(card or "")
+        if not entry:
+            return (f"never measured; the default rests on {', '.join(self.cards) or 'no card'}",
+                    None)
+        runs = entry.get("runs", [])
+        return entry.get("summary") or entry.get("verdict", ""), runs[0] if runs else None
 
 
 @dataclass(frozen=True)
@@ -146,7 +156,8 @@ def load_defaults(path: str | None = None) -> DefaultsTable:
             raise UserError(f"{ENV_DEFAULTS}={source!r}: backends.{backend}.cards must be an object "
                             "of card name → evidence")
         table[backend] = BackendDefault(entry["fused_qk_norm"], impl, str(entry.get("reason", "")),
-                                        str(entry.get("evidence", "")), cards)
+                                        str(entry.get("evidence", "")), cards,
+                                        str(entry.get("summary", "")))
     return DefaultsTable(source, table)
 
 

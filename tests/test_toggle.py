@@ -58,7 +58,7 @@ def test_unset_uses_table_default_with_its_reason():
 
 def test_env_overrides_default():
     res = resolve("cuda", True, env={"FUSEDQK_FUSED_QK_NORM": "on"})
-    assert res.path == "fused" and res.impl == "kernel" and "FUSEDQK_FUSED_QK_NORM=on" in res.path_source
+    assert res.path == "fused" and res.impl == "kernel_kv" and "FUSEDQK_FUSED_QK_NORM=on" in res.path_source
 
 
 def test_auto_impl_without_kernel_is_composite():
@@ -108,3 +108,31 @@ def test_the_shipped_cuda_default_cites_the_evidence_of_each_card():
     for card in cuda.cards.values():
         for run in card["runs"]:
             assert (Path(run) / "MANIFEST.sha256").is_file(), run
+
+
+@pytest.mark.parametrize("card, primitive", [("NVIDIA H100 80GB HBM3", True),
+                                             ("NVIDIA H200", False), ("NVIDIA B200", True)])
+def test_env_on_a_cuda_machine_fits_one_screen_and_says_what_runs_and_why(card, primitive):
+    """`fusedqk env` on a CUDA machine: at most 25 lines of 100 columns; the default, its one-line
+    reason, this card's measurement, and kernel_kv running as kernel where there is no primitive."""
+    from fusedqk.envinfo import render_env
+
+    report = {"fusedqk": "0.1.0", "mlx": "0.32.4", "mlx_lm": "0.32.2",
+              "backends_available": ["cpu", "cuda"], "device_name": card,
+              "memory_total_bytes": 80 << 30, "memory_free_bytes": 79 << 30,
+              "driver_version": "580.159.04", "cuda_version": "13.0", "fused_qk_norm": True,
+              "impl": "kernel_kv", "path_source": "default for cuda from fusedqk/data/defaults.json: …",
+              "impl_source": "default for cuda from fusedqk/data/defaults.json",
+              "kernel_available": True,
+              "kernel_call": "primitive" if primitive else "cuda_kernel",
+              "kernel_call_source": "the C++ extension loads" if primitive else "not built"}
+    text = render_env(report, "cuda")
+    lines = text.splitlines()
+    assert len(lines) <= 25 and max(len(line) for line in lines) <= 100, text
+    assert "fused path   on" in text and "impl         kernel_kv" in text
+    assert bool(re.search(r"runs as +kernel: no C\+\+ primitive", text)) != primitive
+    assert "docs/configuration.md" in text
+    if card == "NVIDIA B200":
+        assert "never measured" in text
+    else:
+        assert "kernel_kv" in text.split("this card", 1)[1]
