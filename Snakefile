@@ -28,4 +28,4 @@ rule all:
     log:
         [f"{run_dir(b)}.failures.log" for b in BACKENDS],  # beside each run, like the manifest's
     shell:
-        "{params.fusedqk} failures {params.runs} 2>&1 | tee {log}"
+        "{params.fusedqk} failures {params.runs:q} 2>&1 | tee {log:q}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from fusedqk import __version__
 from fusedqk.commands import measuring, results, setup
@@ -75,10 +76,21 @@ OUT_FLAG = {"export": check_dir, "decide": check_file, "report": check_dir,
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
-    for attr, (flag, check) in OUTPUT_FLAGS.items():
-        check(flag, getattr(args, attr, None))
+    """Every output path a command names: a path it can write, and never inside a sealed run
+    (unless the command takes --rewrite and was given it: it unseals the run itself)."""
+    outputs = [(flag, check, getattr(args, attr, None))
+               for attr, (flag, check) in OUTPUT_FLAGS.items()]
     if args.command in OUT_FLAG:
-        OUT_FLAG[args.command]("--out", args.out)
+        # A GGUF export is one file, an MLX one a directory.
+        gguf = getattr(args, "format", None) == "gguf"
+        outputs.append(("--out", check_file if gguf else OUT_FLAG[args.command], args.out))
+    outputs.append(("--pack-source", check_file, getattr(args, "pack_source", None)))
+    for flag, check, value in outputs:
+        check(flag, value)
+        if value is not None and not getattr(args, "rewrite", False):
+            from fusedqk.archive import refuse_sealed
+
+            refuse_sealed(Path(value), flag)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -209,9 +209,17 @@ def coerce_numbers(value: object, schema: dict, defs: dict | None = None) -> obj
 
 def check_config(config: dict, backends: list[str]) -> None:
     """What the schema cannot say, checked before any job (each a ``ConfigError``)."""
-    for key in ("results_dir", "checkpoints_dir"):
+    for key in ("results_dir", "checkpoints_dir", "cache_dir"):
+        value = config.get(key)
+        # Every rule quotes the paths it passes to a shell; control characters are refused
+        # outright, since no file name a user means has them (a newline ends a shell command).
+        if isinstance(value, str) and any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ConfigError(f"config error: {key}={value!r} holds a control character (a "
+                              "newline, tab or escape); give a plain folder path")
+        if key == "cache_dir":
+            continue
         try:
-            check_dir(key, config.get(key))
+            check_dir(key, value)
         except UserError as e:
             raise ConfigError(f"config error: {e}") from None
     names = set(registry.configs())

@@ -111,6 +111,17 @@ def test_a_non_utf8_manifest_is_a_problem_not_a_traceback(sealed):
     (["decide", "{other}", "--out", "{run}/decisions.json"], "inside the sealed run"),
     (["report", "--from", "{other}", "--out", "{run}/rerender"], "inside the sealed run"),
     (["report", "--from", "{run}", "--out", "{run}/rerender"], "inside the sealed run"),
+    (["bench", "-m", "qwen3-tiny", "-r", "1", "--out-dir", "{run}/qwen3-tiny/bench"],
+     "inside the sealed run"),
+    (["bench", "-m", "qwen3-tiny", "-r", "1", "--status", "{run}/qwen3-tiny/status-bench.json"],
+     "inside the sealed run"),
+    (["identity", "-m", "qwen3-tiny", "--out-dir", "{run}/qwen3-tiny"], "inside the sealed run"),
+    (["blockbench", "-m", "qwen3-tiny", "--out-dir", "{run}/qwen3-tiny/blockbench"],
+     "inside the sealed run"),
+    (["export", "qwen3-tiny", "--out", "{run}/ckpt"], "inside the sealed run"),
+    (["export", "qwen3-tiny", "--format", "gguf", "--out", "{run}/tiny.gguf"],
+     "inside the sealed run"),
+    (["record-config", "--config", "{{}}", "--out", "{run}/config2.yaml"], "inside the sealed run"),
 ])
 def test_commands_that_write_refuse_a_sealed_run(sealed, tmp_path, args, needle):
     other = tmp_path / "other"
@@ -184,3 +195,22 @@ def test_a_waiting_measurement_says_whom_it_waits_for(tmp_path):
         proc.kill()
         proc.wait()
     assert "waiting for the cpu device lock" in line and "pid 4242 (fusedqk bench -m x)" in line
+
+
+@pytest.mark.slow
+def test_no_configuration_value_reaches_a_shell_unquoted(tmp_path):
+    """A results_dir with shell syntax in it is a folder name, nothing more: the environment
+    job runs with it and no command it spells runs; one with a control character (an escape, a
+    tab; Snakemake's own parser folds a newline into a space) is refused at start."""
+    hostile = f"{tmp_path}/R;touch PWNED;$(touch PWNED2) `touch PWNED3` q"
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "--until",
+                           "environment", "--config", f"results_dir={hostile}", "run_name=inj",
+                           "device_label=x", "backends=[cpu]"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (Path(hostile) / "cpu-x" / "inj" / "environment.json").is_file()
+    assert not list(tmp_path.glob("PWNED*")) and not list(ROOT.glob("PWNED*"))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--config",
+                           f"results_dir={tmp_path}/a\x1bb", "backends=[cpu]"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "control character" in proc.stdout + proc.stderr

@@ -20,9 +20,9 @@ rule environment:
     log:
         "{run}/logs/environment.log",
     shell:
-        "{params.cmd} record-config --config {params.config_json:q} --out {output.config}"
-        " && {params.cmd} env --backend {params.backend} --json > {output.env} 2> {log}"
-        " || (cat {log} >&2; exit 1)"
+        "{params.cmd} record-config --config {params.config_json:q} --out {output.config:q}"
+        " && {params.cmd} env --backend {params.backend:q} --json > {output.env:q} 2> {log:q}"
+        " || (cat {log:q} >&2; exit 1)"
 
 
 rule bench:
@@ -40,9 +40,9 @@ rule bench:
     log:
         "{run}/logs/{model}-bench.log",
     shell:
-        "{params.cmd} bench -m {wildcards.model} {params.flags}"
-        " --out-dir {wildcards.run}/{wildcards.model}/bench"
-        " --status {output.status} > {log} 2>&1"
+        "{params.cmd} bench -m {wildcards.model:q} {params.flags}"
+        " --out-dir {wildcards.run:q}/{wildcards.model:q}/bench"
+        " --status {output.status:q} > {log:q} 2>&1"
 
 
 rule identity:
@@ -63,8 +63,8 @@ rule identity:
     log:
         "{run}/logs/{model}-identity.log",
     shell:
-        "{params.cmd} identity -m {wildcards.model} {params.flags}"
-        " --out-dir {wildcards.run}/{wildcards.model} --status {output.status} > {log} 2>&1"
+        "{params.cmd} identity -m {wildcards.model:q} {params.flags}"
+        " --out-dir {wildcards.run:q}/{wildcards.model:q} --status {output.status:q} > {log:q} 2>&1"
 
 
 rule blockbench:
@@ -82,6 +82,6 @@ rule blockbench:
     log:
         "{run}/logs/{model}-blockbench.log",
     shell:
-        "{params.cmd} blockbench -m {wildcards.model} {params.flags}"
-        " --out-dir {wildcards.run}/{wildcards.model}/blockbench"
-        " --status {output.status} > {log} 2>&1"
+        "{params.cmd} blockbench -m {wildcards.model:q} {params.flags}"
+        " --out-dir {wildcards.run:q}/{wildcards.model:q}/blockbench"
+        " --status {output.status:q} > {log:q} 2>&1"

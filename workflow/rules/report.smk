@@ -25,7 +25,7 @@ rule aggregate:
     shell:
         # --rewrite: a resumed run redoes its tables after its measurements changed, so the old
         # seal no longer holds; the manifest rule seals it again.
-        "{params.fusedqk} aggregate {wildcards.run} --rewrite > {log} 2>&1"
+        "{params.fusedqk} aggregate {wildcards.run:q} --rewrite > {log:q} 2>&1"
 
 
 rule decide:
@@ -41,9 +41,9 @@ rule decide:
     log:
         "{run}/logs/decide.log",
     shell:
-        "{params.fusedqk} decide {wildcards.run} --min-gain {params.d[min_gain]}"
-        " --identity-policy {params.d[identity_policy]} --min-distinct {params.d[min_distinct]}"
-        " --rewrite > {log} 2>&1"
+        "{params.fusedqk} decide {wildcards.run:q} --min-gain {params.d[min_gain]:q}"
+        " --identity-policy {params.d[identity_policy]:q} --min-distinct {params.d[min_distinct]:q}"
+        " --rewrite > {log:q} 2>&1"
 
 
 rule report:
@@ -61,7 +61,7 @@ rule report:
     log:
         "{run}/logs/report.log",
     shell:
-        "{params.fusedqk} report --from {wildcards.run} --rewrite > {log} 2>&1"
+        "{params.fusedqk} report --from {wildcards.run:q} --rewrite > {log:q} 2>&1"
 
 
 rule manifest:
@@ -77,4 +77,4 @@ rule manifest:
     log:
         "{run}.manifest.log",  # beside the run: a log inside would change after it is sealed
     shell:
-        "{params.fusedqk} verify --write {wildcards.run} > {log} 2>&1"
+        "{params.fusedqk} verify --write {wildcards.run:q} > {log:q} 2>&1"
