@@ -122,6 +122,26 @@ def synthetic_checkpoint(model: str, bits: int, group_size: int, dtype: str, see
     return out, True
 
 
+def synthetic_gguf(model: str, bits: int, group_size: int, dtype: str, seed: int, backend: str,
+                   root: Path) -> tuple[Path, bool]:
+    """The cached GGUF file of ``model``'s synthetic weights under ``root`` (for llama.cpp;
+    ``fusedqk.gguf_export``), written now when there is none; and whether this call wrote it."""
+    from fusedqk.gguf_export import export_gguf
+    from fusedqk.models import Quantization, get_spec
+
+    spec = get_spec(model)
+    print_ = fingerprint(spec.config, bits, group_size, dtype, seed, backend)
+    out = root / (checkpoint_name(model, bits, group_size, dtype, seed, print_) + ".gguf")
+    if out.is_file():
+        return out, False
+    with _locked(root, out.name):
+        if out.is_file():
+            return out, False
+        _note(f"exporting {model} to {out} (once per machine)")
+        export_gguf(model, out, Quantization(bits, group_size, dtype), seed)
+    return out, True
+
+
 def use_shared_kernel_cache(backend: str, device_name: str) -> Path | None:
     """Point MLX's compiled-kernel cache at the shared cache folder (cuda only, and only when
     MLX_PTX_CACHE_DIR is not set already); the folder used, or None. Must run before MLX

@@ -33,6 +33,14 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[cpu,pipeline,dev]'
+# llama.cpp for the CPU from its pinned source (tests/test_llama_cpp.py), built while the other
+# tests run: minutes on two cores, once per checkout (kept in .venv/fusedqk-cache); the tests
+# that need it wait for it through the build's lock.
+build_path="$PWD/.venv/bin:$PATH"  # cmake and ninja come with the dev extras
+if PATH="$build_path" command -v cmake >/dev/null && PATH="$build_path" command -v ninja >/dev/null; then
+  PATH="$build_path" FUSEDQK_CACHE_DIR="$PWD/.venv/fusedqk-cache" nohup .venv/bin/python -m fusedqk \
+    build-llama-cpp --backend cpu --jobs 2 > .venv/llama-cpp-build.log 2>&1 &
+fi
 [ -z "$packages_pid" ] || wait "$packages_pid"
 .venv/bin/ruff check .
 # Two workers (pytest-xdist) on the 2-core machine: most tests wait on subprocesses and Python

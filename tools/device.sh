@@ -34,6 +34,10 @@
 #                                 a first and a second prefill in one process, with cuDNN's
 #                                 attention on and off, and a 1-token prompt (FIRSTUSE_MODEL);
 #                                 the block benchmark's first call per path (FIRSTUSE_BLOCK_MODEL)
+#   tools/device.sh batch         the fused kernel at every batch, plain and cache-writing calls
+#                                 (BATCH_TESTS), after setup
+#   tools/device.sh llama         llama.cpp built for CUDA from .work/llama-src.tar.xz, then the
+#                                 pipeline through LLAMA_ENGINES on LLAMA_MODELS
 #   tools/device.sh kernelkv      kernel_kv's GPU tests (KV_TESTS), its block, its device time
 #                                 per launch (ncu), the launch into differently made cache
 #                                 buffers (tools/kv_probe.py) and its decode beside kernel's
@@ -354,6 +358,34 @@ firstuse)
   done
   # warm-up s: the first prefill and 8 tokens; prefill s: the second prefill.
   $py tools/generate_table.py firstuse- "$OUT"/firstuse-*.json | tee "$OUT/firstuse.md"
+  ;;
+batch)
+  # The fused kernel at every batch it takes, both calls (plain and cache-writing), and what MLX's
+  # graph path does one batch past the limit; after setup, which builds the primitive.
+  $py -m pytest -q -m gpu -p no:cacheprovider -rA tests/test_cuda_ext.py tests/test_kernel_gpu.py \
+    tests/test_kernel_kv_gpu.py -k "${BATCH_TESTS:-batch or row_by_row}" 2>&1 \
+    | tee "$OUT/batch-tests.txt" | grep -E "passed|failed|batch [0-9]+:|Error" | tail -25
+  ;;
+llama)
+  # llama.cpp for CUDA from the pinned source carried as .work/llama-src.tar.xz (`fusedqk
+  # build-llama-cpp --pack-source`), timed; then the pipeline through each engine file named in
+  # LLAMA_ENGINES on LLAMA_MODELS, runs written under $OUT so that they come back.
+  export FUSEDQK_LLAMA_CPP_SOURCE="$PWD/.work/llama-src.tar.xz"
+  $py -m fusedqk build-llama-cpp --backend cuda --source "$FUSEDQK_LLAMA_CPP_SOURCE" 2>&1 \
+    | tee "$OUT/llama-build.txt" | tail -2
+  cp ~/.cache/fusedqk/llama.cpp/*/build.log "$OUT/llama-build.log" 2>/dev/null
+  models="[$(echo ${LLAMA_MODELS:-qwen3-0.6b qwen3-8b qwen3-30b-a3b} | tr ' ' ',')]"
+  for engine in ${LLAMA_ENGINES:-llama-server llama-bench}; do
+    started=$SECONDS
+    timeout -s INT "${PIPELINE_TIMEOUT_S:-540}" $py -m snakemake --cores all \
+      --configfile "config/cuda-$engine.yaml" --config 'backends=[cuda]' \
+      results_dir="$OUT/llama-results" run_name="${RUN_NAME:-llama}-$engine" \
+      "backend_settings={cuda: {models: $models}}" 2>&1 | tee "$OUT/snakemake-$engine.log" \
+      | grep -E "Finished|Error|steps" | tail -5
+    echo "$engine pipeline: $((SECONDS - started)) s"
+    run_dir=$(ls -d "$OUT"/llama-results/cuda-*/"${RUN_NAME:-llama}-$engine" 2>/dev/null | head -1)
+    [ -f "$run_dir/report.md" ] && sed -n '1,25p' "$run_dir/report.md"
+  done
   ;;
 kernelkv)
   # kernel_kv (the kernel writing the KV cache, through the C++ primitive, built by setup): its

@@ -1,15 +1,18 @@
-"""Commands that set up or describe: env, record-config, build-ext, models, export."""
+"""Commands that set up or describe: env, record-config, build-ext, build-llama-cpp, models,
+export."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from fusedqk.commands.flags import (
     DTYPE_CHOICES,
     seed_number,
 )
+from fusedqk.errors import UserError
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -51,6 +54,25 @@ def cmd_build_ext(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_llama_cpp(args: argparse.Namespace) -> int:
+    from fusedqk import llama_cpp
+
+    source = Path(args.source) if args.source else None
+    if args.pack_source:
+        if source is None:
+            raise UserError("--pack-source needs --source: the llama-cpp-python source "
+                            "distribution to pack")
+        llama_cpp.check_source(source)
+        print(f"wrote {llama_cpp.pack_source(source, Path(args.pack_source))}")
+        return 0
+    done = llama_cpp.build(args.backend, source, args.cuda_arch, args.jobs,
+                           log=lambda line: print(line, file=sys.stderr, flush=True))
+    info = done.info
+    print(f"llama.cpp {info['commit'][:12]} for {info['backend']} in {done.folder} "
+          f"(built in {info['build_seconds']} s)")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from fusedqk.models import registry_rows, render_registry
 
@@ -65,8 +87,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     from fusedqk.models import Quantization, resolve_dtype
 
     dtype = resolve_dtype(args.dtype, current_backend())
-    report = export(args.model, Path(args.out), Quantization(args.bits, args.group_size, dtype),
-                    args.seed)
+    quant = Quantization(args.bits, args.group_size, dtype)
+    if args.format == "gguf":
+        from fusedqk.gguf_export import export_gguf
+
+        done = export_gguf(args.model, Path(args.out), quant, args.seed)
+        print(f"wrote {done.path}: {done.tensors} tensors, {done.nbytes / 2**30:.2f} GiB, "
+              f"GGUF {done.quantization} (MLX {args.bits}-bit g{args.group_size} codes, scales "
+              "and biases), byte-level vocabulary")
+        return 0
+    report = export(args.model, Path(args.out), quant, args.seed)
     print(f"wrote {report.path}: {report.parameters / 1e6:.1f}M parameters, "
           f"{report.weight_bytes / 2**30:.2f} GiB in {report.shards} shard(s), word-level tokenizer")
     return 0
@@ -106,4 +136,20 @@ def add_parsers(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="activation dtype (default auto: float32 on cpu, bfloat16 on a GPU)")
     p.add_argument("--seed", type=seed_number, default=0)
+    p.add_argument("--format", default="mlx", choices=("mlx", "gguf"),
+                   help="mlx: a checkpoint directory (default); gguf: one GGUF file for "
+                   "llama.cpp (4-bit only, as Q4_1)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("build-llama-cpp", help="build llama.cpp's llama-bench and llama-server "
+                       "from the pinned source, once per machine (fusedqk/llama_cpp.py)")
+    p.add_argument("--backend", default="cpu", help="cpu or cuda")
+    p.add_argument("--source", help="the llama-cpp-python source distribution (.tar.gz) or a "
+                   "pack made by --pack-source (default: downloaded with pip)")
+    p.add_argument("--cuda-arch", default="90", help="CUDA compute capability to build for "
+                   "(default 90: Hopper)")
+    p.add_argument("--jobs", type=int, help="parallel compile jobs (default: every core)")
+    p.add_argument("--pack-source", metavar="FILE", help="instead of building, write the parts "
+                   "of --source the build needs as one .tar.xz (about 5 MB), for a machine "
+                   "without PyPI")
+    p.set_defaults(func=cmd_build_llama_cpp)

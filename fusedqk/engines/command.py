@@ -35,7 +35,10 @@ from fusedqk.engines.server import RESERVED_FIELDS, ServerCommand
 from fusedqk.errors import UserError, key_path
 
 ARMS = ("graph", "fused")
-_COMMON = {"python": "the Python running fusedqk", "model": "the registry name",
+_MACHINE = {"python": "the Python running fusedqk",
+            "llama_cpp": "the folder holding llama.cpp's llama-bench and llama-server "
+                         "(FUSEDQK_LLAMA_CPP, else fusedqk's own build: fusedqk.llama_cpp)"}
+_COMMON = {**_MACHINE, "model": "the registry name",
            "model_path": "the checkpoint directory", "prompt_tokens": "prompt length",
            "seed": "the run's seed"}
 PLACEHOLDERS = {
@@ -44,8 +47,8 @@ PLACEHOLDERS = {
               "prompt": "a seeded prompt of prompt_tokens words"},
     "identity": {**_COMMON, "prompt": "the identity prompt's text",
                  "prompt_seed": "the identity prompt's seed", "max_tokens": "tokens to generate"},
-    "version": {"python": _COMMON["python"]},
-    "server": {"python": _COMMON["python"], "model": _COMMON["model"],
+    "version": _MACHINE,
+    "server": {**_MACHINE, "model": _COMMON["model"],
                "model_path": _COMMON["model_path"], "seed": _COMMON["seed"],
                "host": "the address it listens on (127.0.0.1)", "port": "a free port"},
 }
@@ -160,8 +163,9 @@ class EngineSpec:
     expect: dict[str, regex.Pattern]  # arm -> a line its output must hold (the toggle took effect)
     models: dict[str, str]  # registry name -> checkpoint directory, or "export"
     bench: Command | None = None  # a command engine's
-    identity: IdentityCommand | None = None  # a command engine's
-    server: ServerCommand | None = None  # a server engine's
+    identity: IdentityCommand | None = None  # a command engine's, unless its server does identity
+    server: ServerCommand | None = None  # a server engine's; a command engine's identity server
+    kind: str = COMMAND
     toggle: Toggle | None = None
     version_command: list[str] | None = None
     derived_from: str = ""
@@ -173,17 +177,31 @@ class EngineSpec:
         return self.toggle.variable if self.toggle else None
 
     @property
-    def kind(self) -> str:
-        return SERVER if self.server is not None else COMMAND
+    def identity_by_server(self) -> bool:
+        """Identity runs through the engine's server (a server engine, or a command engine whose
+        benchmark cannot decode greedily, such as llama-bench)."""
+        return self.server is not None
 
     def describe(self) -> dict:
-        commands = ({"server": self.server.argv, "routes": {"health": self.server.health,
-                                                            "completions": self.server.completions}}
-                    if self.server else {"bench": self.bench.argv, "identity": self.identity.argv})
-        return {"name": self.name, "kind": self.kind, "file": self.source, "arms": self.arms,
-                "toggle": self.variable, "derived_from": self.derived_from or None,
-                "expect": {arm: p.pattern for arm, p in self.expect.items()}, **commands,
-                "version": self.version()}
+        commands: dict = {}
+        if self.bench:
+            commands["bench"] = self.bench.argv
+        if self.identity:
+            commands["identity"] = self.identity.argv
+        if self.server:
+            commands["server"] = self.server.argv
+            commands["routes"] = {"health": self.server.health,
+                                  "completions": self.server.completions}
+        described = {"name": self.name, "kind": self.kind, "file": self.source, "arms": self.arms,
+                     "toggle": self.variable, "derived_from": self.derived_from or None,
+                     "expect": {arm: p.pattern for arm, p in self.expect.items()}, **commands,
+                     "version": self.version()}
+        if any("{llama_cpp}" in arg for argv in commands.values() if isinstance(argv, list)
+               for arg in argv):
+            from fusedqk import llama_cpp
+
+            described["llama_cpp_build"] = llama_cpp.build_info()
+        return described
 
     def version(self) -> str | None:
         """What the engine says its version is (``version`` command), or None."""
@@ -206,7 +224,12 @@ class EngineSpec:
 
 
 def fill_template(template: list[str], values: dict[str, object]) -> list[str]:
-    """Fill ``{placeholder}``s argument by argument (never through a shell)."""
+    """Fill ``{placeholder}``s argument by argument (never through a shell); ``{llama_cpp}`` is
+    looked up (and llama.cpp built, once per machine) only where a command names it."""
+    if "llama_cpp" not in values and any("{llama_cpp}" in arg for arg in template):
+        from fusedqk import llama_cpp
+
+        values = {**values, "llama_cpp": llama_cpp.bin_dir()}
     def one(arg: str) -> str:
         return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), arg)
     return [one(a) for a in template]
@@ -354,19 +377,29 @@ def load_engine(path: str | Path) -> EngineSpec:
     expect = {arm: _pattern(source, f"arms.{arm}.expect", doc["arms"][arm]["expect"], group=False)
               for arm in ARMS if doc["arms"][arm].get("expect")}
     kind = doc.get("kind", COMMAND)
-    wanted, unwanted = (("server",), ("bench", "identity")) if kind == SERVER else \
-        (("bench", "identity"), ("server",))
+    # A command engine checks identity with its identity command, or through its own server
+    # (``server`` instead of ``identity``: llama-bench decodes no text it could compare).
+    wanted = ("server",) if kind == SERVER else \
+        ("bench", "identity" if "server" not in doc else "server")
+    unwanted = ("bench", "identity") if kind == SERVER else \
+        (("identity",) if "server" in doc else ())
     for key in wanted:
         if key not in doc:
-            raise _fail(source, key, f"required for kind {kind}")
+            raise _fail(source, key, f"required for kind {kind}"
+                        + ("" if kind == SERVER else " (or a server for identity)"))
     for key in unwanted:
         if key in doc:
-            raise _fail(source, key, f"not a key of kind {kind} (kind: "
-                        f"{SERVER if kind == COMMAND else COMMAND} has it)")
-    commands = ({"server": _server(source, doc["server"])} if kind == SERVER
-                else _commands(source, name, doc["bench"], doc["identity"]))
+            raise _fail(source, key, f"not a key of kind {kind}" + (
+                " (kind: command has it)" if kind == SERVER else
+                " beside server: identity runs through the server"))
+    if kind == SERVER:
+        commands = {"server": _server(source, doc["server"])}
+    else:
+        commands = _commands(source, name, doc["bench"], doc.get("identity"))
+        if "server" in doc:
+            commands["server"] = _server(source, doc["server"])
     return EngineSpec(
-        name=name, source=source, arms=envs, expect=expect, toggle=toggle,
+        name=name, source=source, arms=envs, expect=expect, toggle=toggle, kind=kind,
         models=dict(doc["models"]), **commands,
         version_command=(_argv(source, "version", doc["version"], PLACEHOLDERS["version"])
                          if doc.get("version") else None),
@@ -374,11 +407,16 @@ def load_engine(path: str | Path) -> EngineSpec:
         max_output_bytes=doc.get("max_output_bytes", MAX_OUTPUT_BYTES))
 
 
-def _commands(source: str, name: str, bench: dict, ident: dict) -> dict:
-    """A command engine's bench and identity commands."""
+def _commands(source: str, name: str, bench: dict, ident: dict | None) -> dict:
+    """A command engine's bench command, and its identity command where it has one."""
     bench_reader = _reader(source, "bench", bench, name)
     if not bench_reader.reads("decode_tok_s"):
         raise _fail(source, "bench", "say how to read decode_tok_s (regex or json)")
+    commands = {"bench": Command(_argv(source, "bench.command", bench["command"],
+                                       PLACEHOLDERS["bench"]),
+                                 float(bench.get("timeout_s", TIMEOUT_S)), bench_reader)}
+    if ident is None:
+        return commands
     compare = ident.get("compare", "text")
     ident_reader = _reader(source, "identity", ident, name)
     if compare == "tokens" and "tokens" not in ident_reader.json_fields:
@@ -389,13 +427,11 @@ def _commands(source: str, name: str, bench: dict, ident: dict) -> dict:
                     "are not the engine's output)")
     generated = (_pattern(source, "identity.generated", ident["generated"])
                  if "generated" in ident else None)
-    return {
-        "bench": Command(_argv(source, "bench.command", bench["command"], PLACEHOLDERS["bench"]),
-                         float(bench.get("timeout_s", TIMEOUT_S)), bench_reader),
-        "identity": IdentityCommand(
-            _argv(source, "identity.command", ident["command"], PLACEHOLDERS["identity"]),
-            float(ident.get("timeout_s", TIMEOUT_S)), ident_reader, compare, generated,
-            bool(ident.get("echoes_prompt", False)))}
+    commands["identity"] = IdentityCommand(
+        _argv(source, "identity.command", ident["command"], PLACEHOLDERS["identity"]),
+        float(ident.get("timeout_s", TIMEOUT_S)), ident_reader, compare, generated,
+        bool(ident.get("echoes_prompt", False)))
+    return commands
 
 
 def _server(source: str, doc: dict) -> ServerCommand:
@@ -416,7 +452,7 @@ def _server(source: str, doc: dict) -> ServerCommand:
         float(doc.get("startup_timeout_s", 900)), float(doc.get("request_timeout_s", TIMEOUT_S)),
         dict(doc.get("request") or {}), dict(doc.get("identity_request") or {}),
         doc.get("identity_tokens"), doc.get("timing_field"), doc.get("cpus_per_arm"),
-        doc.get("shared_cpus"))
+        doc.get("shared_cpus"), bool(doc.get("prompt_ids", False)))
 
 
 def run_arm(spec: EngineSpec, command: Command, arm: str, values: dict[str, object]) -> Finished:

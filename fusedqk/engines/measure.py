@@ -35,6 +35,9 @@ INSTRUMENT = "whole-process: each arm in a fresh process per round, rounds paire
 SERVER_INSTRUMENT = ("server: one long-lived server per arm, the arms taking turns of streamed "
                      "completions ABBA, rounds paired")
 INSTRUMENTS = {COMMAND: INSTRUMENT, SERVER: SERVER_INSTRUMENT}
+# What an engine file's ``models`` entry may say instead of a path: fusedqk writes the synthetic
+# weights once per machine, as an MLX checkpoint or as a GGUF file (llama.cpp).
+EXPORTS = ("export", "export-gguf")
 
 
 def checkpoint_dir(spec: EngineSpec, model: str, bits: int, group_size: int, dtype: str,
@@ -44,19 +47,27 @@ def checkpoint_dir(spec: EngineSpec, model: str, bits: int, group_size: int, dty
     (``fusedqk.caches``, made once, outside any timed region) under ``root`` when given."""
     if Path(model).is_dir():
         return Path(model)
+    if Path(model).is_file() and model.endswith(".gguf"):
+        return Path(model)
     where = spec.checkpoint(model)
-    if where != "export":
+    if where not in EXPORTS:
+        if where.endswith(".gguf") and Path(where).is_file():
+            return Path(where)
         if not Path(where).is_dir():
-            raise UserError(f"engine {spec.source}: models.{model}: {where!r} is not a directory")
+            raise UserError(f"engine {spec.source}: models.{model}: {where!r} is not a checkpoint "
+                            "directory or a .gguf file")
         return Path(where)
-    from fusedqk.caches import checkpoints_root, synthetic_checkpoint
+    from fusedqk.caches import checkpoints_root, synthetic_checkpoint, synthetic_gguf
 
-    return synthetic_checkpoint(model, bits, group_size, dtype, seed, backend,
-                                checkpoints_root(root))[0]
+    made = synthetic_gguf if where == "export-gguf" else synthetic_checkpoint
+    return made(model, bits, group_size, dtype, seed, backend, checkpoints_root(root))[0]
 
 
 def vocab_size(checkpoint: Path) -> int:
-    """The checkpoint's vocabulary size (its config.json), for the seeded prompts."""
+    """The checkpoint's vocabulary size (its config.json, or a GGUF file's token list), for the
+    seeded prompts."""
+    if Path(checkpoint).is_file():
+        return gguf_vocab_size(Path(checkpoint))
     path = Path(checkpoint) / "config.json"
     try:
         value = json.loads(path.read_text()).get("vocab_size")
@@ -67,6 +78,16 @@ def vocab_size(checkpoint: Path) -> int:
         raise UserError(f"checkpoint {str(checkpoint)!r}: config.json vocab_size {value!r} is not a "
                         "vocabulary size")
     return value
+
+
+def gguf_vocab_size(path: Path) -> int:
+    try:
+        from gguf import GGUFReader
+
+        tokens = GGUFReader(path).fields["tokenizer.ggml.tokens"]
+        return len(tokens.data)
+    except (OSError, ValueError, KeyError, IndexError):
+        raise UserError(f"checkpoint {str(path)!r}: not a GGUF file with a token list") from None
 
 
 def _note(text: str) -> None:
@@ -429,7 +450,7 @@ def identity(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size:
     start = time.perf_counter()
     prompt_texts = [prompt_text(vocab_size, prompt_tokens, seed + k) for k in range(prompts)]
 
-    if spec.kind == SERVER:
+    if spec.identity_by_server:
         outputs, controls = _server_identity(spec, model, path, vocab_size, prompt_texts, tokens, seed)
     else:
         def decode(arm: str, k: int) -> list:
@@ -455,7 +476,7 @@ def identity(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size:
         "free_running": {"identical": equal, "greedy_first_divergence": divergence,
                          "sampled_first_divergence": None},
         "controls": {"run": True, "scope": f"greedy output of prompt 0 ({unit}s) in a fresh "
-                     f"{'server' if spec.kind == SERVER else 'process'}", **control},
+                     f"{'server' if spec.identity_by_server else 'process'}", **control},
         "graph_distinct_greedy_tokens": sorted({len(set(o)) for o in outputs["graph"]}),
         "outputs": {arm: [o[:2000] for o in outputs[arm]] for arm in ARMS},
         "settings": {"prompt_tokens": prompt_tokens, "tokens": tokens, "prompts": prompts,
@@ -466,7 +487,7 @@ def identity(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size:
 
 
 def _compares(spec: EngineSpec) -> str:
-    if spec.kind == SERVER:
+    if spec.identity_by_server:
         return "tokens" if spec.server.identity_tokens else "text"
     return spec.identity.compare
 

@@ -44,6 +44,11 @@ class ServerCommand:
     timing_field: str | None = None  # the server's own decode tok/s in the last event, if any
     cpus_per_arm: int | None = None  # each arm's server on this many cores of its own, if set
     shared_cpus: int | None = None  # both arms' servers on the same this many cores, round by round
+    prompt_ids: bool = False  # send the prompt as its token ids (the seeded words t<id>), not text
+
+    def prompt(self, text: str) -> str | list[int]:
+        """The request's prompt: the seeded text, or its token ids (``prompt_ids``)."""
+        return [int(word[1:]) for word in text.split()] if self.prompt_ids else text
 
 
 @dataclass(frozen=True)
@@ -161,8 +166,8 @@ class ArmServer:
         """A streamed greedy completion, timed as its events arrive. No seed is sent: greedy
         decoding needs none, and mlx-lm's server serves a request with a seed outside its
         batched generator, which is not the path its users get."""
-        body = {**self.command.request, "prompt": prompt, "max_tokens": max_tokens,
-                "temperature": 0.0, "stream": True,
+        body = {**self.command.request, "prompt": self.command.prompt(prompt),
+                "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
                 "stream_options": {"include_usage": True}}
         started = time.perf_counter()
         response = self._post(body, stream=True)
@@ -219,8 +224,9 @@ class ArmServer:
 
     def greedy(self, prompt: str, max_tokens: int) -> list:
         """A greedy non-streamed completion: its tokens (``identity_tokens``) or its words."""
-        body = {**self.command.request, **self.command.identity_request, "prompt": prompt,
-                "max_tokens": max_tokens, "temperature": 0.0, "stream": False}
+        body = {**self.command.request, **self.command.identity_request,
+                "prompt": self.command.prompt(prompt), "max_tokens": max_tokens,
+                "temperature": 0.0, "stream": False}
         try:
             doc = self._post(body, stream=False).json()
             choice = doc["choices"][0]

@@ -1,0 +1,178 @@
+"""llama.cpp as an engine, for real: the pinned source built on this machine (CPU), the GGUF
+export of the synthetic weights loaded by the built llama-server, the pipeline end to end through
+both llama.cpp engine files, and its bad input as one line.
+
+The build takes minutes on two cores, once per machine: tests/run.sh starts it in the background
+before pytest, and the fixture here waits for it (the build holds a lock). Where it cannot be
+built (no cmake or ninja, no network for the source), these tests skip with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from fusedqk import archive, llama_cpp
+from fusedqk.engines.command import load_engine
+from fusedqk.engines.server import free_port
+from fusedqk.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+pytestmark = pytest.mark.slow
+
+
+# Where tests/run.sh builds llama.cpp in the background: one build per checkout, not per test
+# session (each session has a cache folder of its own, conftest.py).
+BUILD_CACHE = ROOT / ".venv" / "fusedqk-cache"
+
+
+@pytest.fixture(scope="session")
+def llama_bin() -> Path:
+    """The CPU build (waiting for tests/run.sh's, or building it), named to every process the
+    tests start through FUSEDQK_LLAMA_CPP."""
+    saved = os.environ.get("FUSEDQK_CACHE_DIR")
+    os.environ["FUSEDQK_CACHE_DIR"] = str(BUILD_CACHE)
+    try:
+        folder = llama_cpp.build("cpu", jobs=2).folder
+    except UserError as e:
+        pytest.skip(f"llama.cpp could not be built here: {e}")
+    finally:
+        if saved is None:
+            os.environ.pop("FUSEDQK_CACHE_DIR")
+        else:
+            os.environ["FUSEDQK_CACHE_DIR"] = saved
+    os.environ[llama_cpp.ENV_BIN] = str(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gguf") / "qwen3-tiny.gguf"
+    done = subprocess.run([sys.executable, "-m", "fusedqk", "export", "qwen3-tiny", "--out",
+                           str(out), "--format", "gguf", "--dtype", "bfloat16"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def serve(binary: Path, model: Path, port: int, **env) -> subprocess.Popen:
+    return subprocess.Popen([str(binary / "llama-server"), "-m", str(model), "--host",
+                             "127.0.0.1", "--port", str(port), "-c", "1024", "-np", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env}, start_new_session=True)
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("llama-server never became healthy")
+
+
+def test_the_built_server_loads_the_gguf_export_and_decodes_varied_greedy_tokens(llama_bin,
+                                                                                tiny_gguf):
+    port = free_port()
+    proc = serve(llama_bin, tiny_gguf, port)
+    try:
+        wait_healthy(port, proc)
+        body = {"prompt": [300, 301, 1200, 77, 2900, 5, 4000, 123], "max_tokens": 32,
+                "temperature": 0, "n_probs": 1}
+        doc = requests.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120).json()
+        ids = [t["id"] for t in doc["choices"][0]["logprobs"]["content"]]
+        assert len(ids) == 32 and all(0 <= i < 4096 for i in ids)
+        # The decision's min_distinct rule (config/config.yaml): greedy output that repeats one
+        # or two tokens proves nothing about identity.
+        assert len(set(ids)) >= 4, ids
+        assert doc["timings"]["predicted_per_second"] > 0
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_the_engine_files_name_only_flags_the_pinned_llama_cpp_has(llama_bin):
+    """Every flag an engine file passes appears in the built binaries' own --help."""
+    helps = {name: subprocess.run([str(llama_bin / name), "--help"], capture_output=True,
+                                  text=True, timeout=60) for name in llama_cpp.BINARIES}
+    for file in ("llama-bench", "llama-server"):
+        spec = load_engine(ROOT / "config" / "engines" / f"{file}.yaml")
+        for argv in (spec.bench.argv if spec.bench else [], spec.server.argv):
+            if not argv:
+                continue
+            text = helps[Path(argv[0]).name]
+            out = text.stdout + text.stderr
+            for flag in (a for a in argv[1:] if a.startswith("-")):
+                assert flag in out, f"{file}: {flag} is not in {Path(argv[0]).name} --help"
+
+
+@pytest.mark.parametrize("engine", ["llama-server", "llama-bench"])
+def test_the_pipeline_decides_through_llama_cpp_end_to_end(engine, llama_bin, tmp_path):
+    overlay = {"checkpoints_dir": str(tmp_path / "ckpt"), "backend_settings": {"cpu": {
+        "engine": f"config/engines/{engine}.yaml", "models": ["qwen3-tiny"],
+        "bench": {"prompt_tokens": 8, "generation_tokens": 16, "rounds": 2, "warmup": 1,
+                  "chunk_tokens": 16},
+        "identity": {"prompt_tokens": 8, "tokens": 16, "prompts": 1, "cudnn_sdpa": True}}}}
+    (tmp_path / "engine.yaml").write_text(yaml.safe_dump(overlay))
+    proc = subprocess.run([*SNAKEMAKE, "--cores", "1", "--configfile", str(tmp_path / "engine.yaml"),
+                           "--config", f"results_dir={tmp_path}/results", "backends=[cpu]",
+                           "run_name=llama-run", "device_label=test-device"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "results" / "cpu-test-device" / "llama-run"
+    assert archive.verify(run) == []
+    report = (run / "report.md").read_text()
+    assert f"Engine: **{engine}**" in report
+    bench = archive.read_json(run / "qwen3-tiny" / "bench" / "bench.json", "bench")
+    ident = archive.read_json(run / "qwen3-tiny" / "identity-fused.json", "identity")
+    # On CPU the switch changes nothing: the same tokens, and no confident ON.
+    assert ident["verdict"] == "EQUAL" and ident["compared"] == "tokens", ident["controls"]
+    decisions = json.loads((run / "decisions.json").read_text())
+    assert decisions["decisions"][0]["default"] != "on" or "INCONCLUSIVE" in json.dumps(decisions)
+    build = ident["engine"]["llama_cpp_build"]
+    assert build["commit"] == llama_cpp.COMMIT and "-DGGML_NATIVE=OFF" in build["cmake_flags"]
+    assert bench["speedups"][0]["path"] == "fused"
+    assert not _llama_processes(), "a llama.cpp process outlived the pipeline"
+
+
+def _llama_processes() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "llama-server" in line or "llama-bench" in line
+            if "ps -eo" not in line]
+
+
+def test_a_missing_llama_cpp_folder_is_one_line_naming_the_variable(tmp_path):
+    env = {**os.environ, "FUSEDQK_LLAMA_CPP": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "fusedqk", "bench", "--engine",
+                           "config/engines/llama-bench.yaml", "-m", "qwen3-tiny", "-r", "1"],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "FUSEDQK_LLAMA_CPP" in lines[0] and "llama-server" in lines[0]
+
+
+def test_a_gguf_the_server_refuses_is_one_line_and_leaves_no_server(llama_bin, tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + bytes(64))
+    proc = subprocess.run([sys.executable, "-m", "fusedqk", "identity", "--engine",
+                           "config/engines/llama-server.yaml", "-m", str(bad), "--out-dir",
+                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "llama-server" in lines[0], lines
+    assert not _llama_processes()
