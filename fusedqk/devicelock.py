@@ -14,10 +14,12 @@ took and released the lock, how long it waited): the host's record of who measur
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -71,6 +73,32 @@ def others_measuring(backend: str) -> str:
     return f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
 
 
+def _open_own(path: Path, flags: int) -> int:
+    """A file descriptor for ``path`` that never follows a link: the lock folder is shared by
+    every user of the host, so a link planted there (to a file the measuring user may write)
+    is refused rather than written through; only a regular file is accepted."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return fd
+
+
+def _append(path: Path, text: str) -> None:
+    fd = _open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    with os.fdopen(fd, "a") as out:
+        out.write(text)
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``path`` whole through a new file renamed over it (never through a planted link)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = _open_own(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.replace(tmp, path)
+
+
 @contextmanager
 def hold(backend: str, device: int = 0, *, shared: bool = False) -> Iterator[dict]:
     """Hold the host-wide lock of ``backend``'s device while measuring: exclusively (waits for any
@@ -78,11 +106,14 @@ def hold(backend: str, device: int = 0, *, shared: bool = False) -> Iterator[dic
     directory = lock_dir()
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        if directory.is_symlink():
+            raise OSError(errno.ELOOP, "it is a symbolic link")
         path = directory / ("cpu.lock" if backend == "cpu" else f"{backend}-{device}.lock")
-        handle = path.open("a")
+        handle = os.fdopen(_open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a")
     except OSError as e:
         raise UserError(f"{ENV_LOCK_DIR}={str(directory)!r}: cannot hold the device lock there "
-                        f"({e.strerror}); give a writable directory") from None
+                        f"({e.strerror}: {Path(e.filename or directory).name}); give a writable "
+                        "directory of real files, not links") from None
     kind, mode = ("shared", fcntl.LOCK_SH) if shared else ("exclusive", fcntl.LOCK_EX)
     start = time.perf_counter()
     with handle:
@@ -96,7 +127,7 @@ def hold(backend: str, device: int = 0, *, shared: bool = False) -> Iterator[dic
         acquired = time.time()
         command = " ".join(sys.argv[1:5])
         with suppress(OSError):  # a convenience for whoever waits next (the last shared holder)
-            path.with_suffix(".holder").write_text(json.dumps(
+            _replace(path.with_suffix(".holder"), json.dumps(
                 {"pid": os.getpid(), "command": f"fusedqk {command}", "acquired": acquired}))
         HELD.update(lock_file=str(path), mode=kind,
                     waited_s=round(time.perf_counter() - start, 3),
@@ -108,10 +139,7 @@ def hold(backend: str, device: int = 0, *, shared: bool = False) -> Iterator[dic
             record = {"pid": os.getpid(), "command": " ".join(sys.argv[1:3]),
                       "mode": kind, "acquired": acquired, "released": time.time(),
                       "waited_s": HELD.get("waited_s")}
-            try:
-                with path.with_suffix(".history").open("a") as history:
-                    history.write(json.dumps(record) + "\n")
-            except OSError:
-                pass  # the record is a convenience; the measurement stands without it
+            with suppress(OSError):  # the record is a convenience; the measurement stands
+                _append(path.with_suffix(".history"), json.dumps(record) + "\n")
             fcntl.flock(handle, fcntl.LOCK_UN)
             HELD.clear()

@@ -70,3 +70,38 @@ def test_a_second_measurement_waits_for_the_first_and_says_how_long(tmp_path):
     # The report's time table shows the wait as its own phase.
     seconds = json.loads((tmp_path / "status.json").read_text())["seconds"]
     assert seconds["device_wait_s"] == pytest.approx(lock["waited_s"], abs=0.1)
+
+
+@pytest.mark.parametrize("planted", ["cpu.holder", "cpu.history", "cpu.lock"])
+def test_links_planted_in_the_lock_folder_are_never_written_through(tmp_path, monkeypatch, planted):
+    """The lock folder is shared by every user of the host: a link planted there to a file the
+    measuring user may write leaves that file as it was."""
+    from fusedqk import devicelock
+    from fusedqk.errors import UserError
+
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (locks / planted).symlink_to(victim)
+    monkeypatch.setenv("FUSEDQK_LOCK_DIR", str(locks))
+    try:
+        with devicelock.hold("cpu"):
+            pass
+    except UserError as e:  # the lock file itself a link: refused in one line
+        assert planted == "cpu.lock" and "not links" in str(e)
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_lock_folder_that_is_a_link_is_refused(tmp_path, monkeypatch):
+    from fusedqk import devicelock
+    from fusedqk.errors import UserError
+
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    (tmp_path / "locks").symlink_to(real)
+    monkeypatch.setenv("FUSEDQK_LOCK_DIR", str(tmp_path / "locks"))
+    with pytest.raises(UserError, match="symbolic link"):
+        with devicelock.hold("cpu"):
+            pass
+    assert not list(real.iterdir())
