@@ -115,12 +115,18 @@ def _label(run: RunSummary, by: str) -> str:
     return run.name
 
 
-def _unique_name(run: RunSummary, runs: list[RunSummary]) -> RunSummary:
-    """A run keyed by its folder name, or, where another run has the same name (the same commit
-    measured on two devices), by its results folder and name, so no run hides another."""
-    if sum(r.name == run.name for r in runs) == 1:
-        return run
-    return replace(run, name=f"{Path(run.path).parent.name}/{run.name}")
+def _unique_names(runs: list[RunSummary]) -> list[RunSummary]:
+    """The runs keyed by their names, and where names coincide (the same commit measured on two
+    devices, copies of one run) by as many trailing folders of their paths as tell them apart:
+    no run ever shares a column with another."""
+    names = [r.name for r in runs]
+    parts = [Path(r.path).resolve().parts for r in runs]
+    depth = 1
+    while len(set(names)) < len(names):
+        clash = {n for n in names if names.count(n) > 1}
+        names = ["/".join(p[-depth:]) if n in clash else n for n, p in zip(names, parts, strict=True)]
+        depth += 1
+    return [replace(r, name=n) for r, n in zip(runs, names, strict=True)]
 
 
 def compare(runs: list[RunSummary], by: str = "model", mixed_workloads: bool = False) -> dict:
@@ -137,7 +143,7 @@ def compare(runs: list[RunSummary], by: str = "model", mixed_workloads: bool = F
         raise UserError(f"compare: {twice[0]!r} is given more than once; name each run once")
     order = {"device": lambda r: (r.device, r.finished), "commit": lambda r: (r.finished, r.commit),
              "model": lambda r: (r.finished, r.name)}[by]
-    runs = [_unique_name(r, runs) for r in sorted(runs, key=order)]
+    runs = _unique_names(sorted(runs, key=order))
     keys = sorted({(r.backend, *k) for r in runs for k in r.speedups},
                   key=lambda k: (k[0], size_order(k[1]), k[2]))
     rows = []

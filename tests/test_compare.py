@@ -158,3 +158,19 @@ def test_runs_of_one_folder_name_on_two_devices_keep_a_column_each(tmp_path):
 def test_a_run_named_twice_is_refused():
     with pytest.raises(UserError, match="more than once"):
         compare.compare([compare.summarize(CPU), compare.summarize(Path(f"{CPU}/"))])
+
+
+@pytest.mark.parametrize("layout", [("a/base", "b/base"), ("same/runA", "same/runB"),
+                                    ("x/p/base", "y/p/base")])
+def test_runs_whose_names_coincide_never_share_a_column(tmp_path, layout):
+    """Copies of one run (their decisions name the same evidence), or runs of one name under
+    different parents: each keeps a column of its own, and every speedup stays in the table."""
+    runs = []
+    for rel in layout:
+        shutil.copytree(CPU, tmp_path / rel)
+        runs.append(compare.summarize(tmp_path / rel))
+    table = compare.compare(runs)
+    assert len(table["labels"]) == len(layout) == len(set(table["labels"].values()))
+    assert all(len([c for c in row["cells"].values() if c]) == len(layout) for row in table["rows"])
+    text = compare.render_comparison(table)
+    assert all(label in text for label in table["labels"].values())
