@@ -233,3 +233,18 @@ def test_the_shipped_engine_files_load():
     assert names == {"mlx-lm", "fusedqk-generate", "mlxcel", "mlx-lm-server", "mlxcel-server"}
 
 
+
+
+def test_an_arm_that_leaves_the_toggle_unset_never_takes_the_callers_value(tmp_path, monkeypatch):
+    """A graph arm that leaves the toggle variable unset (the engine's default: off) runs without
+    it even where the caller exported the fused value: the arms really differ, and the fake's
+    25 % shows."""
+    monkeypatch.setenv("FAKE_MODE", "same")
+    monkeypatch.setenv("FAKE_FUSED", "1")  # the caller's own setting, exported
+    path = engine_file(tmp_path, arms={"graph": {"env": {}}, "fused": {"env": {"FAKE_FUSED": "1"}}},
+                       toggle={"variable": "FAKE_FUSED", "on_values": ["1"], "unset": "off"})
+    spec = load_engine(path)
+    assert "FAKE_FUSED" not in spec.arm_env("graph") and spec.arm_env("fused")["FAKE_FUSED"] == "1"
+    run = measure.bench(spec, "qwen3-tiny", tmp_path, "cpu", 97, BenchSettings(16, 8, rounds=2, warmup=1))
+    (sp,) = run.speedups
+    assert sp["lo"] > 1.2, "both arms ran fused: the caller's value leaked into the graph arm"

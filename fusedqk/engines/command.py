@@ -182,6 +182,13 @@ class EngineSpec:
         benchmark cannot decode greedily, such as llama-bench)."""
         return self.server is not None
 
+    def arm_env(self, arm: str) -> dict[str, str]:
+        """The environment ``arm`` really runs with: this process's, less the toggle variable
+        (an arm that leaves it unset gets the engine's own default, never the caller's value),
+        then the arm's own."""
+        base = {k: v for k, v in os.environ.items() if k != self.variable}
+        return {**base, **self.arms[arm]}
+
     def describe(self) -> dict:
         commands: dict = {}
         if self.bench:
@@ -461,7 +468,7 @@ def run_arm(spec: EngineSpec, command: Command, arm: str, values: dict[str, obje
     ``EngineFailure`` naming the engine, the command and the arm."""
     key = "bench" if command is spec.bench else "identity"
     argv = fill_template(command.argv, {"python": sys.executable, **values})
-    out = run_bounded(argv, {**os.environ, **spec.arms[arm]}, command.timeout_s,
+    out = run_bounded(argv, spec.arm_env(arm), command.timeout_s,
                       f"engine {spec.name}, {key}, {arm} arm", spec.max_output_bytes)
     if arm in spec.expect:
         try:

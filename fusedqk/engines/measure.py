@@ -240,7 +240,7 @@ def _arm_servers(spec: EngineSpec, values: dict, vocab_size: int, prompt_tokens:
         if cpus:
             os.sched_setaffinity(0, cpus["client"])
         servers = {arm: stack.enter_context(server.running(
-            spec.server, argv_for, {**os.environ, **spec.arms[arm]},
+            spec.server, argv_for, spec.arm_env(arm),
             f"engine {spec.name}, server, {arm} arm", spec.expect.get(arm), f"arms.{arm}.expect",
             warm, spec.max_output_bytes, cpus.get(arm))) for arm in ARMS}
         yield servers, cpus
