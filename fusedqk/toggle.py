@@ -128,6 +128,7 @@ def load_defaults(path: str | None = None) -> DefaultsTable:
                 raise UserError(f"{ENV_DEFAULTS}={shown(path)}: no such file; give the path of a "
                                 "defaults table or of a pipeline decisions.json")
             text, source = file.read_text(encoding="utf-8"), str(file)
+            _verified(file, path)
         except (OSError, UnicodeDecodeError) as e:
             why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror
             raise UserError(f"{ENV_DEFAULTS}={shown(path)}: cannot be read ({why}); give the path of "
@@ -159,6 +160,21 @@ def load_defaults(path: str | None = None) -> DefaultsTable:
                                         str(entry.get("evidence", "")), cards,
                                         str(entry.get("summary", "")))
     return DefaultsTable(source, table)
+
+
+def _verified(file: Path, given: str) -> None:
+    """A decisions file inside a sealed run is evidence only while the run matches its
+    manifest: an edited copy is refused, never trusted."""
+    from fusedqk.archive import sealed_run_of, verify
+
+    run = sealed_run_of(file.resolve())
+    if run is None:
+        return
+    problems = verify(run)
+    if problems:
+        raise UserError(f"{ENV_DEFAULTS}={shown(given)}: the run {str(run)!r} does not match its "
+                        f"manifest ({problems[0]}); a decision is taken only from a run that "
+                        "verifies (`fusedqk verify RUN`)")
 
 
 @dataclass(frozen=True)

@@ -136,3 +136,21 @@ def test_env_on_a_cuda_machine_fits_one_screen_and_says_what_runs_and_why(card, 
         assert "never measured" in text
     else:
         assert "kernel_kv" in text.split("this card", 1)[1]
+
+
+def test_a_decisions_file_from_a_tampered_run_is_refused(tmp_path):
+    """FUSEDQK_DEFAULTS naming a sealed run's decisions.json trusts it only while the run
+    verifies: a copy whose decision was edited to on is refused in one line."""
+    import shutil
+
+    from conftest import committed_archives
+
+    run = tmp_path / "run"
+    shutil.copytree(committed_archives("cpu-*/*")[-1], run)
+    decisions = run / "decisions.json"
+    assert resolve("cpu", False, env={"FUSEDQK_DEFAULTS": str(decisions)}).path == "graph"
+    doc = json.loads(decisions.read_text())
+    doc["backends"]["cpu"]["fused_qk_norm"] = True
+    decisions.write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="does not match its manifest"):
+        resolve("cpu", False, env={"FUSEDQK_DEFAULTS": str(decisions)})
