@@ -127,6 +127,9 @@ def decide(run_dir: Path, rule: Rule) -> dict:
         reason = "no speedup was measured; " + "; ".join(
             f"{name}: {'failed: ' + m.failed if m.failed else 'no benchmark result'}"
             for name, m in run.models.items())
+    inert = _switch_inert_here(run)
+    if inert:  # both arms ran the same code: whatever the rounds say is noise
+        rec, reason = "inconclusive", f"{inert}; measured: {reason}"
     return formats.stamp("decisions", {
         "schema": DEFAULTS_SCHEMA,
         "about": "fusedqk decide output; usable as FUSEDQK_DEFAULTS",
@@ -137,6 +140,18 @@ def decide(run_dir: Path, rule: Rule) -> dict:
             "device": run.environment.get("device_name"), "per_impl": per_impl,
         }},
     })
+
+
+def _switch_inert_here(run) -> str | None:
+    """Why the engine's switch does nothing on this run's backend, where its file says so
+    (``toggle.backends``), else None."""
+    for m in run.models.values():
+        engine = ((m.bench or {}).get("meta") or {}).get("engine") or {}
+        acts_on = engine.get("toggle_backends")
+        if acts_on and run.backend not in acts_on:
+            return (f"{engine.get('toggle')} acts on {', '.join(acts_on)} only: on {run.backend} "
+                    "both arms run the same code, so no speedup here can turn it on")
+    return None
 
 
 def render_decisions(decisions: dict) -> str:

@@ -123,6 +123,7 @@ class Toggle:
     off: tuple[str, ...] | None = None
     unset: str = OFF
     case_insensitive: bool = False
+    backends: tuple[str, ...] | None = None  # where the engine reads it at all (None: everywhere)
 
     def meaning(self, env: dict[str, str]) -> str | None:
         """on, off or default for this environment; None where the value means neither."""
@@ -201,6 +202,8 @@ class EngineSpec:
                                   "completions": self.server.completions}
         described = {"name": self.name, "kind": self.kind, "file": self.source, "arms": self.arms,
                      "toggle": self.variable, "derived_from": self.derived_from or None,
+                     "toggle_backends": list(self.toggle.backends)
+                     if self.toggle and self.toggle.backends else None,
                      "expect": {arm: p.pattern for arm, p in self.expect.items()}, **commands,
                      "version": self.version()}
         if any("{llama_cpp}" in arg for argv in commands.values() if isinstance(argv, list)
@@ -350,7 +353,8 @@ def _toggle(doc: dict | None) -> Toggle | None:
         return None
     return Toggle(doc["variable"], tuple(doc["on_values"]),
                   tuple(doc["off_values"]) if "off_values" in doc else None,
-                  doc.get("unset", OFF), doc.get("case_insensitive", False))
+                  doc.get("unset", OFF), doc.get("case_insensitive", False),
+                  tuple(doc["backends"]) if "backends" in doc else None)
 
 
 def _check_arms(source: str, envs: dict[str, dict[str, str]], toggle: Toggle | None) -> None:
@@ -459,7 +463,7 @@ def _server(source: str, doc: dict) -> ServerCommand:
         float(doc.get("startup_timeout_s", 900)), float(doc.get("request_timeout_s", TIMEOUT_S)),
         dict(doc.get("request") or {}), dict(doc.get("identity_request") or {}),
         doc.get("identity_tokens"), doc.get("timing_field"), doc.get("cpus_per_arm"),
-        doc.get("shared_cpus"), bool(doc.get("prompt_ids", False)))
+        doc.get("shared_cpus"), bool(doc.get("prompt_ids", False)), doc.get("identity_route"))
 
 
 def run_arm(spec: EngineSpec, command: Command, arm: str, values: dict[str, object]) -> Finished:

@@ -45,6 +45,9 @@ class ServerCommand:
     cpus_per_arm: int | None = None  # each arm's server on this many cores of its own, if set
     shared_cpus: int | None = None  # both arms' servers on the same this many cores, round by round
     prompt_ids: bool = False  # send the prompt as its token ids (the seeded words t<id>), not text
+    # identity's greedy completions go here instead (the engine's own route), and
+    # identity_tokens is then a path in its response, not in choices[0]
+    identity_route: str | None = None
 
     def prompt(self, text: str) -> str | list[int]:
         """The request's prompt: the seeded text, or its token ids (``prompt_ids``)."""
@@ -147,18 +150,18 @@ class ArmServer:
         end = text.find("\n", seen.end())
         self.confirmation = text[start:end if end >= 0 else len(text)].strip()
 
-    def _post(self, body: dict, stream: bool) -> requests.Response:
-        url = self.base + self.command.completions
+    def _post(self, body: dict, stream: bool, route: str | None = None) -> requests.Response:
+        route = route or self.command.completions
         try:
-            response = self.http.post(url, json=body, stream=stream,
+            response = self.http.post(self.base + route, json=body, stream=stream,
                                       timeout=(10, self.command.request_timeout_s))
         except requests.RequestException as e:
             self.process.check()
-            raise EngineFailure(f"{self.label}: POST {self.command.completions} failed "
+            raise EngineFailure(f"{self.label}: POST {route} failed "
                                 f"({type(e).__name__})") from None
         if response.status_code != 200:
             text = response.text.strip().replace("\n", " ")[:160]
-            raise EngineFailure(f"{self.label}: POST {self.command.completions} answered "
+            raise EngineFailure(f"{self.label}: POST {route} answered "
                                 f"{response.status_code}: {text}")
         return response
 
@@ -227,17 +230,21 @@ class ArmServer:
         body = {**self.command.request, **self.command.identity_request,
                 "prompt": self.command.prompt(prompt), "max_tokens": max_tokens,
                 "temperature": 0.0, "stream": False}
+        route = self.command.identity_route
         try:
-            doc = self._post(body, stream=False).json()
-            choice = doc["choices"][0]
+            doc = self._post(body, stream=False, route=route).json()
+            # An identity route of the engine's own answers with its own document; the
+            # OpenAI-style route with choices.
+            choice = doc if route else doc["choices"][0]
         except (ValueError, KeyError, IndexError, TypeError):
             raise EngineFailure(f"{self.label}: the completion is not an OpenAI-style JSON object "
                                 "with choices") from None
+        where = "the response" if route else "choices[0]"
         if self.command.identity_tokens:
             try:
                 tokens = field_path(choice, self.command.identity_tokens)
-            except KeyError as e:
-                raise EngineFailure(f"{self.label}: choices[0] has no {self.command.identity_tokens}"
+            except (KeyError, TypeError) as e:
+                raise EngineFailure(f"{self.label}: {where} has no {self.command.identity_tokens}"
                                     f" (missing {e.args[0]!r}; server.identity_tokens)") from None
             if not isinstance(tokens, list) or not all(isinstance(t, (int, str)) for t in tokens):
                 raise EngineFailure(f"{self.label}: {self.command.identity_tokens} is not a list of "
