@@ -270,7 +270,10 @@ def build_info() -> dict | None:
     """What the engine files' llama.cpp is: fusedqk's build.json, or the folder a user gave."""
     given = os.environ.get(ENV_BIN)
     if given is not None:
-        return {"folder": given, "built_by": "the user"}
+        try:  # a folder of fusedqk's own making still says how it was built
+            return {"folder": given, **json.loads((Path(given) / "build.json").read_text())}
+        except (OSError, ValueError):
+            return {"folder": given, "built_by": "the user (no build.json)"}
     try:
         found = find(_backend())
     except UserError:
