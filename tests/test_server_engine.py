@@ -336,3 +336,30 @@ def test_shared_cores_this_machine_lacks_are_refused_before_any_server_starts(
             measure.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 8, rounds=2))
     finally:
         os.sched_setaffinity(0, before)
+
+
+def test_a_watchdog_killed_from_outside_costs_nothing_the_block_made():
+    """`kill -9` of the watchdog while an engine runs: the block's work stands, the engine's
+    group is still ended by its own block, and no BrokenPipeError escapes."""
+    from fusedqk.engines import process
+
+    engine = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    made = []
+    with process._watched(engine.pid):
+        children = [int(p) for p in os.listdir("/proc") if p.isdigit()
+                    and _ppid(int(p)) == os.getpid() and int(p) != engine.pid]
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        made.append("measurement")
+    assert made == ["measurement"]
+    engine.kill()
+    engine.wait()
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[1])
