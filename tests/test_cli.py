@@ -151,3 +151,23 @@ def test_record_config_writes_the_pipelines_configuration_as_yaml(tmp_path):
     out = tmp_path / "config.yaml"
     assert cli.main(["record-config", "--config", json.dumps(config), "--out", str(out)]) == 0
     assert yaml.safe_load(out.read_text()) == config
+
+
+def test_a_checkpoint_is_recorded_as_what_it_is_not_as_the_flags_say(tmp_path, monkeypatch):
+    """--bits 4 --group-size 128 on an 8-bit g64 checkpoint folder: it runs 8-bit g64, and
+    bench.json says so (a note names the flags that did not apply)."""
+    import json
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "ck8"
+    env = {**os.environ, "FUSEDQK_LOCK_DIR": str(tmp_path / "locks")}
+    subprocess.run([sys.executable, "-m", "fusedqk", "export", "qwen3-tiny", "--out", str(ckpt),
+                    "--bits", "8"], check=True, capture_output=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "fusedqk", "bench", "-m", str(ckpt), "--bits", "4",
+                           "--group-size", "128", "-r", "1", "-p", "8", "-g", "8", "--out-dir",
+                           str(tmp_path / "b")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "the checkpoint is 8-bit g64" in proc.stderr
+    recorded = json.loads((tmp_path / "b" / "bench.json").read_text())["meta"]["environment"]
+    assert (recorded["bits"], recorded["group_size"]) == (8, 64)

@@ -8,6 +8,7 @@ checkpoint cache (``fusedqk.caches``), made once.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from fusedqk import caches, phases
@@ -60,8 +61,24 @@ def prepare(ref: ModelRef) -> Prepared:
     with phases.phase("weights"):
         loaded = (caches.load_synthetic(ref.model, quant, ref.seed, backend)
                   if ref.model in REGISTRY else load_model(ref.model, quant, ref.seed))
+    if ref.model not in REGISTRY:
+        quant = checkpoint_quantization(loaded.config, quant)
     return Prepared(backend, loaded, DecodePaths(loaded.model, backend, kernel_call(backend)[0]),
                     quant)
+
+
+def checkpoint_quantization(config: dict, asked: Quantization) -> Quantization:
+    """What a local checkpoint really is: its own bits and group size (from its config.json),
+    which every result records; flags that asked for others are named in a note, not recorded."""
+    own = config.get("quantization") or {}
+    bits, group = own.get("bits"), own.get("group_size")
+    if not isinstance(bits, int) or not isinstance(group, int):
+        return asked
+    if (bits, group) != (asked.bits, asked.group_size):
+        print(f"fusedqk: note: the checkpoint is {bits}-bit g{group}; --bits {asked.bits} "
+              f"--group-size {asked.group_size} do not apply to it and are not recorded",
+              file=sys.stderr)
+    return Quantization(bits, group, asked.dtype)
 
 
 def generate_once(ref: ModelRef, path: str | None, impl: str | None, prompt_tokens: int,
