@@ -177,11 +177,61 @@ def test_a_broken_server_file_is_one_line_naming_the_key(what, edit, needle, tmp
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-def test_a_command_file_may_not_carry_a_server_key(tmp_path):
+def test_a_command_file_carries_a_server_for_identity_only_instead_of_identity(tmp_path):
     path = edited(tmp_path, ROOT / "config" / "engines" / "mlxcel.yaml",
                   lambda d: d.update(server={"command": ["x", "{port}"]}))
-    with pytest.raises(UserError, match="server: not a key of kind command"):
+    with pytest.raises(UserError, match="identity: not a key of kind command beside server"):
         load_engine(path)
+    path = edited(tmp_path, ROOT / "config" / "engines" / "mlxcel.yaml",
+                  lambda d: (d.pop("identity"), d.update(server={"command": ["x", "{port}"]})))
+    spec = load_engine(path)
+    assert spec.kind == "command" and spec.identity is None and spec.identity_by_server
+
+
+@pytest.mark.parametrize("key", ["startup_timeout_s", "request_timeout_s"])
+def test_a_timeout_that_is_not_a_number_is_refused(key, tmp_path):
+    with pytest.raises(UserError, match=f"server.{key}"):
+        load_engine(edited(tmp_path, MLXCEL_SERVER, lambda d: d["server"].update({key: float("nan")})))
+
+
+TRICKLE = r"""
+import http.server, sys, time
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+        if sys.argv[2] == "health":
+            for _ in range(60):
+                self.wfile.write(b"o"); self.wfile.flush(); time.sleep(1)
+        self.wfile.write(b"ok")
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200); self.send_header("Content-Type", "text/event-stream"); self.end_headers()
+        for _ in range(120):
+            self.wfile.write(b": ping\n\n"); self.wfile.flush(); time.sleep(0.5)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stalls", ["health", "stream"])
+def test_a_server_that_trickles_is_ended_within_its_timeout(stalls, checkpoint, tmp_path):
+    """A health route that sends a byte a second, or a stream of keep-alive lines that never
+    ends: each is one line within its timeout, and no server is left."""
+    script = tmp_path / "trickle.py"
+    script.write_text(TRICKLE)
+
+    def trickle(doc):
+        doc["server"].update(command=["{python}", str(script), "{port}", stalls],
+                             startup_timeout_s=3, request_timeout_s=3)
+        doc["arms"] = {"graph": {"env": {"MLXCEL_FUSED_QK_NORM": "0"}},
+                       "fused": {"env": {"MLXCEL_FUSED_QK_NORM": "1"}}}
+    spec = load_engine(edited(tmp_path, MLXCEL_SERVER, trickle))
+    start = time.monotonic()
+    with pytest.raises(EngineFailure, match=r"did not answer 200 within 3 s|did not finish within 3 s"):
+        measure.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16, rounds=2))
+    assert time.monotonic() - start < 30
+    assert servers_of(str(script)) == []
 
 
 def test_field_paths_map_over_lists():

@@ -20,6 +20,7 @@ each problem one line naming the file and the key.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -458,6 +459,10 @@ def _server(source: str, doc: dict) -> ServerCommand:
     if "cpus_per_arm" in doc and "shared_cpus" in doc:
         raise _fail(source, "server.shared_cpus", "and server.cpus_per_arm are two placements; "
                     "accepted: one of them, or neither (unpinned)")
+    for key in ("startup_timeout_s", "request_timeout_s"):
+        if key in doc and not math.isfinite(float(doc[key])):
+            raise _fail(source, f"server.{key}", f"{doc[key]!r} is not a number of seconds; give "
+                        "a finite positive number")
     return ServerCommand(
         argv, doc.get("health", "/health"), doc.get("completions", "/v1/completions"),
         float(doc.get("startup_timeout_s", 900)), float(doc.get("request_timeout_s", TIMEOUT_S)),

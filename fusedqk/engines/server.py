@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 
 import regex
 import requests
+import urllib3
 
 from fusedqk.engines.process import MAX_OUTPUT_BYTES, Background, EngineFailure, background
 
 HOST = "127.0.0.1"
 _HEALTH_POLL_S = 0.25
+_HEALTH_READ_S = 5.0  # one health answer, whole
 # What fusedqk sets in every completion request; an engine file's extra fields may not.
 RESERVED_FIELDS = ("prompt", "max_tokens", "temperature", "stream", "stream_options")
 
@@ -121,16 +123,24 @@ class ArmServer:
         url = self.base + self.command.health
         while True:
             self.process.check()
-            try:
-                if self.http.get(url, timeout=5).status_code == 200:
-                    self.started_s = time.monotonic() - start
-                    return
-            except requests.RequestException:
-                pass  # not listening yet
+            if self._health_status(url) == 200:
+                self.started_s = time.monotonic() - start
+                return
             if time.monotonic() - start > self.command.startup_timeout_s:
                 raise EngineFailure(f"{self.label}: {self.command.health} did not answer 200 within "
                                     f"{self.command.startup_timeout_s:g} s (server.startup_timeout_s)")
             time.sleep(_HEALTH_POLL_S)
+
+    def _health_status(self, url: str) -> int | None:
+        """The health route's status, its whole answer read within _HEALTH_READ_S (a route that
+        trickles its body forever counts as not healthy), or None when nothing answers."""
+        try:
+            with self.http.get(url, timeout=_HEALTH_READ_S, stream=True) as response:
+                if _read_whole(response, _HEALTH_READ_S) is None:
+                    return None
+                return response.status_code
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
+            return None  # not listening yet, or gone (process.check says which)
 
     def expect(self, pattern: regex.Pattern | None, key: str) -> None:
         """The server's log must match ``pattern`` once it is healthy (the toggle took effect)."""
@@ -201,10 +211,23 @@ class ArmServer:
         """The JSON events of a server-sent-event stream, each as soon as its line is complete
         (``read1`` returns what has arrived, so no event waits for a buffer to fill)."""
         raw, buffer, seen = response.raw, b"", 0
+        # The whole response within request_timeout_s: keep-alive lines or a trickle of bytes
+        # must not hold a round forever (each read alone is bounded by the same timeout).
+        deadline = time.monotonic() + self.command.request_timeout_s
         while True:
-            chunk = raw.read1(65536)
+            try:
+                chunk = raw.read1(65536)
+            except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as e:
+                self.process.check()
+                raise EngineFailure(f"{self.label}: the stream broke off ({type(e).__name__}: "
+                                    "silence past server.request_timeout_s, or the connection "
+                                    "closed)") from None
             if not chunk:
                 return
+            if time.monotonic() > deadline:
+                raise EngineFailure(f"{self.label}: the stream did not finish within "
+                                    f"{self.command.request_timeout_s:g} s "
+                                    "(server.request_timeout_s)")
             seen += len(chunk)
             if seen > self.process.max_output_bytes:
                 raise EngineFailure(f"{self.label}: the stream exceeded max_output_bytes")
@@ -219,7 +242,7 @@ class ArmServer:
                     return
                 try:
                     event = json.loads(data)
-                except (json.JSONDecodeError, UnicodeDecodeError):
+                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                     raise EngineFailure(f"{self.label}: a stream event is not JSON: "
                                         f"{data[:80]!r}") from None
                 if isinstance(event, dict):
@@ -231,12 +254,22 @@ class ArmServer:
                 "prompt": self.command.prompt(prompt), "max_tokens": max_tokens,
                 "temperature": 0.0, "stream": False}
         route = self.command.identity_route
+        with self._post(body, stream=True, route=route) as response:
+            try:
+                raw = _read_whole(response, self.command.request_timeout_s)
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+                self.process.check()
+                raise EngineFailure(f"{self.label}: the completion broke off ({type(e).__name__})"
+                                    ) from None
+        if raw is None:
+            raise EngineFailure(f"{self.label}: the completion did not finish within "
+                                f"{self.command.request_timeout_s:g} s (server.request_timeout_s)")
         try:
-            doc = self._post(body, stream=False, route=route).json()
+            doc = json.loads(raw)
             # An identity route of the engine's own answers with its own document; the
             # OpenAI-style route with choices.
             choice = doc if route else doc["choices"][0]
-        except (ValueError, KeyError, IndexError, TypeError):
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError):
             raise EngineFailure(f"{self.label}: the completion is not an OpenAI-style JSON object "
                                 "with choices") from None
         where = "the response" if route else "choices[0]"
@@ -254,6 +287,19 @@ class ArmServer:
         if not isinstance(text, str):
             raise EngineFailure(f"{self.label}: choices[0] has no text")
         return text.split()
+
+
+def _read_whole(response: requests.Response, within_s: float) -> bytes | None:
+    """A response's whole body, or None where it is not over within ``within_s`` (a server
+    that trickles bytes or keep-alive lines would otherwise hold the read forever)."""
+    end, parts = time.monotonic() + within_s, []
+    while True:
+        chunk = response.raw.read1(65536)
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
+        if time.monotonic() > end:
+            return None
 
 
 @contextmanager
