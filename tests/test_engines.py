@@ -230,8 +230,8 @@ def test_patch_off_by_the_toggle_changes_nothing(monkeypatch):
 def test_the_shipped_engine_files_load():
     root = Path(__file__).resolve().parents[1] / "config" / "engines"
     names = {load_engine(p).name for p in root.glob("*.yaml")}
-    assert names == {"mlx-lm", "fusedqk-generate", "mlxcel", "mlx-lm-server", "mlxcel-server"}
-
+    assert names == {"mlx-lm", "fusedqk-generate", "mlxcel", "mlx-lm-server", "mlxcel-server",
+                     "llama-bench", "llama-server"}
 
 
 
