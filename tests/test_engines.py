@@ -248,3 +248,23 @@ def test_an_arm_that_leaves_the_toggle_unset_never_takes_the_callers_value(tmp_p
     run = measure.bench(spec, "qwen3-tiny", tmp_path, "cpu", 97, BenchSettings(16, 8, rounds=2, warmup=1))
     (sp,) = run.speedups
     assert sp["lo"] > 1.2, "both arms ran fused: the caller's value leaked into the graph arm"
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("1e-320", "outside what a decode can report"), ("1e308", "outside what a decode can report"),
+    ("1_000", "is not a number"), ("\uff11\uff12\uff13", "is not a number"), (True, "is not a number"),
+    ("inf", "is not a number"), ("-5", "is not a number"), ("0", "outside"),
+])
+def test_an_impossible_decode_rate_is_one_line_never_a_speedup(value, needle):
+    with pytest.raises(EngineFailure, match=needle):
+        measure._positive(value, "decode_tok_s", "engine x, bench, graph arm")
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("100000000000000000000000", "not a count"), ("17", "more than the 16 asked"),
+    ("-16", "not a count"), ("\uff11\uff16", "not a count"), (True, "not a count"),
+])
+def test_an_impossible_token_count_is_one_line(value, needle):
+    with pytest.raises(EngineFailure, match=needle):
+        measure._count(value, "engine x, bench, graph arm", 16)
+    assert measure._count("16", "arm", 16) == 16

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from contextlib import ExitStack, contextmanager
@@ -350,7 +351,8 @@ def _bench_trial(spec: EngineSpec, arm: str, slot: int, rnd: int, values: dict, 
     out = run_arm(spec, spec.bench, arm, values)
     read = spec.bench.reader.read(out.output, METRICS, ("decode_tok_s",), out.time_left())
     tok_s = _positive(read["decode_tok_s"], "decode_tok_s", who)
-    decoded = (_count(read["generated_tokens"], who) if "generated_tokens" in read
+    decoded = (_count(read["generated_tokens"], who, settings.generation_tokens)
+               if "generated_tokens" in read
                else settings.generation_tokens)
     prefill = read.get("prefill_tok_s")
     memory = (_positive(read["peak_memory_bytes"], "peak_memory_bytes", who)
@@ -377,24 +379,36 @@ ESTIMATORS = {INSTRUMENT: ESTIMATOR, SERVER_INSTRUMENT: SERVER_ESTIMATOR}
 PAIRED_TEST = "Wilcoxon signed-rank on the rounds' log speedups (paired by round)"
 
 
+# What an engine may report: ASCII numbers (no `1_000`, no full-width digits) in ranges a
+# decode can have. Anything else is the engine's output misread, never a measurement.
+_NUMBER = re.compile(r"[+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+PLAUSIBLE = {"decode_tok_s": (1e-3, 1e7), "prefill_tok_s": (1e-3, 1e9),
+             "peak_memory_bytes": (1.0, 1e15), "peak_memory_gb": (1e-9, 1e6)}
+
+
 def _positive(value: object, name: str, arm: str) -> float:
-    """A reported figure as a finite positive number (a JSON true is not 1.0)."""
-    if isinstance(value, bool):
-        raise EngineFailure(f"{arm}: {name} {value!r} is not a number")
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise EngineFailure(f"{arm}: {name} {str(value)[:40]!r} is not a number") from None
-    if not number > 0 or not np.isfinite(number):
-        raise EngineFailure(f"{arm}: {name} {str(value)[:40]!r} is not a finite positive number")
+    """A reported figure as a finite positive number in the range a decode can have (a JSON
+    true is not 1.0)."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not _NUMBER.fullmatch(text):
+        raise EngineFailure(f"{arm}: {name} {text[:40]!r} is not a number")
+    number = float(text)
+    low, high = PLAUSIBLE.get(name, (0.0, float("inf")))
+    if not np.isfinite(number) or not low <= number <= high or number <= 0:
+        raise EngineFailure(f"{arm}: {name} {text[:40]!r} is outside what a decode can report "
+                            f"({low:g} to {high:g})")
     return number
 
 
-def _count(value: object, arm: str) -> int:
-    """A reported token count as a non-negative integer."""
-    if isinstance(value, bool) or not str(value).strip().isdigit():
-        raise EngineFailure(f"{arm}: generated_tokens {str(value)[:40]!r} is not a count")
-    return int(str(value).strip())
+def _count(value: object, arm: str, asked: int) -> int:
+    """A reported token count: an ASCII integer from 0 to what was asked."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not re.fullmatch(r"[0-9]{1,12}", text):
+        raise EngineFailure(f"{arm}: generated_tokens {text[:40]!r} is not a count")
+    count = int(text)
+    if count > asked:
+        raise EngineFailure(f"{arm}: generated_tokens {count} is more than the {asked} asked for")
+    return count
 
 
 def _median(column: pd.Series) -> float | None:

@@ -12,6 +12,7 @@ non-streamed ones for identity. The servers end with the measurement, however it
 from __future__ import annotations
 
 import json
+import math
 import socket
 import time
 from collections.abc import Iterator
@@ -197,14 +198,23 @@ class ArmServer:
                 last = event
         if self.command.timing_field and last is not None:
             try:
-                server_rate = float(field_path(last, self.command.timing_field))
-            except (KeyError, TypeError, ValueError):
+                value = field_path(last, self.command.timing_field)
+                if isinstance(value, bool):
+                    raise TypeError
+                server_rate = float(value)
+            except (KeyError, TypeError, ValueError, OverflowError):
                 raise EngineFailure(f"{self.label}: the stream's last event has no "
                                     f"{self.command.timing_field} (server.timing_field)") from None
+            if not math.isfinite(server_rate) or not 1e-3 <= server_rate <= 1e7:
+                raise EngineFailure(f"{self.label}: {self.command.timing_field} {server_rate!r} is "
+                                    "outside what a decode can report (1e-3 to 1e7 tok/s)")
         if len(times) < 2:
             raise EngineFailure(f"{self.label}: the stream carried {len(times)} text event(s); "
                                 "at least 2 are needed to time decoding")
         count = usage if isinstance(usage, int) and not isinstance(usage, bool) else None
+        if count is not None and not 0 <= count <= max_tokens:
+            raise EngineFailure(f"{self.label}: usage.completion_tokens {count} is not a count "
+                                f"from 0 to the {max_tokens} asked for")
         return Streamed("".join(text), times, started, count, server_rate)
 
     def _events(self, response: requests.Response) -> Iterator[dict]:
