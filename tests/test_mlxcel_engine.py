@@ -88,6 +88,16 @@ def test_a_round_whose_arms_decoded_different_counts_is_refused(mlxcel, checkpoi
     assert "\n" not in str(info.value)
 
 
+def test_an_arm_that_decodes_nothing_refuses_the_round_not_the_model(mlxcel, checkpoint, monkeypatch):
+    """End of sequence as the first token: mlxcel prints `Generated tokens: 0` and 0.00 tok/s.
+    That round is refused (named in meta.refused_rounds), like any round of unequal counts;
+    only when most rounds are refused does the model fail, saying why."""
+    monkeypatch.setenv("FAKE_MLXCEL_EOS_AFTER", "0")
+    with pytest.raises(EngineFailure, match="rounds refused") as info:
+        measure.bench(mlxcel, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16, rounds=3))
+    assert "0}" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_a_flag_mlxcel_lacks_fails_with_one_line_naming_it(tmp_path, fake_mlxcel, checkpoint):
     path = engine_copy(tmp_path, lambda d: d["bench"]["command"].append("--ignore-eos"))
     with pytest.raises(EngineFailure, match="unexpected argument '--ignore-eos' found") as info:

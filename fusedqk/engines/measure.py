@@ -154,11 +154,11 @@ def _paired_rounds(spec: EngineSpec, settings: BenchSettings, result: BenchRun,
         trials = run_round(rnd)
         result.meta["round_wall_s"].append(time.perf_counter() - start)
         decoded = {t["path"]: t["generated_tokens"] for t in trials}
-        if len(set(decoded.values())) > 1:
+        if len(set(decoded.values())) > 1 or 0 in decoded.values():
             result.meta["refused_rounds"].append({"round": rnd, "generated_tokens": decoded})
             result.tokens = [t for t in result.tokens if t["round"] != rnd]
             _note(f"round {rnd + 1}: refused, the arms decoded {decoded} tokens (an early end "
-                  "of sequence); its speeds are not comparable")
+                  "of sequence, or none at all); its speeds are not comparable")
             if len(result.meta["refused_rounds"]) > settings.round_limit // 2:
                 raise EngineFailure(f"engine {spec.name}, bench: {len(result.meta['refused_rounds'])}"
                                     " rounds refused because the arms decoded different numbers of "
@@ -350,10 +350,12 @@ def _bench_trial(spec: EngineSpec, arm: str, slot: int, rnd: int, values: dict, 
     who = f"engine {spec.name}, bench, {arm} arm"
     out = run_arm(spec, spec.bench, arm, values)
     read = spec.bench.reader.read(out.output, METRICS, ("decode_tok_s",), out.time_left())
-    tok_s = _positive(read["decode_tok_s"], "decode_tok_s", who)
     decoded = (_count(read["generated_tokens"], who, settings.generation_tokens)
                if "generated_tokens" in read
                else settings.generation_tokens)
+    # An arm that decoded nothing (end of sequence as its first token) reports no rate worth
+    # reading (mlxcel prints 0.00 tok/s): the round is refused, not the model.
+    tok_s = _positive(read["decode_tok_s"], "decode_tok_s", who) if decoded else float("nan")
     prefill = read.get("prefill_tok_s")
     memory = (_positive(read["peak_memory_bytes"], "peak_memory_bytes", who)
               if "peak_memory_bytes" in read else

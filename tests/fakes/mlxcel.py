@@ -160,7 +160,8 @@ def bench(argv: list[str]) -> None:
     print(f"  Prompt tokens:    {prompt_tokens}")
     print(f"  Generated tokens: {generated}")
     print(f"  Prefill:          {prefill_ms:.2f} ms ({prompt_tokens / prefill_ms * 1000.0:.2f} tok/s)")
-    print(f"  Decode:           {decode_ms:.2f} ms ({rate:.2f} tok/s)")
+    # No token decoded (end of sequence first): mlxcel's rate is 0.00 tok/s.
+    print(f"  Decode:           {decode_ms:.2f} ms ({rate if generated else 0.0:.2f} tok/s)")
     print(f"  MLX peak memory:  {0.35:.2f} GB")
 
 
