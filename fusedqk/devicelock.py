@@ -40,7 +40,7 @@ def lock_dir() -> Path:
     """``$FUSEDQK_LOCK_DIR``, which must be absolute: a relative one would name a different
     lock for every working directory, and two measurements would both hold "the" lock."""
     value = os.environ.get(ENV_LOCK_DIR)
-    if value is None or value == "":
+    if value is None:
         return Path(tempfile.gettempdir()) / "fusedqk-locks"
     if not os.path.isabs(value) or value != value.strip() or "\0" in value:
         shown = value if len(value) <= 80 else value[:77] + "..."
