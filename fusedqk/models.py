@@ -167,7 +167,18 @@ def model_config(model: str) -> dict:
         found = config.get("model_type") if isinstance(config, dict) else None
         raise UserError(f"--model {model!r}: model_type {found!r} is not supported; accepted: "
                         f"{', '.join(ARCHITECTURES)}")
+    for key in SIZE_KEYS:
+        value = config.get(key)
+        if key in config and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserError(f"--model {model!r}: config.json {key} {value!r} is not accepted; "
+                            "give a positive whole number")
     return config
+
+
+# The architecture numbers every Qwen3 config gives: each must be a positive integer (a 0 or a
+# string there fails deep inside model construction otherwise).
+SIZE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+             "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 def load_checkpoint(path: Path) -> LoadedModel:

@@ -356,3 +356,21 @@ def test_an_exception_becomes_its_first_line_or_its_type():
     assert first_line(ValueError("  bad header\n  at byte 12\n")) == "bad header"
     assert first_line(OSError()) == "OSError"
     assert first_line(RuntimeError("   ")) == "RuntimeError"
+
+
+@pytest.mark.parametrize("key, value", [("num_attention_heads", 0), ("head_dim", 0),
+                                        ("vocab_size", 0), ("hidden_size", "1024"),
+                                        ("num_key_value_heads", True)])
+def test_a_checkpoint_config_with_impossible_sizes_is_one_line(tmp_path, capsys, key, value):
+    """A checkpoint whose config.json gives a size of 0, a string or a boolean: one line naming
+    the key, before anything is built."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    config = {"model_type": "qwen3", "vocab_size": 4096, "hidden_size": 512, "num_hidden_layers": 2,
+              "intermediate_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 2,
+              "head_dim": 128, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+              "rope_theta": 1e6, "tie_word_embeddings": True, key: value}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    assert cli.main(["generate", "-m", str(ckpt), "-n", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0] and "positive whole number" in err[0]
