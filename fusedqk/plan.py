@@ -207,8 +207,26 @@ def coerce_numbers(value: object, schema: dict, defs: dict | None = None) -> obj
     return value
 
 
+def _non_finite(value: object, where: str = "") -> str | None:
+    """The key path of the first number in ``value`` that is NaN or infinite (YAML's .nan and
+    .inf pass a schema's bounds, since every comparison with NaN is false), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where
+    items = value.items() if isinstance(value, dict) else \
+        enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        found = _non_finite(inner, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
 def check_config(config: dict, backends: list[str]) -> None:
     """What the schema cannot say, checked before any job (each a ``ConfigError``)."""
+    bad = _non_finite(config)
+    if bad:
+        raise ConfigError(f"config error: {bad} is not a finite number (NaN or infinity); give a "
+                          "number")
     for key in ("results_dir", "checkpoints_dir", "cache_dir"):
         value = config.get(key)
         # Every rule quotes the paths it passes to a shell; control characters are refused

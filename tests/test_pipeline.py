@@ -346,3 +346,20 @@ def test_two_pipelines_on_one_machine_never_measure_at_once(tmp_path, small_cpu_
         waits += [row.split("|")[4].strip() for row in times.splitlines()
                   if row.startswith("| qwen3-tiny | ")]
     assert len(waits) == 6 and any(w not in ("—", "0.0") for w in waits), waits
+
+
+@pytest.mark.parametrize("yaml_text, key", [
+    ("backend_settings:\n  cpu:\n    bench: {target_half_width: .nan}\n",
+     "backend_settings.cpu.bench.target_half_width"),
+    ("backend_settings:\n  cpu:\n    bench: {max_measure_s: .nan}\n",
+     "backend_settings.cpu.bench.max_measure_s"),
+    ("decision: {min_gain: .nan}\n", "decision.min_gain"),
+])
+def test_a_nan_in_a_config_file_stops_before_any_job(yaml_text, key, tmp_path):
+    """YAML's .nan passes every bound of a schema (no comparison with NaN is true), and later
+    left the run unreported and unsealed: refused at start, naming the key."""
+    (tmp_path / "nan.yaml").write_text(yaml_text)
+    proc = snakemake("-n", "--cores", "1", "--configfile", str(tmp_path / "nan.yaml"),
+                     "--config", f"results_dir={tmp_path}/r")
+    assert proc.returncode != 0
+    assert f"config error: {key} is not a finite number" in proc.stdout + proc.stderr
