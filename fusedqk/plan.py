@@ -269,6 +269,12 @@ def check_config(config: dict, backends: list[str]) -> None:
             if model not in names:
                 raise ConfigError(f"config error: {key}.models: {model!r} is not a registry model "
                                   f"({', '.join(sorted(names))})")
+        # A kernel path on a backend without the kernel would fail every job after the start.
+        kernels = [i for i in s.get("impls", []) if i in ("kernel", "kernel_kv")]
+        if kernels and backend not in ("cuda", "metal"):
+            raise ConfigError(f"config error: {key}.impls names {', '.join(kernels)}, but {backend} "
+                              "has no fused kernel (kernels exist for cuda and metal); use "
+                              "composite there")
 
 
 def _engine_models(settings: dict, key: str) -> list[str]:

@@ -363,3 +363,10 @@ def test_a_nan_in_a_config_file_stops_before_any_job(yaml_text, key, tmp_path):
                      "--config", f"results_dir={tmp_path}/r")
     assert proc.returncode != 0
     assert f"config error: {key} is not a finite number" in proc.stdout + proc.stderr
+
+
+def test_a_kernel_impl_on_a_backend_without_the_kernel_stops_before_any_job(tmp_path):
+    proc = snakemake("-n", "--cores", "1", "--config", f"results_dir={tmp_path}/r",
+                     "backend_settings={cpu: {impls: [kernel]}}")
+    assert proc.returncode != 0
+    assert "impls names kernel, but cpu has no fused kernel" in proc.stdout + proc.stderr
