@@ -234,7 +234,7 @@ def check_config(config: dict, backends: list[str]) -> None:
         if isinstance(value, str) and any(ord(c) < 32 or ord(c) == 127 for c in value):
             raise ConfigError(f"config error: {key}={value!r} holds a control character (a "
                               "newline, tab or escape); give a plain folder path")
-        if key == "cache_dir":
+        if key == "cache_dir" and value in ("auto", "off"):
             continue
         try:
             check_dir(key, value)
@@ -269,6 +269,14 @@ def check_config(config: dict, backends: list[str]) -> None:
             if model not in names:
                 raise ConfigError(f"config error: {key}.models: {model!r} is not a registry model "
                                   f"({', '.join(sorted(names))})")
+        # A context longer than a model's would fail every job after the start.
+        for job in ("bench", "identity"):
+            need = s[job]["prompt_tokens"] + s[job].get("generation_tokens", s[job].get("tokens", 0))
+            for model in s["models"]:
+                limit = registry.configs()[model].get("max_position_embeddings")
+                if limit and need > limit:
+                    raise ConfigError(f"config error: {key}.{job}: {need} tokens of context is more "
+                                      f"than {model} takes ({limit}); shorten prompt_tokens")
         # A kernel path on a backend without the kernel would fail every job after the start.
         kernels = [i for i in s.get("impls", []) if i in ("kernel", "kernel_kv")]
         if kernels and backend not in ("cuda", "metal"):

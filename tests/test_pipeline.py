@@ -370,3 +370,12 @@ def test_a_kernel_impl_on_a_backend_without_the_kernel_stops_before_any_job(tmp_
                      "backend_settings={cpu: {impls: [kernel]}}")
     assert proc.returncode != 0
     assert "impls names kernel, but cpu has no fused kernel" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ("backend_settings={cpu: {bench: {prompt_tokens: 1048576}}}", "tokens of context is more than"),
+    ("cache_dir=/etc/hostname", "is an existing file"),
+])
+def test_what_would_fail_every_job_stops_before_the_first(setting, needle, tmp_path):
+    proc = snakemake("-n", "--cores", "1", "--config", f"results_dir={tmp_path}/r", setting)
+    assert proc.returncode != 0 and needle in proc.stdout + proc.stderr
