@@ -29,7 +29,7 @@ def version(kind: str, doc: object, source: str) -> int:
         return 1
     prefix = f"fusedqk-{kind}/"
     number = tag[len(prefix):] if isinstance(tag, str) and tag.startswith(prefix) else ""
-    if not number.isdigit():
+    if not (number.isascii() and number.isdigit()):
         raise UserError(f"{source}: format {tag!r} is not a fusedqk {kind} format "
                         f"(expected {prefix}1 to {prefix}{CURRENT[kind]})")
     if int(number) > CURRENT[kind]:

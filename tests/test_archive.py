@@ -196,3 +196,13 @@ def test_the_report_names_environment_rows_in_words_and_explains_the_floor(tmp_p
     html = (tmp_path / "out" / "report.html").read_text()
     assert "<th>memory total</th><td>23.5 GiB</td>" in html and "memory_total_bytes" not in html
     assert "Floor µs: the time to read the block's QKV weight" in html and "× floor is" in html
+
+
+@pytest.mark.parametrize("tag", ["fusedqk-bench/²", "fusedqk-bench/\uff12", "fusedqk-bench/٢"])
+def test_a_format_version_in_other_digits_is_one_line(tag):
+    """Superscript, full-width or Arabic-Indic digits pass str.isdigit but are no version."""
+    from fusedqk import formats
+    from fusedqk.errors import UserError
+
+    with pytest.raises(UserError, match="is not a fusedqk bench format"):
+        formats.version("bench", {"format": tag}, "bench.json")
