@@ -236,6 +236,8 @@ def verify(run_dir: Path) -> list[str]:
         digest, sep, name = line.partition("  ")
         why = _listed_name(name) if sep and len(digest) == 64 and all(
             c in "0123456789abcdef" for c in digest) else "not a '<sha256>  <path>' line"
+        if not why and name in listed:
+            why = "lists a file twice (a second digest would let a changed file pass)"
         if why:
             problems.append(f"{MANIFEST} line {number}: {why}: {line[:80]!r}")
             continue

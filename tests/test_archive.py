@@ -206,3 +206,24 @@ def test_a_format_version_in_other_digits_is_one_line(tag):
 
     with pytest.raises(UserError, match="is not a fusedqk bench format"):
         formats.version("bench", {"format": tag}, "bench.json")
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_a_manifest_that_lists_a_file_twice_fails_verification(tmp_path, where):
+    """A wrong digest beside the right one, in either order, or the same line twice: never a
+    run that verifies."""
+    import shutil
+
+    from conftest import committed_archives
+
+    from fusedqk import archive
+
+    run = tmp_path / "run"
+    shutil.copytree(committed_archives("cpu-*/*")[-1], run)
+    manifest = run / archive.MANIFEST
+    lines = manifest.read_text().splitlines()
+    name = lines[0].split("  ", 1)[1]
+    forged = f"{'0' * 64}  {name}"
+    lines = [forged, *lines] if where == "before" else [*lines, forged]
+    manifest.write_text("\n".join(lines) + "\n")
+    assert any("twice" in p for p in archive.verify(run))
