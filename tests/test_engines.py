@@ -268,3 +268,13 @@ def test_an_impossible_token_count_is_one_line(value, needle):
     with pytest.raises(EngineFailure, match=needle):
         measure._count(value, "engine x, bench, graph arm", 16)
     assert measure._count("16", "arm", 16) == 16
+
+
+@pytest.mark.parametrize("arg", ["{model", "{model!r}", "{ model }", "model}", "{{model}}"])
+def test_a_malformed_placeholder_is_refused_at_load(tmp_path, arg):
+    path = engine_file(tmp_path)
+    doc = json.loads(path.read_text())
+    doc["bench"]["command"].append(arg)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="brace that is no placeholder"):
+        load_engine(path)

@@ -327,6 +327,13 @@ def _argv(source: str, key: str, value: list, allowed: dict[str, str]) -> list[s
             if name not in allowed:
                 raise _fail(source, key, f"placeholder {{{name}}} is not one of this command's; "
                             "accepted: " + ", ".join("{" + p + "}" for p in allowed))
+        # A brace left over once the placeholders are taken out is a malformed one ({model,
+        # {model!r}, { model }): it would pass to the engine literally.
+        rest = _PLACEHOLDER.sub("", arg)
+        if "{" in rest or "}" in rest:
+            raise _fail(source, key, f"{arg[:60]!r} has a brace that is no placeholder; write "
+                        "placeholders as {name} (accepted: "
+                        + ", ".join("{" + p + "}" for p in allowed) + ")")
     return argv
 
 
