@@ -413,3 +413,49 @@ def _ppid(pid: int) -> int | None:
     except OSError:
         return None
     return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+ESCAPER = r"""
+import os, sys, time
+# A child that leaves the engine's process group three ways, then the engine itself waits.
+for how in ("setsid", "setpgid", "double-fork"):
+    if os.fork() == 0:
+        if how == "double-fork":
+            if os.fork():
+                os._exit(0)
+            os.setsid()
+        elif how == "setsid":
+            os.setsid()
+        else:
+            os.setpgid(0, 0)
+        time.sleep(120)
+        os._exit(0)
+print("Decode: 100.0 ms (100.0 tok/s)", flush=True)
+time.sleep(float(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("seconds", ["0", "30"])
+def test_engine_children_that_leave_the_group_are_ended_too(tmp_path, seconds):
+    """setsid, setpgid and a double fork: none outlives the run, whether the engine ends by
+    itself or its timeout ends it."""
+    from fusedqk.engines import process
+
+    script = tmp_path / "escaper.py"
+    script.write_text(ESCAPER)
+    try:
+        process.run_bounded([sys.executable, str(script), seconds], dict(os.environ), 3, "escaper")
+    except EngineFailure as e:
+        assert "did not finish in 3 s" in str(e)
+    time.sleep(0.3)
+    alive = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if str(script) in Path(f"/proc/{pid}/cmdline").read_bytes().decode() and state != "Z":
+                alive.append(pid)
+        except OSError:
+            continue
+    for pid in alive:  # leave nothing behind, whatever the verdict
+        os.kill(int(pid), signal.SIGKILL)
+    assert alive == []

@@ -28,7 +28,8 @@ _POLL_S = 0.05
 _GRACE_S = 3.0
 
 # Waits on its standard input; EOF without "done" means the orchestrator died: end the group.
-_WATCHDOG = """
+_WATCHDOG_MARK = "# fusedqk engine watchdog"
+_WATCHDOG = """# fusedqk engine watchdog
 import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -61,6 +62,58 @@ class Finished:
 
     def time_left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
+
+
+def _become_subreaper() -> None:
+    """Make this process the reaper of its orphaned descendants (Linux prctl
+    PR_SET_CHILD_SUBREAPER), so an engine child that double-forks or calls setsid or setpgid
+    to leave its group is still found below this process and ended (``end_tree``). A process
+    group alone misses such children, a cgroup needs privileges this tool does not assume."""
+    if sys.platform != "linux":
+        return
+    with suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def descendants(root: int) -> set[int]:
+    """Every living process below ``root`` (Linux /proc; none where it cannot be read)."""
+    children: dict[int, list[int]] = {}
+    with suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            with suppress(OSError, ValueError, IndexError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def end_tree(pgid: int, before: set[int]) -> None:
+    """End the engine's group, then every process that came to live below this one since
+    ``before`` (children that left the group, reparented here as subreaper)."""
+    end_group(pgid)
+    stray = {pid for pid in descendants(os.getpid()) - before if not _is_watchdog(pid)}
+    for pid in stray:
+        with suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in stray:  # reparented here: reap them, or they stay as zombies
+        with suppress(ChildProcessError, OSError):
+            os.waitpid(pid, 0)
+
+
+def _is_watchdog(pid: int) -> bool:
+    try:
+        return _WATCHDOG_MARK in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
 
 
 def end_group(pgid: int) -> None:
@@ -164,6 +217,8 @@ def run_bounded(argv: list[str], env: dict[str, str], timeout_s: float, label: s
     failure's line. A non-zero exit is an ``EngineFailure`` with the last line it printed."""
     start = time.monotonic()
     deadline = start + timeout_s
+    _become_subreaper()
+    before = descendants(os.getpid())
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = _start(argv, env, label, out, err, cwd)
         flood = EngineFailure(f"{label}: {argv[0]} printed more than "
@@ -178,7 +233,8 @@ def run_bounded(argv: list[str], env: dict[str, str], timeout_s: float, label: s
                         raise flood
                     time.sleep(_POLL_S)
             finally:
-                end_group(proc.pid)  # the children it left behind, or the whole tree on failure
+                # the children it left behind, or the whole tree on failure
+                end_tree(proc.pid, before | {proc.pid})
                 proc.wait()
         if _size(out) + _size(err) > max_output_bytes:
             raise flood
@@ -224,11 +280,13 @@ def background(argv: list[str], env: dict[str, str], label: str,
     """Start ``argv`` in its own process group (on ``cpus``, when given) for the length of
     the block; however the block ends (or this process, through the watchdog), the whole group
     is terminated, then killed."""
+    _become_subreaper()
+    before = descendants(os.getpid())
     with tempfile.TemporaryFile() as log:
         proc = _start(argv, env, label, log, log, cpus=cpus)
         with _watched(proc.pid):
             try:
                 yield Background(proc, label, log, max_output_bytes)
             finally:
-                end_group(proc.pid)
+                end_tree(proc.pid, before | {proc.pid})
                 proc.wait()
