@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import re
 import shlex
 import subprocess
 from dataclasses import dataclass
@@ -247,6 +248,12 @@ def check_config(config: dict, backends: list[str]) -> None:
             raise ConfigError(f"config error: backends lists {backend!r} but backend_settings has "
                               f"no {backend!r} entry")
         key = f"backend_settings.{backend}"
+        # A model name becomes a folder of the run: one plain path component.
+        for model in s["models"]:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", str(model)):
+                raise ConfigError(f"config error: {key}.models: {str(model)!r} is not accepted; a "
+                                  "model name is letters, digits, '.', '_' and '-', starting with a "
+                                  "letter or digit")
         twice = sorted({m for m in s["models"] if s["models"].count(m) > 1})
         if twice:
             raise ConfigError(f"config error: {key}.models names {', '.join(twice)} more than "

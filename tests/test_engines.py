@@ -278,3 +278,22 @@ def test_a_malformed_placeholder_is_refused_at_load(tmp_path, arg):
     path.write_text(json.dumps(doc))
     with pytest.raises(UserError, match="brace that is no placeholder"):
         load_engine(path)
+
+
+def test_an_engines_terminal_escapes_are_shown_not_played(tmp_path, monkeypatch):
+    """An engine that fails printing escape sequences: the one line quotes them escaped."""
+    from fusedqk.engines import process
+
+    script = tmp_path / "loud.py"
+    script.write_text("import sys\nsys.stderr.write('error: \\x1b[2J\\x1b[31mred\\x07\\n')\nsys.exit(3)\n")
+    with pytest.raises(EngineFailure) as info:
+        process.run_bounded([sys.executable, str(script)], {}, 10, "engine loud")
+    message = str(info.value)
+    assert "\x1b" not in message and "\x07" not in message and "\\x1b[31mred" in message
+
+
+def test_a_model_name_that_is_no_plain_folder_name_stops_before_any_job(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--config",
+                           f"results_dir={tmp_path}/r", 'backend_settings={cpu: {models: ["a b"]}}'],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert proc.returncode != 0 and "is not accepted; a model name is" in proc.stdout + proc.stderr

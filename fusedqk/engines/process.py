@@ -193,7 +193,13 @@ def _telling_line(text: str) -> str:
     usage and hints after it), else its last line."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()] or ["no output"]
     errors = [ln for ln in lines if ln.lower().startswith(("error", "fatal"))]
-    return (errors or lines)[-1][:200]
+    return printable((errors or lines)[-1][:200])
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (terminal escape sequences among them) shown escaped:
+    an engine's output is quoted back to a terminal, never played on it."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _start(argv: list[str], env: dict[str, str], label: str, out: IO[bytes], err: IO[bytes],

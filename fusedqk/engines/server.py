@@ -23,7 +23,7 @@ import regex
 import requests
 import urllib3
 
-from fusedqk.engines.process import MAX_OUTPUT_BYTES, Background, EngineFailure, background
+from fusedqk.engines.process import MAX_OUTPUT_BYTES, Background, EngineFailure, background, printable
 
 HOST = "127.0.0.1"
 _HEALTH_POLL_S = 0.25
@@ -171,7 +171,7 @@ class ArmServer:
             raise EngineFailure(f"{self.label}: POST {route} failed "
                                 f"({type(e).__name__})") from None
         if response.status_code != 200:
-            text = response.text.strip().replace("\n", " ")[:160]
+            text = printable(response.text.strip().replace("\n", " ")[:160])
             raise EngineFailure(f"{self.label}: POST {route} answered "
                                 f"{response.status_code}: {text}")
         return response
