@@ -45,3 +45,31 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_texts(files: dict[Path, str]) -> None:
+    """Several files that belong together (a benchmark's trials, tokens and summary): every one
+    is written to a temporary file first, and only when all are written are they renamed into
+    place, so a full disk leaves none of them rather than some. A failure is one line."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, text in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            staged.append((tmp, path))
+            os.fchmod(fd, caller_mode())
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(text)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except OSError as e:
+        from fusedqk.errors import UserError
+
+        where = e.filename or (staged[-1][1] if staged else next(iter(files), ""))
+        raise UserError(f"{where}: cannot write the results there ({e.strerror or e}); nothing "
+                        "of this set was written") from None
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)

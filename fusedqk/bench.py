@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from fusedqk import formats, phases, stats
-from fusedqk.atomic import write_json, write_text
+from fusedqk.atomic import write_texts
 from fusedqk.decode import Decoder, generate, make_sampler, random_prompt
 from fusedqk.envinfo import environment, now_utc
 from fusedqk.errors import UserError
@@ -237,12 +237,14 @@ def summarize(result: BenchRun, speedups: dict[str, stats.Speedup],
 
 def write_results(result: BenchRun, out_dir) -> None:
     """trials.csv (one row per trial), tokens.csv (per-token latencies), bench.json (the rest)."""
-    write_text(out_dir / "trials.csv", pd.DataFrame(result.trials).to_csv(index=False))
-    # A whole-process engine has no per-token latencies: the header alone, so readers still parse.
-    write_text(out_dir / "tokens.csv", pd.DataFrame(result.tokens, columns=TOKEN_COLUMNS)
-               .to_csv(index=False))
     doc = {k: v for k, v in asdict(result).items() if k not in ("trials", "tokens")}
-    write_json(out_dir / "bench.json", formats.stamp("bench", doc))
+    # All three or none (a full disk must not leave trials without their summary). A
+    # whole-process engine has no per-token latencies: the header alone, so readers still parse.
+    write_texts({
+        out_dir / "trials.csv": pd.DataFrame(result.trials).to_csv(index=False),
+        out_dir / "tokens.csv": pd.DataFrame(result.tokens, columns=TOKEN_COLUMNS).to_csv(index=False),
+        out_dir / "bench.json": json.dumps(formats.stamp("bench", doc), indent=2, default=str) + "\n",
+    })
 
 
 def render_table(result: BenchRun, fmt: str) -> str:

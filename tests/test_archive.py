@@ -227,3 +227,28 @@ def test_a_manifest_that_lists_a_file_twice_fails_verification(tmp_path, where):
     lines = [forged, *lines] if where == "before" else [*lines, forged]
     manifest.write_text("\n".join(lines) + "\n")
     assert any("twice" in p for p in archive.verify(run))
+
+
+def test_a_set_of_result_files_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A full disk part-way through a benchmark's files (here the third write fails) leaves
+    none of them, not trials.csv without bench.json, and says so in one line."""
+    import errno
+    import os as os_module
+
+    from fusedqk import atomic
+    from fusedqk.errors import UserError
+
+    real, calls = os_module.fdopen, []
+
+    def filling(fd, *args, **kwargs):
+        calls.append(fd)
+        if len(calls) == 3:
+            os_module.close(fd)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, *args, **kwargs)
+
+    monkeypatch.setattr(atomic.os, "fdopen", filling)
+    out = tmp_path / "bench"
+    with pytest.raises(UserError, match=r"No space left on device\); nothing of this set"):
+        atomic.write_texts({out / "trials.csv": "a", out / "tokens.csv": "b", out / "bench.json": "{}"})
+    assert list(out.iterdir()) == []
