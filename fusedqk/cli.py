@@ -64,7 +64,13 @@ def _with_status(args: argparse.Namespace) -> int:
         print(f"fusedqk: error: {message}", file=sys.stderr)
         status = {"ok": False, "command": args.command, "error": message}
     # Where the job's time went (weights, warm-up, measurement), for the run's report.
-    write_json(args.status, {**status, "seconds": phases.snapshot()})
+    try:
+        write_json(args.status, {**status, "seconds": phases.snapshot()})
+    except OSError as e:  # a full disk: the status contract cannot be kept; say so, fail
+        print(f"fusedqk: error: --status {args.status}: cannot be written ({e.strerror or e}); "
+              f"the job {'succeeded' if status['ok'] else 'failed'} but its status is lost",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -171,3 +171,20 @@ def test_a_checkpoint_is_recorded_as_what_it_is_not_as_the_flags_say(tmp_path, m
     assert "the checkpoint is 8-bit g64" in proc.stderr
     recorded = json.loads((tmp_path / "b" / "bench.json").read_text())["meta"]["environment"]
     assert (recorded["bits"], recorded["group_size"]) == (8, 64)
+
+
+def test_a_status_file_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
+    """A full disk when the status is written: one line, exit 2, no traceback."""
+    import errno
+
+    from fusedqk import atomic, cli
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic, "write_with", full)
+    monkeypatch.setenv("FUSEDQK_LOCK_DIR", str(tmp_path / "locks"))
+    code = cli.main(["bench", "-m", "qwen3-tiny", "-r", "1", "-p", "4", "-g", "4",
+                     "--out-dir", str(tmp_path / "b"), "--status", str(tmp_path / "status.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "No space left on device" in err[-1] and "status is lost" in err[-1]
