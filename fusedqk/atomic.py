@@ -47,8 +47,9 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def write_texts(files: dict[Path, str]) -> None:
-    """Several files that belong together (a benchmark's trials, tokens and summary): every one
+def write_files(files: dict[Path, str | bytes]) -> list[Path]:
+    """Several files that belong together (a benchmark's trials, tokens and summary; a report
+    and its plots): every one
     is written to a temporary file first, and only when all are written are they renamed into
     place, so a full disk leaves none of them rather than some. A failure is one line."""
     staged: list[tuple[str, Path]] = []
@@ -59,10 +60,11 @@ def write_texts(files: dict[Path, str]) -> None:
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             staged.append((tmp, path))
             os.fchmod(fd, caller_mode())
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                out.write(text)
+            with os.fdopen(fd, "wb") as out:
+                out.write(text.encode("utf-8") if isinstance(text, str) else text)
         for tmp, path in staged:
             os.replace(tmp, path)
+        return [path for _, path in staged]
     except OSError as e:
         from fusedqk.errors import UserError
 

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from fusedqk import formats, phases, stats
-from fusedqk.atomic import write_texts
+from fusedqk.atomic import write_files
 from fusedqk.decode import Decoder, generate, make_sampler, random_prompt
 from fusedqk.envinfo import environment, now_utc
 from fusedqk.errors import UserError
@@ -240,7 +240,7 @@ def write_results(result: BenchRun, out_dir) -> None:
     doc = {k: v for k, v in asdict(result).items() if k not in ("trials", "tokens")}
     # All three or none (a full disk must not leave trials without their summary). A
     # whole-process engine has no per-token latencies: the header alone, so readers still parse.
-    write_texts({
+    write_files({
         out_dir / "trials.csv": pd.DataFrame(result.trials).to_csv(index=False),
         out_dir / "tokens.csv": pd.DataFrame(result.tokens, columns=TOKEN_COLUMNS).to_csv(index=False),
         out_dir / "bench.json": json.dumps(formats.stamp("bench", doc), indent=2, default=str) + "\n",

@@ -20,7 +20,7 @@ import pandas as pd
 
 from fusedqk import stats
 from fusedqk.archive import MANIFEST, RunData, load_run, read_json, refuse_sealed, verify, write_manifest
-from fusedqk.atomic import write_bytes, write_text
+from fusedqk.atomic import write_files
 from fusedqk.errors import UserError
 from fusedqk.phases import PHASES
 from fusedqk.registry import size_order
@@ -390,17 +390,15 @@ def render_run(run_dir: Path, out_dir: Path | None = None, rewrite: bool = False
     threshold = 1 + rule["min_gain"] if "min_gain" in rule else None
     plots = {"throughput": throughput_plot(run), "speedup": speedup_plot(run, threshold),
              "latency": latency_plot(run)}
-    written = []
-    for name, png in plots.items():
-        if png is not None:
-            written.append(write_bytes(out_dir / "plots" / f"{name}.png", png))
     env = _env()
     md = env.get_template("report.md.j2").render(
         **ctx, plots={k: f"plots/{k}.png" for k, v in plots.items() if v})
     html = env.get_template("report.html.j2").render(
         **ctx, plots={k: base64.b64encode(v).decode() for k, v in plots.items() if v})
-    written.append(write_text(out_dir / "report.md", md))
-    written.append(write_text(out_dir / "report.html", html))
+    # The plots and both reports as one set: a full disk leaves none of them, not a half.
+    written = write_files({**{out_dir / "plots" / f"{name}.png": png
+                              for name, png in plots.items() if png is not None},
+                           out_dir / "report.md": md, out_dir / "report.html": html})
     if sealed and out_dir == run_dir:
         write_manifest(run_dir)
     return written

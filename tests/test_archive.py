@@ -250,5 +250,5 @@ def test_a_set_of_result_files_is_written_whole_or_not_at_all(tmp_path, monkeypa
     monkeypatch.setattr(atomic.os, "fdopen", filling)
     out = tmp_path / "bench"
     with pytest.raises(UserError, match=r"No space left on device\); nothing of this set"):
-        atomic.write_texts({out / "trials.csv": "a", out / "tokens.csv": "b", out / "bench.json": "{}"})
+        atomic.write_files({out / "trials.csv": "a", out / "tokens.csv": "b", out / "bench.json": "{}"})
     assert list(out.iterdir()) == []
