@@ -459,3 +459,18 @@ def test_engine_children_that_leave_the_group_are_ended_too(tmp_path, seconds):
     for pid in alive:  # leave nothing behind, whatever the verdict
         os.kill(int(pid), signal.SIGKILL)
     assert alive == []
+
+
+@pytest.mark.slow
+def test_a_request_without_model_is_refused_as_mlxcel_refuses_it(fake_mlxcel, checkpoint, tmp_path):
+    """mlxcel's CompletionRequest requires `model`: the shipped file sends one, and a file that
+    does not fails in one line with mlxcel's own words, naming the engine and the arm."""
+    spec = load_engine(MLXCEL_SERVER)
+    assert spec.server.request.get("model")
+    run = measure.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16, rounds=2))
+    assert run.speedups
+    bare = load_engine(edited(tmp_path, MLXCEL_SERVER, lambda d: d["server"].pop("request")))
+    with pytest.raises(EngineFailure, match=r"mlxcel-server, server, graph arm: POST /v1/completions "
+                                            r"answered 422: .*missing field `model`"):
+        measure.bench(bare, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16, rounds=2))
+    assert servers_of(str(checkpoint)) == []

@@ -204,6 +204,14 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _text(self, status: int, text: str) -> None:
+        body = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def do_GET(self):
         if self.path not in ("/health", "/v1/health"):
             return self._json(404, {"error": {"code": 404, "message": "Not Found"}})
@@ -215,7 +223,13 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         if self.path != "/v1/completions":
             return self._json(404, {"error": {"code": 404, "message": "Not Found"}})
-        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        request = json.loads(body)
+        # src/server/types/request.rs (01eea6d): `model: String` is required; axum's Json
+        # extractor refuses a body without it with 422 and serde's message, as text.
+        if "model" not in request:
+            return self._text(422, "Failed to deserialize the JSON body into the target type: "
+                                   f"missing field `model` at line 1 column {len(body)}")
         words = decode(request["prompt"], int(request.get("max_tokens", 16)))
         rate = (150.0 if fused_on() else 120.0) * random.uniform(0.995, 1.005)
         if not request.get("stream"):
