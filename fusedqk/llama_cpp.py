@@ -34,6 +34,7 @@ from fusedqk.errors import UserError, first_line
 # metadata shipped in vendor/llama.cpp).
 SDIST_NAME = "llama-cpp-python"
 SDIST_VERSION = "0.3.36"
+SDIST_INDEX = f"https://pypi.org/simple/{SDIST_NAME}/"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 VENDOR = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp/"
@@ -54,6 +55,8 @@ add_subdirectory(server)
 BINARIES = ("llama-bench", "llama-server")
 BACKENDS = ("cpu", "cuda")
 FUSION_ENV = "GGML_CUDA_DISABLE_FUSION"
+ENV_BIN = "FUSEDQK_LLAMA_CPP"  # a llama.cpp build of the user's own
+ENV_SOURCE = "FUSEDQK_LLAMA_CPP_SOURCE"  # the source to build from, where PyPI cannot be reached
 
 
 @dataclass(frozen=True)
@@ -109,16 +112,27 @@ def find(backend: str, cuda_arch: str = "90") -> Build | None:
 
 
 def fetch_sdist(into: Path) -> Path:
-    """pip's download of the pinned source distribution (a registry, at set-up time only)."""
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-           "-d", str(into), f"{SDIST_NAME}=={SDIST_VERSION}"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(into.glob("llama_cpp_python-*.tar.gz"))
-    if result.returncode != 0 or not found:
-        raise UserError(f"could not download {SDIST_NAME}=={SDIST_VERSION} with pip "
-                        f"({first_line(result.stderr.strip() or 'no file')}); give the file "
-                        "with --source")
-    return found[0]
+    """The pinned source distribution, downloaded from PyPI (set-up time only) and checked by
+    its sha256. Not through ``pip download``: pip prepares an sdist's metadata, which builds its
+    build requirements (CMake among them) from source when binaries are refused."""
+    import urllib.request
+
+    name = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
+    try:
+        # PyPI's simple index (PEP 691, JSON), the one pip itself reads.
+        index = urllib.request.Request(SDIST_INDEX,
+                                       headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+        with urllib.request.urlopen(index, timeout=60) as answer:
+            files = json.load(answer)["files"]
+        url = next(f["url"] for f in files if f.get("filename") == name)
+        target = into / name
+        with urllib.request.urlopen(url, timeout=600) as answer, target.open("wb") as out:
+            shutil.copyfileobj(answer, out)
+    except (OSError, ValueError, KeyError, StopIteration) as e:
+        raise UserError(f"could not download {SDIST_NAME} {SDIST_VERSION} from PyPI "
+                        f"({first_line(e) or type(e).__name__}); give the file with --source "
+                        f"(or {ENV_SOURCE})") from None
+    return target
 
 
 def unpack(source: Path, into: Path) -> None:
@@ -229,9 +243,6 @@ def build(backend: str, source: Path | None = None, cuda_arch: str = "90",
             out.rename(final)
     return Build(final, info)
 
-
-ENV_BIN = "FUSEDQK_LLAMA_CPP"
-ENV_SOURCE = "FUSEDQK_LLAMA_CPP_SOURCE"
 
 
 def _backend() -> str:
