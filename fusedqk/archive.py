@@ -214,9 +214,27 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(run_dir: Path) -> int:
     files = _files(run_dir)
-    lines = [f"{_sha256(p)}  {p.relative_to(run_dir).as_posix()}" for p in files]
+    names = [p.relative_to(run_dir).as_posix() for p in files]
+    for name in names:
+        # A name the manifest cannot hold as UTF-8 text on one line would seal a run that
+        # never verifies.
+        if "\n" in name or "\r" in name or not _encodes(name):
+            raise UserError(f"{run_dir}: the file name {name!r} cannot be listed in {MANIFEST} "
+                            "(not UTF-8, or a line break); rename it")
+    if (run_dir / MANIFEST).exists() and not (run_dir / MANIFEST).is_file():
+        raise UserError(f"{run_dir}: {MANIFEST} is not a file (a folder or a link is there); "
+                        "move it away first")
+    lines = [f"{_sha256(p)}  {name}" for p, name in zip(files, names, strict=True)]
     write_text(run_dir / MANIFEST, "\n".join(lines) + "\n")
     return len(files)
+
+
+def _encodes(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a surrogate escape: bytes that are not UTF-8
+        return False
+    return True
 
 
 def verify(run_dir: Path) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import committed_archives
@@ -252,3 +253,22 @@ def test_a_set_of_result_files_is_written_whole_or_not_at_all(tmp_path, monkeypa
     with pytest.raises(UserError, match=r"No space left on device\); nothing of this set"):
         atomic.write_files({out / "trials.csv": "a", out / "tokens.csv": "b", out / "bench.json": "{}"})
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("plant", ["non-utf8-name", "manifest-folder"])
+def test_sealing_a_run_it_could_not_verify_is_one_line(tmp_path, plant):
+    import os
+    import shutil
+
+    from conftest import committed_archives
+
+    from fusedqk import archive, cli
+
+    run = tmp_path / "run"
+    shutil.copytree(committed_archives("cpu-*/*")[-1], run)
+    (run / archive.MANIFEST).unlink()
+    if plant == "non-utf8-name":
+        (Path(os.fsdecode(bytes(run) + b"/caf\xe9.txt"))).write_text("x")
+    else:
+        (run / archive.MANIFEST).mkdir()
+    assert cli.main(["verify", "--write", str(run)]) == 2
