@@ -54,7 +54,6 @@ add_subdirectory(server)
 """
 BINARIES = ("llama-bench", "llama-server")
 BACKENDS = ("cpu", "cuda")
-FUSION_ENV = "GGML_CUDA_DISABLE_FUSION"
 ENV_BIN = "FUSEDQK_LLAMA_CPP"  # a llama.cpp build of the user's own
 ENV_SOURCE = "FUSEDQK_LLAMA_CPP_SOURCE"  # the source to build from, where PyPI cannot be reached
 
@@ -65,9 +64,6 @@ class Build:
 
     folder: Path
     info: dict
-
-    def binary(self, name: str) -> Path:
-        return self.folder / name
 
 
 def cmake_flags(backend: str, cuda_arch: str) -> list[str]:

@@ -78,15 +78,10 @@ def _become_subreaper() -> None:
 
 
 def descendants(root: int) -> set[int]:
-    """Every living process below ``root`` (Linux /proc; none where it cannot be read)."""
+    """Every living process below ``root``."""
     children: dict[int, list[int]] = {}
-    with suppress(OSError):
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            with suppress(OSError, ValueError, IndexError):
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry))
+    for pid, parent, _ in _processes():
+        children.setdefault(parent, []).append(pid)
     found, todo = set(), [root]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -144,18 +139,22 @@ def pin_group(pgid: int, cpus: frozenset[int] | set[int]) -> None:
                     os.sched_setaffinity(int(tid), cpus)
 
 
-def group_pids(pgid: int) -> list[int]:
-    """The processes of group ``pgid`` (Linux /proc; none where it cannot be read)."""
-    pids = []
+def _processes() -> Iterator[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every process (Linux /proc; none where it cannot be
+    read, and a process that ends while it is read is skipped)."""
     with suppress(OSError):
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
             with suppress(OSError, ValueError, IndexError):
                 stat = Path(f"/proc/{entry}/stat").read_text()
-                if int(stat[stat.rindex(")") + 2:].split()[2]) == pgid:
-                    pids.append(int(entry))
-    return pids
+                fields = stat[stat.rindex(")") + 2:].split()
+                yield int(entry), int(fields[1]), int(fields[2])
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The processes of group ``pgid``."""
+    return [pid for pid, _, group in _processes() if group == pgid]
 
 
 @contextmanager
