@@ -106,39 +106,42 @@ def synthetic_checkpoint(model: str, bits: int, group_size: int, dtype: str, see
                          backend: str, root: Path) -> tuple[Path, bool]:
     """The cached checkpoint of ``model``'s synthetic weights under ``root``, exported now when
     there is none; and whether this call made it."""
-    from fusedqk.export import export
-    from fusedqk.models import Quantization, get_spec
-
-    spec = get_spec(model)
-    print_ = fingerprint(spec.config, bits, group_size, dtype, seed, backend)
-    out = root / checkpoint_name(model, bits, group_size, dtype, seed, print_)
-    if (out / "config.json").is_file():
-        return out, False
-    with _locked(root, out.name):
-        if (out / "config.json").is_file():  # made by the process we waited for
-            return out, False
-        _note(f"exporting {model} to {out} (once per machine)")
-        export(model, out, Quantization(bits, group_size, dtype), seed)
-    return out, True
+    return _cached_export(model, bits, group_size, dtype, seed, backend, root, gguf=False)
 
 
 def synthetic_gguf(model: str, bits: int, group_size: int, dtype: str, seed: int, backend: str,
                    root: Path) -> tuple[Path, bool]:
-    """The cached GGUF file of ``model``'s synthetic weights under ``root`` (for llama.cpp;
-    ``fusedqk.gguf_export``), written now when there is none; and whether this call wrote it."""
-    from fusedqk.gguf_export import export_gguf
+    """The same weights as one GGUF file, for llama.cpp (``fusedqk.gguf_export``)."""
+    return _cached_export(model, bits, group_size, dtype, seed, backend, root, gguf=True)
+
+
+def _cached_export(model: str, bits: int, group_size: int, dtype: str, seed: int, backend: str,
+                   root: Path, gguf: bool) -> tuple[Path, bool]:
     from fusedqk.models import Quantization, get_spec
 
     spec = get_spec(model)
     print_ = fingerprint(spec.config, bits, group_size, dtype, seed, backend)
-    out = root / (checkpoint_name(model, bits, group_size, dtype, seed, print_) + ".gguf")
-    if out.is_file():
+    out = root / (checkpoint_name(model, bits, group_size, dtype, seed, print_)
+                  + (".gguf" if gguf else ""))
+
+    def made() -> bool:
+        return out.is_file() if gguf else (out / "config.json").is_file()
+
+    if made():
         return out, False
     with _locked(root, out.name):
-        if out.is_file():
+        if made():  # made by the process we waited for
             return out, False
         _note(f"exporting {model} to {out} (once per machine)")
-        export_gguf(model, out, Quantization(bits, group_size, dtype), seed)
+        quant = Quantization(bits, group_size, dtype)
+        if gguf:
+            from fusedqk.gguf_export import export_gguf
+
+            export_gguf(model, out, quant, seed)
+        else:
+            from fusedqk.export import export
+
+            export(model, out, quant, seed)
     return out, True
 
 
