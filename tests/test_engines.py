@@ -297,3 +297,8 @@ def test_a_model_name_that_is_no_plain_folder_name_stops_before_any_job(tmp_path
                            f"results_dir={tmp_path}/r", 'backend_settings={cpu: {models: ["a b"]}}'],
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
     assert proc.returncode != 0 and "is not accepted; a model name is" in proc.stdout + proc.stderr
+
+
+def test_an_empty_engine_flag_is_named_as_given():
+    with pytest.raises(UserError, match=r"--engine '' is empty"):
+        load_engine("")

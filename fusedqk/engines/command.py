@@ -385,6 +385,9 @@ def _check_arms(source: str, envs: dict[str, dict[str, str]], toggle: Toggle | N
 
 def load_engine(path: str | Path) -> EngineSpec:
     """Read and check an engine file; every problem is one line naming the file and the key."""
+    if not str(path).strip():  # Path("") would read as "."
+        raise UserError(f"--engine {str(path)!r} is empty; give `builtin` or an engine YAML file "
+                        "(config/engines/*.yaml)")
     path = Path(path)
     source = str(path)
     doc = _read_doc(path)
