@@ -237,7 +237,12 @@ def concrete_path(name: str | None, backend: str, has_kernel: bool, impl: str | 
     if name not in PATH_NAMES:
         raise UserError(f"{flag}: {name!r} is not a path; accepted: {', '.join(PATH_NAMES)}")
     if name == "fused":
-        name = parse_impl(impl, "--impl") if impl is not None else resolve(backend, has_kernel, env).impl
+        if impl is not None:
+            name, flag = parse_impl(impl, "--impl"), "--impl"
+        else:
+            resolved = resolve(backend, has_kernel, env)
+            # Name what chose the implementation: the variable, or the defaults table.
+            name, flag = resolved.impl, resolved.impl_source.split(" (")[0]
         name = auto_impl(has_kernel) if name == "auto" else name
     if name in KERNEL_PATHS and not has_kernel:
         raise UserError(f"{flag}: the kernel has no {backend} version (kernels exist for cuda and "

@@ -154,3 +154,11 @@ def test_a_decisions_file_from_a_tampered_run_is_refused(tmp_path):
     decisions.write_text(json.dumps(doc))
     with pytest.raises(UserError, match="does not match its manifest"):
         resolve("cpu", False, env={"FUSEDQK_DEFAULTS": str(decisions)})
+
+
+def test_a_kernel_chosen_by_the_variable_on_a_backend_without_it_names_the_variable():
+    from fusedqk.toggle import concrete_path
+
+    with pytest.raises(UserError, match=r"^FUSEDQK_FUSED_IMPL=kernel: the kernel has no cpu version"):
+        concrete_path(None, "cpu", False, env={"FUSEDQK_FUSED_QK_NORM": "1",
+                                               "FUSEDQK_FUSED_IMPL": "kernel"})
