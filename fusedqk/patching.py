@@ -17,6 +17,7 @@ import mlx.nn as nn
 
 from fusedqk.attention import FusedQKNormAttention, fusion_blocker, runnable_impl
 from fusedqk.backend import current_backend
+from fusedqk.errors import UserError
 from fusedqk.kernels.qkv_norm_rope import has_kernel, kernel_blocker
 from fusedqk.toggle import kernel_call, resolve
 
@@ -48,8 +49,21 @@ class PatchReport:
                 f"on {self.backend}{skipped} ({self.reason})")
 
 
+def _looks_like_qwen3_attention(attn: nn.Module) -> bool:
+    """mlx-lm's Qwen3 attention (or fusedqk's wrapper of it): the parts the fused path reads."""
+    if isinstance(attn, FusedQKNormAttention):
+        return True
+    return all(hasattr(attn, name) for name in
+               ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "rope", "n_heads",
+                "n_kv_heads", "scale"))
+
+
 def patch(model: nn.Module, env: Mapping[str, str] | None = None) -> PatchReport:
     """Install the fused decode path in ``model`` where the toggle and the model allow it."""
+    if env is not None and (not isinstance(env, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+        raise UserError("fusedqk.patch: env must map variable names to string values, like "
+                        "os.environ")
     backend = current_backend()
     resolution = resolve(backend, has_kernel(backend), env)
     model_type = getattr(model, "model_type", None)
@@ -58,7 +72,16 @@ def patch(model: nn.Module, env: Mapping[str, str] | None = None) -> PatchReport
         report.reason = (f"model_type {model_type!r} is not supported (fusedqk fuses "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)})")
         return report
-    layers = list(model.layers)
+    layers = list(getattr(model, "layers", None) or [])
+    odd = [i for i, layer in enumerate(layers) if not isinstance(
+        getattr(layer, "self_attn", None), nn.Module) or not _looks_like_qwen3_attention(
+        layer.self_attn)]
+    if not layers or odd:
+        report.enabled = False
+        report.reason = ("the model has no decoder layers (model.layers)" if not layers else
+                         f"layer {odd[0]}'s self_attn is not mlx-lm's Qwen3 attention (it was "
+                         "replaced or is missing); the model is left as it was")
+        return report
     already = {i: layer.self_attn.impl for i, layer in enumerate(layers)
                if isinstance(layer.self_attn, FusedQKNormAttention)}
     if already:  # idempotent: a patched model stays as it is

@@ -302,3 +302,31 @@ def test_a_model_name_that_is_no_plain_folder_name_stops_before_any_job(tmp_path
 def test_an_empty_engine_flag_is_named_as_given():
     with pytest.raises(UserError, match=r"--engine '' is empty"):
         load_engine("")
+
+
+@pytest.mark.parametrize("break_it", ["no_layers", "attention_replaced"])
+def test_patch_leaves_an_odd_model_as_it_was_with_the_reason(break_it):
+    import mlx.nn as nn
+
+    import fusedqk
+    from fusedqk.models import Quantization, build_synthetic, get_spec
+
+    model = build_synthetic(get_spec("qwen3-tiny"), Quantization(4, 64, "float32"))
+    if break_it == "no_layers":
+        model.model.layers = []
+    else:
+        model.layers[1].self_attn = nn.Linear(4, 4)
+    before = [type(layer.self_attn) for layer in model.layers]
+    report = fusedqk.patch(model, env={"FUSEDQK_FUSED_QK_NORM": "1"})
+    assert not report.patched
+    assert ("no decoder layers" if break_it == "no_layers" else "left as it was") in report.reason
+    assert [type(layer.self_attn) for layer in model.layers] == before
+
+
+def test_patch_refuses_an_env_that_is_not_a_string_mapping():
+    import fusedqk
+    from fusedqk.models import Quantization, build_synthetic, get_spec
+
+    model = build_synthetic(get_spec("qwen3-tiny"), Quantization(4, 64, "float32"))
+    with pytest.raises(UserError, match="env must map variable names to string values"):
+        fusedqk.patch(model, env={"FUSEDQK_FUSED_QK_NORM": 1})
