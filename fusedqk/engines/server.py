@@ -188,7 +188,8 @@ class ArmServer:
         text, times, usage, server_rate, last = [], [], None, None, None
         with response:
             for event in self._events(response):
-                choices = event.get("choices") or []
+                choices = event.get("choices")
+                choices = choices if isinstance(choices, list) else []  # a number, an object
                 piece = choices[0].get("text") if choices and isinstance(choices[0], dict) else None
                 if isinstance(piece, str) and piece:
                     times.append(time.perf_counter())
