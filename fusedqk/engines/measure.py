@@ -337,11 +337,12 @@ def _server_round(servers: dict, rnd: int, vocab_size: int, settings: BenchSetti
 def _turn_decode_s(arm: server.ArmServer, out: server.Streamed) -> float:
     """One completion's decode time: its timed gaps, or its token count at the server's own
     rate where ``server.timing_field`` names one."""
-    tok_s = out.server_tok_s if out.server_tok_s is not None else out.stream_tok_s
-    if tok_s is None or not tok_s > 0:
+    if out.server_tok_s is not None:  # the server's own figure: checked as every reported one
+        return (out.chunks - 1) / _positive(out.server_tok_s, arm.command.timing_field, arm.label)
+    if out.stream_tok_s is None or not out.stream_tok_s > 0:
         raise EngineFailure(f"{arm.label}: no decode rate (the stream's text events arrived all "
                             "at once)")
-    return (out.chunks - 1) / tok_s
+    return (out.chunks - 1) / out.stream_tok_s
 
 
 def _bench_trial(spec: EngineSpec, arm: str, slot: int, rnd: int, values: dict, settings: BenchSettings,
@@ -384,7 +385,8 @@ PAIRED_TEST = "Wilcoxon signed-rank on the rounds' log speedups (paired by round
 # What an engine may report: ASCII numbers (no `1_000`, no full-width digits) in ranges a
 # decode can have. Anything else is the engine's output misread, never a measurement.
 _NUMBER = re.compile(r"[+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-PLAUSIBLE = {"decode_tok_s": (1e-3, 1e7), "prefill_tok_s": (1e-3, 1e9),
+DECODE_TOK_S = (1e-3, 1e7)
+PLAUSIBLE = {"decode_tok_s": DECODE_TOK_S, "prefill_tok_s": (1e-3, 1e9),
              "peak_memory_bytes": (1.0, 1e15), "peak_memory_gb": (1e-9, 1e6)}
 
 
@@ -395,7 +397,8 @@ def _positive(value: object, name: str, arm: str) -> float:
     if isinstance(value, bool) or not _NUMBER.fullmatch(text):
         raise EngineFailure(f"{arm}: {name} {text[:40]!r} is not a number")
     number = float(text)
-    low, high = PLAUSIBLE.get(name, (0.0, float("inf")))
+    # A server's own rate field (server.timing_field) is a decode rate whatever its name.
+    low, high = PLAUSIBLE.get(name, DECODE_TOK_S)
     if not np.isfinite(number) or not low <= number <= high or number <= 0:
         raise EngineFailure(f"{arm}: {name} {text[:40]!r} is outside what a decode can report "
                             f"({low:g} to {high:g})")
