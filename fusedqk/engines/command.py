@@ -222,7 +222,7 @@ class EngineSpec:
             out = run_bounded(fill_template(self.version_command, {"python": sys.executable}),
                               dict(os.environ), 60, f"engine {self.name}, version",
                               self.max_output_bytes)
-        except EngineFailure:
+        except UserError:  # a failed run, or an engine folder that cannot be found: no version
             return None
         text = (out.stdout.strip() or out.stderr.strip()).splitlines()
         return text[0][:200] if text else None
