@@ -141,6 +141,13 @@ def render_env(report: dict, backend: str) -> str:
                    else "no kernel for this backend")
             lines += row("  runs as", f"{runs}: {why}")
         lines += row("kernel call", f"{report['kernel_call']}  ({report['kernel_call_source']})")
+    if "engine" in report:
+        engine = report["engine"]
+        build = engine.get("llama_cpp_build") or {}
+        lines += row("engine", f"{engine['name']} ({engine['file']})  "
+                               f"{engine.get('version') or 'version unknown'}"
+                               + (f"  built {build['backend']} from {build['commit'][:7]}"
+                                  if build.get("commit") else ""))
     lines += row("more", "docs/configuration.md: every default, its full reason and the runs "
                          "it rests on")
     return "\n".join(lines)

@@ -37,6 +37,11 @@ SDIST_VERSION = "0.3.36"
 SDIST_INDEX = f"https://pypi.org/simple/{SDIST_NAME}/"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+# llama.cpp numbers its builds by commit count (cmake/build-info.cmake asks git); the source
+# distribution has no history, so CMake would count whatever repository encloses the build
+# folder. The release of this commit is tagged b11312 (ggml-org/llama.cpp's release tags name
+# that count), so the build says so, and the engine files' version checks can rely on it.
+BUILD_NUMBER = 11312
 VENDOR = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp/"
 # What the two tools need of the tree; tools/CMakeLists.txt is replaced by one that adds only
 # them and what the server links (mtmd, the UI stub).
@@ -72,7 +77,8 @@ def cmake_flags(backend: str, cuda_arch: str) -> list[str]:
     flags = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF",
              "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
              "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
-             "-DGGML_NATIVE=OFF", "-DGGML_CCACHE=OFF", f"-DLLAMA_BUILD_COMMIT={COMMIT[:7]}"]
+             "-DGGML_NATIVE=OFF", "-DGGML_CCACHE=OFF", f"-DLLAMA_BUILD_COMMIT={COMMIT[:7]}",
+             f"-DLLAMA_BUILD_NUMBER={BUILD_NUMBER}"]
     if backend == "cuda":
         flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}",
                   "-DGGML_CUDA_NCCL=OFF"]

@@ -421,6 +421,11 @@ def job_args(settings: dict, backend: str, job: str, checkpoints_dir: str | None
     return args
 
 
+def env_flags(settings: dict) -> str:
+    """``fusedqk env``'s flags for one backend's run: the engine file, where there is one."""
+    return "" if engine(settings) == "builtin" else shlex.join(["--engine", engine(settings)])
+
+
 def job_flags(settings: dict, backend: str, job: str, checkpoints_dir: str | None = None) -> str:
     """``job_args`` as one shell-quoted string, for a rule's command line."""
     return shlex.join(job_args(settings, backend, job, checkpoints_dir))

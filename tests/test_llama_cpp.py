@@ -146,6 +146,11 @@ def test_the_pipeline_decides_through_llama_cpp_end_to_end(engine, llama_bin, tm
     assert "GGML_CUDA_DISABLE_FUSION acts on cuda only" in decided["reason"]
     build = ident["engine"]["llama_cpp_build"]
     assert build["commit"] == llama_cpp.COMMIT and "-DGGML_NATIVE=OFF" in build["cmake_flags"]
+    # The run's environment names the engine, its build flags and what its binary checks saw.
+    recorded = json.loads((run / "environment.json").read_text())["engine"]
+    assert recorded["name"] == engine and recorded["llama_cpp_build"]["cmake_flags"] == \
+        llama_cpp.cmake_flags("cpu", "90")
+    assert any("(build 11312, commit 0c1e570)" in m for m in recorded["requires_matched"])
     assert bench["speedups"][0]["path"] == "fused"
     assert not _llama_processes(str(tmp_path)), "a llama.cpp process outlived the pipeline"
 
@@ -166,6 +171,46 @@ def test_a_missing_llama_cpp_folder_is_one_line_naming_the_variable(tmp_path):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.strip().splitlines() if "note:" not in line]
     assert len(errors) == 1 and "FUSEDQK_LLAMA_CPP" in errors[0] and "llama-server" in errors[0]
+
+
+def test_the_built_binaries_say_the_pinned_build_and_no_cuda_device(llama_bin):
+    """The engine files' checks against the real CPU build: its build number passes the version
+    check, and on cuda its --list-devices (no CUDA device) is refused in one line."""
+    for file in ("llama-bench", "llama-server"):
+        spec = load_engine(ROOT / "config" / "engines" / f"{file}.yaml")
+        assert all("build 11312" in m for m in spec.check_requirements("cpu"))
+        with pytest.raises(UserError) as refused:
+            spec.check_requirements("cuda")
+        line = str(refused.value)
+        assert "\n" not in line and "--list-devices" in line and "(none)" in line
+        assert "GGML_CUDA=ON" in line
+
+
+def _stand_in_build(folder: Path, build: int) -> Path:
+    """A folder whose two "binaries" print an older llama.cpp's version line and device list:
+    only the version check meets them, and it must refuse them before anything starts."""
+    folder.mkdir()
+    for name in llama_cpp.BINARIES:
+        tool = folder / name
+        tool.write_text("#!/bin/sh\n"
+                        f"echo 'version: 0.0.1 (build {build}, commit 1234567)' >&2\n")
+        tool.chmod(0o755)
+    return folder
+
+
+@pytest.mark.parametrize("engine", ["llama-bench", "llama-server"])
+def test_an_older_llama_cpp_is_refused_in_one_line_before_any_run(engine, tmp_path):
+    env = {**os.environ, "FUSEDQK_LLAMA_CPP": str(_stand_in_build(tmp_path / "old", 5000))}
+    proc = subprocess.run([sys.executable, "-m", "fusedqk", "bench", "--engine",
+                           f"config/engines/{engine}.yaml", "-m", "qwen3-tiny", "-r", "1",
+                           "--checkpoint-dir", str(tmp_path / "ckpt"),
+                           "--out-dir", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.strip().splitlines() if "note:" not in line]
+    assert len(errors) == 1, errors
+    assert "build 5000" in errors[0] and "build 11312" in errors[0] and engine in errors[0]
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_gguf_the_server_refuses_is_one_line_and_leaves_no_server(llama_bin, tmp_path):

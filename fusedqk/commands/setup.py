@@ -21,6 +21,13 @@ def cmd_env(args: argparse.Namespace) -> int:
 
     backend = select_backend(args.backend)
     report = env_report(backend)
+    if args.engine != "builtin":
+        # A run's environment.json names the engine it measured: its version, the checks of
+        # its binary, and for llama.cpp the commit and every build flag.
+        from fusedqk.engines.command import load_engine
+
+        spec = load_engine(args.engine)
+        report["engine"] = spec.describe(spec.check_requirements(backend))
     print(json.dumps(report, indent=2) if args.json else render_env(report, backend))
     return 0
 
@@ -106,6 +113,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def add_parsers(sub) -> None:
     p = sub.add_parser("env", help="backend, device, versions and the resolved fused-path default")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--engine", default="builtin",
+                   help="an engine YAML file: also record it (version, binary checks, build)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_env)
 

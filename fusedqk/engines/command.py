@@ -31,7 +31,13 @@ import jsonschema
 import regex
 import yaml
 
-from fusedqk.engines.process import MAX_OUTPUT_BYTES, EngineFailure, Finished, run_bounded
+from fusedqk.engines.process import (
+    MAX_OUTPUT_BYTES,
+    EngineFailure,
+    Finished,
+    printable,
+    run_bounded,
+)
 from fusedqk.engines.server import RESERVED_FIELDS, ServerCommand
 from fusedqk.errors import UserError, key_path
 
@@ -158,6 +164,19 @@ class IdentityCommand(Command):
 
 
 @dataclass(frozen=True)
+class Requirement:
+    """A check of the engine binary before anything is measured: ``command``'s output (both
+    streams) must match ``pattern``; with ``at_least``, its first group is an integer (a build
+    number) no smaller. ``says`` is what a passing binary is, for the one-line refusal."""
+
+    command: list[str]
+    pattern: regex.Pattern
+    says: str
+    at_least: int | None = None
+    backends: tuple[str, ...] | None = None  # None: checked on every backend
+
+
+@dataclass(frozen=True)
 class EngineSpec:
     name: str
     source: str
@@ -170,6 +189,7 @@ class EngineSpec:
     kind: str = COMMAND
     toggle: Toggle | None = None
     version_command: list[str] | None = None
+    requires: tuple[Requirement, ...] = ()
     derived_from: str = ""
     max_output_bytes: int = MAX_OUTPUT_BYTES
 
@@ -191,7 +211,9 @@ class EngineSpec:
         base = {k: v for k, v in os.environ.items() if k != self.variable}
         return {**base, **self.arms[arm]}
 
-    def describe(self) -> dict:
+    def describe(self, checked: list[str] | None = None) -> dict:
+        """What the engine is, for a result's record; ``checked``: what its ``requires`` checks
+        matched on this machine."""
         commands: dict = {}
         if self.bench:
             commands["bench"] = self.bench.argv
@@ -206,13 +228,44 @@ class EngineSpec:
                      "toggle_backends": list(self.toggle.backends)
                      if self.toggle and self.toggle.backends else None,
                      "expect": {arm: p.pattern for arm, p in self.expect.items()}, **commands,
-                     "version": self.version()}
+                     "version": self.version(), "requires_matched": checked}
         if any("{llama_cpp}" in arg for argv in commands.values() if isinstance(argv, list)
                for arg in argv):
             from fusedqk import llama_cpp
 
             described["llama_cpp_build"] = llama_cpp.build_info()
         return described
+
+    def check_requirements(self, backend: str) -> list[str]:
+        """Run the file's ``requires`` checks that apply on ``backend``; the first that fails is
+        one line naming the engine, the command, what it printed and what is accepted. Returns
+        the line each check matched, for the record."""
+        matched = []
+        for req in self.requires:
+            if req.backends is not None and backend not in req.backends:
+                continue
+            argv = fill_template(req.command, {"python": sys.executable})
+            shown = " ".join(Path(argv[0]).name if i == 0 else a for i, a in enumerate(argv))
+            try:
+                out = run_bounded(argv, dict(os.environ), 60, f"engine {self.name}, `{shown}`",
+                                  self.max_output_bytes)
+                text = out.stdout + "\n" + out.stderr
+            except EngineFailure as e:
+                raise UserError(f"{e}; {self.source} needs {req.says}") from None
+            found = req.pattern.search(text)
+            if found is not None and req.at_least is not None:
+                number = found.group(1) if found.groups() else None
+                if number is None or not number.isdigit() or int(number) < req.at_least:
+                    found = None
+            if found is None:
+                lines = [line.strip() for line in text.splitlines() if line.strip()]
+                said = printable(lines[0] if len(lines) == 1 else "; ".join(lines[:3]))[:200]
+                raise UserError(f"engine {self.name} ({self.source}): `{shown}` printed "
+                                f"{said!r}; this file needs {req.says}")
+            line_start = text.rfind("\n", 0, found.start()) + 1
+            line_end = text.find("\n", found.end())
+            matched.append(printable(text[line_start:line_end if line_end >= 0 else None].strip())[:200])
+        return matched
 
     def version(self) -> str | None:
         """What the engine says its version is (``version`` command), or None."""
@@ -425,8 +478,20 @@ def load_engine(path: str | Path) -> EngineSpec:
         models=dict(doc["models"]), **commands,
         version_command=(_argv(source, "version", doc["version"], PLACEHOLDERS["version"])
                          if doc.get("version") else None),
+        requires=tuple(_requirement(source, f"requires[{i}]", r)
+                       for i, r in enumerate(doc.get("requires") or ())),
         derived_from=doc.get("source", ""),
         max_output_bytes=doc.get("max_output_bytes", MAX_OUTPUT_BYTES))
+
+
+def _requirement(source: str, key: str, doc: dict) -> Requirement:
+    pattern = _pattern(source, f"{key}.pattern", doc["pattern"], group=False)
+    if "at_least" in doc and pattern.groups < 1:
+        raise _fail(source, f"{key}.pattern", "needs a group holding the number at_least is "
+                    "compared with")
+    return Requirement(_argv(source, f"{key}.command", doc["command"], PLACEHOLDERS["version"]),
+                       pattern, doc["says"], doc.get("at_least"),
+                       tuple(doc["backends"]) if "backends" in doc else None)
 
 
 def _commands(source: str, name: str, bench: dict, ident: dict | None) -> dict:

@@ -103,8 +103,9 @@ def bench(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size: in
     different numbers of tokens (an early end of sequence in one of them) is refused, recorded
     in ``meta.refused_rounds``, and never enters the speedup."""
     result = BenchRun(settings, list(ARMS))
+    checked = spec.check_requirements(backend)
     result.meta = {"started_at": now_utc(), "argv": argv or [], "instrument": INSTRUMENTS[spec.kind],
-                   "engine": spec.describe(), "model_path": str(path), "round_wall_s": [],
+                   "engine": spec.describe(checked), "model_path": str(path), "round_wall_s": [],
                    "refused_rounds": []}
     values = {"model": model, "model_path": path, "prompt_tokens": settings.prompt_tokens,
               "generation_tokens": settings.generation_tokens,
@@ -467,6 +468,7 @@ def _compared(spec: EngineSpec, out: Finished, prompt: str) -> list:
 def identity(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size: int,
              prompt_tokens: int, tokens: int, prompts: int, seed: int) -> dict:
     start = time.perf_counter()
+    checked = spec.check_requirements(backend)
     prompt_texts = [prompt_text(vocab_size, prompt_tokens, seed + k) for k in range(prompts)]
 
     if spec.identity_by_server:
@@ -491,7 +493,7 @@ def identity(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size:
     return {
         "model": model, "backend": backend, "impl": "fused",
         "verdict": verdict(equal, control["graph"]["identical"], control["fused"]["identical"]),
-        "engine": spec.describe(), "compared": _compares(spec), "divergence_unit": unit,
+        "engine": spec.describe(checked), "compared": _compares(spec), "divergence_unit": unit,
         "free_running": {"identical": equal, "greedy_first_divergence": divergence,
                          "sampled_first_divergence": None},
         "controls": {"run": True, "scope": f"greedy output of prompt 0 ({unit}s) in a fresh "

@@ -16,12 +16,13 @@ rule environment:
     params:
         cmd=lambda w: fusedqk(backend_of(w)),
         backend=backend_of,
+        engine=lambda w: plan.env_flags(settings(backend_of(w))),
         config_json=lambda w: json.dumps(config),
     log:
         "{run}/logs/environment.log",
     shell:
         "{params.cmd} record-config --config {params.config_json:q} --out {output.config:q}"
-        " && {params.cmd} env --backend {params.backend:q} --json > {output.env:q} 2> {log:q}"
+        " && {params.cmd} env --backend {params.backend:q} {params.engine} --json > {output.env:q} 2> {log:q}"
         " || (cat {log:q} >&2; exit 1)"
 
 
