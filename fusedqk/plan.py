@@ -8,8 +8,10 @@ spelling live once, in the package. Imports no MLX: the planning host may not ha
 from __future__ import annotations
 
 import datetime
+import fcntl
 import math
 import os
+import platform
 import re
 import shlex
 import subprocess
@@ -124,6 +126,41 @@ def start(config: dict, remote_argv: list[str] | None) -> Plan:
     the_plan = plan_for_job(config, targets) if targets else make_plan(config)
     check_cache_dir(config["cache_dir"])
     return the_plan
+
+
+# Lock files held open for the life of the workflow's main process, one per run folder it writes.
+_CLAIMED: list[int] = []
+
+
+def claim_runs(run_dirs: list[str]) -> None:
+    """One pipeline per run folder: the workflow's main process holds a lock beside each run
+    folder until it exits, so a second pipeline (another checkout, whose Snakemake lock is its
+    own) naming the same folder stops at its start instead of overwriting the first one's
+    measurements. The lock file is opened without following a link."""
+    for run in run_dirs:
+        parent, name = os.path.split(os.path.abspath(run))
+        lock = os.path.join(parent, f".{name}.pipeline.lock")
+        try:
+            os.makedirs(parent, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise ConfigError(f"run folder {run}: cannot open its pipeline lock {lock} "
+                              f"({e.strerror}); results_dir must be a folder you can write, "
+                              "without links planted in it") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 400).decode(errors="replace").strip() or "holder unknown"
+            os.close(fd)
+            raise ConfigError(f"run folder {run} is being written by another pipeline "
+                              f"({holder}); wait for it to end, or give another run_name") from None
+        except OSError:  # a filesystem without locks (some network mounts): no claim to make
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {platform.node()}, working directory {os.getcwd()}, "
+                     f"since {datetime.datetime.now(datetime.UTC):%Y-%m-%dT%H:%M:%SZ}".encode())
+        _CLAIMED.append(fd)
 
 
 def check_cache_dir(cache_dir: str) -> None:

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -386,3 +387,44 @@ def test_a_kernel_impl_on_a_backend_without_the_kernel_stops_before_any_job(tmp_
 def test_what_would_fail_every_job_stops_before_the_first(setting, needle, tmp_path):
     proc = snakemake("-n", "--cores", "1", "--config", f"results_dir={tmp_path}/r", setting)
     assert proc.returncode != 0 and needle in proc.stdout + proc.stderr
+
+
+def test_a_second_pipeline_on_a_run_folder_in_use_stops_at_its_start(tmp_path, small_cpu_workload):
+    """Two checkouts (two working directories, so Snakemake's own lock does not meet them) naming
+    one run folder: the second stops before any job with one line naming the first, and the
+    first's run is whole and verifies."""
+    env = {**os.environ, "FUSEDQK_LOCK_DIR": str(tmp_path / "locks")}
+    config = ["--config", f"results_dir={tmp_path}/results", "run_name=shared",
+              "device_label=test-device", small_cpu_workload]
+    first = subprocess.Popen([*SNAKEMAKE, "--cores", "2", *config], cwd=ROOT, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    other = tmp_path / "other-checkout"
+    shutil.copytree(ROOT / "config", other / "config")
+    lock = tmp_path / "results" / "cpu-test-device" / ".shared.pipeline.lock"
+    for _ in range(600):
+        if lock.is_file() and lock.read_text():
+            break
+        assert first.poll() is None, first.communicate()[0][-3000:]
+        time.sleep(0.1)
+    second = subprocess.run([*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--cores", "2", *config],
+                            cwd=other, env=env, capture_output=True, text=True, timeout=600)
+    out = first.communicate(timeout=1800)[0]
+    assert first.returncode == 0, out[-3000:]
+    assert second.returncode == 1
+    assert "Traceback" not in second.stderr
+    assert "is being written by another pipeline" in second.stderr and str(ROOT) in second.stderr
+    run = tmp_path / "results" / "cpu-test-device" / "shared"
+    assert archive.verify(run) == []
+
+
+def test_a_link_planted_as_a_run_folders_pipeline_lock_is_refused(tmp_path, small_cpu_workload):
+    target = tmp_path / "not-yours"
+    target.write_text("keep")
+    labelled = tmp_path / "results" / "cpu-test-device"
+    labelled.mkdir(parents=True)
+    (labelled / ".planted.pipeline.lock").symlink_to(target)
+    proc = snakemake("--cores", "1", "--config", f"results_dir={tmp_path}/results",
+                     "run_name=planted", "device_label=test-device", small_cpu_workload)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "cannot open its pipeline lock" in proc.stderr
+    assert target.read_text() == "keep" and not (labelled / "planted").exists()

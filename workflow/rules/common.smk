@@ -28,6 +28,17 @@ GIT_COMMIT = PLAN.git_commit
 RUN_NAME = PLAN.run_name
 ENGINE = config["container"]["engine"]
 
+
+# Before the first job of a real run (never in a dry run): one pipeline per run folder.
+onstart:
+    if workflow.is_main_process:
+        try:
+            plan.claim_runs([PLAN.run_dir(b) for b in BACKENDS])
+        except plan.ConfigError as e:
+            sys.stderr.write(f"{e}\n")
+            sys.exit(1)
+
+
 # Timing measurements must never share a device (or the CPU): one `measure` slot, unless a
 # profile or --resources grants more (the SLURM profile does: one GPU per job there). Identity
 # checks compare bits, so up to three run together (`checks`); the device lock keeps them apart
