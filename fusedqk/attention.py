@@ -2,8 +2,10 @@
 
 ``graph`` is mlx-lm's attention module as shipped. ``fused`` wraps it: on a decode step (one
 token per sequence) with affine-quantized q/k/v it replaces q_proj, k_proj, v_proj, the reshapes,
-q_norm, k_norm, the transposes and RoPE with one call over a QKV weight concatenated once at
-install time. The call is either
+q_norm, k_norm, the transposes and RoPE with one call over a QKV weight concatenated at install
+time, and again after any of its source weights is replaced (``WeightWatch``). Its parameters
+are the graph module's own, under the same names, so saving, loading and updating a fused model
+is doing so to the graph one. The call is either
 
 - ``composite``: the same MLX ops as the graph path under one ``mx.compile`` (fewer Python → C++
   crossings, the same GPU work), on every backend; or
@@ -24,6 +26,7 @@ import functools
 import logging
 import weakref
 from dataclasses import dataclass
+from typing import ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -72,7 +75,7 @@ def _position_array(offset: int, batch: int | None) -> mx.array:
     return mx.array(offset if batch is None else [offset] * batch, dtype=mx.int32)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StepInputs:
     """What every decode step passes to a layer's call besides x and the position, gathered once.
 
@@ -80,8 +83,46 @@ class StepInputs:
     only after Python's own lookup fails: on a 2-core EPYC host (2026-12-01) one layer's kernel
     inputs took 16.5 µs to gather through the module's attributes, 0.9 µs from here."""
 
-    weights: tuple[mx.array, ...]  # qkv weight, scales, biases, q_norm and k_norm weights
+    weights: tuple[mx.array, ...] | None  # qkv weight, scales, biases, q_norm and k_norm
+    # weights; None once a source weight was replaced, until the next call gathers them again
     counters: mx.array | None  # the CUDA kernel's per-head counters (new_counters)
+    signature: tuple  # the weights' shapes and dtypes at install: what the kernel was built for
+
+
+def _signature(weights: tuple[mx.array, ...]) -> tuple:
+    return tuple((w.shape, w.dtype) for w in weights)
+
+
+class WeightWatch:
+    """Tells fused layers when a weight they read is replaced, at no cost per decode step.
+
+    Every way of replacing a module's array (``Module.update``, ``load_weights``, plain
+    assignment) writes through the module's ``__setitem__`` (nn.Module is a dict). A watched
+    module's class becomes a subclass of its own whose ``__setitem__`` also calls the module's
+    listeners; nothing else about it changes (its type still passes ``isinstance``)."""
+
+    _subclasses: ClassVar[dict[type, type]] = {}
+
+    @classmethod
+    def watch(cls, module: nn.Module, listener) -> None:
+        if not getattr(type(module), "_fusedqk_watched", False):
+            base = type(module)
+            sub = cls._subclasses.get(base)
+            if sub is None:
+                sub = type(base.__name__, (base,), {"_fusedqk_watched": True,
+                                                    "__setitem__": cls._setitem,
+                                                    "__module__": base.__module__})
+                cls._subclasses[base] = sub
+            module.__class__ = sub
+        # An object attribute, outside the module's dict: never a parameter.
+        listeners = vars(module).setdefault("_fusedqk_listeners", [])
+        listeners.append(listener)
+
+    @staticmethod
+    def _setitem(module: nn.Module, key: str, value) -> None:
+        dict.__setitem__(module, key, value)
+        for listener in vars(module).get("_fusedqk_listeners", ()):
+            listener()
 
 
 class CacheWriter:
@@ -136,11 +177,13 @@ class FusedQKNormAttention(nn.Module):
     def __init__(self, graph_attn: nn.Module, impl: str, backend: str,
                  kernel_call: str | None = None):
         super().__init__()
-        self.graph_attn = graph_attn
-        q, k, v = graph_attn.q_proj, graph_attn.k_proj, graph_attn.v_proj
-        self.qkv_weight = mx.concatenate([q.weight, k.weight, v.weight], axis=0)
-        self.qkv_scales = mx.concatenate([q.scales, k.scales, v.scales], axis=0)
-        self.qkv_biases = mx.concatenate([q.biases, k.biases, v.biases], axis=0)
+        # The graph module's children (q_proj, ..., rope) are this module's too, the same
+        # objects under the same names: parameters, save_weights and load_weights see the model
+        # as unpatched. The graph module itself is kept outside the dict (not a second child).
+        for key, value in graph_attn.items():
+            self[key] = value
+        object.__setattr__(self, "_graph_attn", graph_attn)
+        q = graph_attn.q_proj
         self.layout = QKVLayout(
             hidden=x_dims(q), n_heads=graph_attn.n_heads, n_kv_heads=graph_attn.n_kv_heads,
             head_dim=graph_attn.q_norm.weight.shape[0], eps=graph_attn.q_norm.eps,
@@ -157,10 +200,54 @@ class FusedQKNormAttention(nn.Module):
             self._kernel = qkv_norm_rope.decode_call(kernel)
             self._with_cache = kernel.with_cache if kernel.writes_cache else None
             self.kernel_call = kernel.call
+        weights = self._gather()
         self._step = StepInputs(
-            (self.qkv_weight, self.qkv_scales, self.qkv_biases, graph_attn.q_norm.weight,
-             graph_attn.k_norm.weight),
-            qkv_norm_rope.new_counters(self.layout) if self._kernel is not None else None)
+            weights, qkv_norm_rope.new_counters(self.layout) if self._kernel is not None
+            else None, _signature(weights))
+        stale = weakref.WeakMethod(self._weights_replaced)
+        for source in (graph_attn.q_proj, graph_attn.k_proj, graph_attn.v_proj,
+                       graph_attn.q_norm, graph_attn.k_norm):
+            WeightWatch.watch(source, lambda: (m := stale()) is not None and m())
+
+    @property
+    def graph_attn(self) -> nn.Module:
+        """mlx-lm's attention module this one fuses (prefill and large batches run it)."""
+        return self._graph_attn
+
+    def _gather(self) -> tuple[mx.array, ...]:
+        """The fused call's weights: q, k and v's codes, scales and biases concatenated, then
+        the two norm weights, all as the graph module has them now."""
+        a = self._graph_attn
+        q, k, v = a.q_proj, a.k_proj, a.v_proj
+        return (mx.concatenate([q.weight, k.weight, v.weight], axis=0),
+                mx.concatenate([q.scales, k.scales, v.scales], axis=0),
+                mx.concatenate([q.biases, k.biases, v.biases], axis=0),
+                a.q_norm.weight, a.k_norm.weight)
+
+    def _weights_replaced(self) -> None:
+        self._step.weights = None  # gathered again at the next call
+
+    def _weights(self) -> tuple[mx.array, ...]:
+        weights = self._step.weights
+        if weights is None:
+            weights = self._gather()
+            if _signature(weights) != self._step.signature:
+                raise UserError("a fused layer's q/k/v or norm weight changed shape or dtype "
+                                "after patching; patch the model after loading its weights")
+            self._step.weights = weights
+        return weights
+
+    @property
+    def qkv_weight(self) -> mx.array:
+        return self._weights()[0]
+
+    @property
+    def qkv_scales(self) -> mx.array:
+        return self._weights()[1]
+
+    @property
+    def qkv_biases(self) -> mx.array:
+        return self._weights()[2]
 
     @property
     def kernel_ready(self) -> bool:
@@ -180,7 +267,7 @@ class FusedQKNormAttention(nn.Module):
         else:
             positions = mx.broadcast_to(offset.reshape(-1), (batch,)).astype(mx.int32)
         step = self._step
-        return (x, *step.weights, positions, step.counters)
+        return (x, *(step.weights or self._weights()), positions, step.counters)
 
     def qkv(self, x: mx.array, offset: int | mx.array,
             impl: str | None = None) -> tuple[mx.array, mx.array, mx.array]:
@@ -190,7 +277,7 @@ class FusedQKNormAttention(nn.Module):
             return self._kernel(*self.kernel_inputs(x, offset))
         if isinstance(offset, int):
             offset = _position_array(offset, None)
-        return qkv_norm_rope.composite(self.layout)(x, *self._step.weights, offset)
+        return qkv_norm_rope.composite(self.layout)(x, *self._weights(), offset)
 
     def qkv_written(self, x: mx.array, offset: int, keys: mx.array,
                     values: mx.array) -> tuple[mx.array, mx.array, mx.array]:
@@ -215,8 +302,8 @@ class FusedQKNormAttention(nn.Module):
             # Prefill (L > 1) takes the graph path (the fused call is a decode mat-vec), and so
             # does a decode batch beyond the kernel's largest, where MLX's own projection stops
             # being row by row and no kernel could be bitwise it.
-            return self.graph_attn(x, mask, cache)
-        a = self.graph_attn
+            return self._graph_attn(x, mask, cache)
+        a = self._graph_attn
         if self.impl == "kernel_kv" and self.writes_cache and type(cache) is KVCache:
             queries, keys, values = self.qkv_into_cache(x, cache)
         else:

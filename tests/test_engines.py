@@ -203,6 +203,72 @@ def test_export_loads_in_mlx_lm_and_patch_keeps_its_tokens(tmp_path, model, monk
     assert generate(loaded, tokenizer, prompt, max_tokens=24, verbose=False) == plain
 
 
+def _tiny_model(seed: int = 0):
+    from fusedqk.engines.builtin import ModelRef
+    from fusedqk.models import load_model
+
+    return load_model(ModelRef("qwen3-tiny", "cpu").model, ModelRef().quantization("cpu"),
+                      seed=seed).model
+
+
+def _greedy(model, prompt: list[int], steps: int) -> list[int]:
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([prompt]), cache=cache)
+    out = []
+    for _ in range(steps):
+        token = int(mx.argmax(logits[0, -1]).item())
+        out.append(token)
+        logits = model(mx.array([[token]]), cache=cache)
+    return out
+
+
+def test_a_patched_model_decodes_with_weights_replaced_after_patching(monkeypatch):
+    """Weights loaded into a patched model after patching (here: another seed's, through
+    Module.update and load_weights' path) are the ones its fused call reads: its greedy tokens
+    are the unpatched model's with the same weights, from the first token."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    import fusedqk
+
+    mx.set_default_device(mx.cpu)
+    monkeypatch.setenv("FUSEDQK_FUSED_QK_NORM", "1")
+    patched, other = _tiny_model(0), _tiny_model(1)
+    assert fusedqk.patch(patched).impl == "composite"
+    prompt = [5, 17, 99, 300, 12]
+    before = _greedy(patched, prompt, 12)
+    patched.update(other.parameters())
+    assert _greedy(patched, prompt, 12) == _greedy(other, prompt, 12) != before
+    # One projection's weight set directly, the way a fine-tuning loop would.
+    attn = patched.layers[0].self_attn
+    attn.q_proj.weight = mx.zeros_like(attn.q_proj.weight)
+    other.layers[0].self_attn.q_proj.weight = mx.zeros_like(attn.q_proj.weight)
+    assert _greedy(patched, prompt, 12) == _greedy(other, prompt, 12)
+    assert dict(tree_flatten(patched.parameters())).keys() == \
+        dict(tree_flatten(other.parameters())).keys()
+
+
+def test_a_patched_models_saved_weights_load_into_an_unpatched_one(tmp_path, monkeypatch):
+    import mlx.core as mx
+
+    import fusedqk
+
+    mx.set_default_device(mx.cpu)
+    monkeypatch.setenv("FUSEDQK_FUSED_QK_NORM", "1")
+    patched = _tiny_model(2)
+    assert fusedqk.patch(patched).is_fused
+    patched.save_weights(str(tmp_path / "w.safetensors"))
+    saved = mx.load(str(tmp_path / "w.safetensors"))
+    assert not any("graph_attn" in key or "qkv_" in key for key in saved)
+    plain = _tiny_model(3)
+    plain.load_weights(str(tmp_path / "w.safetensors"), strict=True)
+    prompt = [3, 1, 4, 1, 5]
+    assert _greedy(plain, prompt, 8) == _greedy(patched, prompt, 8)
+
+
 def test_patch_leaves_an_unsupported_model_alone(monkeypatch):
     import mlx.nn as nn
 
