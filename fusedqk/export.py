@@ -22,6 +22,7 @@ import mlx.core as mx
 from fusedqk.atomic import caller_mode
 from fusedqk.errors import UserError
 from fusedqk.models import Quantization, get_spec, synthetic_layers
+from fusedqk.outputs import check_room
 
 TRANSFORMERS_VERSION = "4.51.0"
 SHARD_BYTES = 4 << 30  # mlx-lm's own shard size is 5 GB; smaller shards keep peak memory low
@@ -81,10 +82,9 @@ def export(model: str, out: Path, quant: Quantization, seed: int = 0,
     try:
         parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_staging(parent, out.name)
-        free = shutil.disk_usage(parent).free
-        if need + DISK_HEADROOM_BYTES > free:
-            raise UserError(f"--out {str(out)!r}: {model} needs {_gib(need)} of disk ({quant.bits}-bit "
-                            f"g{quant.group_size}) but {_gib(free)} are free there")
+        # The shards, three tokenizer files, config.json and the staging folder.
+        check_room(parent, need, need // shard_bytes + 6, DISK_HEADROOM_BYTES,
+                   f"--out {str(out)!r}", f"{model} ({quant.bits}-bit g{quant.group_size})")
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", dir=parent))
         staging.chmod(caller_mode(directory=True))  # mkdtemp's 0700 would stay on the checkpoint
         try:
@@ -102,11 +102,6 @@ def export(model: str, out: Path, quant: Quantization, seed: int = 0,
         raise UserError(f"--out {str(out)!r}: cannot write the checkpoint there "
                         f"({e.strerror or type(e).__name__})") from None
     return ExportReport(out, shards, need, params)
-
-
-def _gib(n: int) -> str:
-    """Bytes in GiB, with enough digits that a small figure is not shown as 0.0."""
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _remove_stale_staging(parent: Path, name: str) -> None:

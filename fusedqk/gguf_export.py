@@ -22,7 +22,6 @@ not at all.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 from fusedqk.atomic import caller_mode
 from fusedqk.errors import UserError
 from fusedqk.models import ModelSpec, Quantization, get_spec, synthetic_layers
+from fusedqk.outputs import check_room
 
 QUANT_NAME = "Q4_1"
 BLOCK = 32  # weights per Q4_1 block
@@ -231,10 +231,8 @@ def export_gguf(model: str, out: Path, quant: Quantization, seed: int = 0) -> GG
     parent = out.parent if out.parent != Path("") else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(parent).free
-        if need + DISK_HEADROOM_BYTES > free:
-            raise UserError(f"--out {str(out)!r}: {model} needs {need / 2**30:.1f} GiB of disk as "
-                            f"GGUF {QUANT_NAME}, {free / 2**30:.1f} GiB are free there")
+        check_room(parent, need, 1, DISK_HEADROOM_BYTES, f"--out {str(out)!r}",
+                   f"{model} as GGUF {QUANT_NAME}")
         fd, staging = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}.", dir=parent)
         os.close(fd)
         os.chmod(staging, caller_mode())  # mkstemp's 0600 would stay on the file

@@ -56,3 +56,24 @@ def check_file(flag: str, value: str | None) -> None:
     if path.is_dir():
         raise UserError(f"{flag} {shown(value)} is a folder; name a file")
     _reachable(flag, path, value)
+
+
+def size(n: int) -> str:
+    """Bytes in GiB, or MiB where GiB would show 0.0."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_room(folder: Path, need_bytes: int, need_files: int, headroom: int, flag: str,
+               what: str) -> None:
+    """Refuse to start writing ``what`` into ``folder`` where it cannot fit: its bytes plus the
+    headroom fusedqk leaves free, and its files (a filesystem out of inodes refuses new files
+    whatever its free bytes)."""
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize
+    if need_bytes + headroom > free:
+        raise UserError(f"{flag}: {what} needs {size(need_bytes)} of disk and {size(headroom)} "
+                        f"left free beside it; {size(free)} are free there")
+    if st.f_files and st.f_favail < need_files:  # f_files 0: no inode limit (btrfs, some FUSE)
+        raise UserError(f"{flag}: {what} makes {need_files} files, but the filesystem there has "
+                        f"{st.f_favail} free inodes ({size(free)} free bytes do not help)")
+

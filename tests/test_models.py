@@ -123,3 +123,29 @@ def test_hub_ids_and_missing_paths_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"no config\.json"):
         load_model(str(tmp_path / "empty"), Quantization())
+
+
+@pytest.mark.parametrize("fmt", ["mlx", "gguf"])
+@pytest.mark.parametrize("bavail, favail, needle", [
+    (50 << 8, 10_000, "left free beside it; 50.0 MiB are free there"),  # 4 KiB blocks
+    (1 << 20, 0, "0 free inodes (4.0 GiB free bytes do not help)"),
+])
+def test_an_export_that_cannot_fit_says_which_room_is_missing(fmt, bavail, favail, needle,
+                                                              tmp_path, monkeypatch):
+    """Out of bytes: the need and the headroom kept, so 50 MiB free is not read as enough for
+    8 MiB; out of inodes: the inodes, not the bytes. Nothing is written either way."""
+    import os
+
+    from fusedqk.export import export
+    from fusedqk.gguf_export import export_gguf
+
+    real = os.statvfs
+    fake = os.statvfs_result((4096, 4096, 1 << 21, bavail, bavail, 100_000, favail, favail, 0, 255))
+    monkeypatch.setattr(os, "statvfs", lambda path: fake if str(path).startswith(str(tmp_path))
+                        else real(path))
+    write = export if fmt == "mlx" else export_gguf
+    out = tmp_path / ("ckpt" if fmt == "mlx" else "m.gguf")
+    with pytest.raises(UserError, match="needs|inodes") as refused:
+        write("qwen3-tiny", out, Quantization(), 0)
+    assert needle in str(refused.value) and "\n" not in str(refused.value)
+    assert list(tmp_path.iterdir()) == []
