@@ -166,11 +166,22 @@ def _tree(run_dir: Path) -> tuple[list[Path], list[str]]:
     for every entry that is not a regular file or a real directory: a symlink (to anything,
     dangling or not), a FIFO, a socket, a device. Nothing is followed outside the run."""
     files, problems = [], []
-    for top, dirs, names in os.walk(run_dir, followlinks=False):
+
+    def unreadable(e: OSError) -> None:  # a folder os.walk cannot list must not pass unseen
+        rel = Path(e.filename).relative_to(run_dir).as_posix() if e.filename else "?"
+        problems.append(f"a folder that cannot be read ({e.strerror}): {_short(rel)}")
+
+    for top, dirs, names in os.walk(run_dir, followlinks=False, onerror=unreadable):
         for name in sorted(dirs + names):
             path = Path(top) / name
             rel = path.relative_to(run_dir).as_posix()
-            mode = path.lstat().st_mode
+            try:
+                mode = path.lstat().st_mode
+            except OSError as e:  # a name past PATH_MAX, or gone meanwhile
+                problems.append(f"an entry that cannot be read ({e.strerror}): {_short(rel)}")
+                if name in dirs:
+                    dirs.remove(name)
+                continue
             if stat.S_ISLNK(mode):
                 problems.append(f"not a regular file (a symlink): {rel}")
             elif stat.S_ISREG(mode):
@@ -180,6 +191,10 @@ def _tree(run_dir: Path) -> tuple[list[Path], list[str]]:
                 problems.append(f"not a regular file: {rel}")
         dirs[:] = [d for d in dirs if not (Path(top) / d).is_symlink()]
     return sorted(files), problems
+
+
+def _short(rel: str) -> str:
+    return rel if len(rel) <= 120 else f"{rel[:60]}…{rel[-40:]} ({len(rel)} characters)"
 
 
 def _files(run_dir: Path) -> list[Path]:

@@ -99,6 +99,27 @@ def test_anything_but_regular_files_fails_verification(sealed, make):
     assert fusedqk("verify", str(sealed)).returncode != 0
 
 
+def test_a_folder_nested_past_path_max_is_a_problem_not_a_traceback(sealed):
+    """An entry whose path the system cannot take (past PATH_MAX) is named, shortened, in one
+    line by verify, verify --write and compare; nothing is skipped unseen."""
+    here = os.getcwd()
+    try:
+        os.chdir(sealed)
+        for _ in range(24):  # 24 x 201 bytes > 4096
+            os.mkdir("d" * 200)
+            os.chdir("d" * 200)
+    finally:
+        os.chdir(here)
+    problems = archive.verify(sealed)
+    assert len(problems) == 1 and "cannot be read (File name too long)" in problems[0]
+    assert "characters)" in problems[0] and len(problems[0]) < 300
+    for args in (["verify", str(sealed)], ["verify", "--write", str(sealed)],
+                 ["compare", str(sealed), str(sealed)]):
+        proc = fusedqk(*args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-500:]
+        assert len(proc.stderr.strip().splitlines()) == 1 and "File name too long" in proc.stderr
+
+
 def test_a_non_utf8_manifest_is_a_problem_not_a_traceback(sealed):
     (sealed / archive.MANIFEST).write_bytes(b"\xff\xfe garbage\n")
     assert archive.verify(sealed) == [f"{archive.MANIFEST}: not UTF-8 text"]
