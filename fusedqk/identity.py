@@ -204,6 +204,9 @@ def check_identity(ref: ModelRef, s: IdentitySettings, impls: str = "fused",
     from fusedqk.bench import expand_paths
 
     start = time.perf_counter()
+    if not [n for n in impls.split(",") if n.strip() and n.strip() != "graph"]:
+        raise UserError(f"--impls {impls!r}: name the fused implementations to check against "
+                        "graph (e.g. fused, or kernel,composite); graph itself always runs")
     fused_paths = expand_paths(f"graph,{impls}", select_backend(ref.backend), "auto",
                                flag="--impls")[1:]  # refused before any weights are made
     prep = prepare(ref, s)

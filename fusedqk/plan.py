@@ -113,7 +113,7 @@ def workflow_config(base_path: str, overrides: dict, schema_path: str) -> dict:
     checked against the schema. Every refusal is one ConfigError line."""
     with open(schema_path) as f:
         schema = yaml.safe_load(f)
-    config = coerce_numbers(merge_config(load_config_file(base_path), overrides), schema)
+    config = coerce_scalars(merge_config(load_config_file(base_path), overrides), schema)
     validate_config(config, schema)
     return config
 
@@ -220,18 +220,18 @@ def exclusive_flag(backend: str) -> str:
     return "--exclusive" if backend == "cpu" else ""
 
 
-def coerce_numbers(value: object, schema: dict, defs: dict | None = None) -> object:
-    """``value`` with the strings that the schema types as numbers turned into numbers.
+def coerce_scalars(value: object, schema: dict, defs: dict | None = None) -> object:
+    """``value`` with the strings that the schema types as numbers or booleans turned into them.
 
     Snakemake's ``--config key={a: {b: 5}}`` keeps nested scalars as strings; a string the
-    schema wants as a number is parsed (and left as it is when it is not one, so the schema
-    names it)."""
+    schema wants as a number is parsed, and ``true``/``false`` (as YAML 1.2 spells them, any
+    case) where it wants a boolean; anything else is left as it is, so the schema names it."""
     defs = defs if defs is not None else schema.get("$defs", {})
     if "$ref" in schema:
         schema = defs[schema["$ref"].rsplit("/", 1)[-1]]
     if isinstance(value, dict):
         props = schema.get("properties", {})
-        return {k: coerce_numbers(v, props.get(k, {}), defs) for k, v in value.items()}
+        return {k: coerce_scalars(v, props.get(k, {}), defs) for k, v in value.items()}
     if isinstance(value, str) and schema.get("type") in ("integer", "number"):
         try:
             number = float(value)
@@ -240,6 +240,9 @@ def coerce_numbers(value: object, schema: dict, defs: dict | None = None) -> obj
         if not math.isfinite(number):
             return value
         return int(number) if schema["type"] == "integer" and number.is_integer() else number
+    if isinstance(value, str) and schema.get("type") == "boolean" \
+            and value.lower() in ("true", "false"):
+        return value.lower() == "true"
     if isinstance(value, str) and "enum" in schema and value not in schema["enum"]:
         return next((e for e in schema["enum"] if str(e) == value), value)
     return value

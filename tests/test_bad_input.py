@@ -210,6 +210,8 @@ CASES = [
     (["bench", "--paths", "graph"], None, ["--paths"]),
     (["bench", "--paths", "graph,turbo"], None, ["--paths", "turbo"]),
     (["identity", "--impls", "turbo"], None, ["--impls", "turbo"]),
+    (["identity", "--impls", ""], None, ["--impls ''", "name the fused implementations"]),
+    (["identity", "--impls", "graph"], None, ["--impls 'graph'", "graph itself always runs"]),
     (["blockbench", "--paths", "warp"], None, ["--paths"]),
     (["blockbench", "--paths", "graph,launch"], None, ["launch cannot run on cpu", "graph, composite"]),
     (["blockbench", "--paths", "kernel"], None, ["kernel cannot run on cpu"]),

@@ -145,7 +145,7 @@ def test_an_export_that_cannot_fit_says_which_room_is_missing(fmt, bavail, favai
                         else real(path))
     write = export if fmt == "mlx" else export_gguf
     out = tmp_path / ("ckpt" if fmt == "mlx" else "m.gguf")
-    with pytest.raises(UserError, match="needs|inodes") as refused:
+    with pytest.raises(UserError, match=r"needs|inodes") as refused:
         write("qwen3-tiny", out, Quantization(), 0)
     assert needle in str(refused.value) and "\n" not in str(refused.value)
     assert list(tmp_path.iterdir()) == []

@@ -62,7 +62,7 @@ SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}, "x": {"type
 
 @given(st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text())
 def test_schema_coercion_turns_numeric_strings_into_numbers_only(n, x, s):
-    out = plan.coerce_numbers({"n": str(n), "x": repr(x), "s": s}, SCHEMA)
+    out = plan.coerce_scalars({"n": str(n), "x": repr(x), "s": s}, SCHEMA)
     assert out["s"] == s
     assert out["x"] == x
     if abs(n) < 2**53:  # exactly representable through float parsing
@@ -71,4 +71,4 @@ def test_schema_coercion_turns_numeric_strings_into_numbers_only(n, x, s):
 
 @given(st.sampled_from(["nan", "inf", "-inf", "many", "", "1e", "0x10"]))
 def test_schema_coercion_leaves_what_is_not_a_finite_number(text):
-    assert plan.coerce_numbers({"x": text}, SCHEMA)["x"] == text
+    assert plan.coerce_scalars({"x": text}, SCHEMA)["x"] == text

@@ -131,10 +131,17 @@ def test_a_broken_config_stops_before_any_job_with_one_line(what, breaks, needle
 
 
 @pytest.mark.slow
-def test_nested_numbers_on_the_command_line_validate_as_numbers(tmp_path):
+def test_nested_numbers_and_booleans_on_the_command_line_validate_as_such(tmp_path):
     proc = snakemake("-n", "--config", "backend_settings={cpu: {bench: {rounds: 5}}}",
                      f"results_dir={tmp_path}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    for flag in ("false", "True"):  # nested booleans too, as YAML spells them
+        proc = snakemake("-n", "--config", f"results_dir={tmp_path}", "backend_settings={cpu: "
+                         f"{{identity: {{cudnn_sdpa: {flag}, concurrent_controls: {flag}}}}}}}")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = snakemake("-n", "--config", f"results_dir={tmp_path}",
+                     "backend_settings={cpu: {identity: {cudnn_sdpa: no}}}")
+    assert proc.returncode != 0 and "cudnn_sdpa: 'no' is not of type 'boolean'" in proc.stderr
     proc = snakemake("-n", "--config", "decision={min_gain: nan}", f"results_dir={tmp_path}")
     assert proc.returncode != 0 and "decision.min_gain: 'nan' is not of type 'number'" in proc.stderr
     assert not list(tmp_path.iterdir())
