@@ -234,6 +234,82 @@ def test_a_server_that_trickles_is_ended_within_its_timeout(stalls, checkpoint, 
     assert servers_of(str(script)) == []
 
 
+HOSTILE = r"""
+import http.server, json, sys, time
+mode = sys.argv[2]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream" if body.get("stream") else "application/json")
+        self.end_headers()
+        def event(text):
+            self.wfile.write(b"data: " + text.encode() + b"\n\n"); self.wfile.flush()
+        good = json.dumps({"choices": [{"text": " t1", "index": 0}]})
+        if mode == "silent-after-headers":
+            time.sleep(60)
+        elif not body.get("stream"):
+            self.wfile.write({"choices-number": b'{"choices": 5}',
+                              "choices-object": b'{"choices": {"text": "t1"}}',
+                              "deep": b"[" * 200000 + b"]" * 200000}.get(mode, good.encode()))
+        elif mode == "choices-number":
+            event('{"choices": 5}'); event("[DONE]")
+        elif mode == "choices-object":
+            event('{"choices": {"text": "t1"}}'); event("[DONE]")
+        elif mode == "deep":
+            event("[" * 200000 + "]" * 200000); event("[DONE]")
+        elif mode in ("timing-inf", "timing-huge", "timing-bool"):
+            value = {"timing-inf": "Infinity", "timing-huge": "1e309", "timing-bool": "true"}[mode]
+            for _ in range(4):
+                event(good)
+            event('{"choices": [{"text": "", "finish_reason": "length"}], '
+                  '"timings": {"predicted_per_second": ' + value + '}}')
+            event("[DONE]")
+        elif mode == "close-mid":
+            event(good); self.wfile.flush()
+            self.connection.shutdown(2); self.connection.close()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, phase", [
+    ("choices-number", "bench"), ("choices-object", "bench"), ("deep", "bench"),
+    ("timing-inf", "bench"), ("timing-huge", "bench"), ("timing-bool", "bench"),
+    ("close-mid", "bench"), ("silent-after-headers", "bench"),
+    ("choices-number", "identity"), ("choices-object", "identity"), ("deep", "identity"),
+    ("silent-after-headers", "identity"),
+])
+def test_a_hostile_server_answer_is_one_line_within_the_timeout(mode, phase, checkpoint, tmp_path):
+    """Answers no real server gives (choices as a number or an object, JSON nested 200,000
+    deep, a decode rate of Infinity, 1e309 or true, a connection closed mid-stream, silence
+    after the headers): each ends the job with one line naming the engine and the arm, within
+    the request timeout, and no server is left."""
+    script = tmp_path / "hostile.py"
+    script.write_text(HOSTILE)
+
+    def hostile(doc):
+        doc["server"].update(command=["{python}", str(script), "{port}", mode],
+                             startup_timeout_s=20, request_timeout_s=3,
+                             timing_field="timings.predicted_per_second")
+        doc["arms"] = {"graph": {"env": {"MLXCEL_FUSED_QK_NORM": "0"}},
+                       "fused": {"env": {"MLXCEL_FUSED_QK_NORM": "1"}}}
+    spec = load_engine(edited(tmp_path, MLXCEL_SERVER, hostile))
+    start = time.monotonic()
+    with pytest.raises(EngineFailure) as failed:
+        if phase == "bench":
+            measure.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 4, rounds=2))
+        else:
+            measure.identity(spec, "qwen3-tiny", checkpoint, "cpu", 997, 8, 4, 1, 0)
+    line = str(failed.value)
+    assert "\n" not in line and "mlxcel-server" in line and " arm" in line, line
+    assert time.monotonic() - start < 40
+    assert servers_of(str(script)) == []
+
+
 def test_field_paths_map_over_lists():
     choice = {"logprobs": {"content": [{"id": 5}, {"id": 7}]}}
     assert field_path(choice, "logprobs.content.id") == [5, 7]
