@@ -271,13 +271,17 @@ def test_a_run_whose_every_model_fails_is_still_reported_and_sealed(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("engine, model, instrument", [
     ("mlx-lm", "qwen3-moe-tiny", "whole-process"), ("fusedqk-generate", "qwen3-tiny", "whole-process"),
-    ("mlxcel", "qwen3-tiny", "whole-process"), ("mlx-lm-server", "qwen3-tiny", "server")])
-def test_the_pipeline_runs_end_to_end_with_an_engine(engine, model, instrument, tmp_path, request):
+    ("mlxcel", "qwen3-tiny", "whole-process"), ("mlxcel-ignore-eos", "qwen3-tiny", "whole-process"),
+    ("mlxcel-server", "qwen3-tiny", "server"), ("mlx-lm-server", "qwen3-tiny", "server")])
+def test_the_pipeline_runs_end_to_end_with_an_engine(engine, model, instrument, tmp_path, request,
+                                                     monkeypatch):
     # A tiny model through an engine's own command line or server (mlx-lm, its server and
     # fusedqk-generate; mlxcel through its strict stand-in, whose server tests/test_server_engine.py
     # drives): bench, identity, decide, report and manifest; the checkpoint is fusedqk's export.
     if engine.startswith("mlxcel"):
         request.getfixturevalue("fake_mlxcel")
+        # The stand-in of the bench binary each file supports (config/engines/facts/mlxcel.yaml).
+        monkeypatch.setenv("FAKE_MLXCEL_BENCH", "10bee85" if "ignore-eos" in engine else "56c3d08")
     overlay = {"checkpoints_dir": str(tmp_path / "ckpt"), "backend_settings": {"cpu": {
         "engine": f"config/engines/{engine}.yaml", "models": [model],
         "bench": {"prompt_tokens": 8, "generation_tokens": 16, "rounds": 2, "warmup": 1,
@@ -292,7 +296,8 @@ def test_the_pipeline_runs_end_to_end_with_an_engine(engine, model, instrument, 
     assert archive.verify(run) == []
     assert not list(run.glob("*/blockbench"))  # a command engine has no block benchmark
     report = (run / "report.md").read_text()
-    assert f"Engine: **{engine}**" in report and f"Instrument: {instrument}" in report
+    name = "mlxcel" if engine == "mlxcel-ignore-eos" else engine
+    assert f"Engine: **{name}**" in report and f"Instrument: {instrument}" in report
     bench = archive.read_json(run / model / "bench" / "bench.json", "bench")
     assert bench["format"] == "fusedqk-bench/2" and bench["speedups"][0]["path"] == "fused"
     ident = archive.read_json(run / model / "identity-fused.json", "identity")

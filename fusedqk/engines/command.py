@@ -191,6 +191,7 @@ class EngineSpec:
     version_command: list[str] | None = None
     requires: tuple[Requirement, ...] = ()
     derived_from: str = ""
+    versions: tuple[str, ...] = ()  # what the file says it was checked against
     max_output_bytes: int = MAX_OUTPUT_BYTES
 
     @property
@@ -225,6 +226,7 @@ class EngineSpec:
                                   "completions": self.server.completions}
         described = {"name": self.name, "kind": self.kind, "file": self.source, "arms": self.arms,
                      "toggle": self.variable, "derived_from": self.derived_from or None,
+                     "versions": list(self.versions) or None,
                      "toggle_backends": list(self.toggle.backends)
                      if self.toggle and self.toggle.backends else None,
                      "expect": {arm: p.pattern for arm, p in self.expect.items()}, **commands,
@@ -480,7 +482,7 @@ def load_engine(path: str | Path) -> EngineSpec:
                          if doc.get("version") else None),
         requires=tuple(_requirement(source, f"requires[{i}]", r)
                        for i, r in enumerate(doc.get("requires") or ())),
-        derived_from=doc.get("source", ""),
+        derived_from=doc.get("source", ""), versions=tuple(doc.get("versions") or ()),
         max_output_bytes=doc.get("max_output_bytes", MAX_OUTPUT_BYTES))
 
 

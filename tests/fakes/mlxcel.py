@@ -1,25 +1,23 @@
-"""A stand-in for lablup/mlxcel's two binaries, strict where mlxcel is: the flags and output lines
-of its source at commit 56c3d08 (src/bin/bench_decode.rs, src/main.rs and
-src/commands/generate.rs, GenerationStats::print), so that config/engines/mlxcel.yaml fails a
-test here the moment it asks for something mlxcel would refuse or reads a line mlxcel never prints.
+"""A stand-in for lablup/mlxcel's three binaries, made from the facts table
+config/engines/facts/mlxcel.yaml (what mlxcel's source says, each entry citing file@commit): it
+takes exactly the flags the table lists for the version it stands in for, refuses the rest in
+clap's words and exit status, prints the lines the table gives and nothing else, and serves the
+routes, health answers, request schema and refusals the table gives. The tests run the engine
+files through it, so a file that asks for what mlxcel would refuse, or reads a line mlxcel never
+prints, fails there.
 
-    python mlxcel.py mlxcel-bench-decode ARGS...   (the bench binary)
+    python mlxcel.py mlxcel-bench-decode ARGS...   (FAKE_MLXCEL_BENCH: 56c3d08 or 10bee85)
     python mlxcel.py mlxcel ARGS...                (`mlxcel generate ...`, `mlxcel --version`)
-    python mlxcel.py mlxcel-server ARGS...         (the HTTP server: -m, --host, --port)
+    python mlxcel.py mlxcel-server ARGS...         (-m, --host, --port)
 
-The server (src/bin/mlx_server.rs, src/server/app.rs, routes/health.rs, routes/completions.rs)
-answers GET /health with 503 and the "Loading model" envelope while it "loads", then 200
-{"status": "ok"}; POST /v1/completions streams one `text_completion` event per token, a finish
-event, a usage event when `stream_options.include_usage` is set and `data: [DONE]`, or answers
-once with the legacy logprobs object (`logprobs.tokens`, the token texts) when `logprobs` is a
-number. It decodes at 120 tok/s, or 150 with the fused path on (sleeping per token).
-FAKE_MLXCEL_SERVER_FAIL=1 makes it exit at start-up with an error line.
-
-Like clap, an unknown flag or a missing required one is `error: ...` on stderr and exit status 2,
-before anything is loaded. Decoding is a deterministic function of the prompt (no MLX): each
-generated word follows from the previous one, and MLXCEL_FUSED_QK_NORM (1/true/on/yes, any case)
-changes only the reported speed, unless FAKE_MLXCEL_DIFFER makes the fused arm's text differ.
-FAKE_MLXCEL_EOS_AFTER=N ends the fused arm's measured pass after N tokens (an early EOS).
+What only a stand-in does, each said where it happens: decoding is a deterministic function of
+the prompt (no model: each generated word follows from the previous one); MLXCEL_FUSED_QK_NORM
+(1/true/on/yes, any case) changes only the reported speed (150 against 120 tok/s), unless
+FAKE_MLXCEL_DIFFER makes the fused arm's fourth word differ; FAKE_MLXCEL_EOS_AFTER=N ends the
+fused arm's measured pass after N tokens (an end of sequence), which --ignore-eos overrides as
+mlxcel's does; `--version` prints the binary's name and the stand-in version 0.0.0 (clap's
+format, not a real version); a checkpoint without config.json fails to load with anyhow's
+error chain around a cause the stand-in words itself.
 """
 
 from __future__ import annotations
@@ -29,103 +27,109 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
-VERSION = "mlxcel 0.4.3"
+import yaml
+
+FACTS = yaml.safe_load((Path(__file__).resolve().parents[2] / "config" / "engines" / "facts"
+                        / "mlxcel.yaml").read_text())
+CLAP = FACTS["clap"]
+STAND_IN_VERSION = "0.0.0"
 
 
 class ClapError(Exception):
     pass
 
 
-@dataclass
-class Flag:
-    long: str
-    short: str | None = None
-    takes_value: bool = True
-    required: bool = False
-    default: str | None = None
-    many: bool = False  # num_args = 1..
+def _flat(items: list) -> list[dict]:
+    """The table's flag lists, with the shared TurboKvCacheArgs group (a YAML alias) spliced in."""
+    out = []
+    for item in items:
+        out.extend(item if isinstance(item, list) else [item])
+    return out
 
 
 @dataclass
 class Parser:
+    """clap's behaviour for one binary: each listed flag by its long and short name, `--x=v`,
+    a switch taking no value, a value type checked, required flags last."""
+
     name: str
-    flags: list[Flag] = field(default_factory=list)
+    flags: list[dict]
+
+    def usage(self) -> str:
+        required = " ".join(f"--{f['long']} <{f['long'].upper().replace('-', '_')}>"
+                            for f in self.flags if f.get("required"))
+        return f"{self.name} [OPTIONS] {required}".strip()
+
+    def help(self) -> str:
+        lines = [f"Usage: {self.usage()}", "", "Options:"]
+        for f in self.flags:
+            short = f"-{f['short']}, " if f.get("short") else "    "
+            value = "" if f["takes"] == "switch" else f" <{f['long'].upper().replace('-', '_')}>"
+            lines.append(f"  {short}--{f['long']}{value}")
+        return "\n".join([*lines, "  -h, --help", ""])
 
     def parse(self, argv: list[str]) -> dict:
-        by_name = {f"--{f.long}": f for f in self.flags}
-        by_name.update({f"-{f.short}": f for f in self.flags if f.short})
-        values: dict = {f.long: ([] if f.many else f.default) for f in self.flags}
+        by_name = {f"--{f['long']}": f for f in self.flags}
+        by_name.update({f"-{f['short']}": f for f in self.flags if f.get("short")})
+        values: dict = {f["long"]: ([] if f.get("many") else f.get("default")) for f in self.flags}
         i = 0
         while i < len(argv):
             arg = argv[i]
             if arg in ("-h", "--help"):
-                print(f"Usage: {self.name} [OPTIONS]")
+                print(self.help())
                 sys.exit(0)
-            name, _, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+            name, eq, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
             flag = by_name.get(name)
             if flag is None:
-                raise ClapError(f"unexpected argument '{arg}' found")
-            if not flag.takes_value:
-                values[flag.long] = True
+                raise ClapError(CLAP["unknown"].format(arg=arg))
+            shown = f"--{flag['long']} <{flag['long'].upper().replace('-', '_')}>"
+            if flag["takes"] == "switch":
+                values[flag["long"]] = True
                 i += 1
                 continue
-            if inline:
+            if eq:
                 value, i = inline, i + 1
             elif i + 1 < len(argv):
                 value, i = argv[i + 1], i + 2
             else:
-                raise ClapError(f"a value is required for '--{flag.long} <{flag.long.upper()}>' "
-                                "but none was supplied")
-            if flag.many:
-                values[flag.long].append(value)
+                raise ClapError(CLAP["no_value"].format(flag=shown))
+            _check_type(value, flag["takes"], shown)
+            if flag.get("many"):
+                values[flag["long"]].append(value)
             else:
-                values[flag.long] = value
-        missing = [f for f in self.flags if f.required and values[f.long] in (None, [])]
+                values[flag["long"]] = value
+        missing = [f for f in self.flags if f.get("required") and values[f["long"]] in (None, [])]
         if missing:
-            raise ClapError("the following required arguments were not provided:\n"
-                            + "\n".join(f"  --{f.long} <{f.long.upper()}>" for f in missing))
+            raise ClapError(CLAP["missing"].format(args="\n  ".join(
+                f"--{f['long']} <{f['long'].upper().replace('-', '_')}>" for f in missing)))
         return values
 
 
-# The KV-cache flag group both binaries flatten in (TurboKvCacheArgs).
-TURBO = [Flag("cache-type-k"), Flag("cache-type-v"), Flag("kv-cache-mode"), Flag("turbo-boundary-v")]
-
-BENCH = Parser("mlxcel-bench-decode", [
-    Flag("model", "m", required=True), Flag("prompt", "p", required=True),
-    Flag("max-tokens", "n", default="100"), Flag("warmup-tokens", default="20"),
-    Flag("prompt-tokens"), Flag("image", many=True),
-    Flag("no-chat-template", takes_value=False, default=False), *TURBO])
-
-GENERATE = Parser("mlxcel generate", [
-    Flag("model", "m", required=True), Flag("adapter"), Flag("draft-model"),
-    Flag("num-draft-tokens", default="3"), Flag("prompt", "p"), Flag("image", many=True),
-    Flag("max-tokens", "n", default="100"), Flag("profile", takes_value=False, default=False),
-    Flag("no-chat-template", takes_value=False, default=False),
-    Flag("temp", "t", default="0.0"), Flag("top-p", default="1.0"), Flag("top-k", default="0"),
-    Flag("min-p", default="0.0"), Flag("repetition-penalty", default="1.0"), Flag("seed"), *TURBO])
-
-
-SERVER = Parser("mlxcel-server", [
-    Flag("model", "m"), Flag("host", default="127.0.0.1"), Flag("port", default="8080"),
-    Flag("alias"), Flag("parallel"), Flag("max-batch-size"), Flag("offline", takes_value=False),
-    Flag("metrics", takes_value=False), Flag("no-warmup", takes_value=False), *TURBO])
+def _check_type(value: str, takes: str, shown: str) -> None:
+    if takes in ("usize", "u16", "u64") and not value.isdigit():
+        raise ClapError(CLAP["invalid"].format(value=value, flag=shown,
+                                               why="invalid digit found in string"))
+    if takes == "i32" and not value.lstrip("-").isdigit():
+        raise ClapError(CLAP["invalid"].format(value=value, flag=shown,
+                                               why="invalid digit found in string"))
+    if takes == "f32":
+        try:
+            float(value)
+        except ValueError:
+            raise ClapError(CLAP["invalid"].format(value=value, flag=shown,
+                                                   why="invalid float literal")) from None
 
 
 def fused_on() -> bool:
     return os.environ.get("MLXCEL_FUSED_QK_NORM", "").lower() in ("1", "true", "on", "yes")
 
 
-def count(text: str, flag: str) -> int:
-    if not text.isdigit():
-        raise ClapError(f"invalid value '{text}' for '--{flag} <N>': invalid digit found in string")
-    return int(text)
-
-
 def decode(prompt: str, n: int) -> list[str]:
-    """Greedy 'decoding': word k+1 is a function of word k (a word-level vocabulary)."""
+    """Stand-in decoding: word k+1 is a function of word k (a word-level vocabulary)."""
     words = prompt.split()
     last = int(words[-1][1:]) if words and words[-1][1:].isdigit() else 2
     out = []
@@ -137,175 +141,183 @@ def decode(prompt: str, n: int) -> list[str]:
     return out
 
 
-def check_model(path: str) -> None:
+def load_or_fail(path: str, failure: str) -> None:
     if not os.path.isfile(os.path.join(path, "config.json")):
-        print(f"Error: failed to load model\n\nCaused by:\n    {path}/config.json not found",
-              file=sys.stderr)
+        print(failure.format(cause=f"stand-in: no config.json in {path}"), file=sys.stderr)
         sys.exit(1)
 
 
 def bench(argv: list[str]) -> None:
-    args = BENCH.parse(argv)
-    check_model(args["model"])
-    n = count(args["max-tokens"], "max-tokens")
-    count(args["warmup-tokens"], "warmup-tokens")
-    print(f"[Load] wall: {0.412:.3f} s  MLX peak: {0.31:.2f} GB")
+    version = os.environ.get("FAKE_MLXCEL_BENCH", "56c3d08")
+    facts = FACTS["bench_decode"][version]
+    args = Parser("mlxcel-bench-decode", _flat(facts["flags"])).parse(argv)
+    load_or_fail(args["model"], facts["load_failure"])
+    n = int(args["max-tokens"])
     prompt_tokens = len(args["prompt"].split())
     eos_after = os.environ.get("FAKE_MLXCEL_EOS_AFTER")
-    generated = min(n, int(eos_after)) if eos_after and fused_on() else n
+    ends_early = eos_after is not None and fused_on() and not args.get("ignore-eos")
+    generated = min(n, int(eos_after)) if ends_early else n
     rate = (150.0 if fused_on() else 120.0) * random.uniform(0.995, 1.005)
     decode_ms = generated / rate * 1000.0
     prefill_ms = 12.5
-    print("[Profile Results]")
-    print(f"  Prompt tokens:    {prompt_tokens}")
-    print(f"  Generated tokens: {generated}")
-    print(f"  Prefill:          {prefill_ms:.2f} ms ({prompt_tokens / prefill_ms * 1000.0:.2f} tok/s)")
-    # No token decoded (end of sequence first): mlxcel's rate is 0.00 tok/s.
-    print(f"  Decode:           {decode_ms:.2f} ms ({rate if generated else 0.0:.2f} tok/s)")
-    print(f"  MLX peak memory:  {0.35:.2f} GB")
+    stats = [line.format(prompt_tokens=prompt_tokens, generated_tokens=generated,
+                         prefill_ms=prefill_ms, prefill_tok_s=prompt_tokens / prefill_ms * 1e3,
+                         decode_ms=decode_ms, decode_tok_s=rate if generated else 0.0)
+             for line in FACTS["generation_stats"]]
+    memory = {"a": 0.31, "c": 0.02, "t": 0.33, "p": 0.35}
+    for line in facts["stdout"]:
+        if line == "{stats}":
+            print("\n".join(stats))
+        else:
+            print(line.format(cache_limit="none applied (allocator default)", load_s=0.412,
+                              load_gb=0.31, peak_gb=0.35, **memory))
 
 
 def generate(argv: list[str]) -> None:
-    args = GENERATE.parse(argv)
-    if args["prompt"] is None:
-        print("error: interactive chat needs a terminal", file=sys.stderr)
-        sys.exit(1)
-    n = count(args["max-tokens"], "max-tokens")
+    facts = FACTS["generate"][os.environ.get("FAKE_MLXCEL_GENERATE", "b0b78e7")]
+    args = Parser("mlxcel generate", _flat(facts["flags"])).parse(argv)
+    if args["prompt"] is None:  # the chat REPL: on an empty standard input it has nothing to do
+        sys.stdin.read()
+        return
+    n = int(args["max-tokens"])
     model = args["model"]
-    print("Runtime device: gpu")
-    print("GPU memory: 139.8 GB (no wired limit)")
-    print(f'Loading model from "{model}"...')
-    check_model(model)
-    print("Detected 1 GPU(s).")
-    print("Model loaded in 0.412s (resident: 0.31 GB, peak: 0.31 GB).")
-    print("Generating...")
     prompt = args["prompt"]
-    sys.stdout.write(prompt)
-    sys.stdout.flush()
     words = decode(prompt, n)
-    sys.stdout.write(" " + " ".join(words))
-    print()
-    print()
     seconds = n / (150.0 if fused_on() else 120.0)
-    print(f"[Generated {len(words)} tokens in {seconds:.2f}s = {len(words) / seconds:.2f} tok/s]")
+    values = {"device": "gpu", "gpu_gb": 79.6, "model_debug": json.dumps(model), "gpus": 1,
+              "load_s": 0.412, "resident_gb": 0.31, "peak_gb": 0.31, "prompt": prompt,
+              "generated": " " + " ".join(words), "tokens": len(words), "seconds": seconds,
+              "rate": len(words) / seconds}
+    lines = facts["stdout"]
+    loading = lines.index("Detected {gpus} GPU(s).")
+    print("\n".join(line.format(**values) for line in lines[:loading]))
+    load_or_fail(model, FACTS["bench_decode"]["56c3d08"]["load_failure"])
+    print("\n".join(line.format(**values) for line in lines[loading:]))
+
+
+SERVER = FACTS["server"][os.environ.get("FAKE_MLXCEL_SERVER", "01c2035")]
 
 
 class Handler(BaseHTTPRequestHandler):
     loaded_at = 0.0
 
-    def log_message(self, fmt, *args):  # the server's access log, on stderr like mlxcel's tracing
-        print(f"INFO request {fmt % args}", file=sys.stderr, flush=True)
+    def log_message(self, fmt, *args):  # the access log, on stderr
+        print(f"{self.address_string()} {fmt % args}", file=sys.stderr, flush=True)
+
+    def _send(self, status: int, body: bytes, kind: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def _json(self, status: int, doc: dict) -> None:
-        body = json.dumps(doc).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self._send(status, json.dumps(doc).encode(), "application/json")
 
-    def _text(self, status: int, text: str) -> None:
-        body = text.encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    def _error(self, message: str) -> None:  # ErrorResponse::new(.., "invalid_request_error")
+        self._json(400, {"error": {"message": message, "type": "invalid_request_error",
+                                   "code": None}})
 
     def do_GET(self):
-        if self.path not in ("/health", "/v1/health"):
-            return self._json(404, {"error": {"code": 404, "message": "Not Found"}})
+        if self.path not in SERVER["routes"]["health"]:
+            return self._send(404, b"", "text/plain")  # axum's fallback: 404, no body
         if time.monotonic() < self.loaded_at:
-            return self._json(503, {"error": {"code": 503, "message": "Loading model",
-                                              "type": "unavailable_error"}})
-        self._json(200, {"status": "ok"})
+            return self._json(SERVER["health_loading"]["status"], SERVER["health_loading"]["body"])
+        self._json(SERVER["health_ready"]["status"], SERVER["health_ready"]["body"])
 
     def do_POST(self):
-        if self.path != "/v1/completions":
-            return self._json(404, {"error": {"code": 404, "message": "Not Found"}})
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        request = json.loads(body)
-        # src/server/types/request.rs (01eea6d): `model: String` is required; axum's Json
-        # extractor refuses a body without it with 422 and serde's message, as text.
-        if "model" not in request:
-            return self._text(422, "Failed to deserialize the JSON body into the target type: "
-                                   f"missing field `model` at line 1 column {len(body)}")
-        words = decode(request["prompt"], int(request.get("max_tokens", 16)))
+        if self.path not in SERVER["routes"]["completions"]:
+            return self._send(404, b"", "text/plain")
+        time.sleep(max(0.0, self.loaded_at - time.monotonic()))
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        request = json.loads(raw)
+        missing = SERVER["missing_field"]
+        for field in SERVER["request_required"]:
+            if field not in request:
+                return self._send(missing["status"], missing["text"].format(
+                    field=field, column=len(raw)).encode(), "text/plain; charset=utf-8")
+        if not isinstance(request["prompt"], str):
+            return self._send(422, ("Failed to deserialize the JSON body into the target type: "
+                                    "prompt: invalid type: expected a string at line 1 column "
+                                    f"{len(raw)}").encode(), "text/plain; charset=utf-8")
+        refusals = SERVER["refusals"]
+        if request["prompt"] and not request["prompt"].strip():
+            return self._error(refusals["whitespace_prompt"])
+        logprobs = request.get("logprobs")
+        if logprobs is not None and logprobs > 5:
+            return self._error(refusals["logprobs_above_5"])
+        asked = int(request.get("max_tokens", 16))
+        words = decode(request["prompt"], asked)
         rate = (150.0 if fused_on() else 120.0) * random.uniform(0.995, 1.005)
+        finish = "length" if len(words) == asked else "stop"
+        prompt_tokens = len(request["prompt"].split())
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
+                 "total_tokens": prompt_tokens + len(words)}
+        envelope = {"id": "cmpl-standin", "object": "text_completion", "created": int(time.time()),
+                    "model": str(Path(self.server.model).name), "system_fingerprint": None}
+        texts = [" " + w for w in words]
         if not request.get("stream"):
             time.sleep(len(words) / rate)
-            choice = {"index": 0, "text": " " + " ".join(words), "finish_reason": "length",
-                      "logprobs": None}
-            if request.get("logprobs") is not None:
-                choice["logprobs"] = {"tokens": [" " + w for w in words],
-                                      "token_logprobs": [-0.5] * len(words),
-                                      "text_offset": list(range(len(words))),
-                                      "top_logprobs": [None] * len(words)}
-            return self._json(200, {"id": "cmpl-1", "object": "text_completion", "model": "m",
-                                    "choices": [choice], "usage": {
-                                        "prompt_tokens": len(request["prompt"].split()),
-                                        "completion_tokens": len(words)}})
+            offsets = [sum(len(t.encode()) for t in texts[:i]) for i in range(len(texts))]
+            lp = None if logprobs is None else {
+                "tokens": texts, "token_logprobs": [-0.5] * len(texts), "text_offset": offsets,
+                "top_logprobs": [None] * len(texts)}
+            return self._json(200, {**envelope, "choices": [
+                {"index": 0, "text": "".join(texts), "finish_reason": finish, "logprobs": lp}],
+                "usage": usage})
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
 
         def event(doc: dict) -> None:
-            self.wfile.write(f"data: {json.dumps(doc)}\n\n".encode())
+            self.wfile.write(f"data: {json.dumps({**envelope, **doc})}\n\n".encode())
             self.wfile.flush()
-        for w in words:
+        offset = 0
+        for text in texts:
             time.sleep(1.0 / rate)
-            event({"id": "cmpl-1", "object": "text_completion", "model": "m",
-                   "choices": [{"index": 0, "text": " " + w, "finish_reason": None}]})
-        event({"id": "cmpl-1", "object": "text_completion", "model": "m",
-               "choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
+            lp = None if logprobs is None else {"tokens": [text], "token_logprobs": [-0.5],
+                                                "text_offset": [offset], "top_logprobs": [None]}
+            offset += len(text.encode())
+            event({"choices": [{"index": 0, "text": text, "finish_reason": None, "logprobs": lp}]})
+        event({"choices": [{"index": 0, "text": "", "finish_reason": finish, "logprobs": None}]})
         if (request.get("stream_options") or {}).get("include_usage"):
-            event({"id": "cmpl-1", "object": "text_completion", "model": "m", "choices": [],
-                   "usage": {"prompt_tokens": len(request["prompt"].split()),
-                             "completion_tokens": len(words)}})
+            event({"choices": [], "usage": usage})
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 
 
 def server(argv: list[str]) -> None:
-    args = SERVER.parse(argv)
+    args = Parser("mlxcel-server", SERVER["flags"]).parse(argv)
     if args["model"] is None:
-        print("Error: -m/--model is required to start the server", file=sys.stderr)
-        sys.exit(1)
-    check_model(args["model"])
-    if os.environ.get("FAKE_MLXCEL_SERVER_FAIL"):
-        print("Error: failed to initialise the CUDA backend", file=sys.stderr)
-        sys.exit(1)
-    print(f"INFO mlxcel-server loading {args['model']} (fused QK-norm: {fused_on()})",
-          file=sys.stderr, flush=True)
+        print("stand-in: the facts table holds no behaviour for mlxcel-server without -m",
+              file=sys.stderr)
+        sys.exit(2)
+    load_or_fail(args["model"], FACTS["bench_decode"]["56c3d08"]["load_failure"])
     Handler.loaded_at = time.monotonic() + 0.5
-    httpd = ThreadingHTTPServer((args["host"], count(args["port"], "port")), Handler)
-    print(f"INFO listening on http://{args['host']}:{args['port']}", file=sys.stderr, flush=True)
+    httpd = ThreadingHTTPServer((args["host"], int(args["port"])), Handler)
+    httpd.model = args["model"]
     httpd.serve_forever()
 
 
 def main() -> None:
     binary, argv = sys.argv[1], sys.argv[2:]
-    if binary == "mlxcel" and argv[:1] in (["--version"], ["-V"]):
-        print(VERSION)
+    if argv[:1] in (["--version"], ["-V"]) and binary in ("mlxcel", "mlxcel-server"):
+        print(f"{binary} {STAND_IN_VERSION}")
         return
     if binary == "mlxcel" and argv[:1] in (["generate"], ["gen"]):
-        run, rest = generate, argv[1:]
+        run, rest, usage = generate, argv[1:], "mlxcel generate [OPTIONS] --model <MODEL>"
     elif binary == "mlxcel-bench-decode":
-        run, rest = bench, argv
-    elif binary == "mlxcel-server" and argv[:1] in (["--version"], ["-V"]):
-        print(VERSION.replace("mlxcel", "mlxcel-server"))
-        return
+        run, rest, usage = bench, argv, "mlxcel-bench-decode [OPTIONS] --model <MODEL> --prompt <PROMPT>"
     elif binary == "mlxcel-server":
-        run, rest = server, argv
+        run, rest, usage = server, argv, "mlxcel-server [OPTIONS]"
     else:
-        print(f"error: unrecognized subcommand '{(argv or [''])[0]}'", file=sys.stderr)
-        sys.exit(2)
+        print(CLAP["unknown"].format(arg=(argv or [""])[0]), file=sys.stderr)
+        sys.exit(CLAP["exit_status"])
     try:
         run(rest)
     except ClapError as e:
-        print(f"error: {e}\n\nUsage: {binary} [OPTIONS]\n\nFor more information, try '--help'.",
-              file=sys.stderr)
-        sys.exit(2)
+        print(f"{e}{CLAP['footer'].format(usage=usage)}", file=sys.stderr)
+        sys.exit(CLAP["exit_status"])
 
 
 if __name__ == "__main__":
