@@ -194,8 +194,11 @@ def _round_ratio(trials: list[dict]) -> float:
 def _summarise(result: BenchRun, ratios: list[float], speedup: stats.Speedup,
                settings: BenchSettings, model: str, backend: str) -> None:
     if result.meta["refused_rounds"]:
-        result.warnings.append(f"{len(result.meta['refused_rounds'])} round(s) refused: the arms "
-                               "decoded different numbers of tokens")
+        refused = result.meta["refused_rounds"]
+        rounds = ", ".join(f"{r['round'] + 1} ({r['generated_tokens']})" for r in refused[:5])
+        result.warnings.append(f"{len(refused)} round(s) refused: an arm decoded fewer tokens "
+                               f"than the other, or none (round (tokens per arm): {rounds}"
+                               f"{', …' if len(refused) > 5 else ''})")
     result.meta.update({"finished_at": now_utc(), "environment": environment()})
     df = pd.DataFrame(result.trials)
     for arm in ARMS:
