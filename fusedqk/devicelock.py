@@ -7,7 +7,9 @@ bits do not depend on what else runs, so checks may run together, but never besi
 measurement, which they would slow.
 
 The lock files live in ``$FUSEDQK_LOCK_DIR`` (default ``<temp dir>/fusedqk-locks``), one per
-backend and device: ``<backend>-<device index>.lock``; the CPU has one for the whole host. Each
+backend and device: ``cuda-<gpu>.lock`` for the GPU the process measures on (``visible_gpu``:
+the first entry of ``CUDA_VISIBLE_DEVICES``, which MLX's CUDA backend honours, else 0), so jobs
+on different GPUs of one host never wait for each other; the CPU has one for the whole host. Each
 holder appends one JSON line to ``<lock>.history`` before it lets go (pid, command, when it
 took and released the lock, how long it waited): the host's record of who measured when.
 """
@@ -32,6 +34,7 @@ from fusedqk import phases
 from fusedqk.errors import UserError
 
 ENV_LOCK_DIR = "FUSEDQK_LOCK_DIR"
+ENV_VISIBLE = "CUDA_VISIBLE_DEVICES"
 # What the lock held by this process saw when it was taken: read by envinfo.environment().
 HELD: dict = {}
 
@@ -47,6 +50,41 @@ def lock_dir() -> Path:
         raise UserError(f"{ENV_LOCK_DIR}={shown!r}: not an absolute path; give the absolute path "
                         "of a directory every measuring process on this host shares, or unset it")
     return Path(value)
+
+
+def visible_gpu() -> str:
+    """The GPU a cuda measurement in this process runs on, as the lock names it: the first entry
+    of ``CUDA_VISIBLE_DEVICES`` (an index, or a ``GPU-``/``MIG-`` UUID), else ``0`` (MLX takes
+    the first device it sees). Checked on an H100 on 2026-12-06 (MLX 0.32.4): with
+    ``CUDA_VISIBLE_DEVICES=0`` MLX runs on it; naming a GPU the host lacks, or none, fails at
+    import ("no CUDA-capable device is detected")."""
+    value = os.environ.get(ENV_VISIBLE)
+    if value is None:
+        return "0"
+    first = value.split(",")[0].strip()
+    if not first or not all(c.isalnum() or c == "-" for c in first) or len(first) > 64:
+        raise UserError(f"{ENV_VISIBLE}={value[:80]!r}: no GPU to measure on; give GPU indices "
+                        "or UUIDs separated by commas (the first is measured on), or unset it")
+    return first
+
+
+def _others_held(directory: Path, own: Path) -> list[str]:
+    """The host's other GPU jobs at this moment: every other ``cuda-*.lock`` someone holds."""
+    busy = []
+    for path in sorted(directory.glob("cuda-*.lock")):
+        if path == own:
+            continue
+        try:
+            fd = _open_own(path, os.O_RDONLY)
+        except OSError:
+            continue
+        with os.fdopen(fd) as probe:
+            try:
+                fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(probe, fcntl.LOCK_UN)
+            except BlockingIOError:  # held exclusively: a timing job on that GPU
+                busy.append(f"{path.stem}: {_holder(path)}")
+    return busy
 
 
 def _holder(path: Path) -> str:
@@ -100,10 +138,12 @@ def _replace(path: Path, text: str) -> None:
 
 
 @contextmanager
-def hold(backend: str, device: int = 0, *, shared: bool = False) -> Iterator[dict]:
-    """Hold the host-wide lock of ``backend``'s device while measuring: exclusively (waits for any
-    holder) or ``shared`` (waits only for an exclusive holder)."""
+def hold(backend: str, *, shared: bool = False) -> Iterator[dict]:
+    """Hold the host-wide lock of ``backend``'s device (on cuda, the GPU this process sees
+    first) while measuring: exclusively (waits for any holder) or ``shared`` (waits only for an
+    exclusive holder)."""
     directory = lock_dir()
+    device = visible_gpu() if backend == "cuda" else None
     try:
         directory.mkdir(parents=True, exist_ok=True)
         if directory.is_symlink():
@@ -132,6 +172,9 @@ def hold(backend: str, device: int = 0, *, shared: bool = False) -> Iterator[dic
         HELD.update(lock_file=str(path), mode=kind,
                     waited_s=round(time.perf_counter() - start, 3),
                     at_start=others_measuring(backend))
+        if device is not None:
+            HELD.update(gpu=device, visible_devices=os.environ.get(ENV_VISIBLE),
+                        other_gpu_jobs=_others_held(directory, path))
         try:
             yield dict(HELD)
         finally:

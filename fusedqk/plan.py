@@ -179,6 +179,43 @@ def native_command(python: str, cache_dir: str) -> list[str]:
     return [*env, python, "-m", "fusedqk"]
 
 
+def gpu_devices(gpus: dict) -> list[str]:
+    """The GPUs a cuda run spreads its jobs over: ``gpus.devices``, or for ``auto`` the entries
+    of ``CUDA_VISIBLE_DEVICES`` (a scheduler's grant), else every GPU ``nvidia-smi`` lists, else
+    none (jobs then run unpinned)."""
+    if gpus["devices"] != "auto":
+        return [str(d) for d in gpus["devices"]]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()] \
+        if out.returncode == 0 else []
+
+
+def gpu_of(models: list[str], model: str, devices: list[str]) -> str | None:
+    """The GPU a model's jobs run on: the backend's models dealt over the devices in order
+    (model k on device k mod n), so a run of three models on three GPUs uses each once."""
+    if not devices or model not in models:
+        return None
+    return devices[models.index(model) % len(devices)]
+
+
+def pinned(command: list[str], gpu: str | None, in_container: bool) -> list[str]:
+    """``command`` run on ``gpu`` only: ``CUDA_VISIBLE_DEVICES`` in the environment of the
+    native command, or passed into the container (``<engine> run -e``)."""
+    if gpu is None:
+        return command
+    if in_container:
+        at = command.index("run") + 1
+        return [*command[:at], "-e", f"CUDA_VISIBLE_DEVICES={gpu}", *command[at:]]
+    return ["env", f"CUDA_VISIBLE_DEVICES={gpu}", *command]
+
+
 def container_command(container: dict, backend: str, image: str, results_dir: str,
                       cache_dir: str = "auto") -> list[str]:
     """The command that runs ``fusedqk`` inside ``image``: the engine's run with the config's

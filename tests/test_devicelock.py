@@ -104,3 +104,54 @@ def test_a_lock_folder_that_is_a_link_is_refused(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="symbolic link"), devicelock.hold("cpu"):
         pass
     assert not list(real.iterdir())
+
+
+GPU_HOLD = """
+import json, sys, time
+from fusedqk import devicelock
+with devicelock.hold("cuda") as held:
+    print(json.dumps(held), flush=True)
+    time.sleep(float(sys.argv[1]))
+"""
+
+
+def _gpu_holder(env, seconds, visible):
+    """A process holding the lock of the GPU ``CUDA_VISIBLE_DEVICES=visible`` shows it first
+    (no GPU needed: the lock is a file)."""
+    return subprocess.Popen([sys.executable, "-c", GPU_HOLD, str(seconds)],
+                            env={**env, "CUDA_VISIBLE_DEVICES": visible},
+                            stdout=subprocess.PIPE, text=True)
+
+
+def test_jobs_on_different_gpus_hold_different_locks_and_see_each_other(tmp_path):
+    """One lock per GPU: a job on GPU 1 goes straight in beside a timing job on GPU 0 and
+    records it as the host's other GPU job; a second job on GPU 0 (the default when nothing is
+    pinned) waits for the first."""
+    env = {**os.environ, "FUSEDQK_LOCK_DIR": str(tmp_path / "locks")}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    first = _gpu_holder(env, 5, "0")
+    held0 = json.loads(first.stdout.readline())
+    assert held0["gpu"] == "0" and held0["lock_file"].endswith("cuda-0.lock")
+    start = time.perf_counter()
+    beside = _gpu_holder(env, 0, "1,0")
+    held1 = json.loads(beside.stdout.readline())
+    beside.wait(timeout=60)
+    assert time.perf_counter() - start < 4 and held1["waited_s"] < 1
+    assert held1["gpu"] == "1" and held1["visible_devices"] == "1,0"
+    assert len(held1["other_gpu_jobs"]) == 1 and held1["other_gpu_jobs"][0].startswith("cuda-0:")
+    after = subprocess.Popen([sys.executable, "-c", GPU_HOLD, "0"], env=env,  # unpinned: GPU 0
+                             stdout=subprocess.PIPE, text=True)
+    held_after = json.loads(after.stdout.readline())
+    after.wait(timeout=60)
+    first.wait(timeout=60)
+    assert held_after["gpu"] == "0" and held_after["waited_s"] >= 1.0
+
+
+@pytest.mark.parametrize("value", ["", " ,1", "0;rm"])
+def test_a_visible_device_list_naming_no_gpu_is_one_line(value, monkeypatch):
+    from fusedqk import devicelock
+    from fusedqk.errors import UserError
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
+    with pytest.raises(UserError, match=r"CUDA_VISIBLE_DEVICES=.*no GPU to measure on"):
+        devicelock.visible_gpu()

@@ -440,3 +440,36 @@ def test_a_link_planted_as_a_run_folders_pipeline_lock_is_refused(tmp_path, smal
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "cannot open its pipeline lock" in proc.stderr
     assert target.read_text() == "keep" and not (labelled / "planted").exists()
+
+
+def test_models_are_dealt_over_the_gpus_and_pinned_natively_or_in_a_container(monkeypatch):
+    models = ["qwen3-0.6b", "qwen3-8b", "qwen3-30b-a3b"]
+    assert [plan.gpu_of(models, m, ["0", "1"]) for m in models] == ["0", "1", "0"]
+    assert plan.gpu_of(models, "qwen3-8b", []) is None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3")  # a scheduler's grant wins over the host
+    assert plan.gpu_devices({"devices": "auto", "parallel_timing": False}) == ["2", "3"]
+    assert plan.gpu_devices({"devices": [0, "GPU-1a2b"], "parallel_timing": False}) == ["0", "GPU-1a2b"]
+    native = ["python", "-m", "fusedqk"]
+    assert plan.pinned(native, "1", False) == ["env", "CUDA_VISIBLE_DEVICES=1", *native]
+    assert plan.pinned(["podman", "run", "--rm", "img"], "1", True) == \
+        ["podman", "run", "-e", "CUDA_VISIBLE_DEVICES=1", "--rm", "img"]
+    assert plan.pinned(native, None, False) == native
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_a_cuda_run_pins_each_models_jobs_to_its_gpu(parallel, tmp_path):
+    """Dry run of a cuda run on two GPUs (a fake device list): every measuring job of a model
+    runs with that model's CUDA_VISIBLE_DEVICES; with gpus.parallel_timing its timing jobs take
+    no host-wide slot (the GPU's own lock serialises them), without it one slot as before."""
+    proc = snakemake("-n", "-p", "--cores", "4", "--config", "backends=[cuda]",
+                     "device_label=two-gpus", f"results_dir={tmp_path}",
+                     f"gpus={{devices: [0, 1], parallel_timing: {str(parallel).lower()}}}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = proc.stdout
+    commands = [line for line in out.splitlines() if " -m fusedqk " in line and " -m qwen3" in line]
+    pins = {(line.split(" -m qwen3")[1].split()[0], line.split("CUDA_VISIBLE_DEVICES=")[1][0])
+            for line in commands}
+    assert pins == {("-0.6b", "0"), ("-8b", "1"), ("-30b-a3b", "0")}, pins
+    slots = {line.split("measure=")[1].split(",")[0] for line in out.splitlines()
+             if "measure=" in line}
+    assert slots == ({"0"} if parallel else {"1"})

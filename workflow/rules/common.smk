@@ -88,6 +88,24 @@ def fusedqk(backend):
                                              config["results_dir"], config["cache_dir"]))
 
 
+# The GPUs cuda jobs are dealt over (config gpus.devices; auto: what this host, or a scheduler's
+# grant, shows), read where the job's command is made.
+GPUS = plan.gpu_devices(config["gpus"])
+
+
+def job_fusedqk(wildcards):
+    """`fusedqk` for one model's measuring job: on cuda, pinned to that model's GPU."""
+    backend = backend_of(wildcards)
+    gpu = plan.gpu_of(settings(backend)["models"], wildcards.model, GPUS) \
+        if backend == "cuda" else None
+    if not uses_container(backend):
+        base = plan.native_command(sys.executable, config["cache_dir"])
+    else:
+        base = plan.container_command(config["container"], backend, image_tag(backend),
+                                      config["results_dir"], config["cache_dir"])
+    return shlex.join(plan.pinned(base, gpu, uses_container(backend)))
+
+
 def image_stamp(backend):
     """The image stamp a measurement waits for (nothing when running natively)."""
     return [f"{run_dir(backend)}/image.json"] if uses_container(backend) else []
@@ -113,9 +131,13 @@ def measuring_resources(job, runtime, slot="measure"):
     """What a measuring job asks a scheduler for: its slot on the host (`measure` for timing,
     `checks` for identity), a GPU on cuda, memory for its model (plan.job_mem_mb), the whole
     node on cpu (plan.exclusive_flag)."""
+    # gpus.parallel_timing: a cuda timing job takes no host-wide slot; the lock of its own GPU
+    # (fusedqk.devicelock) keeps each GPU to one timing measurement.
+    parallel = config["gpus"]["parallel_timing"] and slot == "measure"
     return {
-        slot: 1,
-        **({"checks": CHECKS_PER_TIMING_JOB} if slot == "measure" else {}),
+        slot: lambda w: 0 if parallel and backend_of(w) == "cuda" else 1,
+        **({"checks": lambda w: 0 if parallel and backend_of(w) == "cuda"
+            else CHECKS_PER_TIMING_JOB} if slot == "measure" else {}),
         "gpu": lambda w: int(backend_of(w) == "cuda"),
         "runtime": runtime,
         "mem_mb": lambda w: plan.job_mem_mb(w.model, job),

@@ -34,7 +34,7 @@ rule bench:
     output:
         status="{run}/{model}/status-bench.json",
     params:
-        cmd=lambda w: fusedqk(backend_of(w)),
+        cmd=job_fusedqk,
         flags=job_flags("bench"),
     resources:
         **measuring_resources("bench", runtime=60),
@@ -54,7 +54,7 @@ rule identity:
     output:
         status="{run}/{model}/status-identity.json",
     params:
-        cmd=lambda w: fusedqk(backend_of(w)),
+        cmd=job_fusedqk,
         flags=job_flags("identity"),
     # First: each model's first job builds its checkpoint and compiles its kernels, and the
     # checks do that for all models at once.
@@ -76,7 +76,7 @@ rule blockbench:
     output:
         status="{run}/{model}/status-blockbench.json",
     params:
-        cmd=lambda w: fusedqk(backend_of(w)),
+        cmd=job_fusedqk,
         flags=job_flags("blockbench"),
     resources:
         **measuring_resources("blockbench", runtime=30),
