@@ -26,13 +26,13 @@ import mlx.core as mx
 import numpy as np
 import pandas as pd
 
-from fusedqk import formats, phases, stats
+from fusedqk import formats, instrument, phases, stats
 from fusedqk.atomic import write_files
 from fusedqk.decode import Decoder, generate, make_sampler, random_prompt
 from fusedqk.envinfo import environment, now_utc
 from fusedqk.errors import UserError
 from fusedqk.kernels.qkv_norm_rope import has_kernel
-from fusedqk.results import BenchRun, BenchSettings, stop_reason
+from fusedqk.results import BenchRun, BenchSettings
 from fusedqk.toggle import concrete_path
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ def measure_decode(prep: Prepared, paths: list[str], settings: BenchSettings,
                     bar.update()
             peak_memory[path] = mx.get_peak_memory()
     with phases.phase("measure"):
-        speedups, per_round = _rounds(prep, paths, prompt, greedy, peak_memory, result, bar)
+        per_round, speedups = _rounds(prep, paths, prompt, greedy, peak_memory, result, bar)
     if bar:
         bar.close()
     prep.paths.use("graph")
@@ -113,26 +113,20 @@ def measure_decode(prep: Prepared, paths: list[str], settings: BenchSettings,
 
 def _rounds(prep: Prepared, paths: list[str], prompt: list[int], greedy, peak_memory: dict,
             result: BenchRun, bar) -> tuple[dict, dict]:
-    """Rounds until the settings say stop: (the last speedups, the per-round ratios)."""
-    settings = result.settings
-    order_rng = np.random.default_rng(settings.seed)
-    result.meta["round_wall_s"] = []
+    """Rounds through the one instrument (``fusedqk.instrument``) until the settings say stop:
+    (the per-round ratios, the last speedups)."""
+    order_rng = np.random.default_rng(result.settings.seed)
     stats.scipy_stats()  # imported now, so that the first round's wall time does not hold it
-    for rnd in range(settings.round_limit):
+
+    def play_round(rnd: int) -> bool:
         order = [paths[i] for i in order_rng.permutation(len(paths))]
-        start = time.perf_counter()
         _run_round(prep, prompt, greedy, order, rnd, peak_memory, result)
         if bar:
             bar.update(len(paths))
-        per_round, speedups = _speedups(result)
-        if not sys.stderr.isatty() and rnd:  # a pipeline's log shows how a long bench goes
-            print(_round_note(speedups, rnd + 1, settings.round_limit), file=sys.stderr, flush=True)
-        result.meta["round_wall_s"].append(time.perf_counter() - start)
-        result.meta["stopped"] = stop_reason(settings, rnd + 1, speedups,
-                                             sum(result.meta["round_wall_s"]))
-        if result.meta["stopped"]:
-            break
-    return speedups, per_round
+        return True
+
+    return instrument.paired_rounds(result, play_round, lambda: _speedups(result),
+                                    instrument.stderr_note)
 
 
 def _run_round(prep: Prepared, prompt: list[int], sampler, order: list[str], rnd: int,
@@ -174,11 +168,6 @@ def _run_round(prep: Prepared, prompt: list[int], sampler, order: list[str], rnd
              "latency_s": lat} for i, lat in enumerate(intervals[path]))
 
 
-def _round_note(speedups: dict[str, stats.Speedup], rounds_done: int, round_limit: int) -> str:
-    parts = [f"{path} {sp.point:.3f} ± {sp.relative_half_width:.1%}" for path, sp in speedups.items()]
-    return f"round {rounds_done} of at most {round_limit}: " + ", ".join(parts)
-
-
 def round_speedups(tokens: pd.DataFrame, chunk_tokens: int, paths: list[str]) -> dict[str, list[float]]:
     """Each fused path's per-round speedups (``stats.round_speedup``) from per-token latencies
     (tokens.csv's columns): step s of a trial belongs to turn (s - 1) // chunk_tokens."""
@@ -203,36 +192,11 @@ def _speedups(result: BenchRun) -> tuple[dict[str, list[float]], dict[str, stats
 
 def summarize(result: BenchRun, speedups: dict[str, stats.Speedup],
               per_round: dict[str, list[float]]) -> None:
-    """Per-path summary, the fused-vs-graph ``speedups`` and ``per_round`` speedups (``_speedups``
-    after the last round), the halves of the rounds in time and by the host's speed, and
-    stability warnings."""
-    df = pd.DataFrame(result.trials)
-    for path in result.paths:
-        sub = df[df.path == path]
-        tok = sub.decode_tok_s.to_numpy()
-        result.summary.append({
-            "model": sub.model.iloc[0], "backend": sub.backend.iloc[0], "path": path,
-            "rounds": len(sub), "decode_tok_s_mean": float(tok.mean()),
-            "decode_tok_s_sd": float(tok.std(ddof=1)) if len(tok) > 1 else 0.0,
-            "decode_tok_s_median": float(np.median(tok)), "cv": stats.cv(tok),
-            "prefill_tok_s_median": float(sub.prefill_tok_s.median()),
-            "peak_memory_bytes": int(sub.peak_memory_bytes.max()),
-        })
-        result.warnings += stats.stability_warnings(path, tok, len(sub), float(sub.decode_s.median()))
+    """The instrument's summary, the graph path's time per token in each round (its mean
+    latency) telling the host's faster rounds from its slower ones."""
     tokens = pd.DataFrame(result.tokens, columns=TOKEN_COLUMNS)
     graph_round_s = tokens[tokens.path == "graph"].groupby("round").latency_s.mean().tolist()
-    for path, sp in speedups.items():
-        halves = stats.halves(per_round[path], seed=result.settings.seed)
-        states = (stats.host_states(per_round[path], graph_round_s, seed=result.settings.seed)
-                  if len(graph_round_s) == len(per_round[path]) else None)
-        result.warnings += stats.drift_warnings(path, halves)
-        result.warnings += stats.host_state_warnings(path, states)
-        result.speedups.append({"model": df.model.iloc[0], "backend": df.backend.iloc[0],
-                                "path": path, **sp.as_dict(), "estimator": stats.ESTIMATOR,
-                                "round_speedups": per_round[path],
-                                "halves": halves.as_dict() if halves else None,
-                                "host_states": states.as_dict() if states else None,
-                                "host_states_by": stats.HOST_STATES_BY})
+    instrument.summarize(result, per_round, speedups, graph_round_s, stats.ESTIMATOR)
 
 
 def write_results(result: BenchRun, out_dir) -> None:

@@ -396,3 +396,32 @@ def test_patch_refuses_an_env_that_is_not_a_string_mapping():
     model = build_synthetic(get_spec("qwen3-tiny"), Quantization(4, 64, "float32"))
     with pytest.raises(UserError, match="env must map variable names to string values"):
         fusedqk.patch(model, env={"FUSEDQK_FUSED_QK_NORM": 1})
+
+
+def test_the_builtin_and_a_command_engine_measure_through_the_one_instrument(fake_mlxcel, tmp_path,
+                                                                            monkeypatch):
+    """One round loop and one summary: the built-in decode and an engine file's whole-process
+    rounds both pass through fusedqk.instrument, whose stop rule ends each after its rounds."""
+    from fusedqk import bench, instrument
+    from fusedqk.engines.builtin import ModelRef, prepare
+    from fusedqk.engines.measure import bench as engine_bench
+
+    seen = []
+    for name in ("paired_rounds", "summarize"):
+        real = getattr(instrument, name)
+        monkeypatch.setattr(instrument, name,
+                            lambda *a, _real=real, _name=name, **k: seen.append(_name) or _real(*a, **k))
+    settings = BenchSettings(4, 4, rounds=2, warmup=1, chunk_tokens=4)
+    builtin = bench.measure_decode(prepare(ModelRef("qwen3-tiny", "cpu")), ["graph", "composite"],
+                                   settings)
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps({"vocab_size": 997}))
+    engine = engine_bench(load_engine(Path(__file__).resolve().parents[1] / "config" / "engines"
+                                      / "mlxcel.yaml"), "qwen3-tiny", checkpoint, "cpu", 997,
+                          BenchSettings(8, 8, rounds=2))
+    assert seen == ["paired_rounds", "summarize"] * 2
+    for run in (builtin, engine):
+        assert run.meta["stopped"] == "2 rounds (fixed)" and len(run.meta["round_wall_s"]) == 2
+        assert {s["path"] for s in run.summary} == set(run.paths)
+        assert all("host_states_by" in s for s in run.speedups)

@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fusedqk import stats
+from fusedqk import instrument, stats
 from fusedqk.engines import server
 from fusedqk.engines.command import ARMS, COMMAND, METRICS, SERVER, EngineSpec, fill_template, run_arm
 from fusedqk.engines.process import EngineFailure, Finished, pin_group
 from fusedqk.envinfo import environment, now_utc
 from fusedqk.errors import UserError
-from fusedqk.results import BenchRun, BenchSettings, first_divergence, stop_reason, variety_line, verdict
+from fusedqk.results import BenchRun, BenchSettings, first_divergence, variety_line, verdict
 
 INSTRUMENT = "whole-process: each arm in a fresh process per round, rounds paired"
 SERVER_INSTRUMENT = ("server: one long-lived server per arm, the arms taking turns of streamed "
@@ -140,20 +140,19 @@ def bench(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size: in
             spec, settings, result,
             lambda rnd: [_bench_trial(spec, arm, slot, rnd, values, settings, model, backend)
                          for slot, arm in enumerate(ARMS[i] for i in order_rng.permutation(len(ARMS)))])
-    _summarise(result, ratios, speedup, settings, model, backend)
+    _summarise(result, ratios, speedup)
     return result
 
 
 def _paired_rounds(spec: EngineSpec, settings: BenchSettings, result: BenchRun,
                    run_round) -> tuple[list[float], stats.Speedup]:
-    """Rounds from ``run_round(rnd)`` (one trial per arm) until the bench's stopping rule says
-    enough; refused rounds are recorded and skipped."""
+    """Rounds from ``run_round(rnd)`` (one trial per arm) through the one instrument
+    (``fusedqk.instrument``); a round whose arms decoded different numbers of tokens, or none,
+    is recorded and refused."""
     ratios: list[float] = []
-    speedup = None
-    for rnd in range(settings.round_limit):
-        start = time.perf_counter()
+
+    def play_round(rnd: int) -> bool:
         trials = run_round(rnd)
-        result.meta["round_wall_s"].append(time.perf_counter() - start)
         decoded = {t["path"]: t["generated_tokens"] for t in trials}
         if len(set(decoded.values())) > 1 or 0 in decoded.values():
             result.meta["refused_rounds"].append({"round": rnd, "generated_tokens": decoded})
@@ -165,19 +164,19 @@ def _paired_rounds(spec: EngineSpec, settings: BenchSettings, result: BenchRun,
                                     " rounds refused because the arms decoded different numbers of "
                                     f"tokens (last: {decoded}); check the engine's end-of-sequence "
                                     "handling")
-            continue
+            return False
         result.trials += trials
         ratios.append(_round_ratio(trials))
-        speedup = stats.speedup_ci(ratios, seed=settings.seed, p_value=stats.paired_p(ratios))
-        _note(f"round {rnd + 1} of at most {settings.round_limit}: fused {speedup.point:.3f} "
-              f"± {speedup.relative_half_width:.1%}")
-        result.meta["stopped"] = stop_reason(settings, len(ratios), {"fused": speedup},
-                                             sum(result.meta["round_wall_s"]))
-        if result.meta["stopped"]:
-            break
-    if speedup is None:
+        return True
+
+    def tally():
+        return {"fused": ratios}, {"fused": stats.speedup_ci(ratios, seed=settings.seed,
+                                                             p_value=stats.paired_p(ratios))}
+
+    _, speedups = instrument.paired_rounds(result, play_round, tally, _note)
+    if not speedups:
         raise EngineFailure(f"engine {spec.name}, bench: every round was refused")
-    return ratios, speedup
+    return ratios, speedups["fused"]
 
 
 def _round_ratio(trials: list[dict]) -> float:
@@ -191,8 +190,9 @@ def _round_ratio(trials: list[dict]) -> float:
     return by_arm["fused"]["decode_tok_s"] / by_arm["graph"]["decode_tok_s"]
 
 
-def _summarise(result: BenchRun, ratios: list[float], speedup: stats.Speedup,
-               settings: BenchSettings, model: str, backend: str) -> None:
+def _summarise(result: BenchRun, ratios: list[float], speedup: stats.Speedup) -> None:
+    """The refused rounds named, then the instrument's summary; the graph arm's time per token
+    in each round kept tells the host's faster rounds from its slower ones."""
     if result.meta["refused_rounds"]:
         refused = result.meta["refused_rounds"]
         rounds = ", ".join(f"{r['round'] + 1} ({r['generated_tokens']})" for r in refused[:5])
@@ -200,33 +200,10 @@ def _summarise(result: BenchRun, ratios: list[float], speedup: stats.Speedup,
                                f"than the other, or none (round (tokens per arm): {rounds}"
                                f"{', …' if len(refused) > 5 else ''})")
     result.meta.update({"finished_at": now_utc(), "environment": environment()})
-    df = pd.DataFrame(result.trials)
-    for arm in ARMS:
-        sub = df[df.path == arm]
-        tok = sub.decode_tok_s.to_numpy()
-        result.summary.append({
-            "model": model, "backend": backend, "path": arm, "rounds": len(sub),
-            "decode_tok_s_mean": float(tok.mean()),
-            "decode_tok_s_sd": float(tok.std(ddof=1)) if len(tok) > 1 else 0.0,
-            "decode_tok_s_median": float(np.median(tok)), "cv": stats.cv(tok),
-            "prefill_tok_s_median": _median(sub.prefill_tok_s),
-            "peak_memory_bytes": _max(sub.peak_memory_bytes),
-        })
-        result.warnings += stats.stability_warnings(arm, tok, len(sub), float(sub.decode_s.median()))
-    halves = stats.halves(ratios, seed=settings.seed)
-    result.warnings += stats.drift_warnings("fused", halves)
-    # The graph arm's time per token in each round the ratios come from (one trial per arm and
-    # round is kept, refused rounds are not).
-    graph_s = (1 / df[df.path == "graph"].decode_tok_s).tolist()
-    states = (stats.host_states(ratios, graph_s, seed=settings.seed)
-              if len(graph_s) == len(ratios) else None)
-    result.warnings += stats.host_state_warnings("fused", states)
-    result.speedups.append({"model": model, "backend": backend, "path": "fused",
-                            **speedup.as_dict(), "estimator": ESTIMATORS[result.meta["instrument"]],
-                            "p_test": PAIRED_TEST, "round_speedups": ratios,
-                            "halves": halves.as_dict() if halves else None,
-                            "host_states": states.as_dict() if states else None,
-                            "host_states_by": stats.HOST_STATES_BY})
+    graph = pd.DataFrame(result.trials).query("path == 'graph'")
+    instrument.summarize(result, {"fused": ratios}, {"fused": speedup},
+                         (1 / graph.decode_tok_s).tolist(),
+                         ESTIMATORS[result.meta["instrument"]], PAIRED_TEST)
 
 
 @contextmanager
@@ -418,16 +395,6 @@ def _count(value: object, arm: str, asked: int) -> int:
     if count > asked:
         raise EngineFailure(f"{arm}: generated_tokens {count} is more than the {asked} asked for")
     return count
-
-
-def _median(column: pd.Series) -> float | None:
-    column = column.dropna()
-    return float(column.median()) if len(column) else None
-
-
-def _max(column: pd.Series) -> int | None:
-    column = column.dropna()
-    return int(column.max()) if len(column) else None
 
 
 def prompt_text(vocab_size: int, length: int, seed: int) -> str:
