@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import stat
 from dataclasses import dataclass, field
@@ -58,21 +57,7 @@ class RunData:
         return self.environment.get("backend", "unknown")
 
 
-def read_json(path: Path, kind: str | None = None) -> dict | None:
-    """A result file, or None where it is absent; a file that is not JSON, or of a ``kind``
-    format this version cannot read, is one line naming it."""
-    if not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({getattr(e, 'msg', e)}); the file is damaged or "
-                        "was cut short: rerun the job that writes it") from None
-    if kind is not None:
-        if kind in formats.CURRENT:
-            formats.version(kind, doc, str(path))
-        formats.check_shape(kind, doc, str(path))
-    return doc
+read_json = formats.load  # every reader goes through the one format's load
 
 
 def read_table(path: Path) -> pd.DataFrame:

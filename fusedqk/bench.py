@@ -207,7 +207,7 @@ def write_results(result: BenchRun, out_dir) -> None:
     write_files({
         out_dir / "trials.csv": pd.DataFrame(result.trials).to_csv(index=False),
         out_dir / "tokens.csv": pd.DataFrame(result.tokens, columns=TOKEN_COLUMNS).to_csv(index=False),
-        out_dir / "bench.json": json.dumps(formats.stamp("bench", doc), indent=2, default=str) + "\n",
+        out_dir / "bench.json": formats.dumps("bench", doc),
     })
 
 

@@ -33,7 +33,7 @@ import mlx.core as mx
 import pandas as pd
 
 from fusedqk import formats, phases
-from fusedqk.atomic import write_json, write_text
+from fusedqk.atomic import write_text
 from fusedqk.attention import FusedQKNormAttention
 from fusedqk.envinfo import environment
 from fusedqk.errors import UserError
@@ -293,7 +293,7 @@ def _parse_bandwidth(value: str) -> float:
 
 def write_results(result: dict, out_dir: Path) -> None:
     write_text(out_dir / "blockbench.csv", pd.DataFrame(result["rows"]).to_csv(index=False))
-    write_json(out_dir / "blockbench.json", formats.stamp("blockbench", result))
+    formats.dump("blockbench", result, out_dir / "blockbench.json")
 
 
 def render_table(result: dict, fmt: str) -> str:

@@ -1,10 +1,14 @@
-"""Versions of the result files: every writer stamps its document, every reader checks it.
+"""The result files' one format: every one is written by ``dump`` (its version stamped first)
+and read by ``load`` (its version and shape checked), whoever writes or reads it.
 
 A file's ``format`` is ``fusedqk-<kind>/<version>``. Files written before versions existed have
 no ``format`` key and read as version 1. The history of each format is docs/formats.md.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import jsonschema
 
@@ -17,6 +21,36 @@ CURRENT = {"bench": 2, "identity": 2, "blockbench": 2, "decisions": 2}
 def stamp(kind: str, doc: dict) -> dict:
     """``doc`` with its format first."""
     return {"format": f"fusedqk-{kind}/{CURRENT[kind]}", **doc}
+
+
+def dumps(kind: str, doc: dict) -> str:
+    """A ``kind`` document as the text of its file (for writers that write several files at
+    once, ``atomic.write_files``)."""
+    return json.dumps(stamp(kind, doc), indent=2, default=str) + "\n"
+
+
+def dump(kind: str, doc: dict, path: Path) -> None:
+    """Write a ``kind`` file whole or not at all (``atomic.write_text``)."""
+    from fusedqk.atomic import write_text
+
+    write_text(path, dumps(kind, doc))
+
+
+def load(path: Path, kind: str | None = None) -> dict | None:
+    """A result file, or None where it is absent; a file that is not JSON, or of a ``kind``
+    format this version cannot read, is one line naming it."""
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({getattr(e, 'msg', e)}); the file is damaged or "
+                        "was cut short: rerun the job that writes it") from None
+    if kind is not None:
+        if kind in CURRENT:
+            version(kind, doc, str(path))
+        check_shape(kind, doc, str(path))
+    return doc
 
 
 def version(kind: str, doc: object, source: str) -> int:

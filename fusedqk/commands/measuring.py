@@ -49,7 +49,6 @@ def _engine_target(args: argparse.Namespace):
 
 def _engine_identity(args: argparse.Namespace) -> int:
     from fusedqk import formats
-    from fusedqk.atomic import write_json
     from fusedqk.engines import measure
 
     if args.no_cudnn_sdpa:  # the engine's processes inherit it (MLX engines read it)
@@ -61,7 +60,7 @@ def _engine_identity(args: argparse.Namespace) -> int:
                               args.prompt_tokens,
                               args.tokens, args.prompts, args.seed)
     if args.out_dir:
-        write_json(Path(args.out_dir) / "identity-fused.json", formats.stamp("identity", result))
+        formats.dump("identity", result, Path(args.out_dir) / "identity-fused.json")
     print(measure.render_identity(result))
     return 0
 
@@ -114,12 +113,10 @@ def cmd_identity(args: argparse.Namespace) -> int:
     ref = model_ref(args)
     s = identity.IdentitySettings(args.prompt_tokens, args.tokens, args.prompts, args.seed,
                                   not args.no_cudnn_sdpa, args.concurrent_controls)
-    from fusedqk.atomic import write_json
 
     for result in identity.check_identity(ref, s, args.impls, controls=not args.no_controls):
         if args.out_dir:
-            write_json(Path(args.out_dir) / f"identity-{result['impl']}.json",
-                       formats.stamp("identity", result))
+            formats.dump("identity", result, Path(args.out_dir) / f"identity-{result['impl']}.json")
         print(identity.render_verdict(result))
     return 0
 
