@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from fusedqk.engines import measure
+from fusedqk.engines import measure, server
 from fusedqk.engines.command import load_engine
 from fusedqk.engines.process import EngineFailure, end_group, group_pids, pin_group
 from fusedqk.engines.server import field_path
@@ -371,12 +371,12 @@ def test_killing_the_orchestrator_leaves_no_mlx_lm_server(tmp_path):
 
 
 def test_pinned_arms_get_disjoint_cores_and_the_client_the_rest():
-    cpus = measure.arm_cpus(2, [0, 1, 2, 3, 4, 5, 6], "e.yaml")
+    cpus = server.arm_cpus(2, [0, 1, 2, 3, 4, 5, 6], "e.yaml")
     assert cpus == {"graph": {0, 1}, "fused": {2, 3}, "client": {4, 5, 6}}
-    assert measure.arm_cpus(None, [0, 1], "e.yaml") == {}
+    assert server.arm_cpus(None, [0, 1], "e.yaml") == {}
     with pytest.raises(UserError, match=r"e\.yaml: server\.cpus_per_arm 2 needs 5 cores .* "
                                          r"may use 4; accepted here: at most 1"):
-        measure.arm_cpus(2, [0, 1, 2, 3], "e.yaml")
+        server.arm_cpus(2, [0, 1, 2, 3], "e.yaml")
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 3, reason="pinning needs 3 cores: two servers "
@@ -392,12 +392,12 @@ def test_pinned_servers_run_on_their_own_cores(fake_mlxcel, checkpoint, tmp_path
 
 
 def test_shared_cores_cycle_through_every_core_and_leave_the_client_one():
-    assert measure.shared_cpus(2, [0, 1, 2, 3, 4], "e.yaml") == [{0, 1}, {2, 3}, {4, 0}]
-    assert measure.shared_cpus(1, [3, 5], "e.yaml") == [{3}, {5}]
-    assert measure.shared_cpus(None, [0, 1], "e.yaml") == []
+    assert server.shared_cpus(2, [0, 1, 2, 3, 4], "e.yaml") == [{0, 1}, {2, 3}, {4, 0}]
+    assert server.shared_cpus(1, [3, 5], "e.yaml") == [{3}, {5}]
+    assert server.shared_cpus(None, [0, 1], "e.yaml") == []
     with pytest.raises(UserError, match=r"e\.yaml: server\.shared_cpus 2 needs 3 cores .* "
                                          r"may use 2; accepted here: at most 1"):
-        measure.shared_cpus(2, [0, 1], "e.yaml")
+        server.shared_cpus(2, [0, 1], "e.yaml")
 
 
 def test_pin_group_moves_every_thread_of_every_process_in_the_group():

@@ -27,7 +27,7 @@ import pandas as pd
 from fusedqk import instrument, stats
 from fusedqk.engines import server
 from fusedqk.engines.command import ARMS, COMMAND, METRICS, SERVER, EngineSpec, fill_template, run_arm
-from fusedqk.engines.process import EngineFailure, Finished, pin_group
+from fusedqk.engines.process import EngineFailure, Finished
 from fusedqk.envinfo import environment, now_utc
 from fusedqk.errors import UserError
 from fusedqk.results import BenchRun, BenchSettings, first_divergence, variety_line, verdict
@@ -113,7 +113,8 @@ def bench(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size: in
               "prompt": prompt_text(vocab_size, settings.prompt_tokens, settings.seed)}
     if spec.kind == SERVER:
         # Checked before any server starts: a machine without the cores is one line, at once.
-        shared = shared_cpus(spec.server.shared_cpus, sorted(os.sched_getaffinity(0)), spec.source)
+        shared = server.shared_cpus(spec.server.shared_cpus, sorted(os.sched_getaffinity(0)),
+                                    spec.source)
         with _arm_servers(spec, values, vocab_size, settings.prompt_tokens) as (servers, cpus):
             result.meta["server_start_s"] = {arm: s.started_s for arm, s in servers.items()}
             result.meta["arm_confirmation"] = {arm: s.confirmation for arm, s in servers.items()
@@ -129,7 +130,7 @@ def bench(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size: in
                                         settings.generation_tokens)
             def server_round(rnd: int) -> list[dict]:
                 if shared:
-                    result.meta["round_cpus"].append(sorted(_share_cores(servers, shared, rnd)))
+                    result.meta["round_cpus"].append(sorted(server.share_cores(servers, shared, rnd)))
                 return _server_round(servers, rnd, vocab_size, settings, model, backend,
                                      result.tokens)
 
@@ -214,7 +215,8 @@ def _arm_servers(spec: EngineSpec, values: dict, vocab_size: int, prompt_tokens:
         return fill_template(spec.server.argv, {"python": sys.executable, **values, "host": host,
                                          "port": port})
     warm = prompt_text(vocab_size, min(prompt_tokens, 8), 0)
-    cpus = arm_cpus(spec.server.cpus_per_arm, sorted(os.sched_getaffinity(0)), spec.source)
+    cpus = server.arm_cpus(spec.server.cpus_per_arm, sorted(os.sched_getaffinity(0)), spec.source,
+                            ARMS)
     with ExitStack() as stack:
         # The client's cores, given back when the block ends: it keeps the cores no server has
         # (cpus_per_arm), or moves round by round (shared_cpus).
@@ -226,47 +228,6 @@ def _arm_servers(spec: EngineSpec, values: dict, vocab_size: int, prompt_tokens:
             f"engine {spec.name}, server, {arm} arm", spec.expect.get(arm), f"arms.{arm}.expect",
             warm, spec.max_output_bytes, cpus.get(arm))) for arm in ARMS}
         yield servers, cpus
-
-
-def arm_cpus(per_arm: int | None, available: list[int], source: str) -> dict[str, frozenset[int]]:
-    """Disjoint cores for each arm's server (``server.cpus_per_arm``) and the rest for the
-    client: {} when the engine file does not ask. Each server's threads then stay on its own
-    cores, and neither arm's host work runs on the other's."""
-    if per_arm is None:
-        return {}
-    if len(available) < 2 * per_arm + 1:
-        raise UserError(f"engine {source}: server.cpus_per_arm {per_arm} needs {2 * per_arm + 1} "
-                        f"cores (two servers and the client) but this process may use "
-                        f"{len(available)}; accepted here: at most {(len(available) - 1) // 2}")
-    return {arm: frozenset(available[i * per_arm:(i + 1) * per_arm]) for i, arm in enumerate(ARMS)} | {
-        "client": frozenset(available[2 * per_arm:])}
-
-
-def shared_cpus(per_round: int | None, available: list[int], source: str) -> list[frozenset[int]]:
-    """The core sets both arms' servers share, one round after another (``server.shared_cpus``):
-    consecutive groups of ``per_round`` cores of those fusedqk may use, cycling; [] when the
-    engine file does not ask."""
-    if per_round is None:
-        return []
-    if len(available) < per_round + 1:
-        raise UserError(f"engine {source}: server.shared_cpus {per_round} needs {per_round + 1} "
-                        f"cores (the servers' and the client's) but this process may use "
-                        f"{len(available)}; accepted here: at most {len(available) - 1}")
-    groups = -(-len(available) // per_round)
-    return [frozenset(available[(g * per_round + k) % len(available)] for k in range(per_round))
-            for g in range(groups)]
-
-
-def _share_cores(servers: dict, rotation: list[frozenset[int]], rnd: int) -> frozenset[int]:
-    """Round ``rnd``'s cores for both arms' servers, every thread of both moved onto them, and
-    the client onto the rest. Both arms then run on the same cores within a round: a core's
-    moment (its clock, what else the host runs beside it) is shared by the pair of requests the
-    round compares, and rotating spreads the rounds over all the cores."""
-    cores = rotation[rnd % len(rotation)]
-    for s in servers.values():
-        pin_group(s.process.proc.pid, cores)
-    os.sched_setaffinity(0, set().union(*rotation) - cores)
-    return cores
 
 
 def _server_round(servers: dict, rnd: int, vocab_size: int, settings: BenchSettings, model: str,

@@ -12,6 +12,7 @@ non-streamed ones for identity. The servers end with the measurement, however it
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -22,7 +23,15 @@ import regex
 import requests
 import urllib3
 
-from fusedqk.engines.process import MAX_OUTPUT_BYTES, Background, EngineFailure, background, printable
+from fusedqk.engines.process import (
+    MAX_OUTPUT_BYTES,
+    Background,
+    EngineFailure,
+    background,
+    pin_group,
+    printable,
+)
+from fusedqk.errors import UserError
 
 HOST = "127.0.0.1"
 _HEALTH_POLL_S = 0.25
@@ -284,6 +293,50 @@ class ArmServer:
         if not isinstance(text, str):
             raise EngineFailure(f"{self.label}: choices[0] has no text")
         return text.split()
+
+
+# CPU placement of the arms' servers (server.cpus_per_arm, server.shared_cpus).
+
+def arm_cpus(per_arm: int | None, available: list[int], source: str,
+             arms: tuple[str, ...] = ("graph", "fused")) -> dict[str, frozenset[int]]:
+    """Disjoint cores for each arm's server (``server.cpus_per_arm``) and the rest for the
+    client: {} when the engine file does not ask. Each server's threads then stay on its own
+    cores, and neither arm's host work runs on the other's."""
+    if per_arm is None:
+        return {}
+    if len(available) < 2 * per_arm + 1:
+        raise UserError(f"engine {source}: server.cpus_per_arm {per_arm} needs {2 * per_arm + 1} "
+                        f"cores (two servers and the client) but this process may use "
+                        f"{len(available)}; accepted here: at most {(len(available) - 1) // 2}")
+    return {arm: frozenset(available[i * per_arm:(i + 1) * per_arm]) for i, arm in enumerate(arms)} | {
+        "client": frozenset(available[2 * per_arm:])}
+
+
+def shared_cpus(per_round: int | None, available: list[int], source: str) -> list[frozenset[int]]:
+    """The core sets both arms' servers share, one round after another (``server.shared_cpus``):
+    consecutive groups of ``per_round`` cores of those fusedqk may use, cycling; [] when the
+    engine file does not ask."""
+    if per_round is None:
+        return []
+    if len(available) < per_round + 1:
+        raise UserError(f"engine {source}: server.shared_cpus {per_round} needs {per_round + 1} "
+                        f"cores (the servers' and the client's) but this process may use "
+                        f"{len(available)}; accepted here: at most {len(available) - 1}")
+    groups = -(-len(available) // per_round)
+    return [frozenset(available[(g * per_round + k) % len(available)] for k in range(per_round))
+            for g in range(groups)]
+
+
+def share_cores(servers: dict, rotation: list[frozenset[int]], rnd: int) -> frozenset[int]:
+    """Round ``rnd``'s cores for both arms' servers, every thread of both moved onto them, and
+    the client onto the rest. Both arms then run on the same cores within a round: a core's
+    moment (its clock, what else the host runs beside it) is shared by the pair of requests the
+    round compares, and rotating spreads the rounds over all the cores."""
+    cores = rotation[rnd % len(rotation)]
+    for s in servers.values():
+        pin_group(s.process.proc.pid, cores)
+    os.sched_setaffinity(0, set().union(*rotation) - cores)
+    return cores
 
 
 # What a read of a broken or silent connection raises (requests, urllib3, the socket).
