@@ -197,18 +197,6 @@ def load_checkpoint(path: Path) -> LoadedModel:
     return LoadedModel(model, path.name, str(path), config)
 
 
-def save_checkpoint(loaded: LoadedModel, path: Path, quant: Quantization) -> None:
-    """Write ``loaded`` as an MLX-format checkpoint that mlx-lm (and ``load_checkpoint``) reads."""
-    from mlx_lm.utils import save_config, save_model
-
-    path.mkdir(parents=True, exist_ok=True)
-    save_model(path, loaded.model)
-    config = dict(loaded.config)
-    config["quantization"] = {"group_size": quant.group_size, "bits": quant.bits, "mode": "affine"}
-    config["torch_dtype"] = quant.dtype
-    save_config(config, config_path=path / "config.json")
-
-
 def check_fits(name: str, need_bytes: int) -> None:
     """Fail before allocating when the weights cannot fit the current device's free memory."""
     info = device_info()

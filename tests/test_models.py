@@ -20,7 +20,6 @@ from fusedqk.models import (
     build_synthetic,
     get_spec,
     load_model,
-    save_checkpoint,
 )
 from fusedqk.results import MIN_DISTINCT
 
@@ -100,6 +99,19 @@ def test_memory_check_fails_before_allocating():
     with pytest.raises(UserError, match=r"needs \d+\.\d GiB .* free"):
         load_model("qwen3-235b-a22b", Quantization(), 0)
     assert mx.get_active_memory() - before < 1 << 20
+
+
+def save_checkpoint(loaded, path, quant) -> None:
+    """``loaded`` as an MLX-format checkpoint, written by mlx-lm itself (what a user's local
+    checkpoint is)."""
+    from mlx_lm.utils import save_config, save_model
+
+    path.mkdir(parents=True, exist_ok=True)
+    save_model(path, loaded.model)
+    config = dict(loaded.config)
+    config["quantization"] = {"group_size": quant.group_size, "bits": quant.bits, "mode": "affine"}
+    config["torch_dtype"] = quant.dtype
+    save_config(config, config_path=path / "config.json")
 
 
 @pytest.mark.slow
