@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from fusedqk import __version__
-from fusedqk.commands import measuring, results, setup
+from fusedqk.commands import measuring, reporting, setup
 from fusedqk.commands.flags import OneLineParser
 from fusedqk.errors import UserError, first_line
 from fusedqk.outputs import check_dir, check_file
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log fallbacks and progress")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    for group in (setup, measuring, results):
+    for group in (setup, measuring, reporting):
         group.add_parsers(sub)
     return parser
 

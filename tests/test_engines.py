@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fusedqk.engines import measure
+from fusedqk.engines import external
 from fusedqk.engines.command import EngineFailure, fill_template, load_engine
 from fusedqk.errors import UserError
 from fusedqk.results import BenchSettings
@@ -69,7 +69,7 @@ def engine_file(tmp_path: Path, arms=None, **overrides) -> Path:
 def run_identity(tmp_path, mode, monkeypatch):
     monkeypatch.setenv("FAKE_MODE", mode)
     spec = load_engine(engine_file(tmp_path))
-    return measure.identity(spec, "qwen3-tiny", tmp_path, "cpu", 97, 4, 12, 2, 0)
+    return external.identity(spec, "qwen3-tiny", tmp_path, "cpu", 97, 4, 12, 2, 0)
 
 
 def test_identical_arms_are_refused(tmp_path):
@@ -106,7 +106,7 @@ def test_placeholders_never_pass_through_a_shell():
 def test_fake_engine_bench_measures_the_arms_speedup(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_MODE", "same")
     spec = load_engine(engine_file(tmp_path))
-    run = measure.bench(spec, "qwen3-tiny", tmp_path, "cpu", 97, BenchSettings(16, 8, rounds=4, warmup=1))
+    run = external.bench(spec, "qwen3-tiny", tmp_path, "cpu", 97, BenchSettings(16, 8, rounds=4, warmup=1))
     (sp,) = run.speedups
     assert sp["path"] == "fused" and sp["rounds"] == 4
     assert sp["lo"] > 1.2 and sp["hi"] < 1.3
@@ -117,7 +117,7 @@ def test_fake_engine_bench_measures_the_arms_speedup(tmp_path, monkeypatch):
 def test_an_engine_bench_splits_its_rounds_by_the_hosts_speed_too(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_MODE", "same")
     spec = load_engine(engine_file(tmp_path))
-    run = measure.bench(spec, "qwen3-tiny", tmp_path, "cpu", 97, BenchSettings(16, 8, rounds=8, warmup=1))
+    run = external.bench(spec, "qwen3-tiny", tmp_path, "cpu", 97, BenchSettings(16, 8, rounds=8, warmup=1))
     (sp,) = run.speedups
     fast, slow = sp["host_states"]["first"], sp["host_states"]["second"]
     assert 1.2 < fast[0] < 1.3 and 1.2 < slow[0] < 1.3  # the fake's arms differ by 25 % always
@@ -149,7 +149,7 @@ def test_engine_failures_are_one_line(tmp_path, monkeypatch, mode, needle):
     monkeypatch.setenv("FAKE_MODE", mode)
     spec = load_engine(engine_file(tmp_path))
     with pytest.raises(EngineFailure, match=needle) as info:
-        measure.bench(spec, "qwen3-tiny", tmp_path, "cpu", 97, BenchSettings(16, 8, rounds=2, warmup=1))
+        external.bench(spec, "qwen3-tiny", tmp_path, "cpu", 97, BenchSettings(16, 8, rounds=2, warmup=1))
     assert "\n" not in str(info.value)
 
 
@@ -311,7 +311,7 @@ def test_an_arm_that_leaves_the_toggle_unset_never_takes_the_callers_value(tmp_p
                        toggle={"variable": "FAKE_FUSED", "on_values": ["1"], "unset": "off"})
     spec = load_engine(path)
     assert "FAKE_FUSED" not in spec.arm_env("graph") and spec.arm_env("fused")["FAKE_FUSED"] == "1"
-    run = measure.bench(spec, "qwen3-tiny", tmp_path, "cpu", 97, BenchSettings(16, 8, rounds=2, warmup=1))
+    run = external.bench(spec, "qwen3-tiny", tmp_path, "cpu", 97, BenchSettings(16, 8, rounds=2, warmup=1))
     (sp,) = run.speedups
     assert sp["lo"] > 1.2, "both arms ran fused: the caller's value leaked into the graph arm"
 
@@ -323,7 +323,7 @@ def test_an_arm_that_leaves_the_toggle_unset_never_takes_the_callers_value(tmp_p
 ])
 def test_an_impossible_decode_rate_is_one_line_never_a_speedup(value, needle):
     with pytest.raises(EngineFailure, match=needle):
-        measure._positive(value, "decode_tok_s", "engine x, bench, graph arm")
+        external._positive(value, "decode_tok_s", "engine x, bench, graph arm")
 
 
 @pytest.mark.parametrize("value, needle", [
@@ -332,8 +332,8 @@ def test_an_impossible_decode_rate_is_one_line_never_a_speedup(value, needle):
 ])
 def test_an_impossible_token_count_is_one_line(value, needle):
     with pytest.raises(EngineFailure, match=needle):
-        measure._count(value, "engine x, bench, graph arm", 16)
-    assert measure._count("16", "arm", 16) == 16
+        external._count(value, "engine x, bench, graph arm", 16)
+    assert external._count("16", "arm", 16) == 16
 
 
 @pytest.mark.parametrize("arg", ["{model", "{model!r}", "{ model }", "model}", "{{model}}"])
@@ -404,7 +404,7 @@ def test_the_builtin_and_a_command_engine_measure_through_the_one_instrument(fak
     rounds both pass through fusedqk.instrument, whose stop rule ends each after its rounds."""
     from fusedqk import bench, instrument
     from fusedqk.engines.builtin import ModelRef, prepare
-    from fusedqk.engines.measure import bench as engine_bench
+    from fusedqk.engines.external import bench as engine_bench
 
     seen = []
     for name in ("paired_rounds", "summarize"):

@@ -102,7 +102,7 @@ MEASURING = {"fusedqk.bench", "fusedqk.identity", "fusedqk.blockbench", "fusedqk
 READERS = {"fusedqk.results", "fusedqk.formats", "fusedqk.archive", "fusedqk.decide",
            "fusedqk.report", "fusedqk.compare", "fusedqk.stats"}
 FOREIGN_ENGINES = {"fusedqk.engines.command", "fusedqk.engines.server",
-                   "fusedqk.engines.process", "fusedqk.engines.measure"}
+                   "fusedqk.engines.process", "fusedqk.engines.external"}
 
 
 def _reached(module: str) -> set[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusedqk.engines import measure
+from fusedqk.engines import external
 from fusedqk.engines.command import load_engine
 from fusedqk.engines.process import EngineFailure, run_bounded
 from fusedqk.errors import UserError
@@ -55,7 +55,7 @@ def test_the_file_names_the_source_commit_it_was_derived_from():
 
 
 def test_bench_through_the_strict_fake_reads_every_line(mlxcel, checkpoint):
-    run = measure.bench(mlxcel, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16, rounds=3))
+    run = external.bench(mlxcel, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16, rounds=3))
     (sp,) = run.speedups
     assert 1.22 < sp["point"] < 1.28  # the fake's 150 vs 120 tok/s
     assert {t["generated_tokens"] for t in run.trials} == {16}
@@ -66,7 +66,7 @@ def test_bench_through_the_strict_fake_reads_every_line(mlxcel, checkpoint):
 
 
 def test_identity_counts_only_the_generated_tokens(mlxcel, checkpoint):
-    result = measure.identity(mlxcel, "qwen3-tiny", checkpoint, "cpu", 997, 8, 24, 2, 0)
+    result = external.identity(mlxcel, "qwen3-tiny", checkpoint, "cpu", 997, 8, 24, 2, 0)
     assert result["verdict"] == "EQUAL"
     words = result["outputs"]["graph"][0]
     assert len(words) == 24 and not {"Generating...", "path", "many", "Loading"} & set(words)
@@ -75,16 +75,16 @@ def test_identity_counts_only_the_generated_tokens(mlxcel, checkpoint):
 
 def test_identity_of_a_differing_fused_arm_names_the_word(mlxcel, checkpoint, monkeypatch):
     monkeypatch.setenv("FAKE_MLXCEL_DIFFER", "1")
-    result = measure.identity(mlxcel, "qwen3-tiny", checkpoint, "cpu", 997, 8, 24, 1, 0)
+    result = external.identity(mlxcel, "qwen3-tiny", checkpoint, "cpu", 997, 8, 24, 1, 0)
     assert result["verdict"] == "DIFFERS"
     assert result["free_running"]["greedy_first_divergence"] == [3]
-    assert "first differing word [3]" in measure.render_identity(result)
+    assert "first differing word [3]" in external.render_identity(result)
 
 
 def test_a_round_whose_arms_decoded_different_counts_is_refused(mlxcel, checkpoint, monkeypatch):
     monkeypatch.setenv("FAKE_MLXCEL_EOS_AFTER", "5")
     with pytest.raises(EngineFailure, match="decoded different numbers of tokens") as info:
-        measure.bench(mlxcel, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16, rounds=3))
+        external.bench(mlxcel, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16, rounds=3))
     assert "\n" not in str(info.value)
 
 
@@ -94,14 +94,14 @@ def test_an_arm_that_decodes_nothing_refuses_the_round_not_the_model(mlxcel, che
     only when most rounds are refused does the model fail, saying why."""
     monkeypatch.setenv("FAKE_MLXCEL_EOS_AFTER", "0")
     with pytest.raises(EngineFailure, match="rounds refused") as info:
-        measure.bench(mlxcel, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16, rounds=3))
+        external.bench(mlxcel, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16, rounds=3))
     assert "0}" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_a_flag_mlxcel_lacks_fails_with_one_line_naming_it(tmp_path, fake_mlxcel, checkpoint):
     path = engine_copy(tmp_path, lambda d: d["bench"]["command"].append("--ignore-eos"))
     with pytest.raises(EngineFailure, match="unexpected argument '--ignore-eos' found") as info:
-        measure.bench(load_engine(path), "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16))
+        external.bench(load_engine(path), "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16))
     assert "engine mlxcel, bench" in str(info.value) and "\n" not in str(info.value)
 
 
@@ -113,14 +113,14 @@ def test_a_missing_required_flag_fails_as_mlxcel_would(tmp_path, fake_mlxcel, ch
         del cmd[i:i + 2]
 
     with pytest.raises(EngineFailure, match="required arguments were not provided"):
-        measure.bench(load_engine(engine_copy(tmp_path, drop_prompt)), "qwen3-tiny", checkpoint,
+        external.bench(load_engine(engine_copy(tmp_path, drop_prompt)), "qwen3-tiny", checkpoint,
                       "cpu", 997, BenchSettings(8, 16))
 
 
 def test_an_output_format_drift_fails_loudly(tmp_path, fake_mlxcel, checkpoint):
     path = engine_copy(tmp_path, lambda d: d["identity"].update(generated=r"(?s)^Output:\n(?P<value>.*)$"))
     with pytest.raises(EngineFailure, match="no generated text found"):
-        measure.identity(load_engine(path), "qwen3-tiny", checkpoint, "cpu", 997, 8, 8, 1, 0)
+        external.identity(load_engine(path), "qwen3-tiny", checkpoint, "cpu", 997, 8, 8, 1, 0)
 
 
 @pytest.mark.parametrize("graph, fused, needle", [

@@ -14,7 +14,7 @@ import pytest
 import requests
 import yaml
 
-from fusedqk.engines import measure
+from fusedqk.engines import external
 from fusedqk.engines.command import load_engine
 from fusedqk.engines.process import EngineFailure
 from fusedqk.engines.server import RESERVED_FIELDS, free_port
@@ -212,7 +212,7 @@ def test_a_server_file_mlxcel_would_refuse_fails_in_one_line_with_its_words(
         edit, needle, fake_mlxcel, checkpoint, tmp_path):
     spec = load_engine(_edited(tmp_path, "mlxcel-server.yaml", edit))
     with pytest.raises(EngineFailure) as failed:
-        measure.identity(spec, "qwen3-tiny", checkpoint, "cpu", 997, 8, 4, 1, 0)
+        external.identity(spec, "qwen3-tiny", checkpoint, "cpu", 997, 8, 4, 1, 0)
     line = str(failed.value)
     assert "\n" not in line and "mlxcel-server" in line and " arm" in line and needle in line
 
@@ -223,7 +223,7 @@ def test_a_bench_flag_mlxcel_lacks_fails_in_one_line_with_claps_words(fake_mlxce
     spec = load_engine(_edited(tmp_path, "mlxcel.yaml",
                                lambda d: d["bench"]["command"].append("--ignore-eos")))
     with pytest.raises(EngineFailure) as failed:
-        measure.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 8, rounds=2))
+        external.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 8, rounds=2))
     line = str(failed.value)
     assert "\n" not in line and ("graph arm" in line or "fused arm" in line)
     assert "unexpected argument '--ignore-eos' found" in line
@@ -241,6 +241,6 @@ def test_with_ignore_eos_no_round_is_refused_for_an_early_end(fake_mlxcel, check
                                                               monkeypatch):
     monkeypatch.setenv("FAKE_MLXCEL_BENCH", "10bee85")
     monkeypatch.setenv("FAKE_MLXCEL_EOS_AFTER", "3")
-    run = measure.bench(load_engine(ENGINES / "mlxcel-ignore-eos.yaml"), "qwen3-tiny",
+    run = external.bench(load_engine(ENGINES / "mlxcel-ignore-eos.yaml"), "qwen3-tiny",
                         checkpoint, "cpu", 997, BenchSettings(8, 8, rounds=2))
     assert run.meta["refused_rounds"] == [] and len(run.trials) == 4

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from fusedqk.engines import measure, server
+from fusedqk.engines import external, server
 from fusedqk.engines.command import load_engine
 from fusedqk.engines.process import EngineFailure, end_group, group_pids, pin_group
 from fusedqk.engines.server import field_path
@@ -75,7 +75,7 @@ def test_the_mlxcel_server_file_names_the_source_it_was_derived_from():
 
 
 def test_bench_alternates_the_arms_abba_and_reads_the_stream(mlxcel_server, checkpoint):
-    run = measure.bench(mlxcel_server, "qwen3-tiny", checkpoint, "cpu", 997,
+    run = external.bench(mlxcel_server, "qwen3-tiny", checkpoint, "cpu", 997,
                         BenchSettings(8, 16, rounds=4))
     (sp,) = run.speedups
     assert 1.15 < sp["point"] < 1.35  # the fake's 150 vs 120 tok/s
@@ -91,7 +91,7 @@ def test_bench_alternates_the_arms_abba_and_reads_the_stream(mlxcel_server, chec
 
 
 def test_bench_turns_alternate_abba_and_every_gap_is_kept(mlxcel_server, checkpoint):
-    run = measure.bench(mlxcel_server, "qwen3-tiny", checkpoint, "cpu", 997,
+    run = external.bench(mlxcel_server, "qwen3-tiny", checkpoint, "cpu", 997,
                         BenchSettings(8, 16, rounds=2, chunk_tokens=4))
     (sp,) = run.speedups
     # The fake's 150 vs 120 tok/s; each 4-token turn adds a request's host work to both arms,
@@ -108,7 +108,7 @@ def test_bench_turns_alternate_abba_and_every_gap_is_kept(mlxcel_server, checkpo
 
 @pytest.mark.slow
 def test_identity_equal_with_a_fresh_server_control(mlxcel_server, checkpoint):
-    result = measure.identity(mlxcel_server, "qwen3-tiny", checkpoint, "cpu", 997, 8, 12, 2, 0)
+    result = external.identity(mlxcel_server, "qwen3-tiny", checkpoint, "cpu", 997, 8, 12, 2, 0)
     assert result["verdict"] == "EQUAL" and result["compared"] == "tokens"
     assert "fresh server" in result["controls"]["scope"]
     assert result["outputs"]["graph"][0][0].startswith(" t")  # mlxcel's token texts
@@ -118,7 +118,7 @@ def test_identity_equal_with_a_fresh_server_control(mlxcel_server, checkpoint):
 @pytest.mark.slow
 def test_identity_sees_a_fused_arm_that_differs(mlxcel_server, checkpoint, monkeypatch):
     monkeypatch.setenv("FAKE_MLXCEL_DIFFER", "1")
-    result = measure.identity(mlxcel_server, "qwen3-tiny", checkpoint, "cpu", 997, 8, 12, 1, 0)
+    result = external.identity(mlxcel_server, "qwen3-tiny", checkpoint, "cpu", 997, 8, 12, 1, 0)
     assert result["verdict"] == "DIFFERS"
     assert result["free_running"]["greedy_first_divergence"] == [3]
 
@@ -130,7 +130,7 @@ def test_a_server_that_fails_to_start_is_one_line(mlxcel_server, tmp_path):
     empty.mkdir()
     with pytest.raises(EngineFailure, match=r"server, graph arm: mlxcel-server exited with status 1:"
                                             r" Error: failed to load model$"):
-        measure.bench(mlxcel_server, "qwen3-tiny", empty, "cpu", 997, BenchSettings(8, 16, rounds=2))
+        external.bench(mlxcel_server, "qwen3-tiny", empty, "cpu", 997, BenchSettings(8, 16, rounds=2))
 
 
 @pytest.mark.slow
@@ -140,7 +140,7 @@ def test_a_server_that_never_becomes_healthy_times_out(fake_mlxcel, checkpoint, 
     spec = load_engine(edited(tmp_path, MLXCEL_SERVER, never))
     start = time.monotonic()
     with pytest.raises(EngineFailure, match=r"/never did not answer 200 within 2 s"):
-        measure.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16, rounds=2))
+        external.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16, rounds=2))
     assert time.monotonic() - start < 20
     assert servers_of(str(checkpoint)) == []
 
@@ -151,7 +151,7 @@ def test_a_wrong_token_path_is_one_line(fake_mlxcel, checkpoint, tmp_path):
         doc["server"]["identity_tokens"] = "logprobs.content.id"  # mlx-lm's, not mlxcel's
     spec = load_engine(edited(tmp_path, MLXCEL_SERVER, wrong))
     with pytest.raises(EngineFailure, match=r"choices\[0\] has no logprobs.content.id"):
-        measure.identity(spec, "qwen3-tiny", checkpoint, "cpu", 997, 8, 12, 1, 0)
+        external.identity(spec, "qwen3-tiny", checkpoint, "cpu", 997, 8, 12, 1, 0)
 
 
 BAD_FILES = [
@@ -232,7 +232,7 @@ def test_a_server_that_trickles_is_ended_within_its_timeout(stalls, checkpoint, 
     spec = load_engine(edited(tmp_path, MLXCEL_SERVER, trickle))
     start = time.monotonic()
     with pytest.raises(EngineFailure, match=r"did not answer 200 within 3 s|did not finish within 3 s"):
-        measure.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16, rounds=2))
+        external.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16, rounds=2))
     assert time.monotonic() - start < 30
     assert servers_of(str(script)) == []
 
@@ -304,9 +304,9 @@ def test_a_hostile_server_answer_is_one_line_within_the_timeout(mode, phase, che
     start = time.monotonic()
     with pytest.raises(EngineFailure) as failed:
         if phase == "bench":
-            measure.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 4, rounds=2))
+            external.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 4, rounds=2))
         else:
-            measure.identity(spec, "qwen3-tiny", checkpoint, "cpu", 997, 8, 4, 1, 0)
+            external.identity(spec, "qwen3-tiny", checkpoint, "cpu", 997, 8, 4, 1, 0)
     line = str(failed.value)
     assert "\n" not in line and "mlxcel-server" in line and " arm" in line, line
     assert time.monotonic() - start < 40
@@ -385,7 +385,7 @@ def test_pinned_servers_run_on_their_own_cores(fake_mlxcel, checkpoint, tmp_path
     spec = load_engine(edited(tmp_path, MLXCEL_SERVER,
                               lambda d: d["server"].update(cpus_per_arm=1)))
     before = os.sched_getaffinity(0)
-    run = measure.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 8, rounds=2))
+    run = external.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 8, rounds=2))
     cores = sorted(before)
     assert run.meta["cpus"] == {"graph": [cores[0]], "fused": [cores[1]], "client": cores[2:]}
     assert os.sched_getaffinity(0) == before  # the client's own cores are given back
@@ -428,7 +428,7 @@ def test_shared_cores_move_both_servers_together_round_by_round(fake_mlxcel, che
     spec = load_engine(edited(tmp_path, MLXCEL_SERVER,
                               lambda d: d["server"].update(shared_cpus=1)))
     during: list[dict] = []  # where every thread was as each round began
-    real_round = measure._server_round
+    real_round = external._server_round
 
     def looked_at(servers, *args):
         pids = [p for s in servers.values() for p in group_pids(s.process.proc.pid)]
@@ -437,9 +437,9 @@ def test_shared_cores_move_both_servers_together_round_by_round(fake_mlxcel, che
                        "client": os.sched_getaffinity(0)})
         return real_round(servers, *args)
 
-    monkeypatch.setattr(measure, "_server_round", looked_at)
+    monkeypatch.setattr(external, "_server_round", looked_at)
     before = os.sched_getaffinity(0)
-    run = measure.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 8, rounds=3))
+    run = external.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 8, rounds=3))
     cores = sorted(before)
     assert run.meta["round_cpus"] == [[cores[r % len(cores)]] for r in range(3)]
     for rnd, seen in enumerate(during):
@@ -457,12 +457,12 @@ def test_shared_cores_this_machine_lacks_are_refused_before_any_server_starts(
     def no_server(*args, **kwargs):
         raise AssertionError("a server started")
 
-    monkeypatch.setattr(measure.server, "running", no_server)
+    monkeypatch.setattr(external.server, "running", no_server)
     before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(before)})
     try:
         with pytest.raises(UserError, match=r"server\.shared_cpus 1 needs 2 cores"):
-            measure.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 8, rounds=2))
+            external.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 8, rounds=2))
     finally:
         os.sched_setaffinity(0, before)
 
@@ -546,10 +546,10 @@ def test_a_request_without_model_is_refused_as_mlxcel_refuses_it(fake_mlxcel, ch
     does not fails in one line with mlxcel's own words, naming the engine and the arm."""
     spec = load_engine(MLXCEL_SERVER)
     assert spec.server.request.get("model")
-    run = measure.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16, rounds=2))
+    run = external.bench(spec, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16, rounds=2))
     assert run.speedups
     bare = load_engine(edited(tmp_path, MLXCEL_SERVER, lambda d: d["server"].pop("request")))
     with pytest.raises(EngineFailure, match=r"mlxcel-server, server, graph arm: POST /v1/completions "
                                             r"answered 422: .*missing field `model`"):
-        measure.bench(bare, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16, rounds=2))
+        external.bench(bare, "qwen3-tiny", checkpoint, "cpu", 997, BenchSettings(8, 16, rounds=2))
     assert servers_of(str(checkpoint)) == []

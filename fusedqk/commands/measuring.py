@@ -35,13 +35,13 @@ def _engine_target(args: argparse.Namespace):
     """A command engine's (spec, backend, checkpoint directory) from the flags; the checkpoint is
     exported here when the engine file says ``export`` and none exists yet."""
     from fusedqk.backend import select_backend
-    from fusedqk.engines import measure
+    from fusedqk.engines import external
     from fusedqk.engines.command import load_engine
     from fusedqk.models import resolve_dtype
 
     spec = load_engine(args.engine)
     backend = select_backend(args.backend)
-    where = measure.checkpoint_dir(spec, args.model, args.bits, args.group_size,
+    where = external.checkpoint_dir(spec, args.model, args.bits, args.group_size,
                                    resolve_dtype(args.dtype, backend), args.seed, backend,
                                    args.checkpoint_dir)
     return spec, backend, where
@@ -49,19 +49,19 @@ def _engine_target(args: argparse.Namespace):
 
 def _engine_identity(args: argparse.Namespace) -> int:
     from fusedqk import formats
-    from fusedqk.engines import measure
+    from fusedqk.engines import external
 
     if args.no_cudnn_sdpa:  # the engine's processes inherit it (MLX engines read it)
         from fusedqk.identity import MLX_CUDNN_SDPA_ENV
 
         os.environ[MLX_CUDNN_SDPA_ENV] = "0"
     spec, backend, where = _engine_target(args)
-    result = measure.identity(spec, args.model, where, backend, measure.vocab_size(where),
+    result = external.identity(spec, args.model, where, backend, external.vocab_size(where),
                               args.prompt_tokens,
                               args.tokens, args.prompts, args.seed)
     if args.out_dir:
         formats.dump("identity", result, Path(args.out_dir) / "identity-fused.json")
-    print(measure.render_identity(result))
+    print(external.render_identity(result))
     return 0
 
 
@@ -88,10 +88,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from fusedqk import bench  # after the checks: it imports MLX and mlx-lm (~2 s)
 
     if args.engine != "builtin":
-        from fusedqk.engines import measure
+        from fusedqk.engines import external
 
         spec, backend, where = _engine_target(args)
-        run = measure.bench(spec, args.model, where, backend, measure.vocab_size(where), settings,
+        run = external.bench(spec, args.model, where, backend, external.vocab_size(where), settings,
                             argv=sys.argv)
     else:
         from fusedqk.backend import select_backend
