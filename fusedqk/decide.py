@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from fusedqk import formats
 from fusedqk.archive import load_run
 from fusedqk.results import MIN_DISTINCT, fewest_distinct
 from fusedqk.stats import Speedup, rounds_to_decide
@@ -130,7 +129,7 @@ def decide(run_dir: Path, rule: Rule) -> dict:
     inert = _switch_inert_here(run)
     if inert:  # both arms ran the same code: whatever the rounds say is noise
         rec, reason = "inconclusive", f"{inert}; measured: {reason}"
-    return formats.stamp("decisions", {
+    return {
         "schema": DEFAULTS_SCHEMA,
         "about": "fusedqk decide output; usable as FUSEDQK_DEFAULTS",
         "rule": {**asdict(rule), "text": rule.describe()},
@@ -139,7 +138,7 @@ def decide(run_dir: Path, rule: Rule) -> dict:
             "reason": f"{rec} ({impl}): {reason}", "evidence": str(run_dir),
             "device": run.environment.get("device_name"), "per_impl": per_impl,
         }},
-    })
+    }
 
 
 def _switch_inert_here(run) -> str | None:

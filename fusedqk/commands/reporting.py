@@ -15,7 +15,7 @@ from fusedqk.errors import UserError
 
 
 def cmd_decide(args: argparse.Namespace) -> int:
-    from fusedqk import decide
+    from fusedqk import decide, formats
     from fusedqk.archive import refuse_sealed
 
     if args.out and Path(args.out).is_dir():
@@ -25,8 +25,7 @@ def cmd_decide(args: argparse.Namespace) -> int:
     rule = decide.Rule(min_gain=args.min_gain, identity_policy=args.identity_policy,
                        min_distinct=args.min_distinct)
     decisions = decide.decide(Path(args.run_dir), rule)
-    from fusedqk.atomic import write_json
-    write_json(args.out or Path(args.run_dir) / "decisions.json", decisions)
+    formats.dump("decisions", decisions, Path(args.out or Path(args.run_dir) / "decisions.json"))
     print(decide.render_decisions(decisions))
     return 0
 
