@@ -3,7 +3,7 @@
 An engine hands over what one round of its arms is, as pyperf's runners hand over a run: the
 built-in decode its turn-paired round in one process (``fusedqk.bench``), a command engine a
 fresh process per arm, a server engine an ABBA pair of streamed completions
-(``fusedqk.engines.external``). Each round appends its trials to the ``BenchRun``; the engine's
+(``fusedqk.external``). Each round appends its trials to the ``BenchRun``; the engine's
 ``tally`` turns the rounds kept so far into per-round speedups and their 95 % CIs. The stop rule
 (rounds, target half-width, measuring budget: ``results.stop_reason``), the round notes, the
 per-path summary rows, the stability, drift and host-state warnings and the speedup records are

@@ -2,7 +2,7 @@
 the rule that ends its rounds, and an identity check's verdict and variety.
 
 The built-in engine (``bench``, ``identity``), the command and server engines
-(``engines.external``) and the decision rule (``decide``) all use these; none of them imports
+(``external``) and the decision rule (``decide``) all use these; none of them imports
 another's internals for them. The files each writes are stamped and checked by ``formats``.
 """
 

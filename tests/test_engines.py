@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fusedqk.engines import external
+from fusedqk import external
 from fusedqk.engines.command import EngineFailure, fill_template, load_engine
 from fusedqk.errors import UserError
 from fusedqk.results import BenchSettings
@@ -404,7 +404,7 @@ def test_the_builtin_and_a_command_engine_measure_through_the_one_instrument(fak
     rounds both pass through fusedqk.instrument, whose stop rule ends each after its rounds."""
     from fusedqk import bench, instrument
     from fusedqk.engines.builtin import ModelRef, prepare
-    from fusedqk.engines.external import bench as engine_bench
+    from fusedqk.external import bench as engine_bench
 
     seen = []
     for name in ("paired_rounds", "summarize"):

@@ -102,7 +102,7 @@ MEASURING = {"fusedqk.bench", "fusedqk.identity", "fusedqk.blockbench", "fusedqk
 READERS = {"fusedqk.results", "fusedqk.formats", "fusedqk.archive", "fusedqk.decide",
            "fusedqk.report", "fusedqk.compare", "fusedqk.stats"}
 FOREIGN_ENGINES = {"fusedqk.engines.command", "fusedqk.engines.server",
-                   "fusedqk.engines.process", "fusedqk.engines.external"}
+                   "fusedqk.engines.process", "fusedqk.external"}
 
 
 def _reached(module: str) -> set[str]:
@@ -131,3 +131,15 @@ def test_readers_of_results_import_no_measuring_module(module):
 def test_command_and_server_engines_take_nothing_from_the_builtin_instrument(module):
     direct = GRAPH[module]
     assert not direct & (MEASURING | {"fusedqk.decide", "fusedqk.report"}), direct
+
+
+def test_one_instrument_takes_every_engines_rounds_and_no_engine_part_runs_rounds():
+    """fusedqk.instrument holds the round loop and the summary; the built-in (bench) and the
+    engine files' rounds (external) hand it their rounds; engines/ holds parts only (the file
+    schema, processes, servers, the in-process build) and neither imports it nor is imported by
+    it."""
+    feeders = {m for m in MODULES if "fusedqk.instrument" in GRAPH[m]}
+    assert {"fusedqk.bench", "fusedqk.external"} <= feeders
+    parts = {m for m in MODULES if m.startswith("fusedqk.engines")}
+    assert not feeders & parts
+    assert not _reached("fusedqk.instrument") & (parts | MEASURING)

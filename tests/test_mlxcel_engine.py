@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusedqk.engines import external
+from fusedqk import external
 from fusedqk.engines.command import load_engine
 from fusedqk.engines.process import EngineFailure, run_bounded
 from fusedqk.errors import UserError

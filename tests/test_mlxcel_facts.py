@@ -14,7 +14,7 @@ import pytest
 import requests
 import yaml
 
-from fusedqk.engines import external
+from fusedqk import external
 from fusedqk.engines.command import load_engine
 from fusedqk.engines.process import EngineFailure
 from fusedqk.engines.server import RESERVED_FIELDS, free_port

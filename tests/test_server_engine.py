@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from fusedqk.engines import external, server
+from fusedqk import external
+from fusedqk.engines import server
 from fusedqk.engines.command import load_engine
 from fusedqk.engines.process import EngineFailure, end_group, group_pids, pin_group
 from fusedqk.engines.server import field_path

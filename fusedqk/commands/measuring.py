@@ -34,8 +34,8 @@ from fusedqk.toggle import IMPLS, PATH_NAMES
 def _engine_target(args: argparse.Namespace):
     """A command engine's (spec, backend, checkpoint directory) from the flags; the checkpoint is
     exported here when the engine file says ``export`` and none exists yet."""
+    from fusedqk import external
     from fusedqk.backend import select_backend
-    from fusedqk.engines import external
     from fusedqk.engines.command import load_engine
     from fusedqk.models import resolve_dtype
 
@@ -48,8 +48,7 @@ def _engine_target(args: argparse.Namespace):
 
 
 def _engine_identity(args: argparse.Namespace) -> int:
-    from fusedqk import formats
-    from fusedqk.engines import external
+    from fusedqk import external, formats
 
     if args.no_cudnn_sdpa:  # the engine's processes inherit it (MLX engines read it)
         from fusedqk.identity import MLX_CUDNN_SDPA_ENV
@@ -88,7 +87,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from fusedqk import bench  # after the checks: it imports MLX and mlx-lm (~2 s)
 
     if args.engine != "builtin":
-        from fusedqk.engines import external
+        from fusedqk import external
 
         spec, backend, where = _engine_target(args)
         run = external.bench(spec, args.model, where, backend, external.vocab_size(where), settings,

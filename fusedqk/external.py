@@ -1,5 +1,6 @@
-"""Bench and identity for a command engine: the same statistics and verdicts as the built-in
-instrument, measured whole-process.
+"""Bench and identity for an engine file (``fusedqk.engines``: command and server engines): the
+rounds are handed to the one instrument (``fusedqk.instrument``), so the statistics, stop rule
+and summary are the built-in's; a command engine's rounds are whole-process.
 
 Bench: R rounds, each running every arm once in a fresh process, in a seeded order; a round's
 speedup is the fused arm's decode tok/s over the graph arm's (the two ran back to back), and the
