@@ -15,19 +15,16 @@ round's wall time in ``meta.round_wall_s``): it is the bench's cost, not the pat
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
 import pandas as pd
 
-from fusedqk import formats, instrument, phases, stats
-from fusedqk.atomic import write_files
+from fusedqk import instrument, phases, stats
 from fusedqk.decode import Decoder, generate, make_sampler, random_prompt
 from fusedqk.envinfo import environment, now_utc
 from fusedqk.errors import UserError
@@ -37,8 +34,6 @@ from fusedqk.toggle import concrete_path
 
 if TYPE_CHECKING:
     from fusedqk.engines.builtin import Prepared
-
-TOKEN_COLUMNS = ["model", "path", "round", "step", "latency_s"]  # tokens.csv
 
 # MLX's CUDA backend caches its CUDA graphs by topology, 400 by default. Paths that take turns
 # every few tokens need all their graphs cached at once, or every turn rebuilds them (untimed, but
@@ -194,42 +189,6 @@ def summarize(result: BenchRun, speedups: dict[str, stats.Speedup],
               per_round: dict[str, list[float]]) -> None:
     """The instrument's summary, the graph path's time per token in each round (its mean
     latency) telling the host's faster rounds from its slower ones."""
-    tokens = pd.DataFrame(result.tokens, columns=TOKEN_COLUMNS)
+    tokens = pd.DataFrame(result.tokens, columns=instrument.TOKEN_COLUMNS)
     graph_round_s = tokens[tokens.path == "graph"].groupby("round").latency_s.mean().tolist()
     instrument.summarize(result, per_round, speedups, graph_round_s, stats.ESTIMATOR)
-
-
-def write_results(result: BenchRun, out_dir) -> None:
-    """trials.csv (one row per trial), tokens.csv (per-token latencies), bench.json (the rest)."""
-    doc = {k: v for k, v in asdict(result).items() if k not in ("trials", "tokens")}
-    # All three or none (a full disk must not leave trials without their summary). A
-    # whole-process engine has no per-token latencies: the header alone, so readers still parse.
-    write_files({
-        out_dir / "trials.csv": pd.DataFrame(result.trials).to_csv(index=False),
-        out_dir / "tokens.csv": pd.DataFrame(result.tokens, columns=TOKEN_COLUMNS).to_csv(index=False),
-        out_dir / "bench.json": formats.dumps("bench", doc),
-    })
-
-
-def render_table(result: BenchRun, fmt: str) -> str:
-    df = pd.DataFrame(result.summary)
-    sp = {r["path"]: r for r in result.speedups}
-    df["speedup"] = [
-        "1 (baseline)" if p == "graph" else
-        f"{sp[p]['point']:.3f} [{sp[p]['lo']:.3f}, {sp[p]['hi']:.3f}]" for p in df.path]
-    if fmt == "csv":
-        return df.to_csv(index=False)
-    if fmt == "json":
-        return json.dumps({"summary": result.summary, "speedups": result.speedups,
-                           "warnings": result.warnings}, indent=2)
-    table = pd.DataFrame({
-        "model": df.model, "backend": df.backend, "path": df.path,
-        "test": f"pp{result.settings.prompt_tokens}+tg{result.settings.generation_tokens}",
-        "t/s (mean ± sd)": [f"{m:.2f} ± {s:.2f}" for m, s in
-                            zip(df.decode_tok_s_mean, df.decode_tok_s_sd, strict=True)],
-        "median t/s": df.decode_tok_s_median.round(2), "cv": (df.cv * 100).round(1).astype(str) + "%",
-        "speedup vs graph [95% CI]": df.speedup,
-    }).to_markdown(index=False)
-    stopped = f"\nrounds: {result.meta['stopped']}" if result.meta.get("stopped") else ""
-    notes = "".join(f"\nwarning: {w}" for w in result.warnings)
-    return table + stopped + notes

@@ -7,21 +7,27 @@ fresh process per arm, a server engine an ABBA pair of streamed completions
 ``tally`` turns the rounds kept so far into per-round speedups and their 95 % CIs. The stop rule
 (rounds, target half-width, measuring budget: ``results.stop_reason``), the round notes, the
 per-path summary rows, the stability, drift and host-state warnings and the speedup records are
-made here, once, for every engine.
+made here, once, for every engine, and so are the run's files (trials.csv, tokens.csv and
+bench.json, through ``formats``) and its table.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from fusedqk import stats
+from fusedqk import formats, stats
+from fusedqk.atomic import write_files
 from fusedqk.results import BenchRun, stop_reason
 
+TOKEN_COLUMNS = ["model", "path", "round", "step", "latency_s"]  # tokens.csv
 # per-round speedups by fused path, and each path's speedup over graph from them
 Tally = tuple[dict[str, list[float]], dict[str, stats.Speedup]]
 
@@ -106,3 +112,39 @@ def _median(column: pd.Series) -> float | None:
 def _max(column: pd.Series) -> int | None:
     column = column.dropna()
     return int(column.max()) if len(column) else None
+
+
+def write_results(result: BenchRun, out_dir: Path) -> None:
+    """trials.csv (one row per trial), tokens.csv (per-token latencies), bench.json (the rest)."""
+    doc = {k: v for k, v in asdict(result).items() if k not in ("trials", "tokens")}
+    # All three or none (a full disk must not leave trials without their summary). A
+    # whole-process engine has no per-token latencies: the header alone, so readers still parse.
+    write_files({
+        out_dir / "trials.csv": pd.DataFrame(result.trials).to_csv(index=False),
+        out_dir / "tokens.csv": pd.DataFrame(result.tokens, columns=TOKEN_COLUMNS).to_csv(index=False),
+        out_dir / "bench.json": formats.dumps("bench", doc),
+    })
+
+
+def render_table(result: BenchRun, fmt: str) -> str:
+    df = pd.DataFrame(result.summary)
+    sp = {r["path"]: r for r in result.speedups}
+    df["speedup"] = [
+        "1 (baseline)" if p == "graph" else
+        f"{sp[p]['point']:.3f} [{sp[p]['lo']:.3f}, {sp[p]['hi']:.3f}]" for p in df.path]
+    if fmt == "csv":
+        return df.to_csv(index=False)
+    if fmt == "json":
+        return json.dumps({"summary": result.summary, "speedups": result.speedups,
+                           "warnings": result.warnings}, indent=2)
+    table = pd.DataFrame({
+        "model": df.model, "backend": df.backend, "path": df.path,
+        "test": f"pp{result.settings.prompt_tokens}+tg{result.settings.generation_tokens}",
+        "t/s (mean ± sd)": [f"{m:.2f} ± {s:.2f}" for m, s in
+                            zip(df.decode_tok_s_mean, df.decode_tok_s_sd, strict=True)],
+        "median t/s": df.decode_tok_s_median.round(2), "cv": (df.cv * 100).round(1).astype(str) + "%",
+        "speedup vs graph [95% CI]": df.speedup,
+    }).to_markdown(index=False)
+    stopped = f"\nrounds: {result.meta['stopped']}" if result.meta.get("stopped") else ""
+    notes = "".join(f"\nwarning: {w}" for w in result.warnings)
+    return table + stopped + notes

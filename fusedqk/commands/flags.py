@@ -135,7 +135,3 @@ def prepare(args: argparse.Namespace) -> Prepared:
     from fusedqk.engines.builtin import prepare
 
     return prepare(model_ref(args))
-
-
-# --- subcommands -------------------------------------------------------------------------------
-

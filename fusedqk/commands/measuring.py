@@ -84,7 +84,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if problem:
         raise UserError(problem)
     check_context(args, args.generation_tokens)
-    from fusedqk import bench  # after the checks: it imports MLX and mlx-lm (~2 s)
+    from fusedqk import instrument
 
     if args.engine != "builtin":
         from fusedqk import external
@@ -93,14 +93,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run = external.bench(spec, args.model, where, backend, external.vocab_size(where), settings,
                             argv=sys.argv)
     else:
+        from fusedqk import bench  # after the checks: it imports MLX and mlx-lm (~2 s)
         from fusedqk.backend import select_backend
 
         bench.size_graph_cache()
         paths = bench.expand_paths(args.paths, select_backend(args.backend), args.impl)
         run = bench.measure_decode(prepare(args), paths, settings, argv=sys.argv)
     if args.out_dir:
-        bench.write_results(run, Path(args.out_dir))
-    print(bench.render_table(run, args.output))
+        instrument.write_results(run, Path(args.out_dir))
+    print(instrument.render_table(run, args.output))
     return 0
 
 
