@@ -240,3 +240,22 @@ def test_a_gguf_the_server_refuses_is_one_line_and_leaves_no_server(llama_bin, t
     assert len(errors) == 1 and "llama-server" in errors[0], errors
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.json"))
     assert not _llama_processes(str(tmp_path))
+
+
+def test_the_build_command_takes_its_source_from_the_environment_where_no_flag_names_one(tmp_path):
+    """A machine without PyPI names the source once (FUSEDQK_LLAMA_CPP_SOURCE) for every build:
+    a file that is not a source archive is then refused in one line naming it, not downloaded."""
+    import shutil
+
+    bogus = tmp_path / "not-a-source.tar.xz"
+    bogus.write_bytes(b"not an archive")
+    path = f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"
+    if not (shutil.which("cmake", path=path) and shutil.which("ninja", path=path)):
+        pytest.skip("cmake and ninja (the dev extras) are not installed here")
+    env = {**os.environ, "FUSEDQK_LLAMA_CPP_SOURCE": str(bogus),
+           "FUSEDQK_CACHE_DIR": str(tmp_path / "cache"), "PATH": path}
+    proc = subprocess.run([sys.executable, "-m", "fusedqk", "build-llama-cpp", "--backend", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert str(bogus) in proc.stderr and "not a readable source archive" in proc.stderr
+    assert "Traceback" not in proc.stderr

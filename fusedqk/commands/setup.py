@@ -62,9 +62,14 @@ def cmd_build_ext(args: argparse.Namespace) -> int:
 
 
 def cmd_build_llama_cpp(args: argparse.Namespace) -> int:
+    import os
+
     from fusedqk import llama_cpp
 
-    source = Path(args.source) if args.source else None
+    # Where PyPI cannot be reached, the source given once in the environment serves every build
+    # (the engine files' builds at first use read the same variable).
+    given = args.source or os.environ.get(llama_cpp.ENV_SOURCE)
+    source = Path(given) if given else None
     if args.pack_source:
         if source is None:
             raise UserError("--pack-source needs --source: the llama-cpp-python source "
@@ -154,7 +159,8 @@ def add_parsers(sub) -> None:
                        "from the pinned source, once per machine (fusedqk/llama_cpp.py)")
     p.add_argument("--backend", default="cpu", help="cpu or cuda")
     p.add_argument("--source", help="the llama-cpp-python source distribution (.tar.gz) or a "
-                   "pack made by --pack-source (default: downloaded with pip)")
+                   "pack made by --pack-source (default: $FUSEDQK_LLAMA_CPP_SOURCE, else "
+                   "downloaded from PyPI)")
     p.add_argument("--cuda-arch", default="90", help="CUDA compute capability to build for "
                    "(default 90: Hopper)")
     p.add_argument("--jobs", type=int, help="parallel compile jobs (default: every core)")
