@@ -32,9 +32,9 @@ from pathlib import Path
 
 from fusedqk import phases
 from fusedqk.errors import UserError
+from fusedqk.hostinfo import ENV_VISIBLE, visible_gpus
 
 ENV_LOCK_DIR = "FUSEDQK_LOCK_DIR"
-ENV_VISIBLE = "CUDA_VISIBLE_DEVICES"
 # What the lock held by this process saw when it was taken: read by envinfo.environment().
 HELD: dict = {}
 
@@ -54,18 +54,12 @@ def lock_dir() -> Path:
 
 def visible_gpu() -> str:
     """The GPU a cuda measurement in this process runs on, as the lock names it: the first entry
-    of ``CUDA_VISIBLE_DEVICES`` (an index, or a ``GPU-``/``MIG-`` UUID), else ``0`` (MLX takes
-    the first device it sees). Checked on an H100 on 2026-12-06 (MLX 0.32.4): with
+    of ``CUDA_VISIBLE_DEVICES`` (``hostinfo.visible_gpus``), else ``0`` (MLX takes the first
+    device it sees). Checked on an H100 on 2026-12-06 (MLX 0.32.4): with
     ``CUDA_VISIBLE_DEVICES=0`` MLX runs on it; naming a GPU the host lacks, or none, fails at
     import ("no CUDA-capable device is detected")."""
-    value = os.environ.get(ENV_VISIBLE)
-    if value is None:
-        return "0"
-    first = value.split(",")[0].strip()
-    if not first or not all(c.isalnum() or c == "-" for c in first) or len(first) > 64:
-        raise UserError(f"{ENV_VISIBLE}={value[:80]!r}: no GPU to measure on; give GPU indices "
-                        "or UUIDs separated by commas (the first is measured on), or unset it")
-    return first
+    gpus = visible_gpus()
+    return gpus[0] if gpus else "0"
 
 
 def _others_held(directory: Path, own: Path) -> list[str]:

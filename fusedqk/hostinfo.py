@@ -6,25 +6,54 @@ absent (a login node, a host that runs the measurements in containers).
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import subprocess
 
+from fusedqk.errors import UserError
+
 BACKENDS = ("cpu", "cuda", "metal")  # every backend fusedqk knows, MLX present or not
+ENV_VISIBLE = "CUDA_VISIBLE_DEVICES"
 
 
-def nvidia_smi(query: str) -> str | None:
-    """The first GPU's ``--query-gpu`` fields as nvidia-smi prints them, or None."""
+def _nvidia_smi_rows(query: str) -> list[str]:
+    """Every GPU's ``--query-gpu`` fields as nvidia-smi prints them, one row a GPU."""
     if not shutil.which("nvidia-smi"):
-        return None
+        return []
     try:
         out = subprocess.run(
             ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
             capture_output=True, text=True, timeout=20, check=True,
         ).stdout.strip().splitlines()
     except (OSError, subprocess.SubprocessError):
+        return []
+    return [row.strip() for row in out if row.strip()]
+
+
+def nvidia_smi(query: str) -> str | None:
+    """The first GPU's ``--query-gpu`` fields as nvidia-smi prints them, or None."""
+    rows = _nvidia_smi_rows(query)
+    return rows[0] if rows else None
+
+
+def gpu_indices() -> list[str]:
+    """Every GPU nvidia-smi lists, by index."""
+    return [row for row in _nvidia_smi_rows("index") if row.isdigit()]
+
+
+def visible_gpus() -> list[str] | None:
+    """The GPUs ``CUDA_VISIBLE_DEVICES`` names (indices or ``GPU-``/``MIG-`` UUIDs), in its
+    order, or None where it is unset; a value naming no GPU is one line."""
+    value = os.environ.get(ENV_VISIBLE)
+    if value is None:
         return None
-    return out[0].strip() if out else None
+    entries = [entry.strip() for entry in value.split(",")]
+    if not entries[0] or not all(
+            e and len(e) <= 64 and all(c.isalnum() or c == "-" for c in e) for e in entries):
+        raise UserError(f"{ENV_VISIBLE}={value[:80]!r}: no GPU to measure on; give GPU indices "
+                        "or UUIDs separated by commas (the first is measured on), or unset it")
+    return entries
 
 
 def cuda_runtime_version() -> str | None:

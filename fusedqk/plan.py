@@ -23,7 +23,7 @@ import yaml
 from fusedqk import registry
 from fusedqk.caches import ENV_CACHE_DIR, cache_root
 from fusedqk.errors import UserError
-from fusedqk.hostinfo import BACKENDS, device_name, gpu_backends, slug
+from fusedqk.hostinfo import BACKENDS, device_name, gpu_backends, gpu_indices, slug, visible_gpus
 from fusedqk.outputs import check_dir
 from fusedqk.results import BenchSettings
 
@@ -185,16 +185,11 @@ def gpu_devices(gpus: dict) -> list[str]:
     none (jobs then run unpinned)."""
     if gpus["devices"] != "auto":
         return [str(d) for d in gpus["devices"]]
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [d.strip() for d in visible.split(",") if d.strip()]
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()] \
-        if out.returncode == 0 else []
+        visible = visible_gpus()
+    except UserError as e:
+        raise ConfigError(f"gpus.devices: auto: {e}") from None
+    return visible if visible is not None else gpu_indices()
 
 
 def gpu_of(models: list[str], model: str, devices: list[str]) -> str | None:

@@ -261,7 +261,7 @@ class EngineSpec:
                     found = None
             if found is None:
                 lines = [line.strip() for line in text.splitlines() if line.strip()]
-                said = printable(lines[0] if len(lines) == 1 else "; ".join(lines[:3]))[:200]
+                said = printable("; ".join(lines[:3]))[:200]
                 raise UserError(f"engine {self.name} ({self.source}): `{shown}` printed "
                                 f"{said!r}; this file needs {req.says}")
             line_start = text.rfind("\n", 0, found.start()) + 1

@@ -20,6 +20,9 @@ try:
     config.clear()
     config.update(_merged)
     PLAN = plan.start(config, sys.argv if workflow.remote_exec else None)
+    # The GPUs cuda jobs are dealt over (gpus.devices; auto: what this host, or a scheduler's
+    # grant, shows), on cuda runs only.
+    GPUS = plan.gpu_devices(config["gpus"]) if "cuda" in PLAN.backends else []
 except plan.ConfigError as e:
     sys.stderr.write(f"{e}\n")
     sys.exit(1)
@@ -86,11 +89,6 @@ def fusedqk(backend):
         return FUSEDQK_NATIVE
     return shlex.join(plan.container_command(config["container"], backend, image_tag(backend),
                                              config["results_dir"], config["cache_dir"]))
-
-
-# The GPUs cuda jobs are dealt over (config gpus.devices; auto: what this host, or a scheduler's
-# grant, shows), read where the job's command is made.
-GPUS = plan.gpu_devices(config["gpus"])
 
 
 def job_fusedqk(wildcards):
