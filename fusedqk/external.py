@@ -106,7 +106,7 @@ def bench(spec: EngineSpec, model: str, path: Path, backend: str, vocab_size: in
     result = BenchRun(settings, list(ARMS))
     checked = spec.check_requirements(backend)
     result.meta = {"started_at": now_utc(), "argv": argv or [], "instrument": INSTRUMENTS[spec.kind],
-                   "engine": spec.describe(checked), "model_path": str(path), "round_wall_s": [],
+                   "engine": spec.describe(checked), "model_path": str(path),
                    "refused_rounds": []}
     values = {"model": model, "model_path": path, "prompt_tokens": settings.prompt_tokens,
               "generation_tokens": settings.generation_tokens,
