@@ -13,7 +13,7 @@ import pytest
 from fusedqk.cli import main
 from fusedqk.errors import UserError
 from fusedqk.kernels import cuda_ext, qkv_norm_rope
-from fusedqk.kernels.qkv_norm_rope import CUDA_SOURCE, QKVLayout, primitive_source
+from fusedqk.kernels.cuda_source import CUDA_SOURCE, QKVLayout, translation_unit
 from fusedqk.toggle import kernel_call
 
 BUILT = cuda_ext.load()[0] is not None
@@ -59,12 +59,10 @@ def test_build_ext_without_mlx_cuda_headers_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
-def test_primitive_source_is_the_kernel_mx_fast_cuda_kernel_builds():
+def test_translation_unit_is_the_kernel_mx_fast_cuda_kernel_builds():
     layout = QKVLayout(hidden=1024, n_heads=16, n_kv_heads=8, head_dim=128, eps=1e-6, bits=4,
                        group_size=64, rope_base=1e6)
-    template = [("T", mx.bfloat16), ("K", 1024), ("H", 16), ("KV", 8), ("D", 128), ("BITS", 4),
-                ("GS", 64), ("NQK", 3072), ("RPW", 1)]
-    name, source = primitive_source(layout, mx.bfloat16, template)
+    name, source = translation_unit(layout, "bfloat16")
     assert name.startswith("mlx::core::cu::fusedqk_qkv_norm_rope_") and "bfloat16_1024_16_8" in name
     assert CUDA_SOURCE in source and "constexpr float EPS = " in source
     signature = re.search(r"__global__ void (\w+)\(([^)]*)\)", source)
@@ -73,10 +71,10 @@ def test_primitive_source_is_the_kernel_mx_fast_cuda_kernel_builds():
     assert order == ["x", "w", "scales", "biases", "q_norm", "k_norm", "positions", "counters",
                      "q_out", "k_out", "v_out", "proj"]
     assert "using T = __nv_bfloat16;" in source and "constexpr int NQK = 3072;" in source
-    empty_name, empty = primitive_source(layout, mx.bfloat16, template, launch_only=True)
+    empty_name, empty = translation_unit(layout, "bfloat16", launch_only=True)
     assert empty_name != name and CUDA_SOURCE not in empty
     # Another layout or dtype is another kernel: names never collide in the compile cache.
-    assert primitive_source(layout, mx.float16, template)[0] != name
+    assert translation_unit(layout, "float16")[0] != name
     assert qkv_norm_rope.DTYPE_NAMES[mx.float16] == "float16"
 
 

@@ -28,18 +28,25 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
-from importlib import resources
 
 import mlx.core as mx
-import numpy as np
 
 from fusedqk.kernels import cuda_ext
+from fusedqk.kernels.cuda_source import (
+    CUDA_INPUTS,
+    CUDA_OUTPUTS,
+    CUDA_SOURCE,
+    METAL_SOURCE,
+    ROWS_PER_WARP,
+    WARPS,
+    QKVLayout,
+    cuda_header,
+    float_literal,
+    kernel_name,
+    shape_constants,
+    translation_unit,
+)
 
-WARPS = 8
-# Rows per warp. One row per warp (more blocks, more warps in flight) beat 2 and 4 on every seed
-# model on the H100 (tools/probe_kernel_parts.py, docs/perf-log.md), bitwise the same.
-ROWS_PER_WARP = 1
 # The largest decode batch the kernel takes: the largest at which MLX 0.32.4's graph path still
 # computes the projections row by row with its mat-vec (at 8 rows it switches to a tiled matmul
 # that sums in another order, so no row-by-row kernel is bitwise it there; tests/test_kernel_gpu.py
@@ -47,24 +54,6 @@ ROWS_PER_WARP = 1
 MAX_BATCH = 7
 HEAD_DIMS = (64, 128, 256)
 MAX_HIDDEN = 16384  # x is staged in shared memory (2 bytes each)
-
-
-@dataclass(frozen=True)
-class QKVLayout:
-    """Everything about one attention layer that the fused call needs besides its arrays."""
-
-    hidden: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    eps: float
-    bits: int
-    group_size: int
-    rope_base: float
-
-    @property
-    def rows(self) -> int:
-        return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
 
 
 # --- the plain-ops references ------------------------------------------------------------------
@@ -112,22 +101,6 @@ def composite(layout: QKVLayout):
 # --- the kernel ----------------------------------------------------------------------------------
 
 
-def _source(name: str) -> str:
-    return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
-
-
-# The kernel sources live beside this file (diffable, and read by editors as CUDA and Metal):
-# the CUDA header (MLX's utilities, the dtype helpers), the CUDA kernel body and the Metal one.
-CUDA_HEADER = _source("qkv_norm_rope.cuh")
-
-# Template constants: T, K (hidden), H, KV, D, BITS, GS, RPW (rows per warp), NQK (q+k rows).
-# Inputs: x (B,1,K), w (N, K*BITS/32) uint32, scales/biases (N, K/GS), q_norm/k_norm (D),
-# positions (B,) int32, counters (MAX_BATCH * (H+KV)) uint32, persistent, zero.
-CUDA_SOURCE = _source("qkv_norm_rope.cu")
-
-METAL_SOURCE = _source("qkv_norm_rope.metal")
-
-
 def has_kernel(backend: str) -> bool:
     return backend in ("cuda", "metal")
 
@@ -147,73 +120,26 @@ def kernel_blocker(backend: str, layout: QKVLayout, dtype: mx.Dtype) -> str | No
     return None
 
 
-def _float_literal(value: float) -> str:
-    """The float32 nearest ``value`` as an exact C++ hex literal."""
-    return float(np.float32(value)).hex() + "f"
-
-
-def _kernel_name(eps: float, log2_base: float, launch_only: bool) -> str:
-    kind = "launch_only" if launch_only else "qkv_norm_rope"
-    return f"fusedqk_{kind}_{abs(hash((eps, log2_base))):x}"
-
-
-CUDA_INPUTS = ("x", "w", "scales", "biases", "q_norm", "k_norm", "positions", "counters")
-CUDA_OUTPUTS = ("q_out", "k_out", "v_out", "proj")
-CUDA_TYPES = {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
 DTYPE_NAMES = {mx.bfloat16: "bfloat16", mx.float16: "float16"}
-
-
-def _cuda_header(eps: float, log2_base: float) -> str:
-    return CUDA_HEADER + (f"constexpr float EPS = {_float_literal(eps)};\n"
-                          f"constexpr float LOG2_BASE = {_float_literal(log2_base)};\n")
 
 
 @functools.cache
 def _cuda_kernel(eps: float, log2_base: float, launch_only: bool):
     return mx.fast.cuda_kernel(
-        name=_kernel_name(eps, log2_base, launch_only),
+        name=kernel_name(eps, log2_base, launch_only),
         input_names=list(CUDA_INPUTS),
         output_names=list(CUDA_OUTPUTS),
         source="" if launch_only else CUDA_SOURCE,
-        header=_cuda_header(eps, log2_base),
+        header=cuda_header(eps, log2_base),
     )
-
-
-def primitive_source(layout: QKVLayout, dtype: mx.Dtype, template: list[tuple[str, object]],
-                     launch_only: bool = False, writes_cache: bool = False) -> tuple[str, str]:
-    """(name expression, source) of the kernel for the C++ primitive: the translation unit that
-    ``mx.fast.cuda_kernel`` assembles for the same kernel (header, then the kernel in namespace
-    ``mlx::core::cu`` with the inputs' and outputs' pointers as parameters and the template
-    constants at the top of the body), so both callers compile the same code, once per layout.
-    ``writes_cache``: k_out and v_out are the KV cache's buffers, ``cache_len`` positions long,
-    written at position ``cache_slot``, the cache's offset (``FUSEDQK_WRITES_CACHE`` in the body)."""
-    t = CUDA_TYPES[dtype]
-    types = {"w": "unsigned int", "positions": "int", "counters": "unsigned int"}
-    params = [f"const {types.get(n, t)}* {n}" for n in CUDA_INPUTS]
-    params += [f"{t}* {n}" for n in CUDA_OUTPUTS]
-    if writes_cache:
-        params += ["int cache_len", "int cache_slot"]
-    consts = "".join(f"  using {k} = {t};\n" if k == "T" else f"  constexpr int {k} = {v};\n"
-                     for k, v in template)
-    log2_base = math.log2(layout.rope_base)
-    shape = "_".join(str(v) for k, v in template if k != "T")
-    name = (f"{_kernel_name(layout.eps, log2_base, launch_only)}_{DTYPE_NAMES[dtype]}_{shape}"
-            + ("_kv" if writes_cache else ""))
-    source = ("#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n"
-              + ("#define FUSEDQK_WRITES_CACHE\n" if writes_cache else "")
-              + _cuda_header(layout.eps, log2_base)
-              + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
-              + f"__global__ void {name}(\n    " + ",\n    ".join(params) + ") {\n" + consts
-              + "\n" + ("" if launch_only else CUDA_SOURCE) + "\n}\n\n} // namespace mlx::core::cu\n")
-    return f"mlx::core::cu::{name}", source
 
 
 @functools.cache
 def _metal_kernel(eps: float, log2_base: float, launch_only: bool):
-    header = (f"constant constexpr float EPS = {_float_literal(eps)};\n"
-              f"constant constexpr float LOG2_BASE = {_float_literal(log2_base)};\n")
+    header = (f"constant constexpr float EPS = {float_literal(eps)};\n"
+              f"constant constexpr float LOG2_BASE = {float_literal(log2_base)};\n")
     return mx.fast.metal_kernel(
-        name=_kernel_name(eps, log2_base, launch_only),
+        name=kernel_name(eps, log2_base, launch_only),
         input_names=["x", "w", "scales", "biases", "q_norm", "k_norm", "positions"],
         output_names=["q_out", "k_out", "v_out"],
         source="" if launch_only else METAL_SOURCE,
@@ -250,16 +176,15 @@ class QKVNormRope:
 
     def __init__(self, layout: QKVLayout, dtype: mx.Dtype, backend: str,
                  launch_only: bool = False, call: str | None = None):
-        h, kv, d = layout.n_heads, layout.n_kv_heads, layout.head_dim
+        h, kv = layout.n_heads, layout.n_kv_heads
         self.layout, self.dtype, self.cuda = layout, dtype, backend == "cuda"
-        template = [("T", dtype), ("K", layout.hidden), ("H", h), ("KV", kv), ("D", d),
-                    ("BITS", layout.bits), ("GS", layout.group_size), ("NQK", (h + kv) * d)]
+        shape = shape_constants(layout)
         log2_base = math.log2(layout.rope_base)
         self.call, self._primitive, self._poisoned = "metal_kernel", None, None
         self._cache_writer = None  # the cache-writing variant (C++ primitive only)
         if self.cuda:
             self.kernel = _cuda_kernel(layout.eps, log2_base, launch_only)
-            self.template = [*template, ("RPW", ROWS_PER_WARP)]
+            self.template = [("T", dtype), *shape]
             self.grid_x = layout.rows // (WARPS * ROWS_PER_WARP) * WARPS * 32
             self.threads = WARPS * 32
             self.n_outputs = 4
@@ -275,7 +200,8 @@ class QKVNormRope:
                         *self._primitive_spec(launch_only, writes_cache=True), writes_cache=True)
         else:
             self.kernel = _metal_kernel(layout.eps, log2_base, launch_only)
-            self.template = template
+            # The Metal body has no rows-per-warp constant: a threadgroup per head.
+            self.template = [("T", dtype), *(c for c in shape if c[0] != "RPW")]
             self.grid_x, self.threads = (h + 2 * kv) * 256, 256
             self.n_outputs = 3
         self._shapes: dict[int, list[tuple[int, ...]]] = {}
@@ -284,7 +210,7 @@ class QKVNormRope:
         """The extension Kernel's arguments: name, source, grid x in blocks, threads per block,
         the largest batch, the output shapes after the batch axis, the dtype."""
         h, kv, d = self.layout.n_heads, self.layout.n_kv_heads, self.layout.head_dim
-        name, source = primitive_source(self.layout, self.dtype, self.template, launch_only,
+        name, source = translation_unit(self.layout, DTYPE_NAMES[self.dtype], launch_only,
                                         writes_cache)
         tails = [[h, 1, d], [kv, 1, d], [kv, 1, d], [(h + kv) * d]]
         return (name, source, self.grid_x // self.threads, self.threads, MAX_BATCH, tails,
