@@ -112,5 +112,22 @@ def main(argv: list[str] | None = None) -> int:
         # One line always, whatever text the input carried into the message.
         print(f"fusedqk: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
+    except ImportError as e:
+        # A compiled module that cannot load names itself by its short name ("core") and path.
+        if (e.name or "").split(".")[0] not in ("mlx", "mlx_lm") and "/mlx/" not in (e.path or ""):
+            raise
+        print(f"fusedqk: error: {mlx_unloadable(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
+
+
+def mlx_unloadable(e: ImportError) -> str:
+    """One line for an MLX that is installed but cannot load: MLX's CUDA build on a host
+    without the NVIDIA driver (a CPU host, a container started without the GPU)."""
+    why = first_line(e)
+    if "libcuda.so" in why:
+        return (f"MLX's CUDA build cannot load here ({why}): this host has no NVIDIA driver, or "
+                "the container was started without the GPU (--gpus all, or CDI); `fusedqk "
+                "doctor` checks everything else the cuda backend needs")
+    return f"MLX cannot load here ({why}); `fusedqk doctor` checks the cuda backend's needs"

@@ -1,4 +1,6 @@
-"""The cpu image: built with podman from a local Debian base, the pipeline's jobs run inside it.
+"""The images: the cpu image built with podman from a local Debian base and the pipeline's jobs
+run inside it; the cuda image built from a local Ubuntu 24.04 base, with the C++ primitive, its
+self-check passing inside it on this GPU-less host, and the primitive copied out.
 
 Needs root, podman, runc and debootstrap (.ci/run installs them from Debian's packages) and
 PyPI for the build; skipped with the reason where any is missing.
@@ -21,6 +23,9 @@ from fusedqk import archive
 ROOT = Path(__file__).resolve().parent.parent
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 BASE = "localhost/fusedqk-base:bookworm"
+CUDA_BASE = "localhost/fusedqk-base:noble"
+CUDA_IMAGE = "localhost/fusedqk-cuda:test"
+RUN_ARGS = ["--runtime", "runc", "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"]
 
 
 def _podman_works() -> str | None:
@@ -66,3 +71,61 @@ def test_cpu_image_builds_and_runs_the_tiny_pipeline(tmp_path):
     assert image
     assert json.loads((run / "qwen3-tiny" / "status-bench.json").read_text())["ok"]
     assert archive.verify(run) == []
+
+
+def _base(tag: str, suite: str) -> None:
+    if subprocess.run(["podman", "image", "exists", tag]).returncode != 0:
+        subprocess.run([str(ROOT / "containers/make-base.sh"), "podman", tag, suite], check=True,
+                       timeout=900)
+
+
+def test_cuda_image_builds_the_primitive_and_checks_itself_without_a_gpu(tmp_path):
+    _base(CUDA_BASE, "noble")
+    secret = (["--secret", f"id=ca,src={CA_BUNDLE}"] if Path(CA_BUNDLE).is_file() else [])
+    build = subprocess.run(
+        ["podman", "build", "--runtime", "runc", "--network", "host", *secret,
+         "--build-arg", f"BASE={CUDA_BASE}", "--build-arg", "CUDA_TARGETS=80,90",
+         "-t", CUDA_IMAGE, "-f", "containers/cuda/Dockerfile", "."],
+        cwd=ROOT, capture_output=True, text=True, timeout=2400)
+    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
+    # The build stage ran the doctor: its lines are in the build's output.
+    assert "NVRTC compiles the kernel_kv unit for sm_90: " in build.stdout
+    run = ["podman", "run", "--rm", *RUN_ARGS, "--network", "none", CUDA_IMAGE]
+
+    doctor = subprocess.run([*run, "fusedqk", "doctor", "--targets", "90", "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert doctor.returncode == 0, doctor.stdout[-3000:] + doctor.stderr[-3000:]
+    report = json.loads(doctor.stdout)
+    checks = {c["what"]: c for c in report["checks"]}
+    assert report["ok"] and checks["C++ primitive"]["ok"]
+    assert checks["C++ primitive built against the installed MLX"]["ok"]
+    assert "sm_80, sm_90" in checks["C++ primitive built against the installed MLX"]["detail"]
+    for header in ("cuda_bf16.h", "cuda_fp16.h", "cooperative_groups.h"):
+        assert checks[f"header {header}"]["ok"]
+    assert checks["NVRTC compiles the kernel unit for sm_90"]["ok"]
+    # No GPU here: the driver's library and the GPU are named as absent, not as failures.
+    driver = checks["libmlx.so needs libcuda.so.1"]
+    assert not driver["ok"] and not driver["required"] and "driver" in driver["detail"]
+    assert not checks["GPU"]["ok"] and not checks["GPU"]["required"]
+    assert all(c["ok"] for c in report["checks"] if c["required"])
+
+    # On this host `fusedqk doctor --require-gpu` fails, and `fusedqk env` says why in one line.
+    strict = subprocess.run([*run, "fusedqk", "doctor", "--require-gpu"], capture_output=True,
+                            text=True, timeout=300)
+    assert strict.returncode == 1 and "MISSING  GPU: no GPU here" in strict.stdout
+    env = subprocess.run([*run, "fusedqk", "env", "--backend", "cuda"], capture_output=True,
+                         text=True, timeout=300)
+    assert env.returncode == 2 and "Traceback" not in env.stderr
+    (line,) = env.stderr.strip().splitlines()
+    assert "libcuda.so.1" in line and "no NVIDIA driver" in line and "fusedqk doctor" in line
+
+    # The primitive comes out of the image with its build record (for a GPU host, natively).
+    copied = subprocess.run(["containers/copy-primitive.sh", "podman", CUDA_IMAGE,
+                             str(tmp_path / "primitive")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "RUN_ARGS": " ".join(RUN_ARGS)})
+    assert copied.returncode == 0, copied.stderr
+    module, = (tmp_path / "primitive").glob("_fusedqk_cuda.cpython-312-*.so")
+    assert module.read_bytes()[:4] == b"\x7fELF"
+    record = json.loads((tmp_path / "primitive" / "_fusedqk_cuda.json").read_text())
+    assert record["mlx"] == "0.32.4" and record["python"].startswith("3.12")
+    assert record["checked_targets"] == ["sm_80", "sm_90"]

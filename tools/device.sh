@@ -4,10 +4,14 @@
 # and travel back packed as one file.
 #
 #   tools/device.sh setup         once per machine: bytecode for the installed packages, the C++
-#                                 primitive (fusedqk build-ext), llama.cpp for CUDA started in the
-#                                 background where .work/llama-src.tar.xz is carried
+#                                 primitive (fusedqk build-ext, or PRIMITIVE_FROM: a folder with one
+#                                 built elsewhere, such as the cuda image's), fusedqk doctor,
+#                                 llama.cpp for CUDA started in the background where
+#                                 .work/llama-src.tar.xz is carried
 #   tools/device.sh kernel        numerics probe, GPU tests (GPU_TESTS: a pytest -k filter), block
 #                                 benchmark of the seed models, Nsight Compute device times
+#   tools/device.sh identity      fusedqk identity of kernel and kernel_kv on the seed models, with
+#                                 the cuda pipeline's identity settings
 #   tools/device.sh pipeline      the pipeline, cuda backend, natively, resuming across calls
 #                                 (RUN_NAME, FUSEDQK_GIT_COMMIT; PIPELINE_ARGS: more Snakemake flags)
 #   tools/device.sh engine FILE M...  the pipeline through an overlay such as
@@ -21,7 +25,7 @@
 # Stages whose questions docs/perf-log.md has answered were retired; the log names the commit
 # where each can still be read.
 set -uo pipefail
-stage="${1:?usage: tools/device.sh setup|kernel|pipeline|engine FILE MODEL...}"
+stage="${1:?usage: tools/device.sh setup|kernel|identity|pipeline|engine FILE MODEL...}"
 OUT="${OUT:-$PWD/.work/device-out}"
 final="$OUT"
 OUT="$final/raw"
@@ -73,8 +77,19 @@ setup)
   started=$SECONDS
   $py -m compileall -q -j 0 "$SITE_PACKAGES" > "$OUT/compileall.txt" 2>&1
   echo "bytecode: $((SECONDS - started)) s" | tee "$OUT/setup.txt"
-  build_ext | tail -2
+  if [ -n "${PRIMITIVE_FROM:-}" ]; then
+    cp "$PRIMITIVE_FROM"/_fusedqk_cuda* fusedqk/kernels/cuda_ext/
+  else
+    build_ext | tail -2
+  fi
+  $py -m fusedqk doctor --require-gpu > "$OUT/doctor.txt" 2>&1; tail -8 "$OUT/doctor.txt"
   $py -m fusedqk env | grep "kernel call"
+  ;;
+identity)
+  for m in qwen3-0.6b qwen3-8b qwen3-30b-a3b; do
+    $py -m fusedqk identity -m "$m" --impls kernel,kernel_kv --no-cudnn-sdpa -p 64 -n 256 -k 3 \
+      --concurrent-controls --out-dir "$OUT/identity-$m" 2>&1 | tail -4
+  done
   ;;
 kernel)
   $py tools/probe_cuda_numerics.py 2>&1 | tee "$OUT/probe.md"
@@ -118,7 +133,7 @@ engine)
     run_pipeline "$OUT/engine-results" "${RUN_NAME:-engine}" "backend_settings={cuda: {models: $models}}"
   ;;
 *)
-  echo "unknown stage $stage (setup, kernel, pipeline, engine)" >&2
+  echo "unknown stage $stage (setup, kernel, identity, pipeline, engine)" >&2
   exit 2
   ;;
 esac

@@ -1,5 +1,5 @@
-"""Commands that set up or describe: env, record-config, build-ext, build-llama-cpp, models,
-export."""
+"""Commands that set up or describe: env, doctor, record-config, build-ext, build-llama-cpp,
+models, export."""
 
 from __future__ import annotations
 
@@ -32,6 +32,14 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from fusedqk import doctor
+
+    checks = doctor.cuda_checks(doctor.parse_targets(args.targets), args.require_gpu)
+    print(doctor.as_json(checks) if args.json else doctor.render(checks))
+    return 0 if all(c.ok for c in checks if c.required) else 1
+
+
 def cmd_record_config(args: argparse.Namespace) -> int:
     """The pipeline's merged configuration, as the run's ``config.yaml`` (the workflow passes it
     as JSON, so no shell quoting of YAML is involved)."""
@@ -53,10 +61,12 @@ def cmd_record_config(args: argparse.Namespace) -> int:
 
 
 def cmd_build_ext(args: argparse.Namespace) -> int:
+    from fusedqk.doctor import parse_targets
     from fusedqk.kernels.cuda_ext.build import build
 
     built = build(Path(args.build_dir), Path(args.mlx_root) if args.mlx_root else None,
-                  Path(args.fmt_include) if args.fmt_include else None)
+                  Path(args.fmt_include) if args.fmt_include else None,
+                  tuple(parse_targets(args.targets)))
     print(f"built {built}")
     return 0
 
@@ -123,6 +133,18 @@ def add_parsers(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_env)
 
+    p = sub.add_parser("doctor", help="check, without a GPU and without loading MLX, every "
+                       "library, header and compiler the cuda backend loads, and the C++ "
+                       "primitive; exit 1 if one is missing")
+    p.add_argument("--backend", choices=["cuda"], default="cuda",
+                   help="the backend to check (cuda: cpu and metal need nothing beyond MLX)")
+    p.add_argument("--targets", default="90", help="GPU architectures the kernel must compile "
+                   "for, as sm numbers separated by commas (default 90: Hopper)")
+    p.add_argument("--require-gpu", action="store_true",
+                   help="a missing GPU or driver is a failure too (on a GPU host)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+
     p = sub.add_parser("record-config", help="write the pipeline configuration a run is made "
                        "with (JSON in) as the run's config.yaml")
     p.add_argument("--config", required=True, help="the configuration as one JSON object")
@@ -135,6 +157,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--mlx-root", help="the mlx package folder with include/ and lib/libmlx.so "
                    "(default: the installed mlx)")
     p.add_argument("--fmt-include", help="the folder holding fmt/format.h (default: the system's)")
+    p.add_argument("--targets", default="90", help="GPU architectures the kernel is checked to "
+                   "compile for at build, as sm numbers separated by commas (default 90); on a "
+                   "GPU NVRTC compiles it at first use for the card's own")
     p.set_defaults(func=cmd_build_ext)
 
     p = sub.add_parser("models", help="the model registry with sizes")

@@ -1,11 +1,20 @@
-"""Build the optional CUDA extension (``fusedqk build-ext``) into this package folder."""
+"""Build the optional CUDA extension (``fusedqk build-ext``) into this package folder.
+
+Needs no GPU and no driver: nothing here imports mlx.core (which cannot load without the
+driver's libcuda.so.1), so an image's build stage can build it.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import json
+import platform
+import re
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 from fusedqk.errors import UserError
@@ -13,20 +22,40 @@ from fusedqk.errors import UserError
 HERE = Path(__file__).resolve().parent
 
 
-def installed_mlx_root() -> Path:
-    """The installed mlx package folder (include/ and lib/ come with the mlx-cuda wheel)."""
-    import mlx.core
+def _cuda_version(include_dir: Path) -> str:
+    """CUDA_VERSION from cuda.h (13000 → 13.0)."""
+    m = re.search(r"#define CUDA_VERSION (\d+)", (include_dir / "cuda.h").read_text(errors="replace"))
+    return f"{int(m.group(1)) // 1000}.{int(m.group(1)) % 1000 // 10}" if m else "unknown"
 
-    return Path(mlx.core.__file__).resolve().parent
+
+def _compiler(build_dir: Path) -> str:
+    cache = (build_dir / "CMakeCache.txt").read_text(errors="replace")
+    m = re.search(r"^CMAKE_CXX_COMPILER:\w+=(.+)$", cache, re.M)
+    if not m:
+        return "unknown"
+    out = subprocess.run([m.group(1), "--version"], capture_output=True, text=True)
+    return (out.stdout.splitlines() or ["unknown"])[0]
 
 
-def build(build_dir: Path, mlx_root: Path | None = None, fmt_include: Path | None = None) -> Path:
-    """Configure and build with CMake; returns the built module's path. Every failure is one
+def build(build_dir: Path, mlx_root: Path | None = None, fmt_include: Path | None = None,
+          targets: tuple[int, ...] = (90,)) -> Path:
+    """Configure and build with CMake, check with NVRTC that the kernel compiles for each of
+    ``targets`` (sm numbers) with the headers the build used, and record the build beside the
+    module (``doctor.BUILD_INFO``); returns the built module's path. Every failure is one
     UserError line naming what is missing; the compiler's output stays in ``build_dir``."""
-    root = mlx_root or installed_mlx_root()
-    if not (root / "include" / "mlx" / "backend" / "cuda" / "device.h").is_file():
+    from fusedqk import doctor
+
+    root = mlx_root or doctor.mlx_root()
+    if root is None or not (root / "include" / "mlx" / "backend" / "cuda" / "device.h").is_file():
         raise UserError(f"--mlx-root {root}: no MLX CUDA headers there (include/mlx/backend/cuda);"
                         " install MLX's CUDA build (pip install 'mlx[cuda13]')")
+    cuda_include = doctor.cuda_include_dirs(root)[-1]
+    if not (cuda_include / "cuda.h").is_file():
+        raise UserError(f"no cuda.h in {cuda_include}, where MLX's JIT takes the CUDA headers "
+                        "from: install nvidia-cuda-runtime (mlx[cuda13] brings it) or set CUDA_HOME")
+    if not (cuda_include / "crt" / "host_config.h").is_file():
+        raise UserError(f"no crt/host_config.h in {cuda_include} (cuda_runtime.h includes it): "
+                        "pip install 'fusedqk[cuda-ext]' (nvidia-cuda-crt) or use a CUDA toolkit")
     if shutil.which("cmake") is None:
         raise UserError("cmake is not on PATH; the extension builds with CMake >= 3.24")
     if importlib.util.find_spec("nanobind") is None:
@@ -36,7 +65,7 @@ def build(build_dir: Path, mlx_root: Path | None = None, fmt_include: Path | Non
     log = build_dir / "build.log"
     configure = ["cmake", "-S", str(HERE), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
                  f"-DPython_EXECUTABLE={sys.executable}", f"-DMLX_ROOT={root}",
-                 f"-DFUSEDQK_OUTPUT_DIR={HERE}"]
+                 f"-DCUDA_INCLUDE_DIR={cuda_include}", f"-DFUSEDQK_OUTPUT_DIR={HERE}"]
     if fmt_include is not None:
         configure.append(f"-DFMT_INCLUDE_DIR={fmt_include}")
     if shutil.which("ninja"):
@@ -51,4 +80,42 @@ def build(build_dir: Path, mlx_root: Path | None = None, fmt_include: Path | Non
     built = sorted(HERE.glob("_fusedqk_cuda*.so"), key=lambda p: p.stat().st_mtime)
     if not built:
         raise UserError(f"the build finished but left no _fusedqk_cuda module in {HERE} ({log})")
+    checked = _check_targets(root, targets)
+    info = {
+        "format": "fusedqk-cuda-ext/1",
+        "module": built[-1].name,
+        "mlx": importlib.metadata.version("mlx"),
+        "nanobind": importlib.metadata.version("nanobind"),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "compiler": _compiler(build_dir),
+        "cuda_headers": str(cuda_include),
+        "cuda_headers_version": _cuda_version(cuda_include),
+        # The module holds no device code: NVRTC compiles the kernel at first use for the card's
+        # own architecture. These are the architectures it was seen to compile for at build.
+        "checked_targets": [f"sm_{t}" for t in checked],
+        "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    (HERE / doctor.BUILD_INFO).write_text(json.dumps(info, indent=1) + "\n")
     return built[-1]
+
+
+def _check_targets(root: Path, targets: tuple[int, ...]) -> list[int]:
+    from fusedqk import doctor
+
+    libraries = doctor.resolve_libraries(root / "lib" / "libmlx.so")
+    nvrtc_path = next((p for n, p in libraries.items() if n.startswith("libnvrtc.so") and p), None)
+    if nvrtc_path is None:
+        raise UserError("libmlx.so's NVRTC (libnvrtc.so.13) is not found: the kernel could not "
+                        "compile at run time")
+    nvrtc = doctor.Nvrtc(nvrtc_path)
+    supported = nvrtc.architectures()
+    for arch in targets:
+        if arch not in supported:
+            raise UserError(f"--targets: sm_{arch} is not one NVRTC {nvrtc.version()} compiles "
+                            f"for ({', '.join(f'sm_{a}' for a in supported)})")
+        failed = [c for c in doctor.compile_kernel(nvrtc, arch, doctor.cuda_include_dirs(root))
+                  if not c.ok]
+        if failed:
+            raise UserError(f"{failed[0].what}: {failed[0].detail}")
+    return list(targets)

@@ -82,20 +82,33 @@ void check_cu(CUresult result, const char* what) {
   }
 }
 
-// The CUDA toolkit's headers: where MLX's JIT looks (CUDA_HOME, CUDA_PATH, /usr/local/cuda).
-std::string cuda_home() {
-  for (const char* name : {"CUDA_HOME", "CUDA_PATH"}) {
-    if (const char* v = std::getenv(name); v && *v) return v;
+// The folder holding libmlx.so's package (site-packages/mlx), found from a symbol it exports.
+std::filesystem::path mlx_root() {
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(&mx::cu::get_command_encoder), &info) && info.dli_fname) {
+    return std::filesystem::path(info.dli_fname).parent_path().parent_path();
   }
-  return "/usr/local/cuda";
+  return {};
+}
+
+// The CUDA headers, where MLX 0.32.4's JIT takes them: the nvidia-cuda-runtime wheel beside the
+// mlx package (site-packages/nvidia/cu13/include), else CUDA_HOME, CUDA_PATH, /usr/local/cuda.
+// fusedqk/doctor.py (cuda_include_dirs) follows the same order.
+std::string cuda_include() {
+  if (auto root = mlx_root(); !root.empty()) {
+    auto wheel = root.parent_path() / "nvidia" / "cu13" / "include";
+    if (std::filesystem::exists(wheel)) return wheel.string();
+  }
+  for (const char* name : {"CUDA_HOME", "CUDA_PATH"}) {
+    if (const char* v = std::getenv(name); v && *v) return std::string(v) + "/include";
+  }
+  return "/usr/local/cuda/include";
 }
 
 // The CCCL headers that ship beside libmlx.so (mlx/include/cccl), as MLX's JIT finds them.
 std::string cccl_dir() {
-  Dl_info info{};
-  if (dladdr(reinterpret_cast<void*>(&mx::cu::get_command_encoder), &info) && info.dli_fname) {
-    auto dir = std::filesystem::path(info.dli_fname).parent_path().parent_path() / "include" /
-               "cccl";
+  if (auto root = mlx_root(); !root.empty()) {
+    auto dir = root / "include" / "cccl";
     if (std::filesystem::exists(dir)) return dir.string();
   }
   return "";
@@ -124,7 +137,7 @@ Cubin nvrtc_compile(const std::string& source, const std::string& file_name,
   std::vector<std::string> options = {"--gpu-architecture=sm_" + std::to_string(major) +
                                       std::to_string(minor)};
   if (auto cccl = cccl_dir(); !cccl.empty()) options.push_back("--include-path=" + cccl);
-  options.push_back("--include-path=" + cuda_home() + "/include");
+  options.push_back("--include-path=" + cuda_include());
   std::vector<const char*> argv;
   for (auto& o : options) argv.push_back(o.c_str());
   if (int r = nvrtcCompileProgram(prog, static_cast<int>(argv.size()), argv.data()); r != 0) {
@@ -252,7 +265,7 @@ std::string module_key(const std::string& source, const std::string& kernel_name
   nvrtcVersion(&nvrtc_major, &nvrtc_minor);
   std::string key = "sm_" + std::to_string(major) + std::to_string(minor) + " nvrtc " +
                     std::to_string(nvrtc_major) + "." + std::to_string(nvrtc_minor) + " " +
-                    cuda_home() + " " + cccl_dir();
+                    cuda_include() + " " + cccl_dir();
   for (const auto* part : {&kernel_name, &source}) {
     key += '\0';
     key += *part;

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Copy the C++ primitive and its build record out of a cuda image, for a GPU host that runs
+# natively with the same Python (3.12 for the default base) and MLX:
+#   containers/copy-primitive.sh [engine] IMAGE DEST
+# then put both files in that host's fusedqk/kernels/cuda_ext/ (`fusedqk doctor` checks them).
+# RUN_ARGS: extra `run` arguments, as container.run_args in the configuration.
+set -euo pipefail
+read -r -a run_args <<< "${RUN_ARGS:-}"
+if [ $# -eq 3 ]; then engine="$1"; shift; else engine=podman; fi
+image="${1:?usage: copy-primitive.sh [engine] IMAGE DEST}"
+dest="${2:?usage: copy-primitive.sh [engine] IMAGE DEST}"
+mkdir -p "$dest"
+folder="$("$engine" run --rm "${run_args[@]}" --network none "$image" python3 -c \
+  'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("fusedqk.kernels.cuda_ext").origin).parent)')"
+container="$("$engine" create "$image")"
+trap '"$engine" rm -f "$container" >/dev/null' EXIT
+for name in $("$engine" run --rm "${run_args[@]}" --network none "$image" ls "$folder" | grep '^_fusedqk_cuda'); do
+  "$engine" cp "$container:$folder/$name" "$dest/$name"
+  echo "$dest/$name"
+done
