@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +32,7 @@ def imports(path: Path) -> set[str]:
 MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
 # Modules that parse command lines: the CLI, its commands, and mlx-lm's launcher (which hands
 # argv to mlx-lm).
-COMMAND_MODULES = {"fusedqk.cli", "fusedqk.mlx_lm", "fusedqk.__main__",
+COMMAND_MODULES = {"fusedqk.cli", "fusedqk.patched_mlx_lm", "fusedqk.__main__",
                    *(m for m in MODULES if m.startswith("fusedqk.commands"))}
 GRAPH = {m: {i for i in imports(p) if i in MODULES and i != m} for m, p in MODULES.items()}
 
@@ -82,15 +81,42 @@ def test_the_workflow_planner_does_not_import_mlx():
     assert proc.stdout.strip() == "False", proc.stderr
 
 
-def test_the_readmes_one_decode_step_follows_the_imports():
-    # README's "one decode step" row names files, each importing the next.
+def test_the_readmes_one_decode_step_is_the_call_stack_of_a_real_step(tmp_path, monkeypatch):
+    """README's "one decode step" row names, in order, the package's files on the call stack
+    when a decode step of a real `fusedqk bench` reaches the fused path's kernel file (on this
+    CPU: the composite, which lives there too), and no other file of the package."""
+    from fusedqk.cli import main
+
     readme = (PACKAGE.parent / "README.md").read_text()
     (row,) = [ln for ln in readme.splitlines() if ln.endswith("| one decode step |")]
     names = [c.strip("` ") for c in row.split("|")[1].split("→")]
     paths = [PACKAGE.parent / names[0]] + [PACKAGE / n for n in names[1:]]
     assert len(paths) <= 5 and all(p.is_file() for p in paths), names
-    for here, there in itertools.pairwise(paths):
-        assert module_name(there) in imports(here), f"{here.name} does not import {there.name}"
+    kernel_file, decode_file = str(paths[-1]), str(PACKAGE / "decode.py")
+    stacks: list[list[str]] = []
+
+    def watch(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename == kernel_file and not stacks:
+            files, f = [], frame
+            while f is not None:
+                name = f.f_code.co_filename
+                if name.startswith(str(PACKAGE)) and (not files or files[-1] != name):
+                    files.append(name)
+                f = f.f_back
+            if decode_file in files:  # a decode step, not the model's build
+                stacks.append(files[::-1])
+
+    monkeypatch.setenv("FUSEDQK_LOCK_DIR", str(tmp_path / "locks"))
+    monkeypatch.setenv("FUSEDQK_CACHE_DIR", str(tmp_path / "cache"))
+    sys.setprofile(watch)
+    try:
+        code = main(["bench", "-m", "qwen3-tiny", "-p", "4", "-g", "4", "-r", "1", "-w", "1",
+                     "--paths", "graph,fused", "--out-dir", str(tmp_path / "bench")])
+    finally:
+        sys.setprofile(None)
+    assert code == 0 and stacks, "no decode step reached the kernel file"
+    entry = [f for f in stacks[0] if not f.endswith(("cli.py", "__main__.py"))]
+    assert entry == [str(p) for p in paths], [Path(f).relative_to(PACKAGE) for f in entry]
 
 
 # The layers, bottom up: the kernel is told which call to make (by toggle), never asks; the

@@ -1,8 +1,8 @@
-"""mlx-lm's own command line with the fused path: ``python -m fusedqk.mlx_lm CMD [mlx-lm flags]``.
+"""mlx-lm's own command line with the fused path: ``python -m fusedqk.patched_mlx_lm CMD [mlx-lm flags]``.
 
-    python -m fusedqk.mlx_lm generate  --model DIR --prompt "..." --max-tokens 64
-    python -m fusedqk.mlx_lm benchmark --model DIR -p 64 -g 128 -n 5
-    python -m fusedqk.mlx_lm server    --model DIR --port 8080
+    python -m fusedqk.patched_mlx_lm generate  --model DIR --prompt "..." --max-tokens 64
+    python -m fusedqk.patched_mlx_lm benchmark --model DIR -p 64 -g 128 -n 5
+    python -m fusedqk.patched_mlx_lm server    --model DIR --port 8080
 
 Runs mlx-lm's unchanged entry point (``mlx_lm.generate``, ``mlx_lm.benchmark``,
 ``mlx_lm.server``) with ``fusedqk.patch`` applied to every model right after ``mlx_lm.load``
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
         resolve(current_backend(), has_kernel(current_backend()))
     except UserError as e:
-        print(f"fusedqk.mlx_lm: error: {e}", file=sys.stderr)
+        print(f"fusedqk.patched_mlx_lm: error: {e}", file=sys.stderr)
         return 2
     sys.argv = [f"mlx_lm.{argv[0]}", *argv[1:]]
     entry.main()
