@@ -72,13 +72,20 @@ def cuda_include_dirs(root: Path) -> list[Path]:
     return [*dirs, Path(home) / "include"]
 
 
-def resolve_libraries(binary: Path) -> dict[str, str | None]:
+def resolve_libraries(binary: Path, loaded_from: Path | None = None) -> dict[str, str | None]:
     """Each shared library ``binary`` needs, directly or through another, and the path the
-    dynamic loader finds for it (None: not found), as ``ldd`` reports them."""
+    dynamic loader finds for it (None: not found), as ``ldd`` reports them. ``loaded_from``: a
+    folder whose libraries the process has loaded already (the primitive finds libmlx.so that
+    way: mlx.core loads it first, whatever the primitive's own search path says)."""
     if shutil.which("ldd") is None:
         raise UserError("ldd is not on PATH (Debian and Ubuntu: package libc-bin); the doctor "
                         "resolves libraries with it")
-    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, timeout=60)
+    env = dict(os.environ)
+    if loaded_from is not None:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            [str(loaded_from), *filter(None, [env.get("LD_LIBRARY_PATH")])])
+    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, timeout=60,
+                         env=env)
     found: dict[str, str | None] = {}
     for line in out.stdout.splitlines():
         m = re.match(r"\s*(\S+) => (not found|(\S+) \(0x[0-9a-f]+\))", line)
@@ -92,10 +99,10 @@ def gpu_present() -> bool:
 
 
 def _library_checks(binary: Path, label: str, driver_required: bool,
-                    one_line: bool = False) -> list[Check]:
+                    one_line: bool = False, loaded_from: Path | None = None) -> list[Check]:
     """A line for each library ``binary`` needs (``one_line``: one for all that were found)."""
     checks, found = [], []
-    for name, path in resolve_libraries(binary).items():
+    for name, path in resolve_libraries(binary, loaded_from).items():
         if path is not None:
             found.append(name)
             if not one_line:
@@ -240,7 +247,9 @@ def primitive_checks(driver_required: bool) -> list[Check]:
                         f"host code for {info.get('machine')}, {info.get('compiler')}; device "
                         f"code compiled at first use for the card's own architecture (checked "
                         f"at build for {', '.join(info.get('checked_targets', [])) or 'none'})"))
-    return checks + _library_checks(module, "the primitive", driver_required, one_line=True)
+    root = mlx_root()
+    return checks + _library_checks(module, "the primitive", driver_required, one_line=True,
+                                    loaded_from=root / "lib" if root else None)
 
 
 def _version(dist: str) -> str | None:

@@ -9,8 +9,9 @@ python="${PYTHON:-python3}"
 # installs the Python ones: neither waits for the other.
 system_packages() {
   if ! command -v podman >/dev/null; then
-    # For the container test (podman builds the cpu image from a local Debian base).
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap) \
+    # For the container tests (podman builds the cpu image from a local Debian base, the cuda
+    # image from a local Ubuntu one; curl fetches Ubuntu's archive key).
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap curl) \
       >/dev/null 2>&1 || echo "note: could not install podman/runc/debootstrap; the container test will skip"
   fi
   if ! command -v slurmctld >/dev/null; then
@@ -18,11 +19,12 @@ system_packages() {
     bash tests/slurm/cluster.sh install >/dev/null 2>&1 \
       || echo "note: could not install SLURM's packages; the SLURM test will skip"
   fi
-  # The container test's Debian base, built while the other tests run (debootstrap mostly waits
-  # on the network); the test waits for this build through make-base.sh's lock.
-  if command -v podman >/dev/null && command -v debootstrap >/dev/null \
-      && ! podman image exists localhost/fusedqk-base:bookworm 2>/dev/null; then
-    nohup containers/make-base.sh podman > .venv/make-base.log 2>&1 &
+  # The container tests' bases (Debian 12 for the cpu image, Ubuntu 24.04 for the cuda image),
+  # built while the other tests run (debootstrap mostly waits on the network); the tests wait for
+  # these builds through make-base.sh's lock.
+  if command -v podman >/dev/null && command -v debootstrap >/dev/null; then
+    { containers/make-base.sh podman
+      containers/make-base.sh podman localhost/fusedqk-base:noble noble; } > .venv/make-base.log 2>&1 &
   fi
 }
 [ -x .venv/bin/python ] || "$python" -m venv .venv

@@ -72,7 +72,7 @@ def test_libraries_are_resolved_by_the_dynamic_loader():
 
 def test_a_missing_library_is_a_failure_and_the_missing_driver_only_where_required(monkeypatch):
     monkeypatch.setattr(doctor, "resolve_libraries",
-                        lambda binary: {"libc.so.6": "/lib/libc.so.6", "libcuda.so.1": None,
+                        lambda binary, loaded_from=None: {"libc.so.6": "/lib/libc.so.6", "libcuda.so.1": None,
                                         "libcudnn.so.9": None})
     checks = {c.what: c for c in doctor._library_checks(Path("x"), "x", driver_required=False)}
     assert checks["x needs libc.so.6"].ok
