@@ -94,10 +94,6 @@ def resolve_libraries(binary: Path, loaded_from: Path | None = None) -> dict[str
     return found
 
 
-def gpu_present() -> bool:
-    return Path("/dev/nvidiactl").exists() or nvidia_smi("name") is not None
-
-
 def _library_checks(binary: Path, label: str, driver_required: bool,
                     one_line: bool = False, loaded_from: Path | None = None) -> list[Check]:
     """A line for each library ``binary`` needs (``one_line``: one for all that were found)."""
@@ -208,6 +204,26 @@ def compile_kernel(nvrtc: Nvrtc, arch: int, include_dirs: list[Path]) -> list[Ch
     return checks
 
 
+def nvrtc_checks(root: Path, targets: list[int]) -> list[Check]:
+    """The NVRTC libmlx.so loads: found, its version and architectures, and the kernel's two
+    translation units compiled for each of ``targets`` with the headers MLX's JIT would use."""
+    nvrtc_path = next((p for n, p in resolve_libraries(root / "lib" / "libmlx.so").items()
+                       if n.startswith("libnvrtc.so") and p), None)
+    if nvrtc_path is None:
+        return [Check("NVRTC", False, "libnvrtc.so.13 not found: no kernel can compile")]
+    nvrtc = Nvrtc(nvrtc_path)
+    supported = nvrtc.architectures()
+    checks = [Check("NVRTC", True, f"{nvrtc.version()} at {nvrtc_path}, compiles for "
+                    + " ".join(f"sm_{a}" for a in supported))]
+    for arch in targets:
+        if arch not in supported:
+            checks.append(Check(f"NVRTC compiles for sm_{arch}", False,
+                                f"NVRTC {nvrtc.version()} does not compile for it"))
+        else:
+            checks += compile_kernel(nvrtc, arch, cuda_include_dirs(root))
+    return checks
+
+
 def parse_targets(text: str) -> list[int]:
     """``90`` or ``80,90,100`` (sm_ numbers) into a list; one line naming the accepted form."""
     try:
@@ -267,7 +283,8 @@ def cuda_checks(targets: list[int], gpu_required: bool = False) -> list[Check]:
         return [Check("MLX's CUDA build", False,
                       "mlx-cuda-13 is not installed (pip install 'mlx[cuda13]'; the image "
                       "carries it)")]
-    gpu = gpu_present()
+    gpu_name = nvidia_smi("name")
+    gpu = gpu_name is not None or Path("/dev/nvidiactl").exists()
     libmlx = root / "lib" / "libmlx.so"
     checks = [Check("MLX's CUDA build", True, f"mlx {_version('mlx')}, mlx-cuda-13 {cuda_wheel} "
                     f"at {root}")]
@@ -280,25 +297,10 @@ def cuda_checks(targets: list[int], gpu_required: bool = False) -> list[Check]:
                             str(path) if path.is_file() else f"not in {cuda_include}"))
     checks.append(Check("CCCL headers", cccl is not None and (cccl / CCCL_HEADER).is_file(),
                         str(cccl) if cccl else f"no include/cccl beside {libmlx}"))
-    nvrtc_path = next((p for n, p in resolve_libraries(libmlx).items()
-                       if n.startswith("libnvrtc.so") and p), None)
-    if nvrtc_path is None:
-        checks.append(Check("NVRTC", False, "libnvrtc.so.13 not found: nothing can compile"))
-    else:
-        nvrtc = Nvrtc(nvrtc_path)
-        supported = nvrtc.architectures()
-        checks.append(Check("NVRTC", True, f"{nvrtc.version()} at {nvrtc_path}, compiles for "
-                            + " ".join(f"sm_{a}" for a in supported)))
-        for arch in targets:
-            if arch not in supported:
-                checks.append(Check(f"NVRTC compiles for sm_{arch}", False,
-                                    "this NVRTC does not support it"))
-            else:
-                checks += compile_kernel(nvrtc, arch, include_dirs)
+    checks += nvrtc_checks(root, targets)
     checks += primitive_checks(gpu or gpu_required)
-    name = nvidia_smi("name")
-    checks.append(Check("GPU", name is not None,
-                        f"{name}, driver {nvidia_smi('driver_version')}" if name else
+    checks.append(Check("GPU", gpu_name is not None,
+                        f"{gpu_name}, driver {nvidia_smi('driver_version')}" if gpu_name else
                         "no GPU here (nvidia-smi lists none): nothing was run on a device; on a "
                         "GPU host pass it to the container (--gpus all, or CDI)", gpu_required))
     return checks

@@ -22,7 +22,8 @@ absent = pytest.mark.skipif(BUILT, reason="the extension is built here")
 
 @absent
 def test_absent_extension_falls_back_to_cuda_kernel_with_the_reason():
-    assert cuda_ext.load() == (None, "not built (`fusedqk build-ext` builds it on a CUDA machine)")
+    assert cuda_ext.load() == (None, "not built (`fusedqk build-ext` builds it, no GPU needed; "
+                                     "the cuda image carries it)")
     call, why = kernel_call("cuda", {})
     assert call == "cuda_kernel" and "not built" in why
     assert kernel_call("cuda", {"FUSEDQK_KERNEL_CALL": "cuda_kernel"})[0] == "cuda_kernel"

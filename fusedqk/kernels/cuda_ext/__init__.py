@@ -1,7 +1,8 @@
 """The optional C++ extension: the fused kernel as an MLX primitive on CUDA (primitive.cpp).
 
-Built on a CUDA machine by ``fusedqk build-ext`` (build.py); absent elsewhere, and then the
-kernel is called through ``mx.fast.cuda_kernel``. ``load`` says which and why.
+Built by ``fusedqk build-ext`` (build.py; no GPU needed) or carried by the cuda image; absent
+elsewhere, and then the kernel is called through ``mx.fast.cuda_kernel``. ``load`` says which
+and why.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def load() -> tuple[ModuleType | None, str]:
     import mlx.core as mx
 
     if importlib.util.find_spec(f"{__name__}._fusedqk_cuda") is None:
-        return None, "not built (`fusedqk build-ext` builds it on a CUDA machine)"
+        return None, ("not built (`fusedqk build-ext` builds it, no GPU needed; the cuda image "
+                      "carries it)")
     try:
         from fusedqk.kernels.cuda_ext import _fusedqk_cuda
     except ImportError as e:  # e.g. an undefined symbol, or libmlx.so moved since the build

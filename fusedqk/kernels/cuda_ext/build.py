@@ -39,9 +39,9 @@ def _compiler(build_dir: Path) -> str:
 
 def build(build_dir: Path, mlx_root: Path | None = None, fmt_include: Path | None = None,
           targets: tuple[int, ...] = (90,)) -> Path:
-    """Configure and build with CMake, check with NVRTC that the kernel compiles for each of
-    ``targets`` (sm numbers) with the headers the build used, and record the build beside the
-    module (``doctor.BUILD_INFO``); returns the built module's path. Every failure is one
+    """Check with NVRTC that the kernel compiles for each of ``targets`` (sm numbers) with the
+    headers the module is built against, configure and build with CMake, and record the build
+    beside the module (``doctor.BUILD_INFO``); returns the built module's path. Every failure is one
     UserError line naming what is missing; the compiler's output stays in ``build_dir``."""
     from fusedqk import doctor
 
@@ -61,6 +61,8 @@ def build(build_dir: Path, mlx_root: Path | None = None, fmt_include: Path | Non
     if importlib.util.find_spec("nanobind") is None:
         raise UserError("nanobind is not installed for this Python; pip install 'nanobind>=3,<4' "
                         "(the nanobind ABI that mlx.core is built with)")
+    # The kernel must compile for every target before anything is built.
+    checked = _check_targets(root, targets)
     build_dir.mkdir(parents=True, exist_ok=True)
     log = build_dir / "build.log"
     configure = ["cmake", "-S", str(HERE), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
@@ -80,7 +82,6 @@ def build(build_dir: Path, mlx_root: Path | None = None, fmt_include: Path | Non
     built = sorted(HERE.glob("_fusedqk_cuda*.so"), key=lambda p: p.stat().st_mtime)
     if not built:
         raise UserError(f"the build finished but left no _fusedqk_cuda module in {HERE} ({log})")
-    checked = _check_targets(root, targets)
     info = {
         "format": "fusedqk-cuda-ext/1",
         "module": built[-1].name,
@@ -101,21 +102,10 @@ def build(build_dir: Path, mlx_root: Path | None = None, fmt_include: Path | Non
 
 
 def _check_targets(root: Path, targets: tuple[int, ...]) -> list[int]:
+    """The targets, once NVRTC compiled the kernel for each; the first failure is one line."""
     from fusedqk import doctor
 
-    libraries = doctor.resolve_libraries(root / "lib" / "libmlx.so")
-    nvrtc_path = next((p for n, p in libraries.items() if n.startswith("libnvrtc.so") and p), None)
-    if nvrtc_path is None:
-        raise UserError("libmlx.so's NVRTC (libnvrtc.so.13) is not found: the kernel could not "
-                        "compile at run time")
-    nvrtc = doctor.Nvrtc(nvrtc_path)
-    supported = nvrtc.architectures()
-    for arch in targets:
-        if arch not in supported:
-            raise UserError(f"--targets: sm_{arch} is not one NVRTC {nvrtc.version()} compiles "
-                            f"for ({', '.join(f'sm_{a}' for a in supported)})")
-        failed = [c for c in doctor.compile_kernel(nvrtc, arch, doctor.cuda_include_dirs(root))
-                  if not c.ok]
-        if failed:
-            raise UserError(f"{failed[0].what}: {failed[0].detail}")
+    failed = [c for c in doctor.nvrtc_checks(root, list(targets)) if not c.ok]
+    if failed:
+        raise UserError(f"--targets: {failed[0].what}: {failed[0].detail}")
     return list(targets)
