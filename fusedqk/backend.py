@@ -37,9 +37,11 @@ def select_backend(name: str) -> str:
         raise UserError(f"--backend {name!r} is not a backend; accepted: auto, {', '.join(BACKENDS)}")
     have = available_backends()
     if name not in have:
+        hint = ("; `fusedqk doctor` checks what the cuda backend needs (MLX's CUDA build, "
+                "its libraries, NVRTC)" if name == "cuda" else "")
         raise UserError(
             f"backend {name!r} is not available on this machine (MLX {mx.__version__} here has: "
-            f"{', '.join(have)})"
+            f"{', '.join(have)}){hint}"
         )
     mx.set_default_device(mx.cpu if name == "cpu" else mx.gpu)
     return name

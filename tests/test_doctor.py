@@ -110,3 +110,9 @@ def test_the_command_line_says_so_when_mlx_cannot_load(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("fusedqk: error: MLX's CUDA build cannot load here (libcuda.so.1")
+
+
+def test_env_for_cuda_on_a_cpu_host_is_one_line_pointing_at_the_doctor(capsys):
+    assert main(["env", "--backend", "cuda"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "backend 'cuda' is not available on this machine" in line and "fusedqk doctor" in line
