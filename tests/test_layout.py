@@ -169,3 +169,31 @@ def test_one_instrument_takes_every_engines_rounds_and_no_engine_part_runs_round
     parts = {m for m in MODULES if m.startswith("fusedqk.engines")}
     assert not feeders & parts
     assert not _reached("fusedqk.instrument") & (parts | MEASURING)
+
+
+def test_every_file_an_image_copies_passes_the_dockerignore():
+    """A COPY of something .dockerignore leaves out fails only at build time, on the machine
+    that builds the image: each source of each Dockerfile's COPY must be let through."""
+    import fnmatch
+    import re
+
+    rules = [line.strip() for line in (PACKAGE.parent / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+
+    def sent(path: str) -> bool:  # the last matching rule wins, as in Docker and Podman
+        keep = True
+        for rule in rules:
+            negated = rule.startswith("!")
+            pattern = rule.lstrip("!").rstrip("/")
+            if fnmatch.fnmatch(path, pattern) or path.startswith(pattern + "/"):
+                keep = negated
+        return keep
+
+    for dockerfile in sorted((PACKAGE.parent / "containers").glob("*/Dockerfile")):
+        for line in dockerfile.read_text().splitlines():
+            m = re.match(r"COPY\s+(?!--from)(.+)\s+\S+$", line)
+            for source in (m.group(1).split() if m else []):
+                files = subprocess.run(["git", "ls-files", source], cwd=PACKAGE.parent,
+                                       capture_output=True, text=True).stdout.split()
+                left_out = [f for f in files if not sent(f)]
+                assert files and not left_out, (dockerfile.name, source, left_out[:3])
