@@ -10,11 +10,14 @@ if [ $# -eq 3 ]; then engine="$1"; shift; else engine=podman; fi
 image="${1:?usage: copy-primitive.sh [engine] IMAGE DEST}"
 dest="${2:?usage: copy-primitive.sh [engine] IMAGE DEST}"
 mkdir -p "$dest"
-folder="$("$engine" run --rm "${run_args[@]}" --network none "$image" python3 -c \
-  'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("fusedqk.kernels.cuda_ext").origin).parent)')"
+# The files' paths inside the image, in one run (the package folder depends on its Python).
+paths="$("$engine" run --rm "${run_args[@]}" --network none "$image" python3 -c '
+import importlib.util, pathlib
+folder = pathlib.Path(importlib.util.find_spec("fusedqk.kernels.cuda_ext").origin).parent
+print("\n".join(str(p) for p in sorted(folder.glob("_fusedqk_cuda*"))))')"
 container="$("$engine" create "$image")"
 trap '"$engine" rm -f "$container" >/dev/null' EXIT
-for name in $("$engine" run --rm "${run_args[@]}" --network none "$image" ls "$folder" | grep '^_fusedqk_cuda'); do
-  "$engine" cp "$container:$folder/$name" "$dest/$name"
-  echo "$dest/$name"
+for path in $paths; do
+  "$engine" cp "$container:$path" "$dest/$(basename "$path")"
+  echo "$dest/$(basename "$path")"
 done

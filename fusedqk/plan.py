@@ -23,7 +23,15 @@ import yaml
 from fusedqk import registry
 from fusedqk.caches import ENV_CACHE_DIR, cache_root
 from fusedqk.errors import UserError
-from fusedqk.hostinfo import BACKENDS, device_name, gpu_backends, gpu_indices, slug, visible_gpus
+from fusedqk.hostinfo import (
+    BACKENDS,
+    ENV_VISIBLE,
+    device_name,
+    gpu_backends,
+    gpu_indices,
+    slug,
+    visible_gpus,
+)
 from fusedqk.outputs import check_dir
 from fusedqk.results import BenchSettings
 
@@ -207,8 +215,8 @@ def pinned(command: list[str], gpu: str | None, in_container: bool) -> list[str]
         return command
     if in_container:
         at = command.index("run") + 1
-        return [*command[:at], "-e", f"CUDA_VISIBLE_DEVICES={gpu}", *command[at:]]
-    return ["env", f"CUDA_VISIBLE_DEVICES={gpu}", *command]
+        return [*command[:at], "-e", f"{ENV_VISIBLE}={gpu}", *command[at:]]
+    return ["env", f"{ENV_VISIBLE}={gpu}", *command]
 
 
 def container_command(container: dict, backend: str, image: str, results_dir: str,
