@@ -108,6 +108,11 @@ def test_the_readmes_one_decode_step_is_the_call_stack_of_a_real_step(tmp_path, 
 
     monkeypatch.setenv("FUSEDQK_LOCK_DIR", str(tmp_path / "locks"))
     monkeypatch.setenv("FUSEDQK_CACHE_DIR", str(tmp_path / "cache"))
+    # The composite is built once per layout and process (functools.cache): a test before this
+    # one in the same process would leave no Python call into the kernel file to observe.
+    from fusedqk.kernels import qkv_norm_rope
+
+    qkv_norm_rope.composite.cache_clear()
     sys.setprofile(watch)
     try:
         code = main(["bench", "-m", "qwen3-tiny", "-p", "4", "-g", "4", "-r", "1", "-w", "1",
